@@ -1,0 +1,38 @@
+# nvmeta: NeuroVault -> query -> download -> t-to-z on one template -> QC -> meta-analysis / ICA.
+# Table of contents only; the rules are in workflow/rules, the logic in the nvmeta package.
+import sys
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+sys.path.insert(0, workflow.basedir)
+from nvmeta.config import check_config  # noqa: E402
+
+
+# A --configfile given on the command line replaces the default config instead of being
+# merged into it (otherwise the demo would inherit the default analyses).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+check_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/query.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/zmap.smk"
+include: "workflow/rules/qc.smk"
+include: "workflow/rules/meta.smk"
+include: "workflow/rules/ica.smk"
+
+
+rule all:
+    input:
+        all_outputs,
+    default_target: True

@@ -1,0 +1,327 @@
+"""Statistics helpers: exact t → z conversion and per-image degrees of freedom.
+
+This module is imported by every per-image job, so it only imports numpy and
+``scipy.special`` at module level (no ``scipy.stats``, pandas, nilearn...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy import special
+
+__all__ = ["t_to_z", "resolve_df", "MISSING_SAMPLE_SIZE"]
+
+#: Exclusion reason when no degrees of freedom can be determined (exact string, see contracts).
+MISSING_SAMPLE_SIZE = "missing sample size"
+
+# Below this upper-tail probability the direct double-precision tail (``stdtr``) is
+# either subnormal (loses relative precision) or underflows to 0: use the log-space
+# continued fraction instead.  1e-290 is comfortably above the subnormal range (~2.2e-308).
+_FAR_TAIL_P = 1e-290
+# Above this upper-tail probability (|z| < ~0.253) ``-ndtri(p)`` suffers from
+# cancellation (p ≈ 0.5): use the central formula z = sqrt(2) erfinv(P(-|t| < T < |t|)).
+_CENTRAL_P = 0.4
+# Continued fraction settings.
+_CF_MAX_ITER = 10_000
+_CF_EPS = 1e-16
+_TINY = 1e-300
+
+
+def _log_ibeta_small(a: np.ndarray, b: float, x: np.ndarray, log_x: np.ndarray, log_1mx: np.ndarray) -> np.ndarray:
+    """Log of the regularised incomplete beta function ``log I_x(a, b)`` in its lower tail.
+
+    Uses the classical continued fraction (Numerical Recipes ``betacf``, evaluated with the
+    modified Lentz algorithm) with the prefactor ``x**a (1-x)**b / (a B(a, b))`` kept in
+    log space, so values far below the double-precision range (e.g. ``1e-800``) are
+    represented exactly enough.  Valid (fast convergence) for ``x < (a + 1) / (a + b + 2)``,
+    which always holds in the far tail where it is used.
+
+    Parameters
+    ----------
+    a : ndarray
+        First shape parameter (``df / 2``), 1-D.
+    b : float
+        Second shape parameter (``1/2`` here).
+    x : ndarray
+        Argument, ``df / (df + t**2)``, same shape as ``a``.
+    log_x, log_1mx : ndarray
+        ``log(x)`` and ``log(1 - x)``, computed by the caller without cancellation.
+
+    Returns
+    -------
+    ndarray
+        ``log I_x(a, b)``.
+    """
+    qab = a + b
+    qap = a + 1.0
+    qam = a - 1.0
+    c = np.ones_like(x)
+    d = 1.0 - qab * x / qap
+    d = np.where(np.abs(d) < _TINY, _TINY, d)
+    d = 1.0 / d
+    h = d.copy()
+    active = np.ones(x.shape, dtype=bool)
+    for m in range(1, _CF_MAX_ITER + 1):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        am, xm, qm, qbm, qpm = a[idx], x[idx], qam[idx], qab[idx], qap[idx]
+        cm, dm, hm = c[idx], d[idx], h[idx]
+        m2 = 2.0 * m
+        # even step
+        aa = m * (b - m) * xm / ((qm + m2) * (am + m2))
+        dm = 1.0 + aa * dm
+        dm = np.where(np.abs(dm) < _TINY, _TINY, dm)
+        cm = 1.0 + aa / cm
+        cm = np.where(np.abs(cm) < _TINY, _TINY, cm)
+        dm = 1.0 / dm
+        hm = hm * dm * cm
+        # odd step
+        aa = -(am + m) * (qbm + m) * xm / ((am + m2) * (qpm + m2))
+        dm = 1.0 + aa * dm
+        dm = np.where(np.abs(dm) < _TINY, _TINY, dm)
+        cm = 1.0 + aa / cm
+        cm = np.where(np.abs(cm) < _TINY, _TINY, cm)
+        dm = 1.0 / dm
+        delta = dm * cm
+        hm = hm * delta
+        c[idx], d[idx], h[idx] = cm, dm, hm
+        active[idx] = np.abs(delta - 1.0) >= _CF_EPS
+    log_prefactor = a * log_x + b * log_1mx - np.log(a) - special.betaln(a, b)
+    return log_prefactor + np.log(h)
+
+
+def _far_tail_z(at: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """|z| for |t| in the far upper tail (upper-tail probability below ``_FAR_TAIL_P``).
+
+    ``log p = log(1/2) + log I_x(df/2, 1/2)`` with ``x = df / (df + t**2)``, then
+    ``z = -ndtri_exp(log p)``.
+    """
+    z = np.empty_like(at)
+    inf_t = np.isinf(at)
+    z[inf_t] = np.inf
+    # df = inf: the t distribution is the standard normal.
+    inf_df = np.isinf(df) & ~inf_t
+    z[inf_df] = at[inf_df]
+    ok = ~(inf_t | inf_df)
+    if np.any(ok):
+        t_ok, df_ok = at[ok], df[ok]
+        r = t_ok * t_ok / df_ok  # t^2 / df
+        log1p_r = np.log1p(r)
+        log_x = -log1p_r  # log(df / (df + t^2))
+        log_1mx = np.log(r) - log1p_r  # log(t^2 / (df + t^2))
+        x = 1.0 / (1.0 + r)
+        log_p = np.log(0.5) + _log_ibeta_small(0.5 * df_ok, 0.5, x, log_x, log_1mx)
+        z[ok] = -special.ndtri_exp(log_p)
+    return z
+
+
+def t_to_z(t: Any, df: Any) -> np.ndarray | float:
+    """Convert Student t statistics to standard-normal z statistics of equal tail probability.
+
+    ``z = Φ⁻¹(F_df(t))``, computed accurately over the whole range: finite for every
+    finite ``t`` (no ``±inf`` from an underflowing p-value), exactly odd
+    (``t_to_z(-t, df) == -t_to_z(t, df)``), monotonic in ``t``, and within about 1e-12
+    relative error of a 50-digit reference for ``1 <= df <= 100000`` and ``|t| <= 1000``
+    (the tests require 1e-6).
+
+    Parameters
+    ----------
+    t : array_like or float
+        t statistics (any real dtype; computed in float64). NaN stays NaN; ``±inf`` maps
+        to ``±inf``.
+    df : array_like or float
+        Degrees of freedom, scalar or broadcastable against ``t``. Must be ``> 0``
+        (``df = inf`` gives ``z = t``); NaN gives NaN.
+
+    Returns
+    -------
+    ndarray or float
+        z statistics as a float64 array of the broadcast shape, or a Python float when
+        both inputs are scalars.
+
+    Raises
+    ------
+    ValueError
+        If any degrees of freedom are ``<= 0``.
+
+    Notes
+    -----
+    The computation is done on ``|t|`` and the sign copied at the end, which makes the
+    result exactly odd. Let ``p = P(T > |t|)`` be the upper-tail probability. Three
+    regimes are used, each only for the elements that need it:
+
+    1. *Bulk* (``1e-290 <= p <= 0.4``): ``p = stdtr(df, -|t|)`` (Boost's incomplete beta,
+       accurate to a few ulps in relative terms in the lower tail) and ``z = -ndtri(p)``.
+       The naive recipe ``norm.isf(t.sf(t, df))`` is accurate here too (for positive t).
+    2. *Centre* (``p > 0.4``, i.e. ``|z| < 0.25``): ``-ndtri(p)`` loses relative accuracy
+       as ``p → 1/2`` (cancellation), so use the central probability
+       ``c = P(-|t| < T < |t|) = I_{t²/(df+t²)}(1/2, df/2)`` and ``z = √2 erfinv(c)``.
+    3. *Far tail* (``p < 1e-290``, where ``p`` is subnormal or underflows to 0, e.g.
+       ``t = 60, df = 1000`` → ``z = 39.06``): work in log space,
+       ``log p = log(1/2) + log I_x(df/2, 1/2)`` with ``x = df/(df+t²)``, where the
+       incomplete beta is evaluated with its continued fraction and its prefactor
+       ``x^a (1-x)^b / (a B(a, b))`` in logs; then ``z = -ndtri_exp(log p)``.
+
+    In realistic maps nearly all voxels are in regime 1, so the cost is close to that of
+    the naive formula.
+
+    Examples
+    --------
+    >>> round(t_to_z(60.0, 1000), 2)
+    39.06
+    >>> round(t_to_z(-10.0, 200), 4)
+    -8.9943
+    """
+    scalar_input = np.ndim(t) == 0 and np.ndim(df) == 0
+    t_arr = np.asarray(t, dtype=np.float64)
+    df_arr = np.asarray(df, dtype=np.float64)
+    if np.any(df_arr <= 0):
+        raise ValueError("degrees of freedom must be > 0")
+    t_arr, df_arr = np.broadcast_arrays(t_arr, df_arr)
+    at = np.abs(t_arr)
+
+    # Regime 1 (bulk): direct tail probability.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore", under="ignore"):
+        p = special.stdtr(df_arr, -at)
+        z = -special.ndtri(p)
+
+        # Regime 2 (centre).
+        central = p > _CENTRAL_P
+        if np.any(central):
+            ac = at[central]
+            dfc = df_arr[central]
+            r = ac * ac / dfc
+            xc = r / (1.0 + r)  # t^2 / (df + t^2), no cancellation for small t
+            inf_dfc = np.isinf(dfc)
+            c = special.betainc(0.5, 0.5 * dfc, xc)
+            zc = np.sqrt(2.0) * special.erfinv(c)
+            zc[inf_dfc] = ac[inf_dfc]
+            z[central] = zc
+
+        # Regime 3 (far tail, incl. |t| = inf).
+        far = p < _FAR_TAIL_P
+        if np.any(far):
+            z[far] = _far_tail_z(at[far], df_arr[far])
+
+    z = np.copysign(z, t_arr)
+    if scalar_input:
+        return float(z)
+    return z
+
+
+# ---------------------------------------------------------------------------------------
+# Degrees of freedom
+# ---------------------------------------------------------------------------------------
+
+_DF_OFFSETS = {"n-2": 2, "n-1": 1}
+
+
+def _lookup(mapping: Mapping[Any, Any] | None, key: Any) -> Any:
+    """Look ``key`` up in a dict whose keys may be ``str`` or ``int``."""
+    if not mapping or key is None:
+        return None
+    for k in (str(key), key):
+        if k in mapping:
+            return mapping[k]
+    try:
+        ik = int(key)
+    except (TypeError, ValueError):
+        return None
+    return mapping.get(ik, mapping.get(str(ik)))
+
+
+def _as_float(value: Any) -> float | None:
+    """``float(value)`` when it is a finite number (or numeric string), else None."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _positive_n(value: Any) -> float | None:
+    """A usable sample size (finite, > 0), else None (NIDM maps carry n = 0)."""
+    n = _as_float(value)
+    return n if n is not None and n > 0 else None
+
+
+def resolve_df(record: Mapping[str, Any], conversion: Mapping[str, Any]) -> tuple[float | None, str | None, str | None]:
+    """Degrees of freedom of a t map from its NeuroVault record and the conversion config.
+
+    Sources are tried in this order (the order of issue 3):
+
+    1. ``record["statistic_parameters"]``, when present and plausible: finite, ``>= 1``
+       and, when the sample size ``n`` is known (record or ``n_images``/``n_collections``
+       config), ``<= n``. An implausible value is ignored (not an exclusion).
+       Source ``"statistic_parameters"``.
+    2. The rule ``conversion["df"]`` (``"n-2"``, the default, or ``"n-1"``) applied to
+       the sample size: ``df = n - offset``, only when ``n > offset``. ``n`` is
+       ``record["number_of_subjects"]`` when it is a positive number, else the config
+       override ``conversion["n_images"][image_id]``, else
+       ``conversion["n_collections"][collection_id]``. Source is the rule name.
+    3. A degrees-of-freedom override: ``conversion["df_images"][image_id]``, then
+       ``conversion["df_collections"][collection_id]`` (sources ``"override_image"``,
+       ``"override_collection"``); an override must be a finite number ``> 0``. Note that, as specified, these only apply when
+       neither ``statistic_parameters`` nor the n rule gave a value; to force a df for
+       an image that has a usable ``n``, use ``n_images`` instead.
+    4. Otherwise ``(None, None, "missing sample size")`` (also when ``n <= offset``).
+
+    Parameters
+    ----------
+    record : mapping
+        NeuroVault image record or selection.tsv row (keys ``id`` or ``image_id``,
+        ``collection_id``, ``statistic_parameters``, ``number_of_subjects``; any may be
+        missing, None, NaN or a numeric string).
+    conversion : mapping
+        ``config["conversion"]``: ``df`` (``"n-2"``|``"n-1"``), ``df_images``,
+        ``df_collections``, ``n_images``, ``n_collections``; dict keys may be str or int.
+
+    Returns
+    -------
+    tuple
+        ``(df, df_source, exclusion_reason)``: ``(float, str, None)`` on success,
+        ``(None, None, "missing sample size")`` otherwise.
+
+    Raises
+    ------
+    ValueError
+        If ``conversion["df"]`` is not ``"n-2"`` or ``"n-1"``.
+    """
+    conversion = conversion or {}
+    rule = conversion.get("df") or "n-2"
+    if rule not in _DF_OFFSETS:
+        raise ValueError(f"conversion.df must be 'n-2' or 'n-1', got {rule!r}")
+    offset = _DF_OFFSETS[rule]
+    image_id = record.get("id", record.get("image_id"))
+    collection_id = record.get("collection_id")
+
+    n = _positive_n(record.get("number_of_subjects"))
+    if n is None:
+        n = _positive_n(_lookup(conversion.get("n_images"), image_id))
+    if n is None:
+        n = _positive_n(_lookup(conversion.get("n_collections"), collection_id))
+
+    # 1. statistic_parameters
+    sp = _as_float(record.get("statistic_parameters"))
+    if sp is not None and sp >= 1 and (n is None or sp <= n):
+        return sp, "statistic_parameters", None
+
+    # 2. n rule
+    if n is not None and n > offset:
+        return n - offset, rule, None
+
+    # 3. overrides
+    for mapping_key, source in (("df_images", "override_image"), ("df_collections", "override_collection")):
+        key = image_id if mapping_key == "df_images" else collection_id
+        value = _as_float(_lookup(conversion.get(mapping_key), key))
+        if value is not None and value > 0:
+            return value, source, None
+
+    return None, None, MISSING_SAMPLE_SIZE

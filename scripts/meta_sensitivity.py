@@ -1,0 +1,11 @@
+"""Rule meta_sensitivity: overlap of the methods' thresholded maps."""
+
+from pathlib import Path
+
+from nvmeta.logs import job_logger
+from nvmeta.meta import sensitivity
+from nvmeta.template import load_mask
+
+log = job_logger("nvmeta.meta", snakemake.log[0])
+dirs = {Path(p).parent.name: Path(p).parent for p in snakemake.input.summaries}
+sensitivity(dirs, load_mask(snakemake.params.template), snakemake.output[0])

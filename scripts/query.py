@@ -1,0 +1,11 @@
+"""Rule query: resolve one analysis into results/analyses/{analysis}/selection.tsv."""
+
+from nvmeta.client import make_client
+from nvmeta.logs import job_logger
+from nvmeta.query import run_query, write_selection
+
+log = job_logger("nvmeta.query", snakemake.log[0])
+client = make_client(snakemake.config["neurovault"])
+records = run_query(client, snakemake.config["analyses"][snakemake.wildcards.analysis], log)
+write_selection(records, snakemake.output[0])
+log.info("selected %d images", len(records))

@@ -1,0 +1,19 @@
+# Per image (shared by all analyses): metadata.json (the server's record plus an "nvmeta"
+# status block) and, when the image could be had, map.nii.gz next to it. A failed download
+# is a recorded status, not a failed job. Local rule: cluster compute nodes often have no
+# internet; downloads run where Snakemake runs.
+
+
+localrules:
+    download,
+
+
+rule download:
+    output:
+        f"{IMAGES}/metadata.json",
+    log:
+        f"{LOGS}/download/{{image_id}}.log",
+    resources:
+        nv_connections=1,
+    script:
+        "../../scripts/download.py"

@@ -1,0 +1,88 @@
+# Fan-in 1: image-based meta-analysis of an analysis' included z-maps, one job per method.
+
+
+rule meta:
+    input:
+        qc=f"{ANALYSIS}/qc.tsv",
+        zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        mask=mask_input,
+    output:
+        z=f"{ANALYSIS}/meta/{{method}}/z.nii.gz",
+        p=f"{ANALYSIS}/meta/{{method}}/p.nii.gz",
+        k=f"{ANALYSIS}/meta/{{method}}/k.nii.gz",
+        q=f"{ANALYSIS}/meta/{{method}}/q.nii.gz",
+        z_fdr=f"{ANALYSIS}/meta/{{method}}/z_fdr.nii.gz",
+        z_bonf=f"{ANALYSIS}/meta/{{method}}/z_bonf.nii.gz",
+        summary=f"{ANALYSIS}/meta/{{method}}/summary.json",
+        clusters=report(
+            f"{ANALYSIS}/meta/{{method}}/clusters.tsv",
+            caption="../report/clusters.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"analysis": "{analysis}", "method": "{method}", "figure": "clusters"},
+        ),
+        png=report(
+            f"{ANALYSIS}/meta/{{method}}/z.png",
+            caption="../report/meta_z.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"analysis": "{analysis}", "method": "{method}", "figure": "z mosaic"},
+        ),
+    params:
+        meta=meta_params,
+        template=config["template"]["mask"],
+    log:
+        f"{LOGS}/meta/{{analysis}}_{{method}}.log",
+    threads: lambda wildcards: 2 if wildcards.method == "permutation" else 1
+    resources:
+        # Streaming methods hold a few voxel-sized arrays; permutation holds maps x voxels float32.
+        mem_mb=lambda wildcards, input: 2000
+        + (len(input.zmaps) * 1 if wildcards.method == "permutation" else 0),
+        runtime=lambda wildcards, input: 10
+        + len(input.zmaps) // (20 if wildcards.method == "permutation" else 200),
+    script:
+        "../../scripts/meta.py"
+
+
+rule meta_sensitivity:
+    input:
+        summaries=lambda wildcards: expand(
+            f"{RESULTS}/analyses/{{analysis}}/meta/{{method}}/summary.json",
+            analysis=wildcards.analysis,
+            method=config["analyses"][wildcards.analysis]["meta"]["methods"],
+        ),
+        mask=mask_input,
+    output:
+        report(
+            f"{ANALYSIS}/meta/sensitivity.tsv",
+            caption="../report/sensitivity.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"analysis": "{analysis}", "table": "sensitivity"},
+        ),
+    params:
+        template=config["template"]["mask"],
+    log:
+        f"{LOGS}/meta/{{analysis}}_sensitivity.log",
+    script:
+        "../../scripts/meta_sensitivity.py"
+
+
+rule input_figures:
+    input:
+        qc=f"{ANALYSIS}/qc.tsv",
+        zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+    output:
+        report(
+            f"{ANALYSIS}/figures/inputs_glass_brain.png",
+            caption="../report/inputs.rst",
+            category="{analysis}",
+            subcategory="Inputs",
+            labels={"analysis": "{analysis}", "figure": "input glass brains"},
+        ),
+    log:
+        f"{LOGS}/figures/{{analysis}}_inputs.log",
+    resources:
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 20,
+    script:
+        "../../scripts/input_figures.py"

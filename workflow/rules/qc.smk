@@ -1,0 +1,33 @@
+# Per analysis: the QC table (every selected image, included or excluded with its reason)
+# and the funnel (selected -> downloaded -> converted -> passed QC).
+
+
+rule qc:
+    input:
+        selection=f"{ANALYSIS}/selection.tsv",
+        qc=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
+        zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+    output:
+        qc=report(
+            f"{ANALYSIS}/qc.tsv",
+            caption="../report/qc.rst",
+            category="{analysis}",
+            subcategory="Selection and QC",
+            labels={"analysis": "{analysis}", "table": "QC"},
+        ),
+        funnel=report(
+            f"{ANALYSIS}/funnel.tsv",
+            caption="../report/funnel.rst",
+            category="{analysis}",
+            subcategory="Selection and QC",
+            labels={"analysis": "{analysis}", "table": "funnel"},
+        ),
+    params:
+        qc=config["qc"],
+    log:
+        f"{LOGS}/qc/{{analysis}}.log",
+    resources:
+        mem_mb=lambda wildcards, input: 1000 + 2 * len(input.zmaps),
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
+    script:
+        "../../scripts/qc.py"

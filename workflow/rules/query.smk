@@ -1,0 +1,27 @@
+# Resolve each analysis into its selection of images (a checkpoint: the per-image jobs are
+# known only once it has run). Re-runs when the part of the config that selects images changes.
+
+
+localrules:
+    query,
+
+
+checkpoint query:
+    output:
+        report(
+            f"{ANALYSIS}/selection.tsv",
+            caption="../report/selection.rst",
+            category="{analysis}",
+            subcategory="Selection",
+            labels={"analysis": "{analysis}", "table": "selection"},
+        ),
+    params:
+        spec=lambda wildcards: analysis_query_spec(
+            config["analyses"][wildcards.analysis], config["neurovault"]["url"]
+        ),
+    log:
+        f"{LOGS}/query/{{analysis}}.log",
+    resources:
+        nv_connections=1,
+    script:
+        "../../scripts/query.py"

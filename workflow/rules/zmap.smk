@@ -1,0 +1,22 @@
+# Per image: t -> z with recorded degrees of freedom, resampled and masked onto the template
+# grid (NaN = no data), plus qc.json. One lean process per image.
+
+
+rule zmap:
+    input:
+        metadata=f"{IMAGES}/metadata.json",
+        mask=mask_input,
+    output:
+        zmap=f"{IMAGES}/zmap.nii.gz",
+        qc=f"{IMAGES}/qc.json",
+    params:
+        conversion=conversion_params,
+        template=config["template"]["mask"],
+    log:
+        f"{LOGS}/zmap/{{image_id}}.log",
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=10,
+    script:
+        "../../scripts/zmap.py"
