@@ -56,6 +56,13 @@ def schema_errors(config: dict, schema: dict) -> list[str]:
                     f"Fix: remove it or use one of: {', '.join(allowed)}."
                 )
             continue
+        if "propertyNames" in err.relative_schema_path:
+            messages.append(
+                f"config key {_dotted([*path, err.instance])}: invalid name (it must match the "
+                f"pattern {err.validator_value!r}, because it names output folders). "
+                "Fix: use only letters, digits, '_' and '-', starting with a letter or digit."
+            )
+            continue
         node = _schema_node(schema, path)
         hint = node.get("description", "")
         default = node.get("default", None)
@@ -127,7 +134,7 @@ def _check_analysis(name: str, analysis: dict) -> list[str]:
     try:
         validate_terms(analysis, key)
     except ConfigError as exc:
-        problems.append(str(exc))
+        problems.append(f"config key {exc}")
     explicit = analysis["image_ids"] or analysis["collection_ids"]
     terms = analysis["image_terms"] or analysis["collection_terms"]
     if not explicit and not terms and analysis["max_images"] is None:

@@ -25,7 +25,8 @@ A term in ``image_terms`` / ``collection_terms`` is ``field: value``:
 
 nilearn semantics carry over: ``null``/``not_null`` test Python truthiness (``0``, ``""``, ``[]``
 count as null); order comparisons cast the field to the bound's type and a failed cast
-(e.g. a null field) does not match; ``contains``/``not_contains`` never match a null field;
+(e.g. a null field) does not match, so an int bound truncates a float field (``gt: 20`` rejects
+20.5: write ``gt: 20.0`` for float fields such as ``statistic_parameters``); ``contains``/``not_contains`` never match a null field;
 ``pattern`` is anchored at the start (``re.match``) and only matches strings (use ``(?i)`` for
 case-insensitive matching). YAML dates (``2020-01-01`` unquoted) are turned into ISO strings,
 so ``modify_date: {gt: 2020-01-01}`` compares strings like nilearn's documented example.
@@ -173,9 +174,7 @@ def _parse_arg(op: str, arg: Any, path: str) -> tuple[Any, ...]:
         return (arg,)
     if op in ("null", "not_null"):
         if not isinstance(arg, bool):
-            raise ConfigError(
-                f"{path}: `{op}` takes true or false (e.g. `{{{op}: true}}`), got {arg!r}."
-            )
+            raise ConfigError(f"{path}: `{op}` takes true or false (e.g. `{{{op}: true}}`), got {arg!r}.")
         return (arg,)
     # pattern
     if not isinstance(arg, str):
@@ -337,7 +336,9 @@ def build_filters(
     image_filter = ResultFilter(query_terms=image_terms)
     collection_filter = ResultFilter(query_terms=collection_terms)
     if "collection_id" in image_terms:
-        collection_filter = collection_filter.AND(ResultFilter(query_terms={"id": image_terms["collection_id"]}))
+        collection_filter = collection_filter.AND(
+            ResultFilter(query_terms={"id": image_terms["collection_id"]})
+        )
     return image_filter, collection_filter
 
 

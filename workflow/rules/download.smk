@@ -15,5 +15,7 @@ rule download:
         f"{LOGS}/download/{{image_id}}.log",
     resources:
         nv_connections=1,
+    conda:
+        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/download.py"

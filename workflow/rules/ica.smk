@@ -49,5 +49,7 @@ for _analysis in analyses_with("ica"):
             # the maps x voxels float32 matrix is memory-mapped; FastICA works on a reduced copy.
             mem_mb=lambda wildcards, input: 2000 + len(input.zmaps),
             runtime=lambda wildcards, input: 10 + len(input.zmaps) // 50,
+        conda:
+            "../../envs/nvmeta.yaml"
         script:
             "../../scripts/ica.py"

@@ -40,6 +40,8 @@ rule meta:
         + (len(input.zmaps) * 1 if wildcards.method == "permutation" else 0),
         runtime=lambda wildcards, input: 10
         + len(input.zmaps) // (20 if wildcards.method == "permutation" else 200),
+    conda:
+        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/meta.py"
 
@@ -64,6 +66,8 @@ rule meta_sensitivity:
         template=config["template"]["mask"],
     log:
         f"{LOGS}/meta/{{analysis}}_sensitivity.log",
+    conda:
+        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/meta_sensitivity.py"
 
@@ -84,5 +88,7 @@ rule input_figures:
         f"{LOGS}/figures/{{analysis}}_inputs.log",
     resources:
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 20,
+    conda:
+        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/input_figures.py"

@@ -29,5 +29,7 @@ rule qc:
     resources:
         mem_mb=lambda wildcards, input: 1000 + 2 * len(input.zmaps),
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
+    conda:
+        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/qc.py"

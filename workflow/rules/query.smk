@@ -23,5 +23,7 @@ checkpoint query:
         f"{LOGS}/query/{{analysis}}.log",
     resources:
         nv_connections=1,
+    conda:
+        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/query.py"

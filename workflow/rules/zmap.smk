@@ -18,5 +18,7 @@ rule zmap:
     resources:
         mem_mb=1500,
         runtime=10,
+    conda:
+        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/zmap.py"

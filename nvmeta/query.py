@@ -1,0 +1,537 @@
+"""Select the NeuroVault images of an analysis (the query checkpoint).
+
+Two modes, with the semantics of nilearn's ``fetch_neurovault_ids`` / ``fetch_neurovault``:
+
+* **explicit** (``image_ids`` and/or ``collection_ids`` non-empty): every filter term is ignored
+  (as in nilearn; a warning is logged when terms are given). The selection is the image ids in
+  the given order, then, for each collection id in the given order, that collection's images
+  sorted by image id; duplicates keep their first position. An explicit image whose record is
+  404/403 is kept as a stub ``{"id": image_id}`` so that the per-image download records the
+  failure (it shows up in the QC table instead of vanishing); a 404/403 collection is skipped
+  with a warning (check that it is a collection id, not an image id, and that it is public).
+* **terms** (no ids): page ``collections/``, keep the collections passing the collection filter,
+  list each one's images (sorted by id) and keep those passing the image filter, all on the
+  client (the server ignores image filters and probably collection ones). When the collection is
+  pinned by a plain / ``eq`` / ``in`` term on ``collection_terms.id`` or
+  ``image_terms.collection_id``, those collections are fetched directly instead of paging all
+  collections (as nilearn does for an ``id`` term); the full filters are still applied.
+
+``max_images``: an int >= 1 caps the selection (in both modes: explicit ids are truncated with
+a warning); ``null`` or absent means the mode's default: 100 in terms mode (nilearn's default),
+no limit in explicit mode; the string ``all`` means no limit in either mode.
+
+Images listed under a collection whose ``collection_id`` differs from that collection, and
+records whose ``id`` is not a positive int, are skipped with a log line.
+
+This module imports neither pandas nor nilearn at import time (the Snakefile imports it to
+build the query rule's params); they are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from nvmeta.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MAX_IMAGES",
+    "QUERY_SPEC_VERSION",
+    "SELECTION_COLUMNS",
+    "analysis_query_spec",
+    "is_explicit",
+    "read_selection_ids",
+    "resolve_max_images",
+    "run_query",
+    "validate_query",
+    "write_selection",
+]
+
+#: Columns of ``selection.tsv``, in order (see contracts.md).
+SELECTION_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "collection_id",
+    "name",
+    "map_type",
+    "image_type",
+    "analysis_level",
+    "number_of_subjects",
+    "statistic_parameters",
+    "modality",
+    "contrast_definition",
+    "cognitive_paradigm_cogatlas",
+    "cognitive_contrast_cogatlas",
+    "description",
+    "file",
+    "file_size",
+    "modify_date",
+    "collection_name",
+)
+
+#: nilearn's default ``max_images`` for filtered queries.
+DEFAULT_MAX_IMAGES = 100
+
+#: Bumped when the selection semantics change, so that existing selections are re-queried.
+QUERY_SPEC_VERSION = 1
+
+_PROGRESS_EVERY = 500  # log a progress line every N collections scanned
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def _is_pos_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _ids(analysis_cfg: Mapping[str, Any], key: str, key_prefix: str) -> list[int]:
+    raw = analysis_cfg.get(key)
+    if raw is None:
+        return []
+    if _is_pos_int(raw):
+        raw = [raw]
+    if not isinstance(raw, list | tuple):
+        raise ConfigError(f"{key_prefix}.{key}: must be a list of positive integer ids, got {raw!r}.")
+    out: list[int] = []
+    for i, value in enumerate(raw):
+        if not _is_pos_int(value):
+            raise ConfigError(
+                f"{key_prefix}.{key}[{i}]: ids must be positive integers (e.g. `{key}: [151, 3041]`), "
+                f"got {value!r}."
+            )
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def is_explicit(analysis_cfg: Mapping[str, Any], key_prefix: str = "analysis") -> bool:
+    """True when the analysis names images or collections by id (filters are then ignored)."""
+    return bool(
+        _ids(analysis_cfg, "image_ids", key_prefix) or _ids(analysis_cfg, "collection_ids", key_prefix)
+    )
+
+
+def resolve_max_images(analysis_cfg: Mapping[str, Any], key_prefix: str = "analysis") -> int | None:
+    """Effective ``max_images`` (None = no limit).
+
+    Parameters
+    ----------
+    analysis_cfg : mapping
+        One ``config["analyses"][name]`` block.
+    key_prefix : str
+        Its key path, for error messages.
+
+    Returns
+    -------
+    int or None
+        The int given; for ``null``/absent 100 in terms mode and None in explicit mode;
+        None for ``"all"``.
+    """
+    value = analysis_cfg.get("max_images")
+    if value is None:
+        return None if is_explicit(analysis_cfg, key_prefix) else DEFAULT_MAX_IMAGES
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    if not _is_pos_int(value):
+        raise ConfigError(
+            f"{key_prefix}.max_images: must be a positive integer, null (default: {DEFAULT_MAX_IMAGES} when "
+            f"selecting by terms, no limit with explicit ids) or `all` (no limit), got {value!r}."
+        )
+    return value
+
+
+def validate_query(analysis_cfg: Mapping[str, Any], key_prefix: str) -> None:
+    """Check the query part of an analysis (ids, max_images, terms); raise ConfigError."""
+    from nvmeta.filters import validate_terms
+
+    _ids(analysis_cfg, "image_ids", key_prefix)
+    _ids(analysis_cfg, "collection_ids", key_prefix)
+    resolve_max_images(analysis_cfg, key_prefix)
+    validate_terms(analysis_cfg, key_prefix)
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-like canonical form: sorted mapping keys, dates as ISO strings, tuples as lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    return value
+
+
+def analysis_query_spec(
+    analysis_cfg: Mapping[str, Any], nv_url: str | os.PathLike, key_prefix: str = "analysis"
+) -> dict[str, Any]:
+    """The part of an analysis' config that determines its selection.
+
+    Used as the query rule's ``params``: when it changes the selection is re-queried; changes
+    elsewhere (``meta``, ``ica``, ``neurovault.mode``/``timeout``...) leave it alone. In explicit
+    mode the terms do not affect the selection and are left out.
+
+    Parameters
+    ----------
+    analysis_cfg : mapping
+        One ``config["analyses"][name]`` block.
+    nv_url : str or path-like
+        ``config["neurovault"]["url"]``.
+    key_prefix : str
+        Key path of the analysis, for error messages.
+
+    Returns
+    -------
+    dict
+        Canonical (sorted keys, JSON-serialisable) dict.
+    """
+    url = os.fspath(nv_url)
+    if re.match(r"https?://", url, re.IGNORECASE):
+        url = url.rstrip("/") + "/"
+    elif len(url) > 1:
+        url = url.rstrip("/")
+    explicit = is_explicit(analysis_cfg, key_prefix)
+    spec: dict[str, Any] = {
+        "version": QUERY_SPEC_VERSION,
+        "url": url,
+        "selection_mode": "explicit" if explicit else "terms",
+        "max_images": resolve_max_images(analysis_cfg, key_prefix),
+    }
+    if explicit:
+        spec["image_ids"] = _ids(analysis_cfg, "image_ids", key_prefix)
+        spec["collection_ids"] = _ids(analysis_cfg, "collection_ids", key_prefix)
+    else:
+        default_terms = analysis_cfg.get("default_terms", True)
+        spec["default_terms"] = True if default_terms is None else default_terms
+        spec["image_terms"] = analysis_cfg.get("image_terms") or {}
+        spec["collection_terms"] = analysis_cfg.get("collection_terms") or {}
+    return _canonical(spec)
+
+
+# ----------------------------------------------------------------------------- querying
+
+
+def _missing_errors() -> tuple[type[BaseException], ...]:
+    """The client's 404/403 exceptions (an item that cannot be had, not a failed run)."""
+    try:
+        from nvmeta.client import Forbidden, NotFound
+    except ImportError:  # pragma: no cover - the client module is part of the package
+        return ()
+    return (NotFound, Forbidden)
+
+
+def _pinned_collection_ids(analysis_cfg: Mapping[str, Any]) -> list[int] | None:
+    """Collection ids fixed by a plain/eq/in term on collection ``id`` or image ``collection_id``."""
+    from nvmeta.filters import parse_term
+
+    candidates = [
+        ((analysis_cfg.get("collection_terms") or {}), "id"),
+        ((analysis_cfg.get("image_terms") or {}), "collection_id"),
+    ]
+    for terms, field in candidates:
+        if field not in terms:
+            continue
+        op, args = parse_term(terms[field], field)
+        if op == "eq":
+            ids = list(args)
+        elif op == "in":
+            ids = list(args)
+        else:
+            continue
+        if ids and all(_is_pos_int(i) for i in ids):
+            return list(dict.fromkeys(ids))
+    return None
+
+
+class _Selection:
+    """Ordered, de-duplicated list of selected image records with a cap."""
+
+    def __init__(self, max_images: int | None, log: logging.Logger) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.seen: set[int] = set()
+        self.max_images = max_images
+        self.log = log
+
+    @property
+    def full(self) -> bool:
+        return self.max_images is not None and len(self.records) >= self.max_images
+
+    def add(self, record: Mapping[str, Any], collection_name: str | None) -> bool:
+        """Add a record (copy); return False when it was a duplicate."""
+        image_id = record["id"]
+        if image_id in self.seen:
+            self.log.debug("image %s: already selected, duplicate skipped", image_id)
+            return False
+        rec = dict(record)
+        if collection_name is not None and rec.get("collection_name") is None:
+            rec["collection_name"] = collection_name
+        self.records.append(rec)
+        self.seen.add(image_id)
+        return True
+
+
+def _collection_images(client: Any, cid: int, log: logging.Logger) -> list[dict[str, Any]]:
+    """All image records listed under collection ``cid``, validated, sorted by id."""
+    good: list[dict[str, Any]] = []
+    for rec in client.iter_results(f"collections/{cid}/images/", log=log):
+        image_id = rec.get("id") if isinstance(rec, Mapping) else None
+        if not _is_pos_int(image_id):
+            log.warning("collection %s: listed image with invalid id %r skipped", cid, image_id)
+            continue
+        rec_cid = rec.get("collection_id")
+        if rec_cid != cid:
+            log.warning(
+                "collection %s: image %s has collection_id %r (listed under %s); skipped",
+                cid,
+                image_id,
+                rec_cid,
+                cid,
+            )
+            continue
+        good.append(rec)
+    good.sort(key=lambda r: r["id"])
+    return good
+
+
+def _fetch_collections(
+    client: Any, ids: Iterable[int], log: logging.Logger, sel: _Selection
+) -> Iterator[dict[str, Any]]:
+    missing = _missing_errors()
+    for cid in ids:
+        if sel.full:
+            return
+        try:
+            col = client.collection(cid)
+        except Exception as exc:
+            if not isinstance(exc, missing):
+                raise
+            log.warning(
+                "collection %s: %s; skipped (is it a collection id rather than an image id? is it private?)",
+                cid,
+                exc,
+            )
+            continue
+        if not isinstance(col, Mapping) or col.get("id") != cid:
+            got = col.get("id") if isinstance(col, Mapping) else col
+            log.warning("collection %s: server returned a record with id %r; skipped", cid, got)
+            continue
+        yield dict(col)
+
+
+def _run_explicit(
+    client: Any, analysis_cfg: Mapping[str, Any], key_prefix: str, sel: _Selection, log: logging.Logger
+) -> None:
+    image_ids = _ids(analysis_cfg, "image_ids", key_prefix)
+    collection_ids = _ids(analysis_cfg, "collection_ids", key_prefix)
+    if analysis_cfg.get("image_terms") or analysis_cfg.get("collection_terms"):
+        log.warning(
+            "%s: explicit image_ids/collection_ids given, so image_terms and collection_terms are ignored "
+            "(as in nilearn's fetch_neurovault_ids)",
+            key_prefix,
+        )
+    log.info(
+        "explicit selection: %d image id(s), %d collection id(s), max_images=%s",
+        len(image_ids),
+        len(collection_ids),
+        sel.max_images,
+    )
+    missing = _missing_errors()
+    for image_id in image_ids:
+        if sel.full:
+            break
+        try:
+            rec = client.image(image_id)
+        except Exception as exc:
+            if not isinstance(exc, missing):
+                raise
+            log.warning(
+                "image %s: %s; kept as a stub so that the download records the failure", image_id, exc
+            )
+            rec = {"id": image_id}
+        if not isinstance(rec, Mapping) or rec.get("id") != image_id:
+            got = rec.get("id") if isinstance(rec, Mapping) else rec
+            log.warning("image %s: server returned a record with id %r; skipped", image_id, got)
+            continue
+        sel.add(rec, None)
+    names: dict[int, str | None] = {}
+    for col in _fetch_collections(client, collection_ids, log, sel):
+        if sel.full:
+            break
+        cid = col["id"]
+        names[cid] = col.get("name")
+        images = _collection_images(client, cid, log)
+        added = 0
+        for rec in images:
+            if sel.full:
+                break
+            added += sel.add(rec, col.get("name"))
+        log.info(
+            "collection %s (%s): %d image(s) listed, %d added; %d selected so far",
+            cid,
+            col.get("name"),
+            len(images),
+            added,
+            len(sel.records),
+        )
+    # explicit images whose collection was fetched above get its name too
+    for rec in sel.records:
+        if rec.get("collection_name") is None and names.get(rec.get("collection_id")) is not None:
+            rec["collection_name"] = names[rec["collection_id"]]
+    if sel.full:
+        log.warning("max_images=%s reached: explicit selection truncated", sel.max_images)
+
+
+def _run_terms(
+    client: Any, analysis_cfg: Mapping[str, Any], key_prefix: str, sel: _Selection, log: logging.Logger
+) -> None:
+    from nvmeta.filters import build_filters, describe_terms
+
+    image_filter, collection_filter = build_filters(analysis_cfg, key_prefix)
+    log.info(
+        "selection by terms (max_images=%s): %s", sel.max_images, describe_terms(analysis_cfg, key_prefix)
+    )
+    pinned = _pinned_collection_ids(analysis_cfg)
+    if pinned is not None:
+        log.info("collections pinned by an id term: %s (fetched directly)", pinned)
+        collections: Iterable[Any] = _fetch_collections(client, pinned, log, sel)
+    else:
+        collections = client.iter_results("collections/", log=log)
+    n_scanned = n_passed = n_listed = 0
+    for col in collections:
+        if sel.full:
+            break
+        n_scanned += 1
+        if n_scanned % _PROGRESS_EVERY == 0:
+            log.info(
+                "progress: %d collections scanned, %d passed the collection filter, %d images listed, "
+                "%d selected",
+                n_scanned,
+                n_passed,
+                n_listed,
+                len(sel.records),
+            )
+        cid = col.get("id") if isinstance(col, Mapping) else None
+        if not _is_pos_int(cid):
+            log.warning("collection listing: record with invalid id %r skipped", cid)
+            continue
+        if not collection_filter(col):
+            continue
+        n_passed += 1
+        images = _collection_images(client, cid, log)
+        n_listed += len(images)
+        matched = 0
+        for rec in images:
+            if sel.full:
+                break
+            if image_filter(rec):
+                matched += sel.add(rec, col.get("name"))
+        log.info(
+            "collection %s (%s): %d image(s) listed, %d matched; %d selected so far",
+            cid,
+            col.get("name"),
+            len(images),
+            matched,
+            len(sel.records),
+        )
+    log.info(
+        "done: %d collections scanned, %d passed the collection filter, %d images listed, %d selected%s",
+        n_scanned,
+        n_passed,
+        n_listed,
+        len(sel.records),
+        f" (max_images={sel.max_images} reached)" if sel.full else "",
+    )
+
+
+def run_query(
+    client: Any,
+    analysis_cfg: Mapping[str, Any],
+    log: logging.Logger,
+    key_prefix: str = "analysis",
+) -> list[dict[str, Any]]:
+    """Select the images of one analysis.
+
+    Parameters
+    ----------
+    client : object
+        A NeuroVault client (``nvmeta.client``) or anything with ``image(id)``,
+        ``collection(cid)`` and ``iter_results(path, limit=..., log=None)``.
+    analysis_cfg : mapping
+        One ``config["analyses"][name]`` block.
+    log : logging.Logger
+        Progress goes here (collections scanned, images listed/matched, skips).
+    key_prefix : str
+        Key path of the analysis (e.g. ``"analyses.pain"``) for messages.
+
+    Returns
+    -------
+    list of dict
+        Image records in selection order (copies of the server's records; a ``collection_name``
+        key is added when the collection record was fetched).
+
+    Raises
+    ------
+    ConfigError
+        Invalid ids, terms or ``max_images``.
+    """
+    validate_query(analysis_cfg, key_prefix)
+    sel = _Selection(resolve_max_images(analysis_cfg, key_prefix), log)
+    if is_explicit(analysis_cfg, key_prefix):
+        _run_explicit(client, analysis_cfg, key_prefix, sel, log)
+    else:
+        _run_terms(client, analysis_cfg, key_prefix, sel, log)
+    log.info("%s: %d image(s) selected", key_prefix, len(sel.records))
+    return sel.records
+
+
+# ----------------------------------------------------------------------------- selection.tsv
+
+_WS = re.compile(r"[\t\r\n]+")
+
+
+def _cell(value: Any) -> Any:
+    """One TSV cell: None stays missing; tabs/newlines become spaces (one line per image)."""
+    if value is None:
+        return None
+    if isinstance(value, dict | list):
+        value = json.dumps(value, sort_keys=True)
+    if isinstance(value, str):
+        return _WS.sub(" ", value)
+    return value
+
+
+def selection_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of ``selection.tsv`` (dicts keyed by :data:`SELECTION_COLUMNS`)."""
+    rows = []
+    for rec in records:
+        row = {col: _cell(rec.get(col)) for col in SELECTION_COLUMNS}
+        row["image_id"] = rec["id"]
+        rows.append(row)
+    return rows
+
+
+def write_selection(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Write ``selection.tsv`` atomically (header + one row per record, in order).
+
+    Columns are :data:`SELECTION_COLUMNS`; missing values are empty cells; tabs and newlines
+    inside text fields are replaced by spaces so that every image is one line.
+    """
+    import pandas as pd
+
+    from nvmeta.io import write_tsv
+
+    df = pd.DataFrame(selection_rows(records), columns=list(SELECTION_COLUMNS), dtype=object)
+    write_tsv(path, df)
+
+
+def read_selection_ids(path: str | os.PathLike) -> list[int]:
+    """Image ids of a ``selection.tsv``, in order (lean: no pandas)."""
+    import csv
+
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        return [int(row["image_id"]) for row in reader]

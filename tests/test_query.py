@@ -1,0 +1,489 @@
+"""Image selection (nvmeta.query) against an in-memory fake NeuroVault client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from nilearn.datasets import neurovault as nv
+
+import nvmeta.query as query
+from nvmeta.errors import ConfigError
+from nvmeta.query import (
+    SELECTION_COLUMNS,
+    analysis_query_spec,
+    read_selection_ids,
+    resolve_max_images,
+    run_query,
+    write_selection,
+)
+
+LOG = logging.getLogger("test_query")
+
+
+class FakeMissing(LookupError):
+    """Stands in for the client's NotFound/Forbidden."""
+
+
+class FakeClient:
+    """In-memory NeuroVault: image(id), collection(cid), iter_results(path, limit, log)."""
+
+    def __init__(self, collections, images, listings=None, missing_error=KeyError):
+        self.collections = {c["id"]: c for c in collections}
+        self.images = {im["id"]: im for im in images}
+        if listings is None:
+            listings = {}
+            for im in images:
+                listings.setdefault(im["collection_id"], []).append(im)
+        self.listings = listings
+        self.missing_error = missing_error
+        self.calls = []
+
+    def image(self, image_id):
+        self.calls.append(("image", image_id))
+        if image_id not in self.images:
+            raise self.missing_error(f"image {image_id}: not found (404)")
+        return dict(self.images[image_id])
+
+    def collection(self, cid):
+        self.calls.append(("collection", cid))
+        if cid not in self.collections:
+            raise self.missing_error(f"collection {cid}: not found (404)")
+        return dict(self.collections[cid])
+
+    def iter_results(self, path, limit=1000, log=None):
+        self.calls.append(("iter", path))
+        if path == "collections/":
+            items = [self.collections[c] for c in sorted(self.collections)]
+        else:
+            parts = path.strip("/").split("/")
+            assert parts[0] == "collections" and parts[2] == "images", path
+            items = self.listings.get(int(parts[1]), [])
+        for item in items:
+            yield dict(item)
+
+    def listed(self):
+        return [p for kind, p in self.calls if kind == "iter"]
+
+
+def image(image_id, cid, **kw):
+    rec = {
+        "id": image_id,
+        "collection_id": cid,
+        "name": f"image {image_id}",
+        "map_type": "T map",
+        "image_type": "statistic_map",
+        "not_mni": False,
+        "is_thresholded": False,
+        "analysis_level": "group",
+        "number_of_subjects": 20,
+        "statistic_parameters": None,
+        "modality": "fMRI-BOLD",
+        "contrast_definition": None,
+        "cognitive_paradigm_cogatlas": None,
+        "cognitive_contrast_cogatlas": None,
+        "description": "",
+        "file": f"https://neurovault.org/media/images/{cid}/map_{image_id}.nii.gz",
+        "file_size": 1000 + image_id if isinstance(image_id, int) else 1000,
+        "modify_date": "2020-07-20T22:14:30.314520Z",
+    }
+    rec.update(kw)
+    return rec
+
+
+def collection(cid, n=1, **kw):
+    return {"id": cid, "name": f"collection {cid}", "number_of_images": n, **kw}
+
+
+def ids(records):
+    return [r["id"] for r in records]
+
+
+@pytest.fixture
+def small():
+    """Three collections; collection 2 is empty by the default collection terms."""
+    collections = [collection(1, 4), collection(2, None), collection(3, 3)]
+    images = [
+        image(10, 1),
+        image(11, 1, map_type="Z map"),
+        image(12, 1, image_type="atlas"),
+        image(13, 1, not_mni=None),
+        image(20, 2),
+        image(30, 3, map_type="ROI/mask"),
+        image(31, 3, number_of_subjects=8),
+        image(32, 3, is_thresholded=True),
+    ]
+    return FakeClient(collections, images)
+
+
+# ----------------------------------------------------------------------------- terms mode
+
+
+def test_terms_mode_default_terms_filter_on_client(small):
+    records = run_query(small, {}, LOG)
+    # atlas, null not_mni, ROI/mask, thresholded rejected; collection 2 (number_of_images null) not listed
+    assert ids(records) == [10, 11, 31]
+    assert "collections/2/images/" not in small.listed()
+    assert small.listed() == ["collections/", "collections/1/images/", "collections/3/images/"]
+    assert [r["collection_name"] for r in records] == ["collection 1", "collection 1", "collection 3"]
+
+
+def test_terms_mode_matches_nilearn_reference(small):
+    cfg = {
+        "image_terms": {"map_type": {"in": ["T map", "Z map"]}, "number_of_subjects": {"ge": 10}},
+        "collection_terms": {"name": {"pattern": "coll"}},
+    }
+    # independent reference: nilearn's own objects applied to every listed image, in order
+    ref_image = nv.ResultFilter(
+        dict(
+            nv.basic_image_terms(),
+            map_type=nv.IsIn("T map", "Z map"),
+            number_of_subjects=nv.GreaterOrEqual(10),
+        )
+    )
+    ref_collection = nv.ResultFilter(dict(nv.basic_collection_terms(), name=nv.Pattern("coll")))
+    expected = [
+        im["id"]
+        for cid in sorted(small.collections)
+        if ref_collection(small.collections[cid])
+        for im in sorted(small.listings.get(cid, []), key=lambda r: r["id"])
+        if ref_image(im)
+    ]
+    assert expected == [10, 11]
+    assert ids(run_query(small, cfg, LOG)) == expected
+
+
+def test_terms_mode_without_default_terms(small):
+    records = run_query(small, {"default_terms": False, "max_images": "all"}, LOG)
+    assert ids(records) == [10, 11, 12, 13, 20, 30, 31, 32]
+
+
+def test_terms_mode_user_term_overrides_default(small):
+    cfg = {"image_terms": {"not_mni": {"ne": True}}}
+    assert ids(run_query(small, cfg, LOG)) == [10, 11, 13, 31]
+
+
+def _big_client(n_collections=3, per_collection=60):
+    collections = [collection(c, per_collection) for c in range(1, n_collections + 1)]
+    images = [image(c * 1000 + i, c) for c in range(1, n_collections + 1) for i in range(per_collection)]
+    return FakeClient(collections, images)
+
+
+def test_terms_mode_default_max_images_is_100_and_stops_listing():
+    client = _big_client()
+    records = run_query(client, {}, LOG)
+    assert len(records) == 100
+    assert ids(records) == [1000 + i for i in range(60)] + [2000 + i for i in range(40)]
+    assert "collections/3/images/" not in client.listed()
+
+
+@pytest.mark.parametrize(("max_images", "n"), [(5, 5), (None, 100), ("all", 180), (1000, 180)])
+def test_terms_mode_max_images(max_images, n):
+    assert len(run_query(_big_client(), {"max_images": max_images}, LOG)) == n
+
+
+def test_images_sorted_by_id_within_a_collection():
+    images = [image(5, 1), image(3, 1), image(4, 1)]
+    client = FakeClient([collection(1, 3)], images, listings={1: images})
+    assert ids(run_query(client, {}, LOG)) == [3, 4, 5]
+
+
+def test_mismatched_collection_and_bad_ids_are_skipped_and_logged(caplog):
+    listed = [
+        image(10, 1),
+        image(11, 2),  # listed under 1 but belongs to 2
+        image(12, None),
+        image(0, 1),
+        image(-3, 1),
+        image("14", 1),
+        image(True, 1),
+        image(None, 1),
+        image(15, 1),
+    ]
+    client = FakeClient([collection(1, 9)], [], listings={1: listed})
+    with caplog.at_level(logging.INFO, logger="test_query"):
+        records = run_query(client, {}, LOG)
+    assert ids(records) == [10, 15]
+    text = caplog.text
+    assert "image 11 has collection_id 2 (listed under 1); skipped" in text
+    assert "image 12 has collection_id None" in text
+    for bad in ("0", "-3", "'14'", "True", "None"):
+        assert f"listed image with invalid id {bad} skipped" in text
+
+
+def test_duplicates_in_a_listing_are_selected_once():
+    listed = [image(10, 1), image(11, 1), image(10, 1)]
+    client = FakeClient([collection(1, 3)], [], listings={1: listed})
+    assert ids(run_query(client, {}, LOG)) == [10, 11]
+
+
+def test_pinned_collection_fetched_directly(small):
+    records = run_query(small, {"collection_terms": {"id": 3}}, LOG)
+    assert ids(records) == [31]
+    assert ("iter", "collections/") not in small.calls
+    assert ("collection", 3) in small.calls
+
+
+def test_pinned_by_image_collection_id_in(small):
+    records = run_query(small, {"image_terms": {"collection_id": {"in": [3, 1]}}}, LOG)
+    assert ids(records) == [31, 10, 11]  # collections in the given order
+    assert ("iter", "collections/") not in small.calls
+
+
+def test_non_pinning_id_term_scans_collections(small):
+    records = run_query(small, {"collection_terms": {"id": {"ge": 3}}}, LOG)
+    assert ids(records) == [31]
+    assert ("iter", "collections/") in small.calls
+
+
+def test_progress_is_logged(small, caplog):
+    with caplog.at_level(logging.INFO, logger="test_query"):
+        run_query(small, {}, LOG, key_prefix="analyses.demo")
+    text = caplog.text
+    assert "selection by terms (max_images=100)" in text
+    assert "collection 1 (collection 1): 4 image(s) listed, 2 matched; 2 selected so far" in text
+    assert "done: 3 collections scanned, 2 passed the collection filter, 7 images listed, 3 selected" in text
+    assert "analyses.demo: 3 image(s) selected" in text
+
+
+def test_bad_config_raises_config_error(small):
+    with pytest.raises(ConfigError, match=r"^analyses\.x\.image_terms\.map_type: unknown filter operator"):
+        run_query(small, {"image_terms": {"map_type": {"like": "T"}}}, LOG, key_prefix="analyses.x")
+    with pytest.raises(ConfigError, match=r"^analyses\.x\.max_images: must be a positive integer"):
+        run_query(small, {"max_images": 0}, LOG, key_prefix="analyses.x")
+    with pytest.raises(ConfigError, match=r"^analyses\.x\.image_ids\[1\]: ids must be positive integers"):
+        run_query(small, {"image_ids": [10, "11"]}, LOG, key_prefix="analyses.x")
+
+
+# ----------------------------------------------------------------------------- explicit mode
+
+
+def test_explicit_ids_ignore_filters(small, caplog):
+    cfg = {
+        "image_ids": [32, 12, 13],  # thresholded, atlas, null not_mni: all rejected by default terms
+        "image_terms": {"map_type": "Z map"},
+        "collection_terms": {"name": "nothing"},
+        "default_terms": True,
+    }
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        records = run_query(small, cfg, LOG, key_prefix="analyses.stopgo")
+    assert ids(records) == [32, 12, 13]
+    assert "analyses.stopgo: explicit image_ids/collection_ids given, so image_terms" in caplog.text
+    assert ("iter", "collections/") not in small.calls
+
+
+def test_explicit_order_and_dedupe(small):
+    cfg = {"image_ids": [31, 10, 31], "collection_ids": [3, 1, 3]}
+    records = run_query(small, cfg, LOG)
+    # image ids in the given order, then each collection's images by id; first position wins
+    assert ids(records) == [31, 10, 30, 32, 11, 12, 13]
+    # explicit images get the name of a collection fetched for collection_ids
+    assert [r.get("collection_name") for r in records] == ["collection 3", "collection 1"] + [
+        "collection 3",
+        "collection 3",
+        "collection 1",
+        "collection 1",
+        "collection 1",
+    ]
+
+
+def test_explicit_image_ids_only_have_no_collection_name(small):
+    records = run_query(small, {"image_ids": [10]}, LOG)
+    assert records[0].get("collection_name") is None
+    assert small.calls == [("image", 10)]
+
+
+def test_explicit_collection_listing_sorted_and_checked(caplog):
+    listed = [image(7, 4), image(5, 4), image(6, 9)]
+    client = FakeClient([collection(4, 3)], [], listings={4: listed})
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        records = run_query(client, {"collection_ids": [4]}, LOG)
+    assert ids(records) == [5, 7]
+    assert "image 6 has collection_id 9 (listed under 4); skipped" in caplog.text
+
+
+def test_explicit_no_limit_by_default():
+    client = _big_client(n_collections=2, per_collection=120)
+    assert len(run_query(client, {"collection_ids": [1, 2]}, LOG)) == 240
+    assert resolve_max_images({"collection_ids": [1]}) is None
+
+
+def test_explicit_max_images_truncates(caplog):
+    client = _big_client(n_collections=2, per_collection=10)
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        records = run_query(client, {"image_ids": [2003], "collection_ids": [1, 2], "max_images": 12}, LOG)
+    assert ids(records) == [2003] + [1000 + i for i in range(10)] + [2000]
+    assert "max_images=12 reached: explicit selection truncated" in caplog.text
+    records = run_query(client, {"collection_ids": [1, 2], "max_images": 10}, LOG)
+    assert ids(records) == [1000 + i for i in range(10)]
+    assert client.calls[-1] == ("iter", "collections/1/images/")  # collection 2 never fetched
+
+
+def test_explicit_record_with_wrong_id_is_skipped(caplog):
+    client = FakeClient([], [image(10, 1)])
+    client.images[11] = image(99, 1)
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        assert ids(run_query(client, {"image_ids": [10, 11]}, LOG)) == [10]
+    assert "image 11: server returned a record with id 99; skipped" in caplog.text
+
+
+def test_explicit_missing_items(monkeypatch, caplog):
+    monkeypatch.setattr(query, "_missing_errors", lambda: (FakeMissing,))
+    client = FakeClient([collection(1, 1)], [image(10, 1)], missing_error=FakeMissing)
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        records = run_query(client, {"image_ids": [404, 10], "collection_ids": [777, 1]}, LOG)
+    # a missing image is kept as a stub (its download records the failure); a missing collection is skipped
+    assert records[0] == {"id": 404}
+    assert ids(records) == [404, 10]
+    assert "image 404: " in caplog.text and "kept as a stub" in caplog.text
+    assert (
+        "collection 777: " in caplog.text and "is it a collection id rather than an image id?" in caplog.text
+    )
+
+
+def test_other_client_errors_propagate():
+    client = FakeClient([], [], missing_error=RuntimeError)
+    with pytest.raises(RuntimeError):
+        run_query(client, {"image_ids": [1]}, LOG)
+
+
+def test_explicit_missing_items_with_real_client_errors(caplog):
+    client_mod = pytest.importorskip("nvmeta.client")
+
+    class Raising(FakeClient):
+        def image(self, image_id):
+            raise client_mod.NotFound("not found (404)")
+
+        def collection(self, cid):
+            raise client_mod.Forbidden("forbidden (403)")
+
+    client = Raising([], [])
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        records = run_query(client, {"image_ids": [5], "collection_ids": [6]}, LOG)
+    assert records == [{"id": 5}]
+
+
+# ----------------------------------------------------------------------------- selection.tsv
+
+
+def test_write_selection_columns_and_values(tmp_path, small):
+    records = run_query(small, {"image_ids": [10], "collection_ids": [3]}, LOG)
+    records[0]["description"] = "line one\nline\ttwo"
+    records[0]["statistic_parameters"] = 24.0
+    records[0]["number_of_subjects"] = None
+    records[0]["contrast_definition"] = 'pain "hot" > warm'
+    path = tmp_path / "analyses" / "a" / "selection.tsv"
+    write_selection(records, path)
+    assert [p.name for p in path.parent.iterdir()] == ["selection.tsv"]  # no temp file left
+
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    assert list(df.columns) == list(SELECTION_COLUMNS)
+    assert df["image_id"].tolist() == ["10", "30", "31", "32"]
+    assert df["collection_id"].tolist() == ["1", "3", "3", "3"]
+    first = df.iloc[0]
+    assert first["description"] == "line one line two"
+    assert first["statistic_parameters"] == "24.0"
+    assert first["number_of_subjects"] == ""
+    assert first["contrast_definition"] == 'pain "hot" > warm'
+    assert first["collection_name"] == ""  # explicit image: collection record not fetched
+    assert first["file"] == "https://neurovault.org/media/images/1/map_10.nii.gz"
+    assert first["file_size"] == "1010"
+    assert first["modify_date"] == "2020-07-20T22:14:30.314520Z"
+    assert df["collection_name"].tolist()[1:] == ["collection 3"] * 3
+    assert df["number_of_subjects"].tolist()[1:] == ["20", "8", "20"]
+    assert df["map_type"].tolist() == ["T map", "ROI/mask", "T map", "T map"]
+    assert df["cognitive_paradigm_cogatlas"].tolist() == [""] * 4
+    assert len(path.read_text().splitlines()) == 5  # header + one line per image
+
+    typed = pd.read_csv(path, sep="\t")
+    assert typed["image_id"].tolist() == [10, 30, 31, 32]
+    assert typed["number_of_subjects"].isna().tolist() == [True, False, False, False]
+    assert read_selection_ids(path) == [10, 30, 31, 32]
+
+
+def test_write_selection_stub_and_empty(tmp_path):
+    path = tmp_path / "selection.tsv"
+    write_selection([{"id": 404}], path)
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    assert df.iloc[0].tolist() == ["404"] + [""] * (len(SELECTION_COLUMNS) - 1)
+
+    write_selection([], path)
+    assert path.read_text() == "\t".join(SELECTION_COLUMNS) + "\n"
+    assert read_selection_ids(path) == []
+
+
+# ----------------------------------------------------------------------------- query spec
+
+URL = "https://neurovault.org/api/"
+
+
+def test_query_spec_ignores_non_selection_keys():
+    base = {"image_terms": {"map_type": "T map"}, "max_images": 30}
+    spec = analysis_query_spec(base, URL)
+    other = dict(base, meta={"methods": ["stouffer"]}, ica={"n_components": 8})
+    assert analysis_query_spec(other, URL) == spec
+    assert json.loads(json.dumps(spec)) == spec
+    assert spec == {
+        "collection_terms": {},
+        "default_terms": True,
+        "image_terms": {"map_type": "T map"},
+        "max_images": 30,
+        "selection_mode": "terms",
+        "url": URL,
+        "version": query.QUERY_SPEC_VERSION,
+    }
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image_terms": {"map_type": "Z map"}},
+        {"collection_terms": {"DOI": {"not_null": True}}},
+        {"default_terms": False},
+        {"max_images": 31},
+        {"image_ids": [1]},
+    ],
+)
+def test_query_spec_changes_with_selection_keys(change):
+    base = {"image_terms": {"map_type": "T map"}, "max_images": 30}
+    assert analysis_query_spec(dict(base, **change), URL) != analysis_query_spec(base, URL)
+
+
+def test_query_spec_canonical_and_url():
+    a = {"image_terms": {"a": {"in": [1, 2]}, "b": 1}}
+    b = {"image_terms": {"b": 1, "a": {"in": [1, 2]}}}
+    assert list(analysis_query_spec(a, URL)["image_terms"]) == ["a", "b"]
+    assert repr(analysis_query_spec(a, URL)) == repr(analysis_query_spec(b, URL))
+    assert analysis_query_spec(a, "https://neurovault.org/api")["url"] == URL
+    assert analysis_query_spec(a, "https://other.org/api/")["url"] == "https://other.org/api/"
+    assert analysis_query_spec(a, "snap/dir/")["url"] == "snap/dir"
+    assert analysis_query_spec({"max_images": None}, URL)["max_images"] == 100
+
+
+def test_query_spec_explicit_mode_drops_terms():
+    a = {"image_ids": [151, 3041], "image_terms": {"map_type": "T map"}, "max_images": None}
+    b = {"image_ids": [151, 3041], "image_terms": {}, "default_terms": False, "collection_ids": []}
+    assert analysis_query_spec(a, URL) == analysis_query_spec(b, URL)
+    assert analysis_query_spec(a, URL) == {
+        "collection_ids": [],
+        "image_ids": [151, 3041],
+        "max_images": None,
+        "selection_mode": "explicit",
+        "url": URL,
+        "version": query.QUERY_SPEC_VERSION,
+    }
+
+
+def test_query_module_imports_lean():
+    code = (
+        "import sys\n"
+        "from nvmeta.query import analysis_query_spec\n"
+        "analysis_query_spec({'image_terms': {'map_type': {'in': ['T map']}}}, 'https://x/api/')\n"
+        "heavy = [m for m in ('nilearn', 'pandas', 'numpy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
