@@ -35,6 +35,10 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         suffix = "".join(dest.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".part{suffix}", dir=dest.parent)
     os.close(fd)
+    # mkstemp creates 0600 files; give outputs the usual permissions (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -48,7 +52,9 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False, default=_json_default) + "\n")
+        tmp.write_text(
+            json.dumps(obj, indent=1, sort_keys=True, allow_nan=False, default=_json_default) + "\n"
+        )
 
 
 def _json_default(obj: Any) -> Any:

@@ -99,25 +99,39 @@ def _gather_lattice(data: np.ndarray, lattice: tuple, target_shape: tuple[int, .
     return out
 
 
+def _overlaps(affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray, target_shape) -> bool:
+    """Whether the source box (voxel centres +- one voxel) intersects the target box, in target voxels."""
+    corners = np.array(np.meshgrid(*[[-1, s] for s in shape[:3]], indexing="ij")).reshape(3, -1).T
+    m = np.linalg.solve(target_affine, affine)
+    tc = corners @ m[:3, :3].T + m[:3, 3]
+    lo, hi = tc.min(axis=0), tc.max(axis=0)
+    return bool(((hi >= -1) & (lo <= np.asarray(target_shape))).all())
+
+
 def _linear_nilearn(data0: np.ndarray, weight: np.ndarray, affine: np.ndarray, target_affine, target_shape):
     """Resample data (no data set to 0) and validity weights linearly, in one nilearn call."""
     import nibabel as nib
     from nilearn.image import resample_img
+    from nilearn.image.resampling import BoundingBoxError
 
     stack = np.stack([data0, weight], axis=-1).astype(np.float32, copy=False)
     img = nib.Nifti1Image(stack, affine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = resample_img(
-            img,
-            target_affine=target_affine,
-            target_shape=target_shape,
-            interpolation="linear",
-            fill_value=0,
-            clip=False,
-            force_resample=True,
-            copy_header=True,
-        )
+        try:
+            res = resample_img(
+                img,
+                target_affine=target_affine,
+                target_shape=target_shape,
+                interpolation="linear",
+                fill_value=0,
+                clip=False,
+                force_resample=True,
+                copy_header=True,
+            )
+        except BoundingBoxError:  # the source lies entirely outside the template field of view
+            zeros = np.zeros(target_shape, dtype=np.float32)
+            return zeros, zeros
     out = np.asarray(res.dataobj)
     return out[..., 0], out[..., 1]
 
@@ -171,6 +185,9 @@ def resample_to_template(
             method = "lattice"
             src = np.where(valid, data, np.nan).astype(np.float32)
             out = _gather_lattice(src, lattice, target_shape)
+        elif not _overlaps(affine, data.shape, target_affine, target_shape):
+            method = "linear"  # nothing to interpolate: the source is outside the template box
+            out = np.full(target_shape, np.nan, dtype=np.float32)
         else:
             method = "linear"
             data0 = np.where(valid, data, 0).astype(np.float32)

@@ -124,3 +124,18 @@ def load_mask(spec: str | os.PathLike = MNI152_2MM) -> nib.Nifti1Image:
 def mask_bool(mask_img: nib.Nifti1Image):
     """Return the mask of ``mask_img`` as a boolean array (voxels > 0)."""
     return np.asarray(mask_img.dataobj) > 0
+
+
+def write_mask(spec: str | os.PathLike, out_path: str | os.PathLike) -> None:
+    """Write the template mask of ``spec`` to ``out_path`` (uint8 0/1, atomically).
+
+    The workflow writes it once per run (rule ``template``) so that per-image jobs read a plain
+    NIfTI instead of importing nilearn.
+    """
+    from nvmeta.io import atomic_path
+
+    img = load_mask(spec)
+    out = nib.Nifti1Image(np.asarray(img.dataobj).astype(np.uint8), img.affine)
+    out.header.set_xyzt_units("mm")
+    with atomic_path(out_path) as tmp:
+        nib.save(out, tmp)

@@ -55,8 +55,10 @@ def _orientation(affine: np.ndarray) -> str | None:
         return None
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException, path: str | os.PathLike | None = None) -> str:
     msg = " ".join(str(exc).split())
+    if path is not None:  # no temporary/absolute paths in the QC table
+        msg = msg.replace(os.fspath(path), Path(path).name)
     if len(msg) > 200:
         msg = msg[:197] + "..."
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
@@ -120,9 +122,9 @@ def load_map(path: str | os.PathLike, qc: dict | None = None) -> tuple[np.ndarra
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = [float(z) for z in img.header.get_zooms()[:3]]
     except Exception as exc:
-        raise Excluded(R_UNREADABLE.format(_short(exc))) from exc
+        raise Excluded(R_UNREADABLE.format(_short(exc, path))) from exc
     qc["source_shape"] = list(shape)
-    qc["source_voxel_size"] = [round(z, 6) for z in zooms]
+    qc["source_voxel_size"] = [round(z, 6) if math.isfinite(z) else None for z in zooms]
     qc["source_affine_orientation"] = _orientation(affine)
     if len(shape) < 3 or any(s < 1 for s in shape):
         raise Excluded(R_UNREADABLE.format(f"not a 3-D volume (shape {list(shape)})"))
@@ -143,7 +145,7 @@ def load_map(path: str | os.PathLike, qc: dict | None = None) -> tuple[np.ndarra
         if data.dtype != np.float64:
             data = data.astype(np.float32, copy=False)
     except Exception as exc:
-        raise Excluded(R_UNREADABLE.format(_short(exc))) from exc
+        raise Excluded(R_UNREADABLE.format(_short(exc, path))) from exc
     # A private, writable copy (not a view on a memory map), float32 or float64 (kept until the value
     # checks so that values beyond the float32 range are reported as implausible, not turned into inf).
     return np.array(data.reshape(shape[:3]), copy=True), affine
@@ -280,6 +282,12 @@ def make_zmap(
     except Excluded as exc:
         qc["status"] = "excluded"
         qc["reason"] = str(exc)
+        zmap = None
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # hostile input we did not foresee: keep the run going, say what happened
+        qc["status"] = "excluded"
+        qc["reason"] = f"processing error: {_short(exc, map_path)}"
         zmap = None
 
     if zmap is None:

@@ -13,7 +13,7 @@ run_ica(
     snakemake.input.qc,
     lambda image_id: images / str(image_id) / "zmap.nii.gz",
     lambda image_id: images / str(image_id) / "metadata.json",
-    load_mask(snakemake.params.template),
+    load_mask(snakemake.input.mask),
     snakemake.params.ica,
     Path(snakemake.output[0]).parent,
     log,

@@ -13,7 +13,7 @@ run_method(
     snakemake.wildcards.method,
     snakemake.input.qc,
     lambda image_id: images / str(image_id) / "zmap.nii.gz",
-    load_mask(snakemake.params.template),
+    load_mask(snakemake.input.mask),
     cfg,
     Path(snakemake.output.z).parent,
     log,

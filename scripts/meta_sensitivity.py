@@ -8,4 +8,4 @@ from nvmeta.template import load_mask
 
 log = job_logger("nvmeta.meta", snakemake.log[0])
 dirs = {Path(p).parent.name: Path(p).parent for p in snakemake.input.summaries}
-sensitivity(dirs, load_mask(snakemake.params.template), snakemake.output[0])
+sensitivity(dirs, load_mask(snakemake.input.mask), snakemake.output[0])

@@ -11,7 +11,7 @@ meta_path = Path(snakemake.input.metadata)
 qc = make_zmap(
     meta_path,
     meta_path.with_name("map.nii.gz"),
-    load_mask(snakemake.params.template),
+    load_mask(snakemake.input.mask),
     snakemake.params.conversion,
     snakemake.output.zmap,
     snakemake.output.qc,

@@ -11,6 +11,7 @@ RESULTS = "results"
 IMAGES = f"{RESULTS}/images/{{image_id}}"
 ANALYSIS = f"{RESULTS}/analyses/{{analysis}}"
 LOGS = f"{RESULTS}/logs"
+TEMPLATE_MASK = f"{RESULTS}/template/mask.nii.gz"
 METHODS = ["stouffer", "weighted_stouffer", "fisher", "ttest", "permutation"]
 # Parameters of the meta block each method depends on (so that e.g. n_perm only reruns permutation).
 META_COMMON_KEYS = [

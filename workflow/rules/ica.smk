@@ -10,7 +10,7 @@ for _analysis in analyses_with("ica"):
             qc=f"{RESULTS}/analyses/{_analysis}/qc.tsv",
             zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz", _analysis),
             metadata=per_image(f"{RESULTS}/images/{{image_id}}/metadata.json", _analysis),
-            mask=mask_input,
+            mask=TEMPLATE_MASK,
         output:
             [
                 f"{RESULTS}/analyses/{_analysis}/ica/{name}"
@@ -40,8 +40,7 @@ for _analysis in analyses_with("ica"):
             ),
         params:
             ica=config["analyses"][_analysis]["ica"],
-            template=config["template"]["mask"],
-            analysis=_analysis,
+                analysis=_analysis,
         log:
             f"{LOGS}/ica/{_analysis}.log",
         threads: 2

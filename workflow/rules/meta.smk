@@ -5,7 +5,7 @@ rule meta:
     input:
         qc=f"{ANALYSIS}/qc.tsv",
         zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
-        mask=mask_input,
+        mask=TEMPLATE_MASK,
     output:
         z=f"{ANALYSIS}/meta/{{method}}/z.nii.gz",
         p=f"{ANALYSIS}/meta/{{method}}/p.nii.gz",
@@ -30,7 +30,6 @@ rule meta:
         ),
     params:
         meta=meta_params,
-        template=config["template"]["mask"],
     log:
         f"{LOGS}/meta/{{analysis}}_{{method}}.log",
     threads: lambda wildcards: 2 if wildcards.method == "permutation" else 1
@@ -53,7 +52,7 @@ rule meta_sensitivity:
             analysis=wildcards.analysis,
             method=config["analyses"][wildcards.analysis]["meta"]["methods"],
         ),
-        mask=mask_input,
+        mask=TEMPLATE_MASK,
     output:
         report(
             f"{ANALYSIS}/meta/sensitivity.tsv",
@@ -63,7 +62,6 @@ rule meta_sensitivity:
             labels={"analysis": "{analysis}", "table": "sensitivity"},
         ),
     params:
-        template=config["template"]["mask"],
     log:
         f"{LOGS}/meta/{{analysis}}_sensitivity.log",
     conda:

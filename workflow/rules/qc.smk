@@ -7,6 +7,7 @@ rule qc:
         selection=f"{ANALYSIS}/selection.tsv",
         qc=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
         zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        mask=TEMPLATE_MASK,
     output:
         qc=report(
             f"{ANALYSIS}/qc.tsv",

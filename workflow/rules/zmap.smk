@@ -5,13 +5,12 @@
 rule zmap:
     input:
         metadata=f"{IMAGES}/metadata.json",
-        mask=mask_input,
+        mask=TEMPLATE_MASK,
     output:
         zmap=f"{IMAGES}/zmap.nii.gz",
         qc=f"{IMAGES}/qc.json",
     params:
         conversion=conversion_params,
-        template=config["template"]["mask"],
     log:
         f"{LOGS}/zmap/{{image_id}}.log",
     threads: 1

@@ -1,0 +1,392 @@
+"""Per-image job: conversion, every exclusion reason, qc.json fields, outputs always complete."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nvmeta.stats import t_to_z
+from nvmeta.zmap import make_zmap
+
+SAMPLE = Path("/work/shared/neurovault-sample")
+PAIN = SAMPLE / "pain21_collection1425"
+FIXT = SAMPLE / "neurovault_server_fixtures"
+
+T_SHAPE = (20, 20, 20)
+T_AFF = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -20], [0, 0, 2.0, -20], [0, 0, 0, 1]])
+_m = np.zeros(T_SHAPE, dtype=np.uint8)
+_m[2:-2, 2:-2, 2:-2] = 1
+MASK = nib.Nifti1Image(_m, T_AFF)
+MASK_B = _m > 0
+
+QC_KEYS = {
+    "image_id",
+    "collection_id",
+    "status",
+    "reason",
+    "map_type",
+    "n",
+    "df",
+    "df_source",
+    "z_min",
+    "z_max",
+    "max_abs_z",
+    "coverage",
+    "source_shape",
+    "source_voxel_size",
+    "source_affine_orientation",
+    "resampled",
+}
+
+
+def t_data(seed: int = 0, shape=T_SHAPE) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    d = (rng.normal(size=shape) * 3).astype(np.float32)
+    d[0, :, :] = 0  # FSL-style background
+    return d
+
+
+def record(image_id=7, map_type="T map", n=20, status="ok", reason=None, **extra) -> dict:
+    rec = {
+        "id": image_id,
+        "collection_id": 99,
+        "map_type": map_type,
+        "number_of_subjects": n,
+        "statistic_parameters": None,
+        "nvmeta": {"status": status, "reason": reason, "source_format": "nii.gz"},
+    }
+    rec.update(extra)
+    return rec
+
+
+def run(tmp_path: Path, rec: dict, img=None, map_file: Path | None = None, mask=MASK, conversion=None):
+    d = tmp_path / "images" / str(rec["id"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metadata.json").write_text(json.dumps(rec))
+    map_path = d / "map.nii.gz"
+    if img is not None:
+        nib.save(img, map_path)
+    elif map_file is not None:
+        map_path = map_file
+    qc = make_zmap(
+        d / "metadata.json",
+        map_path,
+        mask,
+        conversion if conversion is not None else {"df": "n-2"},
+        d / "zmap.nii.gz",
+        d / "qc.json",
+    )
+    # outputs always complete, qc.json == returned dict, zmap on the template grid as float32
+    assert json.loads((d / "qc.json").read_text()) == qc
+    z = nib.load(d / "zmap.nii.gz")
+    assert z.shape == mask.shape and np.allclose(z.affine, mask.affine)
+    assert z.get_data_dtype() == np.float32
+    zdata = np.asarray(z.dataobj)
+    if qc["status"] == "excluded":
+        assert np.isnan(zdata).all()
+    assert QC_KEYS <= set(qc)
+    assert not list(d.glob(".*part*"))  # no temporary files left behind
+    return qc, zdata
+
+
+def test_t_map_converted_exactly(tmp_path):
+    t = t_data()
+    qc, z = run(tmp_path, record(n=20), nib.Nifti1Image(t, T_AFF))
+    assert qc["status"] == "included" and qc["reason"] is None
+    assert (qc["df"], qc["df_source"], qc["n"]) == (18.0, "n-2", 20)
+    for ijk in [(5, 5, 5), (10, 3, 17), (16, 16, 2)]:
+        assert z[ijk] == pytest.approx(t_to_z(float(t[ijk]), 18.0), rel=1e-6)
+    ok = MASK_B.copy()
+    ok[0] = False
+    np.testing.assert_allclose(z[ok], t_to_z(t[ok].astype(np.float64), 18.0), rtol=1e-6)
+    assert np.isnan(z[~MASK_B]).all()
+    assert qc["coverage"] == 1.0
+    assert qc["z_max"] == pytest.approx(float(np.nanmax(z))) and qc["z_min"] == pytest.approx(
+        float(np.nanmin(z))
+    )
+    assert qc["max_abs_z"] == max(-qc["z_min"], qc["z_max"])
+    assert qc["source_shape"] == [20, 20, 20] and qc["source_voxel_size"] == [2.0, 2.0, 2.0]
+    assert qc["source_affine_orientation"] == "RAS" and qc["resampled"] is False
+
+
+def test_df_sources(tmp_path):
+    t = t_data()
+    qc, z = run(tmp_path, record(n=20, statistic_parameters=14.0), nib.Nifti1Image(t, T_AFF))
+    assert (qc["df"], qc["df_source"]) == (14.0, "statistic_parameters")
+    assert z[5, 5, 5] == pytest.approx(t_to_z(float(t[5, 5, 5]), 14.0), rel=1e-6)
+    qc, _ = run(tmp_path, record(image_id=8, n=20), nib.Nifti1Image(t, T_AFF), conversion={"df": "n-1"})
+    assert (qc["df"], qc["df_source"]) == (19.0, "n-1")
+    qc, _ = run(
+        tmp_path,
+        record(image_id=9, n=0),
+        nib.Nifti1Image(t, T_AFF),
+        conversion={"df": "n-2", "n_collections": {"99": 12}},
+    )
+    assert (qc["df"], qc["df_source"], qc["n"]) == (10.0, "n-2", 12)
+
+
+def test_z_map_used_as_is_and_las_source(tmp_path):
+    z0 = t_data(1)
+    las = T_AFF.copy()
+    las[0, 0], las[0, 3] = -2.0, 18.0
+    qc, z = run(tmp_path, record(map_type="Z map", n=None), nib.Nifti1Image(z0[::-1].copy(), las))
+    assert qc["status"] == "included" and qc["df_source"] == "z map" and qc["df"] is None
+    assert qc["source_affine_orientation"] == "LAS" and qc["resampled"] is True
+    ok = MASK_B.copy()
+    ok[0] = False
+    np.testing.assert_array_equal(z[ok], z0[ok])
+
+
+def test_integer_dtype_with_scl_slope(tmp_path):
+    raw = np.zeros(T_SHAPE, dtype=np.int16)
+    raw[4:16, 4:16, 4:16] = np.arange(12**3).reshape(12, 12, 12) - 800
+    img = nib.Nifti1Image(raw, T_AFF)
+    img.header.set_data_dtype(np.int16)
+    img.header.set_slope_inter(0.01, 0.0)
+    qc, z = run(tmp_path, record(map_type="Z map"), img)
+    assert qc["status"] == "included"
+    assert z[4, 4, 4] == pytest.approx(-8.0, abs=1e-5)
+    assert z[15, 15, 15] == pytest.approx((12**3 - 1 - 800) * 0.01, abs=1e-4)
+    assert np.isnan(z[3, 3, 3])  # zero background
+    assert np.isnan(z[(raw == 0) & MASK_B]).all()  # incl. the one stored 0 inside the cube (-800 + 800)
+    assert np.isfinite(z[(raw != 0) & MASK_B]).all()
+
+
+def test_five_d_with_one_volume_is_squeezed(tmp_path):
+    t = t_data(2)
+    qc, z = run(tmp_path, record(), nib.Nifti1Image(t.reshape(*T_SHAPE, 1, 1), T_AFF))
+    assert qc["status"] == "included" and qc["source_shape"] == [20, 20, 20, 1, 1]
+    assert z[6, 7, 8] == pytest.approx(t_to_z(float(t[6, 7, 8]), 18.0), rel=1e-6)
+
+
+def test_analyze_pair_converted(tmp_path):
+    """SPM Analyze pair (df 14 in its header) converted to NIfTI, as the download step does."""
+    ana = nib.load(FIXT / "box_0b_vs_1b.hdr")
+    nii = nib.Nifti1Image(np.asarray(ana.dataobj), ana.affine)
+    qc, z = run(tmp_path, record(map_type="T map", n=None, statistic_parameters=14), nii)
+    assert qc["status"] == "included" and qc["df"] == 14.0
+    assert qc["source_shape"] == [79, 95, 78] and qc["resample_method"] == "lattice"
+    # the .hdr path is read directly too, with the same result
+    d = tmp_path / "direct"
+    shutil.copy(FIXT / "box_0b_vs_1b.hdr", d.with_suffix(".hdr"))
+    shutil.copy(FIXT / "box_0b_vs_1b.img", d.with_suffix(".img"))
+    qc2, z2 = run(
+        tmp_path, record(image_id=70, n=None, statistic_parameters=14), map_file=d.with_suffix(".hdr")
+    )
+    assert qc2["status"] == "included"
+    np.testing.assert_array_equal(z, z2)
+
+
+def _lying_header(path: Path) -> None:
+    """Write a NIfTI whose header claims twice the voxels its data hold."""
+    img = nib.Nifti1Image(t_data(3), T_AFF)
+    raw = path.with_suffix("")  # .nii
+    nib.save(img, raw)
+    b = bytearray(raw.read_bytes())
+    hdr = np.frombuffer(bytes(b[40:56]), dtype="<i2").copy()  # dim[0..7]
+    hdr[3] = 40
+    b[40:56] = hdr.tobytes()
+    raw.write_bytes(bytes(b))
+    with gzip.open(path, "wb") as f:
+        f.write(bytes(b))
+
+
+EXCLUSIONS = [
+    ("download", "download failed: HTTP 404 not found"),
+    ("ftype", "map type not usable: F map"),
+    ("ptype", "map type not usable: P map (given null hypothesis)"),
+    ("other", "map type not usable: other"),
+    ("none", "map type not usable: None"),
+    ("nidm_n0", "missing sample size"),
+    ("n_small", "missing sample size"),
+    ("two_volumes", "too many volumes: 2 (AFNI sub-brick selection not supported yet)"),
+    ("truncated", "unreadable map: "),
+    ("lying", "unreadable map: "),
+    ("not_nifti", "unreadable map: "),
+    ("all_nan", "no finite data"),
+    ("all_zero", "all zero"),
+    ("constant", "constant map"),
+    ("huge", "implausible values"),
+    ("huge64", "implausible values"),
+    ("outside", "no data inside the template mask"),
+    ("outside_linear", "no data inside the template mask"),
+    ("outside_linear_far", "no data inside the template mask"),
+]
+
+
+@pytest.mark.parametrize(("case", "reason"), EXCLUSIONS)
+def test_every_exclusion_reason(tmp_path, case, reason):
+    t = t_data(4)
+    img = nib.Nifti1Image(t, T_AFF)
+    map_file = None
+    rec = record()
+    if case == "download":
+        rec = record(status="failed", reason="HTTP 404 not found")
+        img = None
+        map_file = tmp_path / "missing.nii.gz"
+    elif case == "ftype":
+        rec = record(map_type="F map")
+    elif case == "ptype":
+        rec = record(map_type="P map (given null hypothesis)")
+    elif case == "other":
+        rec = record(map_type="other")
+    elif case == "none":
+        rec = record(map_type=None)
+    elif case == "nidm_n0":
+        rec = record(n=0, analysis_level="other")
+    elif case == "n_small":
+        rec = record(n=2)
+    elif case == "two_volumes":
+        img = nib.Nifti1Image(np.stack([t, t], axis=-1).reshape(*T_SHAPE, 1, 2), T_AFF)
+    elif case == "truncated":
+        img = None
+        map_file = tmp_path / "trunc.nii.gz"
+        shutil.copy(PAIN / "corrupt_truncated_gzip.nii.gz", map_file)
+    elif case == "lying":
+        img = None
+        map_file = tmp_path / "lying.nii.gz"
+        _lying_header(map_file)
+    elif case == "not_nifti":
+        img = None
+        map_file = tmp_path / "html.nii.gz"
+        map_file.write_bytes(gzip.compress(b"<html>Bad gateway</html>"))
+    elif case == "all_nan":
+        img = nib.Nifti1Image(np.full(T_SHAPE, np.nan, dtype=np.float32), T_AFF)
+    elif case == "all_zero":
+        img = nib.Nifti1Image(np.zeros(T_SHAPE, dtype=np.float32), T_AFF)
+    elif case == "constant":
+        c = np.zeros(T_SHAPE, dtype=np.float32)
+        c[5:9, 5:9, 5:9] = 1.0  # an ROI mask uploaded as a T map
+        c[0, 0, 0] = np.nan
+        img = nib.Nifti1Image(c, T_AFF)
+    elif case == "huge":
+        h = t.copy()
+        h[5, 5, 5] = 1e30
+        img = nib.Nifti1Image(h, T_AFF)
+    elif case == "huge64":
+        h = t.astype(np.float64)
+        h[5, 5, 5] = 1e300  # beyond float32: must not silently become inf/no data
+        img = nib.Nifti1Image(h, T_AFF)
+    elif case == "outside":
+        far = T_AFF.copy()
+        far[:3, 3] += 500.0
+        img = nib.Nifti1Image(t, far)
+    elif case in ("outside_linear", "outside_linear_far"):
+        far = np.diag([3.0, 3.0, 3.0, 1.0])
+        far[:3, 3] = 30.3 if case == "outside_linear" else -501.3  # off the lattice: interpolation path
+        far_t = t.copy()
+        far_t[:5] = 0  # the only voxels near the template box carry no data
+        img = nib.Nifti1Image(far_t, far)
+    qc, _ = run(tmp_path, rec, img, map_file=map_file)
+    assert qc["status"] == "excluded"
+    assert qc["reason"].startswith(reason), qc["reason"]
+    assert qc["image_id"] == 7 and qc["collection_id"] == 99
+
+
+def test_unexpected_error_is_an_exclusion_not_a_crash(tmp_path, monkeypatch):
+    import nvmeta.stats
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(nvmeta.stats, "t_to_z", boom)
+    qc, _ = run(tmp_path, record(), nib.Nifti1Image(t_data(), T_AFF))
+    assert qc["status"] == "excluded" and qc["reason"] == "processing error: RuntimeError: boom"
+
+
+def test_unreadable_reason_is_specific(tmp_path):
+    map_file = tmp_path / "trunc.nii.gz"
+    shutil.copy(PAIN / "corrupt_truncated_gzip.nii.gz", map_file)
+    qc, _ = run(tmp_path, record(), map_file=map_file)
+    assert qc["reason"].startswith("unreadable map: ") and len(qc["reason"]) > len("unreadable map: ") + 5
+    assert str(tmp_path) not in qc["reason"]
+    html = tmp_path / "page.nii.gz"
+    html.write_bytes(gzip.compress(b"<html>Bad gateway</html>"))
+    qc, _ = run(tmp_path, record(image_id=8), map_file=html)
+    assert qc["reason"].startswith("unreadable map: ") and str(tmp_path) not in qc["reason"]
+
+
+def test_real_afni_5d_two_subbricks(tmp_path):
+    qc, _ = run(tmp_path, record(map_type="T map", n=23), map_file=FIXT / "saccade.I_C.MNI.nii.gz")
+    assert qc["reason"] == "too many volumes: 2 (AFNI sub-brick selection not supported yet)"
+    assert qc["source_shape"] == [91, 109, 91, 1, 2] and qc["source_affine_orientation"] == "RAS"
+
+
+def test_real_pain_map_on_mni152_2mm(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVMETA_CACHE_DIR", str(tmp_path / "cache"))
+    from nvmeta.template import load_mask
+
+    mask = load_mask("mni152_2mm")
+    src = nib.load(PAIN / "pain_01_tstat_derived.nii.gz")
+    t = src.get_fdata(dtype=np.float32)
+    rec = record(image_id=23411, n=25)
+    qc, z = run(tmp_path, rec, map_file=PAIN / "pain_01_tstat_derived.nii.gz", mask=mask)
+    assert qc["status"] == "included" and qc["df"] == 23.0
+    assert qc["source_affine_orientation"] == "LAS" and qc["source_shape"] == [91, 109, 91]
+    mb = np.asarray(mask.dataobj) > 0
+    # template voxel -> world -> source voxel (integer: both grids are 2 mm MNI)
+    for ijk in [(49, 60, 40), (30, 50, 50), (60, 70, 30)]:
+        xyz = mask.affine @ [*ijk, 1]
+        s = np.linalg.solve(src.affine, xyz)[:3]
+        assert np.allclose(s, np.round(s))
+        tv = t[tuple(np.round(s).astype(int))]
+        if tv != 0 and mb[ijk]:
+            assert z[ijk] == pytest.approx(t_to_z(float(tv), 23.0), rel=1e-6)
+        else:
+            assert np.isnan(z[ijk])
+    # every template voxel with data maps onto a non-zero source voxel; coverage as reported
+    assert qc["coverage"] == pytest.approx(np.isfinite(z[mb]).mean(), abs=1e-6)
+    assert 0.85 < qc["coverage"] < 0.95
+    assert np.isnan(z[~mb]).all()
+    ref_max = t_to_z(float(t[mb_source_mask(src, mask)].max()), 23.0)
+    assert qc["z_max"] == pytest.approx(ref_max, rel=1e-6)
+
+
+def mb_source_mask(src: nib.Nifti1Image, mask: nib.Nifti1Image) -> np.ndarray:
+    """Source voxels that fall inside the template mask (integer lattice mapping)."""
+    mb = np.asarray(mask.dataobj) > 0
+    ijk = np.argwhere(mb)
+    xyz = ijk @ mask.affine[:3, :3].T + mask.affine[:3, 3]
+    s = np.round((xyz - src.affine[:3, 3]) @ np.linalg.inv(src.affine[:3, :3]).T).astype(int)
+    inside = ((s >= 0) & (s < src.shape[:3])).all(axis=1)
+    out = np.zeros(src.shape[:3], dtype=bool)
+    out[tuple(s[inside].T)] = True
+    return out
+
+
+def test_real_z_map_with_nan_background(tmp_path):
+    qc, z = run(tmp_path, record(map_type="Z map", n=None), map_file=FIXT / "motor_lips_nan.nii.gz")
+    assert qc["status"] == "included" and qc["df_source"] == "z map"
+    assert qc["resample_method"] in ("lattice", "linear")
+    assert 0 < qc["coverage"] <= 1 and np.isfinite(z).any()
+
+
+def test_cli(tmp_path):
+    from nvmeta.zmap import main
+
+    d = tmp_path / "images" / "7"
+    d.mkdir(parents=True)
+    (d / "metadata.json").write_text(json.dumps(record()))
+    mask_path = tmp_path / "mask.nii.gz"
+    nib.save(MASK, mask_path)
+    nib.save(nib.Nifti1Image(t_data(), T_AFF), d / "map.nii.gz")
+    assert (
+        main(
+            [
+                str(d / "metadata.json"),
+                str(d / "map.nii.gz"),
+                str(d / "z.nii.gz"),
+                str(d / "q.json"),
+                "--mask",
+                str(mask_path),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((d / "q.json").read_text())["status"] == "included"

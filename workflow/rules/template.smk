@@ -1,0 +1,22 @@
+# The one output grid of the run: the template mask, written once so that per-image jobs read a
+# plain NIfTI (no nilearn import). Changing template.mask rewrites it, which reruns every
+# per-image resampling and every fan-in, and downloads nothing.
+
+
+localrules:
+    template,
+
+
+rule template:
+    input:
+        mask_input,
+    output:
+        TEMPLATE_MASK,
+    params:
+        spec=config["template"]["mask"],
+    log:
+        f"{LOGS}/template.log",
+    conda:
+        "../../envs/nvmeta.yaml"
+    script:
+        "../../scripts/template.py"
