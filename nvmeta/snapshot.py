@@ -104,19 +104,29 @@ class Snapshot:
 
     def images(self, include_private: bool = False) -> list[dict]:
         """All image records sorted by id (public collections only unless ``include_private``)."""
+        return copy.deepcopy(self._image_refs(include_private))
+
+    def collections(self, include_private: bool = False) -> list[dict]:
+        """All collection records sorted by id (public only unless ``include_private``)."""
+        return copy.deepcopy(self._collection_refs(include_private))
+
+    def collection_images(self, cid: int) -> list[dict]:
+        """Image records of collection ``cid``, sorted by id (privacy is the caller's business)."""
+        return copy.deepcopy(self._collection_image_refs(cid))
+
+    # uncopied, for paginating without copying the whole listing on every page
+    def _image_refs(self, include_private: bool = False) -> list[dict]:
         return [
-            copy.deepcopy(r)
+            r
             for i, r in sorted(self._imgs.items())
             if include_private or not self.is_private(r.get("collection_id"))
         ]
 
-    def collections(self, include_private: bool = False) -> list[dict]:
-        """All collection records sorted by id (public only unless ``include_private``)."""
-        return [copy.deepcopy(r) for c, r in sorted(self._cols.items()) if include_private or not self.is_private(c)]
+    def _collection_refs(self, include_private: bool = False) -> list[dict]:
+        return [r for c, r in sorted(self._cols.items()) if include_private or not self.is_private(c)]
 
-    def collection_images(self, cid: int) -> list[dict]:
-        """Image records of collection ``cid``, sorted by id (privacy is the caller's business)."""
-        return [copy.deepcopy(r) for i, r in sorted(self._imgs.items()) if r.get("collection_id") == int(cid)]
+    def _collection_image_refs(self, cid: int) -> list[dict]:
+        return [r for i, r in sorted(self._imgs.items()) if r.get("collection_id") == int(cid)]
 
     def neurosynth(self, image_id: int) -> dict | None:
         """Neurosynth decode reply for an image, or None when absent."""
@@ -237,7 +247,12 @@ def paginate(items: list, query: Mapping[str, str], url: str) -> dict:
         prev = _replace_query(url, limit=limit, offset=None)
     else:
         prev = _replace_query(url, limit=limit, offset=offset - limit)
-    return {"count": count, "next": nxt, "previous": prev, "results": items[offset : offset + limit]}
+    return {
+        "count": count,
+        "next": nxt,
+        "previous": prev,
+        "results": copy.deepcopy(items[offset : offset + limit]),
+    }
 
 
 NOT_FOUND = {"detail": "Not found."}
@@ -281,9 +296,9 @@ def api_get(
         }
     try:
         if parts == ["images"]:
-            return 200, paginate(snap.images(), query, url)
+            return 200, paginate(snap._image_refs(), query, url)
         if parts == ["collections"]:
-            return 200, paginate(snap.collections(), query, url)
+            return 200, paginate(snap._collection_refs(), query, url)
         if len(parts) == 2 and parts[0] == "images" and parts[1].isdigit():
             rec = snap.image(int(parts[1]))
             if snap.is_private(rec.get("collection_id")):
@@ -298,7 +313,7 @@ def api_get(
             if len(parts) == 2:
                 return 200, snap.collection(cid)
             if parts[2] == "images":
-                return 200, paginate(snap.collection_images(cid), query, url)
+                return 200, paginate(snap._collection_image_refs(cid), query, url)
     except KeyError:
         return 404, NOT_FOUND
     return 404, NOT_FOUND

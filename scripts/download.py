@@ -16,4 +16,3 @@ result = fetch_image(
     nv["mode"],
     out_dir.parent.parent / "collections",
 )
-log.info("image %s: %s %s", snakemake.wildcards.image_id, result["status"], result.get("reason") or "")

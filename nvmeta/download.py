@@ -1,0 +1,240 @@
+"""Per-image download: ``results/images/{id}/metadata.json`` (+ ``map.nii.gz`` iff status ok).
+
+An image that cannot be had (404, 403, corrupt after re-attempts, ``file_size`` 0, too large, unsafe
+URL, not a NIfTI, offline and not on disk) gets ``nvmeta.status == "failed"`` with a specific reason,
+and :func:`fetch_image` returns normally so the run goes on. Configuration and programming errors
+raise. The map is written first and ``metadata.json`` last, both atomically, so a job killed at any
+point leaves either nothing or a complete pair at the output paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nvmeta.client import (
+    MODES,
+    NeuroVaultError,
+    TooLarge,
+    UnsafeInput,
+    check_image_id,
+    check_nifti,
+    file_md5,
+)
+from nvmeta.io import write_json
+
+logger = logging.getLogger("nvmeta.download")
+
+OFFLINE_MISSING = "not on disk (offline mode)"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _nvmeta_block(**kw: Any) -> dict:
+    block = {
+        "status": "failed",
+        "reason": None,
+        "collection": None,
+        "md5": None,
+        "bytes": None,
+        "source_url": None,
+        "source_format": None,
+        "fetched_at": _now(),
+    }
+    block.update(kw)
+    return block
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def map_is_valid(map_path: Path, md5: str | None = None) -> bool:
+    """Whether a stored map exists, matches ``md5`` (when given) and has a loadable NIfTI header."""
+    if not map_path.is_file():
+        return False
+    if md5 is not None and file_md5(map_path) != md5:
+        return False
+    try:
+        check_nifti(map_path)
+    except NeuroVaultError:
+        return False
+    return True
+
+
+def _collection(client: Any, cid: Any, cache_dir: Path | None, mode: str) -> tuple[dict | None, str | None]:
+    """Collection record from the cache (``{cache_dir}/{cid}.json``) or the server (then cached)."""
+    if cid is None:
+        return None, None
+    try:
+        cid = check_image_id(cid)
+    except UnsafeInput as e:
+        return None, f"invalid collection_id: {e}"
+    cache = cache_dir / f"{cid}.json" if cache_dir is not None else None
+    if cache is not None and cache.is_file() and mode != "overwrite":
+        rec = _read_json(cache)
+        if isinstance(rec, dict) and rec.get("id") == cid:
+            return rec, None
+    if mode == "offline":
+        return None, "collection not on disk (offline mode)"
+    try:
+        rec = client.collection(cid)
+    except NeuroVaultError as e:
+        return None, str(e)
+    if cache is not None:
+        write_json(cache, rec)
+    return rec, None
+
+
+def fetch_image(
+    client: Any,
+    image_id: int | str,
+    out_dir: str | os.PathLike,
+    mode: str | None = None,
+    collections_cache_dir: str | os.PathLike | None = None,
+    *,
+    collections_cache: str | os.PathLike | None = None,
+    log: logging.Logger | None = None,
+) -> dict:
+    """Fetch one image's record and map into ``out_dir``.
+
+    Writes ``out_dir/map.nii.gz`` (only when the map could be had and verified) and then
+    ``out_dir/metadata.json``: the server's image record plus an ``"nvmeta"`` block
+    ``{status, reason, collection, md5, bytes, source_url, source_format, fetched_at}`` (plus
+    ``map_md5``: md5 of the stored map, and ``collection_error`` when the collection record could not
+    be had). For an image whose record could not be fetched the record is ``{"id": image_id}``.
+
+    Parameters
+    ----------
+    client : HTTPClient or SnapshotClient
+        From :func:`nvmeta.client.make_client`.
+    image_id : int or str
+        Positive integer (a Snakemake wildcard string is accepted).
+    out_dir : path-like
+        ``results/images/{image_id}``.
+    mode : {"download_new", "overwrite", "offline"}, optional
+        Defaults to ``client.mode``. ``download_new`` reuses a verified map already on disk (a
+        ``.nii.gz`` source's map is reused even when metadata.json is missing); ``overwrite`` fetches
+        again; ``offline`` uses only the disk (an image not there fails with "not on disk (offline mode)").
+    collections_cache_dir : path-like, optional
+        Directory of cached collection records ``{cid}.json`` (fetched once, written atomically);
+        ``collections_cache`` is an alias.
+    log : logging.Logger, optional
+
+    Returns
+    -------
+    dict
+        The ``nvmeta`` block with ``image_id`` added.
+
+    Raises
+    ------
+    UnsafeInput
+        ``image_id`` is not a positive integer (a caller error).
+    ValueError
+        Unknown mode.
+    """
+    log = log or logger
+    iid = check_image_id(image_id)
+    mode = mode or getattr(client, "mode", "download_new")
+    if mode not in MODES:
+        raise ValueError(f"neurovault.mode must be one of {MODES}, got {mode!r}")
+    cache_arg = collections_cache_dir if collections_cache_dir is not None else collections_cache
+    cache_dir = Path(cache_arg) if cache_arg is not None else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path, map_path = out_dir / "metadata.json", out_dir / "map.nii.gz"
+
+    def finish(record: dict, block: dict) -> dict:
+        if block["status"] != "ok" and map_path.exists():
+            map_path.unlink()  # map.nii.gz exists iff status ok
+        record = dict(record)
+        record["nvmeta"] = block
+        write_json(meta_path, record)  # last, atomically
+        level = logging.INFO if block["status"] == "ok" else logging.WARNING
+        log.log(
+            level, "image %s: %s%s", iid, block["status"], f" ({block['reason']})" if block["reason"] else ""
+        )
+        return {"image_id": iid, **block}
+
+    existing = _read_json(meta_path) if mode != "overwrite" else None
+    if not (
+        isinstance(existing, dict) and isinstance(existing.get("nvmeta"), dict) and existing.get("id") == iid
+    ):
+        existing = None
+    if existing is not None:
+        block = existing["nvmeta"]
+        if block.get("status") == "ok" and map_is_valid(map_path, block.get("map_md5")):
+            log.info("image %s: already on disk, reused", iid)
+            return {"image_id": iid, **block}
+        if mode == "offline" and block.get("status") == "failed":
+            return {"image_id": iid, **block}
+
+    if mode == "offline":
+        record = {k: v for k, v in existing.items() if k != "nvmeta"} if existing else {"id": iid}
+        return finish(record, _nvmeta_block(reason=OFFLINE_MISSING))
+
+    try:
+        record = client.image(iid)
+    except NeuroVaultError as e:
+        return finish({"id": iid}, _nvmeta_block(reason=f"image record: {e}"))
+
+    collection, collection_error = _collection(client, record.get("collection_id"), cache_dir, mode)
+    extra = {"collection_error": collection_error} if collection_error else {}
+    url = record.get("file")
+    block = _nvmeta_block(collection=collection, source_url=url if isinstance(url, str) else None, **extra)
+
+    file_size = record.get("file_size")
+    if file_size == 0:
+        block["reason"] = "file_size is 0 (the server cannot read the file)"
+        return finish(record, block)
+    max_bytes = getattr(client, "max_file_bytes", None)
+    if isinstance(file_size, int) and max_bytes is not None and file_size > max_bytes:
+        block["reason"] = str(
+            TooLarge(f"file too large: {file_size} bytes (file_size) > max_file_bytes {max_bytes}")
+        )
+        return finish(record, block)
+
+    # download_new: a map left by a run killed before metadata.json was written is reused when it is
+    # the served bytes themselves (.nii.gz source) and still verifies.
+    if mode == "download_new" and existing is None and map_path.is_file() and isinstance(url, str):
+        try:
+            url_ok = client.check_file_url(url)
+            reuse = url_ok.lower().split("?")[0].endswith(".nii.gz") and map_is_valid(map_path)
+        except NeuroVaultError:
+            reuse = False
+        if reuse:
+            md5 = file_md5(map_path)
+            block.update(
+                status="ok",
+                md5=md5,
+                map_md5=md5,
+                bytes=map_path.stat().st_size,
+                source_url=url_ok,
+                source_format="nii.gz",
+            )
+            log.info("image %s: map already on disk, reused", iid)
+            return finish(record, block)
+
+    try:
+        info = client.download(url, map_path, expected_size=file_size if isinstance(file_size, int) else None)
+    except NeuroVaultError as e:
+        block["reason"] = str(e)
+        return finish(record, block)
+    block.update(
+        status="ok",
+        md5=info["md5"],
+        map_md5=info["map_md5"],
+        bytes=info["bytes"],
+        source_url=info["source_url"],
+        source_format=info["source_format"],
+    )
+    return finish(record, block)

@@ -1,0 +1,361 @@
+"""nvmeta.download.fetch_image: metadata.json + map.nii.gz, modes, failures as statuses, fault matrix."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import fast_config, md5
+
+from nvmeta.client import UnsafeInput, make_client
+from nvmeta.download import OFFLINE_MISSING, fetch_image
+from nvmeta.snapshot import write_snapshot
+from nvmeta.testing.server import FixtureServer
+
+NVMETA_KEYS = {"status", "reason", "collection", "md5", "bytes", "source_url", "source_format", "fetched_at"}
+
+
+@pytest.fixture
+def client(fixture_server):
+    c = make_client(fast_config(fixture_server.url))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def res(tmp_path):
+    d = tmp_path / "results"
+    (d / "images").mkdir(parents=True)
+    return d
+
+
+def fetch(client, iid, res, mode="download_new"):
+    return fetch_image(client, iid, res / "images" / str(iid), mode, res / "collections")
+
+
+def files_in(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def meta(res, iid) -> dict:
+    return json.loads((res / "images" / str(iid) / "metadata.json").read_text())
+
+
+def assert_failed(res, iid, match):
+    d = res / "images" / str(iid)
+    m = meta(res, iid)
+    assert m["nvmeta"]["status"] == "failed" and match in m["nvmeta"]["reason"], m["nvmeta"]["reason"]
+    assert files_in(d) == ["metadata.json"]  # no map, no temp leftovers
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+def test_fetch_ok_layout(fixture_server, client, res):
+    r = fetch(client, 101, res)
+    d = res / "images" / "101"
+    assert r["status"] == "ok" and r["image_id"] == 101 and r["reason"] is None
+    assert files_in(d) == ["map.nii.gz", "metadata.json"]
+    served = fixture_server.tiny.served[101]
+    assert (d / "map.nii.gz").read_bytes() == served
+    m = meta(res, 101)
+    nv = m.pop("nvmeta")
+    assert NVMETA_KEYS <= set(nv)
+    assert nv["md5"] == md5(served) == md5((d / "map.nii.gz").read_bytes()) and nv["bytes"] == len(served)
+    assert nv["source_format"] == "nii.gz"
+    assert nv["source_url"] == f"{fixture_server.base}/media/images/11/zstat1.nii.gz"
+    assert nv["collection"]["id"] == 11 and nv["collection"]["name"] == "collection 11"
+    # the record exactly as served
+    assert m == json.loads(
+        json.dumps(fixture_server.tiny.records[101]).replace("https://neurovault.org", fixture_server.base)
+    )
+    assert json.loads((res / "collections" / "11.json").read_text()) == nv["collection"]
+
+
+def test_collection_fetched_once(fixture_server, client, res):
+    for iid in (101, 102, 103):
+        assert fetch(client, iid, res)["status"] == "ok"
+    assert fixture_server.count(r"^/api/collections/11/") == 1
+    assert files_in(res / "collections") == ["11.json"]
+
+
+def test_formats(fixture_server, client, res):
+    import nibabel as nib
+    import numpy as np
+
+    r = fetch(client, 103, res)
+    assert (
+        r["status"] == "ok"
+        and r["source_format"] == "nii"
+        and r["md5"] == md5(fixture_server.tiny.served[103])
+    )
+    assert gzip.decompress((res / "images/103/map.nii.gz").read_bytes()) == fixture_server.tiny.served[103]
+    r = fetch(client, 104, res)
+    assert r["status"] == "ok" and r["source_format"] == "analyze"
+    np.testing.assert_array_equal(
+        nib.load(res / "images/104/map.nii.gz").get_fdata(dtype=np.float32), fixture_server.tiny.analyze_data
+    )
+    r = fetch(client, 105, res)  # 5 volumes: stored as served; the zmap stage excludes it
+    assert r["status"] == "ok" and nib.load(res / "images/105/map.nii.gz").shape == (4, 5, 6, 5)
+
+
+def test_download_new_reuses(fixture_server, client, res):
+    fetch(client, 101, res)
+    before = meta(res, 101)
+    fixture_server.reset_log()
+    r = fetch(client, 101, res)
+    assert r["status"] == "ok" and fixture_server.requests == []  # nothing re-downloaded
+    assert meta(res, 101) == before
+
+
+def test_download_new_reuses_map_without_metadata(fixture_server, client, res):
+    """A job killed after the map was renamed but before metadata.json: the map is not downloaded again."""
+    fetch(client, 101, res)
+    (res / "images/101/metadata.json").unlink()
+    fixture_server.reset_log()
+    r = fetch(client, 101, res)
+    assert r["status"] == "ok" and r["md5"] == md5(fixture_server.tiny.served[101])
+    assert fixture_server.requests == ["/api/images/101/"]  # record only; collection cached, no media
+
+
+def test_download_new_replaces_corrupt_map(fixture_server, client, res):
+    fetch(client, 101, res)
+    (res / "images/101/map.nii.gz").write_bytes(b"garbage")
+    fixture_server.reset_log()
+    assert fetch(client, 101, res)["status"] == "ok"
+    assert fixture_server.count("media") == 1
+    assert (res / "images/101/map.nii.gz").read_bytes() == fixture_server.tiny.served[101]
+
+
+def test_overwrite_refetches(fixture_server, client, res):
+    fetch(client, 101, res)
+    fixture_server.reset_log()
+    assert fetch(client, 101, res, mode="overwrite")["status"] == "ok"
+    assert fixture_server.count("media") == 1 and fixture_server.count("collections/11/") == 1
+
+
+def test_overwrite_failure_removes_stale_map(fixture_server, client, res):
+    fetch(client, 101, res)
+    fixture_server.add_fault("zstat1", "not_nifti")
+    fetch(client, 101, res, mode="overwrite")
+    assert_failed(res, 101, "not a NIfTI image")
+
+
+def test_offline_mode(fixture_server, res):
+    online = make_client(fast_config(fixture_server.url))
+    fetch(online, 101, res)
+    fixture_server.reset_log()
+    off = make_client(fast_config(fixture_server.url, mode="offline"))
+    assert fetch_image(off, 101, res / "images/101", None, res / "collections")["status"] == "ok"
+    r = fetch_image(off, 102, res / "images/102", None, res / "collections")
+    assert r["status"] == "failed" and r["reason"] == OFFLINE_MISSING
+    assert_failed(res, 102, OFFLINE_MISSING)
+    assert meta(res, 102)["id"] == 102
+    # explicit offline mode with an online client: still no network
+    r = fetch(online, 103, res, mode="offline")
+    assert r["reason"] == OFFLINE_MISSING
+    assert fixture_server.requests == []
+
+
+@pytest.mark.parametrize(
+    "iid,match",
+    [
+        (999, "image record: not found (HTTP 404)"),
+        (201, "image record: not found (HTTP 404)"),  # private collection
+        (106, "corrupt gzip"),
+        (107, "file_size is 0"),
+    ],
+)
+def test_failures_are_statuses(fixture_server, client, res, iid, match):
+    r = fetch(client, iid, res)
+    assert r["status"] == "failed" and match in r["reason"]
+    m = assert_failed(res, iid, match)
+    assert m["id"] == iid
+
+
+def test_too_large(fixture_server, res):
+    c = make_client(fast_config(fixture_server.url, max_file_bytes=100))
+    assert fetch(c, 101, res)["status"] == "failed"
+    assert_failed(res, 101, "file too large")
+    assert fixture_server.count("media") == 0  # refused from file_size, before any download
+
+
+def test_media_forbidden(fixture_server, client, res):
+    fixture_server.add_fault("zstat1", "status", code=403)
+    fetch(client, 101, res)
+    assert_failed(res, 101, "forbidden (HTTP 403")
+
+
+def test_invalid_id_and_mode_raise(client, res):
+    for bad in ("abc", "0", -1, "1/../2"):
+        with pytest.raises(UnsafeInput):
+            fetch_image(client, bad, res / "images" / "x", "download_new", res / "collections")
+    with pytest.raises(ValueError, match="mode"):
+        fetch(client, 101, res, mode="sometimes")
+    assert not (res / "images" / "x").exists() or files_in(res / "images" / "x") == []
+
+
+@pytest.mark.parametrize(
+    "file,match",
+    [
+        ("file:///etc/passwd", "unsafe file URL"),
+        ("../../etc/passwd", "unsafe file URL"),
+        ("http://evil.example.org/media/images/11/x.nii.gz", "foreign host"),
+        ("{base}/media/images/11/%2e%2e/%2e%2e/%2e%2e/etc/passwd.nii.gz", "path traversal"),
+        (None, "no file URL"),
+        ("{base}/media/images/11/x.mgz", "not a NIfTI file name"),
+    ],
+)
+def test_hostile_records(tmp_path, res, file, match):
+    rec = {"id": 5, "collection_id": 1, "file_size": 10, "file": file}
+    write_snapshot(tmp_path / "hostile", [rec], [{"id": 1}])
+    with FixtureServer(tmp_path / "hostile") as srv:
+        if isinstance(file, str):  # the server's base is known only once it runs: rewrite the record
+            rec["file"] = file.replace("{base}", srv.base)
+            write_snapshot(tmp_path / "hostile", [rec], [{"id": 1}])
+        srv.snapshot = type(srv.snapshot)(tmp_path / "hostile")
+        r = fetch(make_client(fast_config(srv.url)), 5, res)
+        assert r["status"] == "failed"
+        assert_failed(res, 5, match)
+        assert srv.count("media") == 0
+
+
+def test_hostile_record_id_mismatch(tmp_path, res):
+    write_snapshot(tmp_path / "h", [{"id": 5, "collection_id": 1}], [{"id": 1}])
+    (tmp_path / "h/api/images/5.json").write_text(json.dumps({"id": "5; rm -rf /", "collection_id": 1}))
+    with FixtureServer(tmp_path / "h") as srv:
+        fetch(make_client(fast_config(srv.url)), 5, res)
+    assert_failed(res, 5, "server returned a record with id")
+
+
+def test_collection_error_does_not_fail_image(fixture_server, client, res):
+    fixture_server.add_fault("collections/11/", "status", code=500)
+    r = fetch(client, 101, res)
+    assert r["status"] == "ok" and r["collection"] is None and "500" in r["collection_error"]
+    assert not (res / "collections" / "11.json").exists()
+
+
+def test_snapshot_client_fetch(tiny_snapshot, res):
+    s = make_client({"url": str(tiny_snapshot.root)})
+    assert fetch(s, 101, res)["md5"] == md5(tiny_snapshot.served[101])
+    assert meta(res, 101)["file"] == tiny_snapshot.records[101]["file"]
+    assert fetch(s, 104, res)["status"] == "ok"
+    assert fetch(s, 201, res)["status"] == "failed"
+    assert fetch(s, 106, res)["status"] == "failed"
+    assert_failed(res, 106, "corrupt gzip")
+
+
+def test_lean_import():
+    """The download module must not pull nibabel or heavy libraries at import time."""
+    import subprocess
+
+    code = (
+        "import sys, nvmeta.download, nvmeta.client; "
+        "heavy = [m for m in ('nibabel', 'numpy', 'pandas', 'nilearn', 'matplotlib', 'sklearn', 'requests') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------
+# fault matrix: each fault on the map of image 101 (or its record / its collection listing);
+# image 102 fetched alongside must be unaffected. Outcome: recovered (same bytes as served) or
+# failed with a specific reason; never a partial file.
+# ------------------------------------------------------------------------------------------------
+MATRIX = [
+    # (name, path regex, kind, times, opts, expected outcome, reason substring)
+    ("500 then ok", "zstat1", "status", 2, {"code": 500}, "recovered", None),
+    ("502 then ok", "zstat1", "status", 2, {"code": 502}, "recovered", None),
+    ("503 then ok", "zstat1", "status", 2, {"code": 503}, "recovered", None),
+    ("503 always", "zstat1", "status", None, {"code": 503}, "failed", "HTTP 503 after 3 retries"),
+    ("429 Retry-After", "zstat1", "retry_after", 1, {"seconds": 0}, "recovered", None),
+    ("body cut short once", "zstat1", "truncate", 1, {}, "recovered", None),
+    ("body cut short always", "zstat1", "truncate", None, {}, "failed", "download incomplete"),
+    ("reset mid-file once", "zstat1", "reset", 1, {}, "recovered", None),
+    ("reset mid-file always", "zstat1", "reset", None, {}, "failed", "download incomplete"),
+    ("stall once", "zstat1", "stall", 1, {"seconds": 1.5}, "recovered", None),
+    ("stall always", "zstat1", "stall", None, {"seconds": 1.5}, "failed", "timed out"),
+    (
+        "record 404",
+        "images/101/",
+        "status",
+        None,
+        {"code": 404},
+        "failed",
+        "image record: not found (HTTP 404)",
+    ),
+    ("media 403", "zstat1", "status", None, {"code": 403}, "failed", "forbidden (HTTP 403"),
+    ("HTML 200 record", "images/101/", "html200", None, {}, "failed", "server returned HTML instead of JSON"),
+    ("HTML 200 map once", "zstat1", "html200", 1, {}, "recovered", None),
+    (
+        "HTML 200 map always",
+        "zstat1",
+        "html200",
+        None,
+        {},
+        "failed",
+        "server returned HTML instead of a NIfTI",
+    ),
+    (
+        "redirect record",
+        "^/api/images/101/$",
+        "redirect",
+        1,
+        {"location": "{base}/api/images/101"},
+        "recovered",
+        None,
+    ),
+    (
+        "redirect map",
+        "zstat1",
+        "redirect",
+        1,
+        {"location": "{base}/media/images/11/zstat1.nii.gz?x=1"},
+        "recovered",
+        None,
+    ),
+    ("redirect loop", "zstat1", "redirect_loop", None, {}, "failed", "too many redirects"),
+    ("gzip of non-NIfTI", "zstat1", "not_nifti", None, {}, "failed", "not a NIfTI image"),
+    ("connection dropped", "zstat1", "down", 2, {}, "recovered", None),
+    ("server down", "zstat1", "down", None, {}, "failed", "connection failed"),
+]
+
+
+@pytest.fixture(scope="module")
+def matrix_rows():
+    rows = []
+    yield rows
+    if rows:
+        w = max(len(r[0]) for r in rows)
+        lines = [
+            "",
+            "fault matrix (fetch_image, image 101 faulted, image 102 alongside):",
+            f"{'fault':<{w}}  outcome    reason",
+        ]
+        lines += [f"{n:<{w}}  {o:<9}  {reason or ''}" for n, o, reason in rows]
+        print("\n".join(lines), file=sys.__stdout__)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("name,rx,kind,times,opts,outcome,reason", MATRIX, ids=[m[0] for m in MATRIX])
+def test_fault_matrix(tiny_snapshot, res, matrix_rows, name, rx, kind, times, opts, outcome, reason):
+    with FixtureServer(tiny_snapshot.root) as srv:
+        c = make_client(fast_config(srv.url, timeout=[1.0, 0.5]))
+        srv.add_fault(rx, kind, times=times, **opts)
+        r = fetch(c, 101, res)
+        other = fetch(c, 102, res)
+    d = res / "images" / "101"
+    if outcome == "recovered":
+        assert r["status"] == "ok", r["reason"]
+        assert (d / "map.nii.gz").read_bytes() == tiny_snapshot.served[101]
+        assert r["md5"] == md5(tiny_snapshot.served[101])
+        assert files_in(d) == ["map.nii.gz", "metadata.json"]
+    else:
+        assert r["status"] == "failed" and reason in r["reason"], r["reason"]
+        assert files_in(d) == ["metadata.json"]
+    assert other["status"] == "ok" and other["md5"] == md5(tiny_snapshot.served[102])
+    assert files_in(res / "images" / "102") == ["map.nii.gz", "metadata.json"]
+    matrix_rows.append((name, "recovered" if r["status"] == "ok" else "excluded", r["reason"]))
