@@ -32,3 +32,34 @@ def job_logger(name: str, path: str | os.PathLike | None = None) -> logging.Logg
     logger.propagate = False
     logging.captureWarnings(True)
     return logger
+
+
+class job_log:  # noqa: N801 - used as a context manager, reads like a function
+    """Context manager: a logger private to one job, writing to its log file, closed on exit.
+
+    Per-image jobs run in threads of the Snakemake process (``force-use-threads``), so each
+    needs its own logger name and must close its file handle (thousands of jobs per run).
+    """
+
+    def __init__(self, name: str, path: str | os.PathLike | None) -> None:
+        self.name = name
+        self.path = path
+
+    def __enter__(self) -> logging.Logger:
+        self.logger = logging.getLogger(self.name)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self.logger.handlers.clear()
+        if self.path is not None:
+            os.makedirs(os.path.dirname(os.fspath(self.path)) or ".", exist_ok=True)
+            fh = logging.FileHandler(self.path, mode="w")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            self.logger.addHandler(fh)
+        return self.logger
+
+    def __exit__(self, *exc) -> None:
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)
+        # Forget the logger: one per image would otherwise accumulate in logging's registry.
+        logging.Logger.manager.loggerDict.pop(self.name, None)

@@ -17,5 +17,8 @@ rule download:
         nv_connections=1,
     conda:
         "../../envs/nvmeta.yaml"
-    script:
-        "../../scripts/download.py"
+    run:
+        # In-process (see nvmeta/jobs.py): no interpreter start-up per image.
+        from nvmeta.jobs import download_job
+
+        download_job(wildcards.image_id, output, log, config["neurovault"])

@@ -1,5 +1,5 @@
 # Per image: t -> z with recorded degrees of freedom, resampled and masked onto the template
-# grid (NaN = no data), plus qc.json. One lean process per image.
+# grid (NaN = no data), plus qc.json. One lean job per image.
 
 
 rule zmap:
@@ -19,5 +19,8 @@ rule zmap:
         runtime=10,
     conda:
         "../../envs/nvmeta.yaml"
-    script:
-        "../../scripts/zmap.py"
+    run:
+        # In-process (see nvmeta/jobs.py): no interpreter start-up per image.
+        from nvmeta.jobs import zmap_job
+
+        zmap_job(wildcards.image_id, input, output, log, params.conversion)
