@@ -4,7 +4,8 @@ An image that cannot be had (404, 403, corrupt after re-attempts, ``file_size`` 
 URL, not a NIfTI, offline and not on disk) gets ``nvmeta.status == "failed"`` with a specific reason,
 and :func:`fetch_image` returns normally so the run goes on. Configuration and programming errors
 raise. The map is written first and ``metadata.json`` last, both atomically, so a job killed at any
-point leaves either nothing or a complete pair at the output paths.
+point leaves either nothing or a complete pair at the output paths; the temporaries a killed job left
+next to them are removed by the next attempt (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,47 @@ def _nvmeta_block(**kw: Any) -> dict:
     }
     block.update(kw)
     return block
+
+
+_TEMP_RE = r"\.{name}\.[A-Za-z0-9_]{{8}}\.part.*"
+
+
+def remove_stale_temps(*dests: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and directories a killed job left next to its outputs.
+
+    :func:`nvmeta.io.atomic_path` writes ``dest`` through ``.{name}.XXXXXXXX.part{suffix}`` next to it
+    (and a download of a ``.nii``/Analyze source works in a ``.{name}.XXXXXXXX.part`` directory); a
+    SIGKILL (batch system, out of memory) leaves them behind. Call this at the start of the job that
+    owns ``dest`` (Snakemake runs one job per output at a time), never for files several jobs write.
+
+    Parameters
+    ----------
+    *dests : path-like
+        Output paths.
+
+    Returns
+    -------
+    list of Path
+        What was removed.
+    """
+    removed = []
+    for dest in dests:
+        dest = Path(dest)
+        rx = re.compile(_TEMP_RE.format(name=re.escape(dest.name)))
+        try:
+            entries = list(os.scandir(dest.parent))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if not rx.fullmatch(entry.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _read_json(path: Path) -> Any:
@@ -152,6 +196,8 @@ def fetch_image(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path, map_path = out_dir / "metadata.json", out_dir / "map.nii.gz"
+    for stale in remove_stale_temps(map_path, meta_path):
+        log.info("image %s: removed %s left by an interrupted run", iid, stale.name)
 
     def finish(record: dict, block: dict) -> dict:
         if block["status"] != "ok" and map_path.exists():

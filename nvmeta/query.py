@@ -224,6 +224,22 @@ def _missing_errors() -> tuple[type[BaseException], ...]:
     return (NotFound, Forbidden)
 
 
+def _record_errors() -> tuple[type[BaseException], ...]:
+    """Errors that belong to one image record (kept as a stub whose download records the reason):
+    404/403, a record that is too large or unsafe (e.g. its ``id`` is not the id asked for).
+    Server-wide trouble (5xx after retries, timeouts, HTML instead of JSON) still fails the query,
+    so that a transient outage does not leave stubs in a selection that later runs reuse."""
+    try:
+        from nvmeta.client import TooLarge, UnsafeInput
+    except ImportError:  # pragma: no cover
+        return _missing_errors()
+    return (*_missing_errors(), TooLarge, UnsafeInput)
+
+
+class IncompleteListing(Exception):
+    """A collection's image listing ended short of its ``count`` even when asked again."""
+
+
 def _pinned_collection_ids(analysis_cfg: Mapping[str, Any]) -> list[int] | None:
     """Collection ids fixed by a plain/eq/in term on collection ``id`` or image ``collection_id``."""
     from nvmeta.filters import parse_term
@@ -274,10 +290,38 @@ class _Selection:
         return True
 
 
+def _list_collection_images(client: Any, cid: int, log: logging.Logger) -> list[Any]:
+    """Every record listed under ``collections/{cid}/images/``.
+
+    The listing is ordered by id on the server, so fewer records than its ``count`` (a page that
+    stays empty, an item lost to a duplicate) is a fault, not drift: the collection is listed once
+    more, and if it is still incomplete :class:`IncompleteListing` is raised rather than writing a
+    selection that silently lacks images (a selection is reused by later runs).
+    """
+    path = f"collections/{cid}/images/"
+    for attempt in (1, 2):
+        records = list(client.iter_results(path, log=log))
+        info = getattr(client, "last_listing", None)
+        if not isinstance(info, dict) or info.get("path") != path or info.get("complete", True):
+            return records
+        msg = (
+            f"collection {cid}: image listing incomplete: {info.get('collected')} of {info.get('count')} "
+            f"records" + (f" ({info['stop_reason']})" if info.get("stop_reason") else "")
+        )
+        if attempt == 1:
+            log.warning("%s; listing it again", msg)
+    msg = (
+        f"{msg} after listing it twice; no selection written (a partial one would be reused by "
+        "later runs). Rerun later."
+    )
+    log.error("%s", msg)
+    raise IncompleteListing(msg)
+
+
 def _collection_images(client: Any, cid: int, log: logging.Logger) -> list[dict[str, Any]]:
     """All image records listed under collection ``cid``, validated, sorted by id."""
     good: list[dict[str, Any]] = []
-    for rec in client.iter_results(f"collections/{cid}/images/", log=log):
+    for rec in _list_collection_images(client, cid, log):
         image_id = rec.get("id") if isinstance(rec, Mapping) else None
         if not _is_pos_int(image_id):
             log.warning("collection %s: listed image with invalid id %r skipped", cid, image_id)
@@ -339,14 +383,14 @@ def _run_explicit(
         len(collection_ids),
         sel.max_images,
     )
-    missing = _missing_errors()
+    record_errors = _record_errors()
     for image_id in image_ids:
         if sel.full:
             break
         try:
             rec = client.image(image_id)
         except Exception as exc:
-            if not isinstance(exc, missing):
+            if not isinstance(exc, record_errors):
                 raise
             log.warning(
                 "image %s: %s; kept as a stub so that the download records the failure", image_id, exc
@@ -522,8 +566,10 @@ def write_selection(records: Iterable[Mapping[str, Any]], path: str | os.PathLik
     """
     import pandas as pd
 
+    from nvmeta.download import remove_stale_temps
     from nvmeta.io import write_tsv
 
+    remove_stale_temps(path)  # temporaries of a killed earlier attempt
     df = pd.DataFrame(selection_rows(records), columns=list(SELECTION_COLUMNS), dtype=object)
     write_tsv(path, df)
 

@@ -208,6 +208,9 @@ def make_zmap(
         z_min, z_max, max_abs_z, coverage, source_shape, source_voxel_size, source_affine_orientation,
         resampled (the grid changed), resample_method (identity|lattice|linear).
     """
+    from nvmeta.download import remove_stale_temps
+
+    remove_stale_temps(out_zmap, out_qc)  # temporaries of a killed earlier attempt
     conversion = conversion or {}
     qc: dict[str, Any] = {
         "image_id": None,

@@ -1,0 +1,50 @@
+"""Offline mode: the already-downloaded results read as if they were the API.
+
+With ``neurovault.mode: offline`` nothing may reach the network (nilearn's semantics: only what
+is on disk). The query then runs against the records saved by earlier downloads
+(``results/images/<id>/metadata.json``) and the cached collection records
+(``results/collections/<cid>.json``), through the same client interface and the same filters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nvmeta.snapshot import Snapshot
+
+
+class CacheSnapshot(Snapshot):
+    """A :class:`~nvmeta.snapshot.Snapshot` over a results directory (records only, no files)."""
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._images is not None:
+                return
+            images: dict[int, dict] = {}
+            for path in (self.root / "images").glob("*/metadata.json"):
+                if not path.parent.name.isdigit():
+                    continue
+                record = json.loads(path.read_text())
+                status = record.pop("nvmeta", {}) or {}
+                if status.get("status") == "ok" or "file" in record:
+                    images[int(path.parent.name)] = record
+            collections: dict[int, dict] = {}
+            for path in (self.root / "collections").glob("*.json"):
+                if path.stem.isdigit():
+                    collections[int(path.stem)] = json.loads(path.read_text())
+            self._collections, self._private, self._images = collections, set(), images
+
+
+def offline_client(results_dir: str | os.PathLike, nv_cfg: dict):
+    """Client answering API reads from ``results_dir`` only (``neurovault.mode: offline``)."""
+    from nvmeta.client import SnapshotClient
+
+    root = Path(results_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    client = SnapshotClient(
+        root, mode="offline", max_file_bytes=nv_cfg["max_file_bytes"], max_json_bytes=nv_cfg["max_json_bytes"]
+    )
+    client.snapshot = CacheSnapshot(root)
+    return client

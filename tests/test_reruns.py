@@ -1,0 +1,148 @@
+"""Config-driven reruns: editing the config reruns exactly what the edit touches.
+
+Asserted with Snakemake's own job list (the jobs it reports running, with their wildcards) and
+the fixture server's request log.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from helpers import SNAPSHOT, make_workdir, run_snakemake
+
+from nvmeta.testing.server import FixtureServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.rerun]
+
+A_IDS = [990001, 990002, 990003, 990004]
+B_IDS = [990005, 990006, 990007]
+NEW_ID = 990008
+
+JOB_RE = re.compile(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S)", re.M | re.S)
+
+
+def jobs(stdout: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job Snakemake reports starting."""
+    out = []
+    for rule, body in JOB_RE.findall(stdout + "\nEND"):
+        m = re.search(r"^\s+wildcards: (.*)$", body, re.M)
+        wc = dict(kv.split("=", 1) for kv in m.group(1).split(", ")) if m else {}
+        out.append((rule, wc))
+    return out
+
+
+def ran(stdout: str, rule: str) -> list[dict]:
+    return [wc for r, wc in jobs(stdout) if r == rule]
+
+
+def config(url: str) -> dict:
+    return {
+        "neurovault": {"url": url, "retries": 1, "backoff": 0.0, "timeout": 20},
+        "conversion": {"df": "n-1"},
+        "analyses": {
+            "A": {"image_ids": list(A_IDS), "meta": {"methods": ["stouffer"]}},
+            "B": {"image_ids": list(B_IDS), "meta": {"methods": ["stouffer"]}},
+        },
+    }
+
+
+def media_requests(srv: FixtureServer) -> int:
+    return sum(1 for p in srv.requests if "/media/" in p)
+
+
+def digest(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    with FixtureServer(SNAPSHOT) as srv:
+        cfg = config(srv.url)
+        wf = make_workdir(tmp_path_factory.mktemp("reruns"), cfg)
+        proc = run_snakemake(wf)
+        assert len(ran(proc.stdout, "download")) == len(A_IDS) + len(B_IDS)
+        assert len(ran(proc.stdout, "zmap")) == len(A_IDS) + len(B_IDS)
+        yield srv, wf, cfg
+
+
+def rerun(srv, wf, cfg, *args):
+    (wf / "test.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    before_all, before_media = len(srv.requests), media_requests(srv)
+    proc = run_snakemake(wf, *args)
+    return proc, len(srv.requests) - before_all, media_requests(srv) - before_media
+
+
+def test_a_add_image_reruns_that_image_and_that_analysis(setup):
+    srv, wf, cfg = setup
+    cfg = copy.deepcopy(cfg)
+    cfg["analyses"]["A"]["image_ids"].append(NEW_ID)
+    b_z = digest(wf / "results/analyses/B/meta/stouffer/z.nii.gz")
+    proc, _, media = rerun(srv, wf, cfg)
+    out = proc.stdout
+    assert ran(out, "query") == [{"analysis": "A"}]
+    assert ran(out, "download") == [{"image_id": str(NEW_ID)}]
+    assert ran(out, "zmap") == [{"image_id": str(NEW_ID)}]
+    assert ran(out, "qc") == [{"analysis": "A"}]
+    assert {wc["analysis"] for r, wc in jobs(out) if "analysis" in wc} == {"A"}
+    assert ran(out, "meta") == [{"analysis": "A", "method": "stouffer"}]
+    assert media == 1, "only the new image's map may be downloaded"
+    assert digest(wf / "results/analyses/B/meta/stouffer/z.nii.gz") == b_z
+    setup[2]["analyses"]["A"]["image_ids"].append(NEW_ID)
+
+
+def test_b_meta_parameter_reruns_only_that_fan_in(setup):
+    srv, wf, cfg = setup
+    cfg = copy.deepcopy(cfg)
+    cfg["analyses"]["A"]["meta"]["alpha"] = 0.01
+    proc, requests, _ = rerun(srv, wf, cfg)
+    names = [r for r, _ in jobs(proc.stdout) if r != "all"]
+    assert names == ["meta"], names
+    assert ran(proc.stdout, "meta") == [{"analysis": "A", "method": "stouffer"}]
+    assert requests == 0, "nothing may be downloaded"
+    setup[2]["analyses"]["A"]["meta"]["alpha"] = 0.01
+
+
+def test_c_template_change_reruns_resampling_and_fan_ins_without_downloads(setup):
+    srv, wf, cfg = setup
+    cfg = copy.deepcopy(cfg)
+    # A new template: the MNI mask without its top 10 slices (same grid, different mask).
+    mni = nib.load(wf / "results/template/mask.nii.gz")
+    data = np.asarray(mni.dataobj).copy()
+    data[:, :, -10:] = 0
+    nib.save(nib.Nifti1Image(data, mni.affine), wf / "mask_cut.nii.gz")
+    cfg["template"] = {"mask": "mask_cut.nii.gz"}
+    proc, requests, _ = rerun(srv, wf, cfg)
+    out = proc.stdout
+    n = len(A_IDS) + 1 + len(B_IDS)
+    assert len(ran(out, "template")) == 1
+    assert sorted(int(wc["image_id"]) for wc in ran(out, "zmap")) == sorted([*A_IDS, NEW_ID, *B_IDS])
+    assert len(ran(out, "zmap")) == n
+    assert sorted(wc["analysis"] for wc in ran(out, "qc")) == ["A", "B"]
+    assert sorted(wc["analysis"] for wc in ran(out, "meta")) == ["A", "B"]
+    assert ran(out, "download") == [] and ran(out, "query") == []
+    assert requests == 0
+    z = nib.load(wf / "results/images/990001/zmap.nii.gz").get_fdata()
+    assert np.isnan(z[:, :, -10:]).all() and np.isfinite(z).any()
+    setup[2]["template"] = {"mask": "mask_cut.nii.gz"}
+
+
+def test_d_offline_mode_sends_no_request(setup):
+    srv, wf, cfg = setup
+    cfg = copy.deepcopy(cfg)
+    cfg["neurovault"]["mode"] = "offline"
+    proc, requests, _ = rerun(srv, wf, cfg)
+    assert [r for r, _ in jobs(proc.stdout) if r != "all"] == [], "mode is not a rerun trigger"
+    assert requests == 0
+    # Forcing the query and every download in offline mode reads the disk only.
+    before = {i: digest(wf / f"results/images/{i}/map.nii.gz") for i in A_IDS}
+    proc, requests, _ = rerun(srv, wf, cfg, "--forcerun", "query", "download")
+    assert len(ran(proc.stdout, "download")) == len(A_IDS) + 1 + len(B_IDS)
+    assert requests == 0, srv.requests[-5:]
+    assert {i: digest(wf / f"results/images/{i}/map.nii.gz") for i in A_IDS} == before
