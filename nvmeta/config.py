@@ -14,6 +14,7 @@ from typing import Any
 
 from nvmeta.errors import ConfigError
 
+
 def _dotted(path: Any) -> str:
     parts = [str(p) for p in path]
     return ".".join(parts) if parts else "(top level)"

@@ -7,8 +7,8 @@ Two sources of per-image term weights (``analyses.<name>.ica.terms``):
     per image: the image record's ``name``, ``contrast_definition``, ``cognitive_paradigm_cogatlas``,
     ``cognitive_contrast_cogatlas`` and ``description`` plus its collection's ``name`` and ``description``
     (``metadata.json["nvmeta"]["collection"]``). Words are runs of two or more letters; English stop words and
-    neuroimaging boilerplate (:data:`STOP_WORDS`: "map", "contrast", "tstat", "group", "fmri", "nidm", ...)
-    are dropped before the bigrams are formed.
+    neuroimaging boilerplate (:func:`stop_words`: "map", "contrast", "tstat", "group", "fmri", "nidm", ...)
+    are dropped, and a bigram is two informative words adjacent within one field (sublinear tf).
 ``"neurosynth"``
     Neurosynth's decode words for each image (``data.values`` of ``GET <neurosynth_url>?neurovault=<id>``, as
     nilearn's ``fetch_neurovault(fetch_neurosynth_words=True)``), fetched through the project's polite,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,14 @@ import numpy as np
 __all__ = [
     "MAX_CONSECUTIVE_FAILURES",
     "METADATA_FIELDS",
-    "STOP_WORDS",
+    "BOILERPLATE_WORDS",
     "TermWeights",
     "component_term_loadings",
     "image_term_weights",
     "metadata_term_weights",
     "metadata_text",
     "neurosynth_term_weights",
+    "stop_words",
     "top_terms",
 ]
 
@@ -67,21 +69,49 @@ BOILERPLATE_WORDS = frozenset(
     ttest test tests paired unpaired baseline glm model models design regressor regressors parameter
     parameters estimate estimates whole brain brains signal first second higher lower positive negative
     difference differences masked mask region regions roi voxel voxelwise cluster clusters fwe fdr
-    paradigm cognitive contrast_definition none null na nan unknown other
+    paradigm none null na nan unknown other
     """.split()
 )
 
-_TOKEN_PATTERN = r"(?u)\b[^\W\d_]{2,}\b"
+# Text is cut into segments at punctuation (fields are joined by ". "), so no bigram spans two fields.
+_SEGMENT_SPLIT = re.compile(r"[.;:,!?()\[\]{}|/\\\"'\n\r\t]+")
+_TOKEN = re.compile(r"[^\W_]+")
+_WORD = re.compile(r"[^\W\d_]{2,}")
 
 
-def _stop_words() -> frozenset[str]:
+class _Analyzer:
+    """Unigrams and bigrams of informative words.
+
+    A word is a run of two or more letters that is not a stop word. A bigram is two informative words that
+    are adjacent in the text (same segment, nothing between them), so "motor vs rest" gives "motor" and
+    "rest" but no "motor rest", and "working-memory task" gives "working memory" (a word repeated is no
+    bigram).
+    """
+
+    def __init__(self, stops: frozenset[str]):
+        self.stops = stops
+
+    def __call__(self, doc: str) -> list[str]:
+        out: list[str] = []
+        for segment in _SEGMENT_SPLIT.split(doc.lower()):
+            prev = None
+            for token in _TOKEN.findall(segment):
+                if _WORD.fullmatch(token) and token not in self.stops:
+                    out.append(token)
+                    if prev is not None and prev != token:
+                        out.append(f"{prev} {token}")
+                    prev = token
+                else:
+                    prev = None
+        return out
+
+
+def stop_words() -> frozenset[str]:
+    """English stop words (scikit-learn's ``ENGLISH_STOP_WORDS``) plus :data:`BOILERPLATE_WORDS`."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     return frozenset(ENGLISH_STOP_WORDS) | BOILERPLATE_WORDS
 
-
-#: English stop words (scikit-learn) plus :data:`BOILERPLATE_WORDS` (computed lazily on first use).
-STOP_WORDS: frozenset[str] = BOILERPLATE_WORDS
 
 #: Failed Neurosynth requests in a row after which Neurosynth is taken as down.
 MAX_CONSECUTIVE_FAILURES = 3
@@ -165,14 +195,7 @@ def metadata_term_weights(documents: Sequence[str]):
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vectorizer = TfidfVectorizer(
-        lowercase=True,
-        token_pattern=_TOKEN_PATTERN,
-        stop_words=sorted(_stop_words()),
-        ngram_range=(1, 2),
-        sublinear_tf=True,
-        dtype=np.float64,
-    )
+    vectorizer = TfidfVectorizer(analyzer=_Analyzer(stop_words()), sublinear_tf=True, dtype=np.float64)
     try:
         matrix = vectorizer.fit_transform(list(documents))
     except ValueError:  # empty vocabulary: nothing but stop words / no text at all
@@ -247,7 +270,14 @@ def neurosynth_term_weights(
 
     from nvmeta.io import read_json, write_json
 
-    info: dict[str, Any] = {"n_cached": 0, "n_fetched": 0, "n_no_words": 0, "n_failed": 0, "down": False, "errors": []}
+    info: dict[str, Any] = {
+        "n_cached": 0,
+        "n_fetched": 0,
+        "n_no_words": 0,
+        "n_failed": 0,
+        "down": False,
+        "errors": [],
+    }
     rows: list[dict[str, float]] = []
     consecutive = 0
     for image_id in image_ids:
@@ -283,7 +313,8 @@ def neurosynth_term_weights(
                         info["down"] = True
                         if log is not None:
                             log.warning(
-                                "neurosynth: %d failed requests in a row; taking Neurosynth as down", consecutive
+                                "neurosynth: %d failed requests in a row; taking Neurosynth as down",
+                                consecutive,
                             )
         if not words:
             info["n_no_words"] += 1
