@@ -1,0 +1,354 @@
+"""SLURM, for real: a small demo run through snakemake-executor-plugin-slurm on a single-node
+cluster started by the test (Debian's slurm-wlm + munge, installed when missing; see
+tests/slurm_cluster.py), checked job by job against SLURM's own records, and output by output
+against a local run of the same config.
+
+Needs root (to install the packages and start the daemons); skipped, with the reason, only where
+the packages cannot be installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, SNAKEMAKE, SNAPSHOT, make_workdir
+from slurm_cluster import DAEMONS, DEFAULT_CONF, SlurmCluster, ensure_installed
+
+DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+# The demo, reduced so that the cluster run takes a minute or two: the `edge` analysis (failed
+# downloads, an Analyze pair, a 5-D file, duplicates) and four of the pain maps with two methods
+# (so that meta_sensitivity runs too).
+CONFIG = {
+    **{key: value for key, value in DEMO.items() if key != "analyses"},
+    "analyses": {
+        "edge": DEMO["analyses"]["edge"],
+        "pain": {
+            "image_ids": [990001, 990002, 990003, 990004],
+            "meta": {"methods": ["stouffer", "fisher"]},
+        },
+    },
+}
+# Rules the workflow runs on the submit host (downloads and the query), never through sbatch.
+LOCAL_RULES = {"download", "query"}
+# The rules that do the work; each of their jobs must go through sbatch.
+CLUSTER_RULES = {"zmap", "qc", "meta", "meta_sensitivity", "input_figures"}
+# Their jobs for CONFIG: 10 images, 2 analyses, 3 (analysis, method) pairs, 1 analysis with 2 methods.
+EXPECTED_CLUSTER_JOBS = collections.Counter(
+    {"zmap": 10, "qc": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2}
+)
+# profiles/slurm-test differs from profiles/slurm only in these keys.
+TEST_ONLY_KEYS = {
+    "jobs",
+    "latency-wait",
+    "slurm-init-seconds-before-status-checks",
+    "slurm-status-command",
+    "slurm-keep-successful-logs",
+    "default-resources",
+}
+RUN_TIMEOUT = 600
+# Extra snakemake arguments for both runs (debugging aid, e.g. ["--omit-from", "input_figures"]).
+EXTRA_ARGS: list[str] = []
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _without_timings(obj):
+    """A JSON value without run-time measurements (keys naming seconds, times, dates)."""
+    if isinstance(obj, dict):
+        return {
+            k: _without_timings(v)
+            for k, v in obj.items()
+            if not any(word in k.lower() for word in ("seconds", "elapsed", "time", "_at", "date"))
+        }
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def compared_files(wf: Path) -> dict[str, str]:
+    """md5 of every deterministic result file: tables, downloaded and z-maps, per-image QC,
+    meta-analysis maps and figures.
+
+    JSON files are compared without their timing keys (a job's run time differs between runs);
+    left out: logs and metadata.json (the server's record plus the download time)."""
+    results = wf / "results"
+    out = {}
+    for path in sorted(results.rglob("*")):
+        rel = path.relative_to(results).as_posix()
+        if not path.is_file() or rel.startswith("logs/") or path.name == "metadata.json":
+            continue
+        if path.suffix == ".json":
+            obj = _without_timings(json.loads(path.read_text()))
+            out[rel] = hashlib.md5(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        elif path.suffix in (".tsv", ".png") or path.name.endswith(".nii.gz"):
+            out[rel] = md5(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The reduced demo run locally: the reference the cluster run must reproduce.
+
+    Started in the background, so that it overlaps the cluster run (which mostly waits for job
+    states); :func:`finish_local_run` waits for it."""
+    wf = make_workdir(tmp_path_factory.mktemp("local"), CONFIG, snapshot=SNAPSHOT)
+    cmd = [*SNAKEMAKE, "--cores", "2", "--configfile", "test.yaml", *EXTRA_ARGS]
+    log = open(wf / "local_run.log", "w")  # noqa: SIM115 (closed when the run is waited for)
+    proc = subprocess.Popen(
+        cmd, cwd=wf, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONWARNINGS="ignore")
+    )
+    try:
+        yield wf, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def finish_local_run(local_run) -> Path:
+    wf, proc, log = local_run
+    code = proc.wait(timeout=RUN_TIMEOUT)
+    log.flush()
+    text = (wf / "local_run.log").read_text(errors="replace")
+    assert code == 0, f"the local reference run failed ({code}):\n{text[-6000:]}"
+    return wf
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running single-node SLURM cluster; after the module, checks that nothing of it is left."""
+    if os.geteuid() != 0:
+        pytest.skip(
+            "the SLURM test needs root: it installs slurm-wlm/munge and starts slurmctld, slurmd, munged"
+        )
+    reason = ensure_installed()
+    if reason is not None:
+        pytest.skip(f"SLURM cannot be installed on this machine: {reason}")
+    stepds_before = {pid for pid, comm in _processes() if comm == "slurmstepd"}
+    c = SlurmCluster(cpus=8, keep=False)
+    c.start()
+    started = {name: proc.pid for name, proc in c.procs.items()}
+    base = c.base
+    try:
+        yield c
+    finally:
+        c.stop()
+    for name, pid in started.items():
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"{name} (pid {pid}) still running"
+    leftovers = [
+        f"{pid} {comm}"
+        for pid, comm in _processes()
+        if not _zombie(pid)
+        and (
+            (comm in DAEMONS and str(base) in _cmdline(pid))
+            or (comm == "slurmstepd" and pid not in stepds_before)
+        )
+    ]
+    assert not leftovers, f"processes left by the test cluster: {leftovers}"
+    assert not DEFAULT_CONF.is_symlink(), f"{DEFAULT_CONF} link left behind"
+    assert not base.exists()
+
+
+def _processes():
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                yield int(entry.name), (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def run_on_cluster(wf: Path, cluster: SlurmCluster) -> tuple[int, str, float]:
+    """Run the workflow with the SLURM test profile; kill its process group if it hangs."""
+    cmd = [*SNAKEMAKE, "--workflow-profile", "profiles/slurm-test", "--configfile", "test.yaml", *EXTRA_ARGS]
+    env = cluster.env(dict(os.environ, PYTHONWARNINGS="ignore"))
+    log = wf / "slurm_run.log"
+    start = time.monotonic()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            cmd, cwd=wf, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # the plugin does not always stop on SIGTERM while it waits for job states
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    elapsed = time.monotonic() - start
+    text = log.read_text(errors="replace")
+    if code is None:
+        raise AssertionError(
+            f"snakemake on SLURM did not finish within {RUN_TIMEOUT}s:\n{text[-6000:]}\n"
+            f"squeue: {cluster.jobs()}\n{cluster.logs()}"
+        )
+    return code, text, elapsed
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory, local_run, cluster):
+    wf = make_workdir(tmp_path_factory.mktemp("slurm"), CONFIG, snapshot=SNAPSHOT)
+    code, text, elapsed = run_on_cluster(wf, cluster)
+    print(f"snakemake on SLURM: {elapsed:.1f} s")
+    assert code == 0, f"snakemake on SLURM failed ({code}):\n{text[-8000:]}\n{cluster.logs()}"
+    # SLURM's records, read while the cluster runs (finished jobs stay listed for MinJobAge).
+    return {
+        "wf": wf,
+        "log": text,
+        "squeue": cluster.jobs(),
+        "jobcomp": cluster.completed_jobs(),
+        "submitted": cluster.submissions(),
+        "elapsed": elapsed,
+    }
+
+
+def main_log(log: str) -> str:
+    """Snakemake's own output without the job logs it prints after a failure (show-failed-logs):
+    those hold the job's inner Snakemake output, with job headers of their own."""
+    out = []
+    lines = iter(log.splitlines())
+    for line in lines:
+        if line.startswith("Logfile ") and line.endswith(":"):
+            fence = next(lines, "")
+            if fence and set(fence) == {"="}:
+                for inner in lines:
+                    if inner == fence:
+                        break
+                continue
+            out.append(line)
+            line = fence
+        out.append(line)
+    return "\n".join(out)
+
+
+def snakemake_jobs(log: str) -> tuple[collections.Counter, collections.Counter]:
+    """Jobs Snakemake started, per rule: (non-local, local), from its job headers."""
+    log = main_log(log)
+    remote = collections.Counter(re.findall(r"^(?:rule|checkpoint) (\S+):$", log, flags=re.M))
+    local = collections.Counter(re.findall(r"^local(?:rule|checkpoint) (\S+):$", log, flags=re.M))
+    return remote, local
+
+
+def plugin_submissions(log: str) -> dict[str, str]:
+    """SLURM job id -> plugin log path, from the plugin's "submitted" lines."""
+    found = re.findall(
+        r"^Job \d+ has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$", log, flags=re.M
+    )
+    return dict(found)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_slurm_test_profile_is_the_users_profile():
+    """profiles/slurm-test is profiles/slurm plus test settings only, so the test runs the users' profile."""
+    users = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    test = yaml.safe_load((REPO / "profiles/slurm-test/config.yaml").read_text())
+    assert users["executor"] == "slurm"
+    for key in ("retries", "jobs", "default-resources", "set-resources"):
+        assert key in users, key
+    defaults = dict(item.split("=", 1) for item in users["default-resources"])
+    assert {"mem_mb", "runtime"} <= set(defaults)
+    assert {"zmap", "qc", "meta", "meta_sensitivity", "input_figures"} <= set(users["set-resources"])
+    for key in set(users) | set(test):
+        if key not in TEST_ONLY_KEYS:
+            assert users.get(key) == test.get(key), key
+    test_defaults = dict(item.split("=", 1) for item in test["default-resources"])
+    assert test_defaults.pop("slurm_partition") == "debug"
+    assert test_defaults == defaults
+    # every line of the users' profile is commented: each setting has a comment line right above it
+    lines = (REPO / "profiles/slurm/config.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert i > 0 and lines[i - 1].lstrip().startswith("#"), f"uncommented line {i + 1}: {line}"
+
+
+@pytest.mark.slurm
+def test_every_job_went_through_sbatch(slurm_run):
+    log = slurm_run["log"]
+    remote, local = snakemake_jobs(log)
+    # the workflow's local rules ran here, everything else on the cluster
+    assert local["download"] == 10 and local["query"] == 2, local
+    assert not set(local) & CLUSTER_RULES, local
+    assert not set(remote) & LOCAL_RULES, remote
+    assert remote == EXPECTED_CLUSTER_JOBS, remote
+    n_remote = sum(remote.values())
+
+    run_id = re.search(r"^SLURM run ID: (\S+)$", log, flags=re.M).group(1)
+    submitted = plugin_submissions(log)
+    assert len(submitted) == n_remote
+
+    # squeue (the controller's record): one job per non-local Snakemake job, named with the run id,
+    # its comment naming the rule, all COMPLETED, in the test partition
+    ours = [job for job in slurm_run["squeue"] if job["name"] == run_id]
+    assert {job["jobid"] for job in ours} == set(submitted)
+    assert all(job["state"] == "COMPLETED" and job["partition"] == "debug" for job in ours), ours
+    rules = {job["jobid"]: re.match(r"rule_(.+?)(_wildcards_.*)?$", job["comment"]).group(1) for job in ours}
+    assert collections.Counter(rules.values()) == remote
+    # the profile's per-rule set-resources reached sbatch (--mem, --time) at attempt 1
+    memory = {"zmap": "1500M", "meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M"}
+    qc_memory = {"edge": "1012M", "pain": "1008M"}  # 1000 + 2 per map
+    for job in ours:
+        rule = rules[job["jobid"]]
+        expected = qc_memory[job["comment"].rsplit("_", 1)[1]] if rule == "qc" else memory[rule]
+        assert job["memory"] == expected, job
+        assert job["time_limit"] == "10:00", job
+
+    # slurmctld's log: each of these jobs arrived as an sbatch submission (_slurm_rpc_submit_batch_job)
+    assert set(submitted) <= set(slurm_run["submitted"])
+    # the job-completion log (independent of squeue): each finished with exit code 0 on the node
+    done = {row["JobId"]: row for row in slurm_run["jobcomp"] if row.get("Name") == run_id}
+    assert set(done) == set(submitted)
+    assert all(row["JobState"] == "COMPLETED" and row["ExitCode"] == "0:0" for row in done.values())
+    assert all(row["NodeList"] == "localhost" for row in done.values())
+
+    # each job's own log (kept by the test profile): Snakemake ran that one job inside the allocation
+    for path in submitted.values():
+        text = Path(path).read_text(errors="replace")
+        assert "--executor slurm-jobstep" in text, path
+        assert "1 of 1 steps (100%) done" in text, path
+
+
+@pytest.mark.slurm
+def test_cluster_outputs_equal_local_outputs(slurm_run, local_run):
+    wf = slurm_run["wf"]
+    local_run = finish_local_run(local_run)
+    local = compared_files(local_run)
+    on_cluster = compared_files(wf)
+    assert set(on_cluster) == set(local)
+    # what is compared: tables, every z-map and qc.json, every meta-analysis map
+    for analysis in ("edge", "pain"):
+        for name in ("selection.tsv", "qc.tsv", "funnel.tsv"):
+            assert f"analyses/{analysis}/{name}" in local
+    assert "analyses/pain/meta/stouffer/z.nii.gz" in local and "analyses/pain/meta/sensitivity.tsv" in local
+    assert sum(key.endswith("/zmap.nii.gz") for key in local) == 10
+    differ = sorted(key for key in local if local[key] != on_cluster[key])
+    assert not differ, f"cluster outputs differ from the local run's: {differ}"
+    assert sum(key.endswith(".png") for key in local) == 5  # 2 input mosaics, 3 z mosaics
