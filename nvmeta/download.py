@@ -199,11 +199,20 @@ def fetch_image(
     for stale in remove_stale_temps(map_path, meta_path):
         log.info("image %s: removed %s left by an interrupted run", iid, stale.name)
 
+    # A copy of the last good metadata.json: Snakemake deletes a job's declared outputs before a
+    # forced rerun (--forcerun download), and the record must then come from disk, not the server,
+    # in offline and download_new modes.
+    cache_path = out_dir / "metadata.cache.json"
+
     def finish(record: dict, block: dict) -> dict:
-        if block["status"] != "ok" and map_path.exists():
-            map_path.unlink()  # map.nii.gz exists iff status ok
+        if block["status"] != "ok":
+            for path in (map_path, cache_path):  # map.nii.gz (and its record copy) exist iff status ok
+                if path.exists():
+                    path.unlink()
         record = dict(record)
         record["nvmeta"] = block
+        if block["status"] == "ok":
+            write_json(cache_path, record)
         write_json(meta_path, record)  # last, atomically
         level = logging.INFO if block["status"] == "ok" else logging.WARNING
         log.log(
@@ -211,14 +220,21 @@ def fetch_image(
         )
         return {"image_id": iid, **block}
 
+    def usable(obj: object) -> bool:
+        return isinstance(obj, dict) and isinstance(obj.get("nvmeta"), dict) and obj.get("id") == iid
+
     existing = _read_json(meta_path) if mode != "overwrite" else None
-    if not (
-        isinstance(existing, dict) and isinstance(existing.get("nvmeta"), dict) and existing.get("id") == iid
-    ):
-        existing = None
+    from_cache = False
+    if not usable(existing):
+        existing = _read_json(cache_path) if mode != "overwrite" else None
+        from_cache = usable(existing)
+        if not from_cache:
+            existing = None
     if existing is not None:
         block = existing["nvmeta"]
         if block.get("status") == "ok" and map_is_valid(map_path, block.get("map_md5")):
+            if from_cache:
+                write_json(meta_path, existing)  # restored as it was: byte-identical output
             log.info("image %s: already on disk, reused", iid)
             return {"image_id": iid, **block}
         if mode == "offline" and block.get("status") == "failed":

@@ -57,7 +57,7 @@ def test_fetch_ok_layout(fixture_server, client, res):
     r = fetch(client, 101, res)
     d = res / "images" / "101"
     assert r["status"] == "ok" and r["image_id"] == 101 and r["reason"] is None
-    assert files_in(d) == ["map.nii.gz", "metadata.json"]
+    assert files_in(d) == ["map.nii.gz", "metadata.cache.json", "metadata.json"]
     served = fixture_server.tiny.served[101]
     assert (d / "map.nii.gz").read_bytes() == served
     m = meta(res, 101)
@@ -114,10 +114,25 @@ def test_download_new_reuses_map_without_metadata(fixture_server, client, res):
     """A job killed after the map was renamed but before metadata.json: the map is not downloaded again."""
     fetch(client, 101, res)
     (res / "images/101/metadata.json").unlink()
+    (res / "images/101/metadata.cache.json").unlink()
     fixture_server.reset_log()
     r = fetch(client, 101, res)
     assert r["status"] == "ok" and r["md5"] == md5(fixture_server.tiny.served[101])
     assert fixture_server.requests == ["/api/images/101/"]  # record only; collection cached, no media
+
+
+@pytest.mark.parametrize("mode", ["download_new", "offline"])
+def test_forced_rerun_restores_metadata_from_disk(fixture_server, client, res, mode):
+    """Snakemake deletes metadata.json before a forced rerun: it is restored from the disk copy,
+    byte-identical, without any request (also in offline mode)."""
+    fetch(client, 101, res)
+    before = (res / "images/101/metadata.json").read_bytes()
+    (res / "images/101/metadata.json").unlink()
+    fixture_server.reset_log()
+    r = fetch(client, 101, res, mode=mode)
+    assert r["status"] == "ok"
+    assert fixture_server.requests == []
+    assert (res / "images/101/metadata.json").read_bytes() == before
 
 
 def test_download_new_replaces_corrupt_map(fixture_server, client, res):
@@ -352,10 +367,10 @@ def test_fault_matrix(tiny_snapshot, res, matrix_rows, name, rx, kind, times, op
         assert r["status"] == "ok", r["reason"]
         assert (d / "map.nii.gz").read_bytes() == tiny_snapshot.served[101]
         assert r["md5"] == md5(tiny_snapshot.served[101])
-        assert files_in(d) == ["map.nii.gz", "metadata.json"]
+        assert files_in(d) == ["map.nii.gz", "metadata.cache.json", "metadata.json"]
     else:
         assert r["status"] == "failed" and reason in r["reason"], r["reason"]
         assert files_in(d) == ["metadata.json"]
     assert other["status"] == "ok" and other["md5"] == md5(tiny_snapshot.served[102])
-    assert files_in(res / "images" / "102") == ["map.nii.gz", "metadata.json"]
+    assert files_in(res / "images" / "102") == ["map.nii.gz", "metadata.cache.json", "metadata.json"]
     matrix_rows.append((name, "recovered" if r["status"] == "ok" else "excluded", r["reason"]))

@@ -25,7 +25,7 @@ A_IDS = [990001, 990002, 990003, 990004]
 B_IDS = [990005, 990006, 990007]
 NEW_ID = 990008
 
-JOB_RE = re.compile(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S)", re.M | re.S)
+JOB_RE = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(.*?)(?=^\S)", re.M | re.S)
 
 
 def jobs(stdout: str) -> list[tuple[str, dict]]:
