@@ -9,7 +9,6 @@ min_version("9.0")
 sys.path.insert(0, workflow.basedir)
 from nvmeta.config import check_config  # noqa: E402
 
-
 # A --configfile given on the command line replaces the default config instead of being
 # merged into it (otherwise the demo would inherit the default analyses).
 if not workflow.overwrite_configfiles:
@@ -34,6 +33,6 @@ include: "workflow/rules/ica.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs,
-    default_target: True

@@ -36,7 +36,9 @@ wildcard_constraints:
 # Bound on concurrent connections to NeuroVault across parallel jobs: every rule that talks to
 # the server takes one unit of this resource. --resources nv_connections=N on the CLI wins.
 if "nv_connections" not in workflow.global_resources:
-    workflow.register_resource("nv_connections", config["neurovault"]["max_connections"])
+    workflow.register_resource(
+        "nv_connections", config["neurovault"]["max_connections"]
+    )
 
 
 def analyses_with(block):
@@ -117,7 +119,9 @@ def conversion_params(wildcards):
 def meta_params(wildcards):
     """The meta block keys a method depends on (adding a method does not rerun the others)."""
     meta = config["analyses"][wildcards.analysis]["meta"]
-    keys = META_COMMON_KEYS + (META_PERM_KEYS if wildcards.method == "permutation" else [])
+    keys = META_COMMON_KEYS + (
+        META_PERM_KEYS if wildcards.method == "permutation" else []
+    )
     return {k: meta[k] for k in keys}
 
 

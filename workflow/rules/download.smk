@@ -13,10 +13,10 @@ rule download:
         f"{IMAGES}/metadata.json",
     log:
         f"{LOGS}/download/{{image_id}}.log",
-    resources:
-        nv_connections=1,
     conda:
         "../../envs/nvmeta.yaml"
+    resources:
+        nv_connections=1,
     run:
         # In-process (see nvmeta/jobs.py): no interpreter start-up per image.
         from nvmeta.jobs import download_job

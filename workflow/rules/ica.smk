@@ -9,7 +9,9 @@ for _analysis in analyses_with("ica"):
         input:
             qc=f"{RESULTS}/analyses/{_analysis}/qc.tsv",
             zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz", _analysis),
-            metadata=per_image(f"{RESULTS}/images/{{image_id}}/metadata.json", _analysis),
+            metadata=per_image(
+                f"{RESULTS}/images/{{image_id}}/metadata.json", _analysis
+            ),
             mask=TEMPLATE_MASK,
         output:
             [
@@ -38,17 +40,17 @@ for _analysis in analyses_with("ica"):
                 if config["analyses"][_analysis]["ica"]["n_runs"] > 1
                 else []
             ),
-        params:
-            ica=config["analyses"][_analysis]["ica"],
-                analysis=_analysis,
         log:
             f"{LOGS}/ica/{_analysis}.log",
+        conda:
+            "../../envs/nvmeta.yaml"
         threads: 2
         resources:
             # the maps x voxels float32 matrix is memory-mapped; FastICA works on a reduced copy.
             mem_mb=lambda wildcards, input: 2000 + len(input.zmaps),
             runtime=lambda wildcards, input: 10 + len(input.zmaps) // 50,
-        conda:
-            "../../envs/nvmeta.yaml"
+        params:
+            ica=config["analyses"][_analysis]["ica"],
+            analysis=_analysis,
         script:
             "../../scripts/ica.py"

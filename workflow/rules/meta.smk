@@ -19,19 +19,27 @@ rule meta:
             caption="../report/clusters.rst",
             category="{analysis}",
             subcategory="Meta-analysis",
-            labels={"analysis": "{analysis}", "method": "{method}", "figure": "clusters"},
+            labels={
+                "analysis": "{analysis}",
+                "method": "{method}",
+                "figure": "clusters",
+            },
         ),
         png=report(
             f"{ANALYSIS}/meta/{{method}}/z.png",
             caption="../report/meta_z.rst",
             category="{analysis}",
             subcategory="Meta-analysis",
-            labels={"analysis": "{analysis}", "method": "{method}", "figure": "z mosaic"},
+            labels={
+                "analysis": "{analysis}",
+                "method": "{method}",
+                "figure": "z mosaic",
+            },
         ),
-    params:
-        meta=meta_params,
     log:
         f"{LOGS}/meta/{{analysis}}_{{method}}.log",
+    conda:
+        "../../envs/nvmeta.yaml"
     threads: lambda wildcards: 2 if wildcards.method == "permutation" else 1
     resources:
         # Streaming methods hold a few voxel-sized arrays; permutation holds maps x voxels float32.
@@ -39,8 +47,8 @@ rule meta:
         + (len(input.zmaps) * 1 if wildcards.method == "permutation" else 0),
         runtime=lambda wildcards, input: 10
         + len(input.zmaps) // (20 if wildcards.method == "permutation" else 200),
-    conda:
-        "../../envs/nvmeta.yaml"
+    params:
+        meta=meta_params,
     script:
         "../../scripts/meta.py"
 
@@ -61,7 +69,6 @@ rule meta_sensitivity:
             subcategory="Meta-analysis",
             labels={"analysis": "{analysis}", "table": "sensitivity"},
         ),
-    params:
     log:
         f"{LOGS}/meta/{{analysis}}_sensitivity.log",
     conda:
@@ -84,9 +91,9 @@ rule input_figures:
         ),
     log:
         f"{LOGS}/figures/{{analysis}}_inputs.log",
-    resources:
-        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 20,
     conda:
         "../../envs/nvmeta.yaml"
+    resources:
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 20,
     script:
         "../../scripts/input_figures.py"

@@ -23,14 +23,14 @@ rule qc:
             subcategory="Selection and QC",
             labels={"analysis": "{analysis}", "table": "funnel"},
         ),
-    params:
-        qc=config["qc"],
     log:
         f"{LOGS}/qc/{{analysis}}.log",
+    conda:
+        "../../envs/nvmeta.yaml"
     resources:
         mem_mb=lambda wildcards, input: 1000 + 2 * len(input.zmaps),
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
-    conda:
-        "../../envs/nvmeta.yaml"
+    params:
+        qc=config["qc"],
     script:
         "../../scripts/qc.py"

@@ -15,15 +15,15 @@ checkpoint query:
             subcategory="Selection",
             labels={"analysis": "{analysis}", "table": "selection"},
         ),
+    log:
+        f"{LOGS}/query/{{analysis}}.log",
+    conda:
+        "../../envs/nvmeta.yaml"
+    resources:
+        nv_connections=1,
     params:
         spec=lambda wildcards: analysis_query_spec(
             config["analyses"][wildcards.analysis], config["neurovault"]["url"]
         ),
-    log:
-        f"{LOGS}/query/{{analysis}}.log",
-    resources:
-        nv_connections=1,
-    conda:
-        "../../envs/nvmeta.yaml"
     script:
         "../../scripts/query.py"

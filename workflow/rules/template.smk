@@ -12,11 +12,11 @@ rule template:
         mask_input,
     output:
         TEMPLATE_MASK,
-    params:
-        spec=config["template"]["mask"],
     log:
         f"{LOGS}/template.log",
     conda:
         "../../envs/nvmeta.yaml"
+    params:
+        spec=config["template"]["mask"],
     script:
         "../../scripts/template.py"

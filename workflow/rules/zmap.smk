@@ -9,16 +9,16 @@ rule zmap:
     output:
         zmap=f"{IMAGES}/zmap.nii.gz",
         qc=f"{IMAGES}/qc.json",
-    params:
-        conversion=conversion_params,
     log:
         f"{LOGS}/zmap/{{image_id}}.log",
+    conda:
+        "../../envs/nvmeta.yaml"
     threads: 1
     resources:
         mem_mb=1500,
         runtime=10,
-    conda:
-        "../../envs/nvmeta.yaml"
+    params:
+        conversion=conversion_params,
     run:
         # In-process (see nvmeta/jobs.py): no interpreter start-up per image.
         from nvmeta.jobs import zmap_job
