@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from nvmeta.qc import QC_COLUMNS, _pairwise_r, build_qc, find_duplicates, write_qc
+from nvmeta.query import SELECTION_COLUMNS
 from nvmeta.zmap import make_zmap
 
 T_SHAPE = (20, 20, 20)
@@ -19,25 +20,7 @@ _m = np.zeros(T_SHAPE, dtype=np.uint8)
 _m[2:-2, 2:-2, 2:-2] = 1
 MASK = nib.Nifti1Image(_m, T_AFF)
 
-SEL_COLS = [
-    "image_id",
-    "collection_id",
-    "name",
-    "map_type",
-    "image_type",
-    "analysis_level",
-    "number_of_subjects",
-    "statistic_parameters",
-    "modality",
-    "contrast_definition",
-    "cognitive_paradigm_cogatlas",
-    "cognitive_contrast_cogatlas",
-    "description",
-    "file",
-    "file_size",
-    "modify_date",
-    "collection_name",
-]
+SEL_COLS = list(SELECTION_COLUMNS)
 
 
 def smooth_field(seed: int) -> np.ndarray:

@@ -1,0 +1,136 @@
+"""End-to-end: snakemake on a temp copy of the workflow, against the bundled snapshot directory
+and against the fixture HTTP server serving the same snapshot."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import REPO, SNAPSHOT, make_workdir, run_snakemake
+
+pytestmark = pytest.mark.e2e
+
+DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+PAIN_IDS = list(range(990001, 990023))
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def served_file(image_id: int) -> Path:
+    rec = json.loads((SNAPSHOT / "api" / "images" / f"{image_id}.json").read_text())
+    return SNAPSHOT / "media" / rec["file"].split("/media/", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo config, run once against the snapshot directory."""
+    wf = make_workdir(tmp_path_factory.mktemp("demo"), DEMO, snapshot=SNAPSHOT)
+    proc = run_snakemake(wf)
+    return wf, proc
+
+
+def qc_table(wf: Path, analysis: str) -> pd.DataFrame:
+    return pd.read_csv(wf / f"results/analyses/{analysis}/qc.tsv", sep="\t")
+
+
+def test_demo_selection(demo_run):
+    wf, _ = demo_run
+    sel = pd.read_csv(wf / "results/analyses/pain/selection.tsv", sep="\t")
+    assert sel["image_id"].tolist() == PAIN_IDS
+    for col in (
+        "image_id collection_id name map_type image_type analysis_level number_of_subjects "
+        "statistic_parameters modality contrast_definition cognitive_paradigm_cogatlas file modify_date"
+    ).split():
+        assert col in sel.columns, col
+    assert (sel["collection_id"] == 1425).all()
+    assert sel["number_of_subjects"].iloc[:21].tolist() == [
+        25, 25, 20, 20, 9, 9, 9, 12, 12, 12, 12, 13, 32, 24, 14, 14, 12, 12, 16, 16, 16
+    ]
+    edge = pd.read_csv(wf / "results/analyses/edge/selection.tsv", sep="\t")
+    assert edge["image_id"].tolist() == [396069, 990031, 990032, 990033, 990034, 10426]
+
+
+def test_demo_downloads_are_the_served_bytes(demo_run):
+    wf, _ = demo_run
+    for image_id in PAIN_IDS[:21] + [396069, 990031, 990032, 990034, 10426]:
+        d = wf / "results/images" / str(image_id)
+        meta = json.loads((d / "metadata.json").read_text())
+        assert meta["nvmeta"]["status"] == "ok", (image_id, meta["nvmeta"])
+        assert md5(d / "map.nii.gz") == md5(served_file(image_id)), image_id
+        assert meta["nvmeta"]["md5"] == md5(served_file(image_id))
+    # The Analyze pair is stored as .nii.gz with the same data.
+    d = wf / "results/images/990033"
+    img = nib.load(d / "map.nii.gz")
+    ref = nib.load(SNAPSHOT / "media/images/1617/box_0b_vs_1b.hdr")
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.asanyarray(ref.dataobj))
+    np.testing.assert_allclose(img.affine, ref.affine)
+
+
+def test_demo_truncated_gzip_is_a_status_not_a_crash(demo_run):
+    wf, _ = demo_run
+    d = wf / "results/images/990022"
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["nvmeta"]["status"] == "failed"
+    assert "gzip" in meta["nvmeta"]["reason"].lower() or "corrupt" in meta["nvmeta"]["reason"].lower()
+    assert not (d / "map.nii.gz").exists()
+    assert not list(d.glob("*.part*")), "partial file left behind"
+    qc = qc_table(wf, "pain").set_index("image_id")
+    assert qc.loc[990022, "status"] == "excluded"
+    assert qc.loc[990022, "reason"].startswith("download failed")
+
+
+def test_demo_edge_cases_carried_as_statuses(demo_run):
+    wf, _ = demo_run
+    qc = qc_table(wf, "edge").set_index("image_id")
+    assert qc.loc[990032, "status"] == "excluded" and qc.loc[990032, "reason"].startswith("too many volumes: 2")
+    assert qc.loc[990034, "status"] == "excluded" and "map type" in qc.loc[990034, "reason"]
+    assert qc.loc[10426, "status"] == "excluded" and qc.loc[10426, "reason"] == "missing sample size"
+    assert qc.loc[990033, "df"] == 14 and qc.loc[990033, "df_source"] == "statistic_parameters"
+    assert qc.loc[396069, "df_source"] == "z map"
+
+
+def test_demo_pain_all_included_with_df(demo_run):
+    wf, _ = demo_run
+    qc = qc_table(wf, "pain").set_index("image_id")
+    inc = qc[qc["status"] == "included"]
+    assert sorted(inc.index) == PAIN_IDS[:21]
+    assert (inc["df"] == inc["number_of_subjects"] - 1).all()
+    assert (inc["df_source"] == "n-1").all()
+    funnel = pd.read_csv(wf / "results/analyses/pain/funnel.tsv", sep="\t")
+    assert funnel["count"].tolist()[0] == 22 and funnel["count"].tolist()[-1] == 21
+
+
+def test_demo_fan_in_outputs_exist(demo_run):
+    wf, _ = demo_run
+    a = wf / "results/analyses/pain"
+    for method in DEMO["analyses"]["pain"]["meta"]["methods"]:
+        for name in ("z.nii.gz", "p.nii.gz", "k.nii.gz", "z_fdr.nii.gz", "clusters.tsv", "z.png"):
+            assert (a / "meta" / method / name).stat().st_size > 0, (method, name)
+    assert (a / "meta/sensitivity.tsv").exists()
+    assert (a / "figures/inputs_glass_brain.png").stat().st_size > 10_000
+    for name in ("components.nii.gz", "mixing.tsv", "terms.tsv", "stability.tsv"):
+        assert (a / "ica" / name).exists(), name
+    assert len(list((a / "ica").glob("component_*.png"))) == DEMO["analyses"]["pain"]["ica"]["n_components"]
+    tz = wf / "results/analyses/tz/ica"
+    assert len(list(tz.glob("component_*.png"))) == DEMO["analyses"]["tz"]["ica"]["n_components"]
+
+
+def test_dry_run_of_default_config_needs_no_network(tmp_path, monkeypatch):
+    """`snakemake -n` on config/config.yaml builds its DAG offline: the query is a checkpoint."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    wf = make_workdir(tmp_path, cfg)
+    for var in ("HTTPS_PROXY", "HTTP_PROXY"):  # any request would fail at once
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    proc = run_snakemake(wf, "-n")
+    assert "checkpoint query" in proc.stdout
+    for analysis in ("stopgo", "ica"):
+        assert f"results/analyses/{analysis}/selection.tsv" in proc.stdout
+    assert not (wf / "results").exists()
