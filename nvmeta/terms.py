@@ -69,7 +69,7 @@ BOILERPLATE_WORDS = frozenset(
     ttest test tests paired unpaired baseline glm model models design regressor regressors parameter
     parameters estimate estimates whole brain brains signal first second higher lower positive negative
     difference differences masked mask region regions roi voxel voxelwise cluster clusters fwe fdr
-    paradigm none null na nan unknown other
+    paradigm none null na nan unknown other et al derived shared dataset datasets standard error
     """.split()
 )
 
@@ -447,7 +447,8 @@ def component_term_loadings(mixing: np.ndarray, term_matrix: Any) -> np.ndarray:
 
 
 def top_terms(loadings: np.ndarray, vocabulary: np.ndarray, n_terms: int) -> list[list[tuple[str, float]]]:
-    """Top ``n_terms`` terms (positive loading only) of each component, best first.
+    """Top ``n_terms`` terms of each component, largest loading first (as nilearn's example,
+    whatever the sign; terms with a zero loading are never shown).
 
     Ties are broken by the term's alphabetical order, so the result is deterministic.
 
@@ -462,6 +463,6 @@ def top_terms(loadings: np.ndarray, vocabulary: np.ndarray, n_terms: int) -> lis
             out.append([])
             continue
         order = np.lexsort((vocabulary, -row))  # by -weight, then term
-        picked = [(str(vocabulary[i]), float(row[i])) for i in order[:n_terms] if row[i] > 0]
+        picked = [(str(vocabulary[i]), float(row[i])) for i in order if row[i] != 0][:n_terms]
         out.append(picked)
     return out

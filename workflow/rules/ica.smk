@@ -1,6 +1,19 @@
 # Fan-in 2: cross-study spatial ICA with term labels. One rule per ICA analysis, because the
 # number of component figures (and whether stability.tsv exists) comes from that analysis' config.
 
+
+def _ica_component_label(terms_tsv, k):
+    """Report label of component ``k``: "ICk: its top terms" (read from terms.tsv at report time)."""
+    try:
+        with open(terms_tsv, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh, delimiter="\t") if r["component"] == str(k)]
+    except (OSError, KeyError):
+        rows = []
+    rows.sort(key=lambda r: int(r.get("rank") or 0))
+    terms = ", ".join(r["term"] for r in rows).replace("{", "").replace("}", "")
+    return f"IC{k}: {terms}" if terms else f"IC{k}"
+
+
 for _analysis in analyses_with("ica"):
 
     rule:
@@ -23,7 +36,7 @@ for _analysis in analyses_with("ica"):
                 caption="../report/ica_terms.rst",
                 category=_analysis,
                 subcategory="ICA",
-                labels={"analysis": _analysis, "table": "component terms"},
+                labels={"result": "term table", "component": "all"},
             ),
             figures=[
                 report(
@@ -31,12 +44,23 @@ for _analysis in analyses_with("ica"):
                     caption="../report/ica_component.rst",
                     category=_analysis,
                     subcategory="ICA",
-                    labels={"analysis": _analysis, "figure": f"IC{k}"},
+                    labels=lambda wildcards, output, k=k: {
+                        "result": "component map",
+                        "component": _ica_component_label(output.terms, k),
+                    },
                 )
                 for k in range(config["analyses"][_analysis]["ica"]["n_components"])
             ],
             stability=(
-                [f"{RESULTS}/analyses/{_analysis}/ica/stability.tsv"]
+                [
+                    report(
+                        f"{RESULTS}/analyses/{_analysis}/ica/stability.tsv",
+                        caption="../report/ica_stability.rst",
+                        category=_analysis,
+                        subcategory="ICA",
+                        labels={"result": "stability", "component": "all"},
+                    )
+                ]
                 if config["analyses"][_analysis]["ica"]["n_runs"] > 1
                 else []
             ),

@@ -19,22 +19,14 @@ rule meta:
             caption="../report/clusters.rst",
             category="{analysis}",
             subcategory="Meta-analysis",
-            labels={
-                "analysis": "{analysis}",
-                "method": "{method}",
-                "figure": "clusters",
-            },
+            labels={"result": "cluster table", "method": "{method}"},
         ),
         png=report(
             f"{ANALYSIS}/meta/{{method}}/z.png",
             caption="../report/meta_z.rst",
             category="{analysis}",
             subcategory="Meta-analysis",
-            labels={
-                "analysis": "{analysis}",
-                "method": "{method}",
-                "figure": "z mosaic",
-            },
+            labels={"result": "z mosaic", "method": "{method}"},
         ),
     log:
         f"{LOGS}/meta/{{analysis}}_{{method}}.log",
@@ -67,7 +59,7 @@ rule meta_sensitivity:
             caption="../report/sensitivity.rst",
             category="{analysis}",
             subcategory="Meta-analysis",
-            labels={"analysis": "{analysis}", "table": "sensitivity"},
+            labels={"result": "sensitivity", "method": "all methods"},
         ),
     log:
         f"{LOGS}/meta/{{analysis}}_sensitivity.log",
@@ -87,7 +79,7 @@ rule input_figures:
             caption="../report/inputs.rst",
             category="{analysis}",
             subcategory="Inputs",
-            labels={"analysis": "{analysis}", "figure": "input glass brains"},
+            labels={"result": "input glass brains"},
         ),
     log:
         f"{LOGS}/figures/{{analysis}}_inputs.log",

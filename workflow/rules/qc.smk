@@ -14,14 +14,14 @@ rule qc:
             caption="../report/qc.rst",
             category="{analysis}",
             subcategory="Selection and QC",
-            labels={"analysis": "{analysis}", "table": "QC"},
+            labels={"result": "QC table"},
         ),
         funnel=report(
             f"{ANALYSIS}/funnel.tsv",
             caption="../report/funnel.rst",
             category="{analysis}",
             subcategory="Selection and QC",
-            labels={"analysis": "{analysis}", "table": "funnel"},
+            labels={"result": "funnel"},
         ),
     log:
         f"{LOGS}/qc/{{analysis}}.log",

@@ -12,8 +12,8 @@ checkpoint query:
             f"{ANALYSIS}/selection.tsv",
             caption="../report/selection.rst",
             category="{analysis}",
-            subcategory="Selection",
-            labels={"analysis": "{analysis}", "table": "selection"},
+            subcategory="Selection and QC",
+            labels={"result": "selection"},
         ),
     log:
         f"{LOGS}/query/{{analysis}}.log",
