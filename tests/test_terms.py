@@ -138,10 +138,11 @@ def test_component_term_loadings_clip_and_product():
     assert (sp.csr_matrix(w).data < 0).any()
 
 
-def test_top_terms_positive_only_and_deterministic_ties():
+def test_top_terms_by_loading_nonzero_and_deterministic_ties():
     vocab = np.array(["b", "a", "c", "d"])
-    loadings = np.array([[1.0, 1.0, 0.5, -2.0], [0.0, -1.0, 0.0, 0.0]])
-    assert terms.top_terms(loadings, vocab, 3) == [[("a", 1.0), ("b", 1.0), ("c", 0.5)], []]
+    loadings = np.array([[1.0, 1.0, 0.5, -2.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # largest first whatever the sign (nilearn's example takes argsort(...)[-3:]); zeros never shown
+    assert terms.top_terms(loadings, vocab, 3) == [[("a", 1.0), ("b", 1.0), ("c", 0.5)], [("a", -1.0)], []]
     assert terms.top_terms(np.zeros((2, 0)), np.array([], dtype=str), 3) == [[], []]
 
 
