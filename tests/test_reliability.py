@@ -141,7 +141,7 @@ def metadata(wf: Path, iid: int) -> dict:
 
 ALLOWED = [
     r"results/analyses/[A-Za-z0-9_-]+/(selection|qc|funnel)\.tsv",
-    r"results/images/[1-9][0-9]*/(metadata\.json|map\.nii\.gz|zmap\.nii\.gz|qc\.json)",
+    r"results/images/[1-9][0-9]*/(metadata\.json|metadata\.cache\.json|map\.nii\.gz|zmap\.nii\.gz|qc\.json)",
     r"results/collections/[1-9][0-9]*\.json",
     r"results/template/mask\.nii\.gz",
     r"results/logs/[a-z]+/[A-Za-z0-9_-]+\.log",
@@ -464,7 +464,8 @@ def test_fault_matrix_end_to_end(tmp_path):
             got = "excluded"
         # every image ends with the full set of per-image outputs
         assert {p.name for p in image_dir(wf, iid).iterdir()} == (
-            {"metadata.json", "zmap.nii.gz", "qc.json"} | ({"map.nii.gz"} if got == "recovered" else set())
+            {"metadata.json", "zmap.nii.gz", "qc.json"}
+            | ({"map.nii.gz", "metadata.cache.json"} if got == "recovered" else set())
         )
         stage = "download (record)" if target == "record" else "download (map)" if target else "-"
         MATRIX.append(
@@ -620,7 +621,7 @@ def output_digests(wf: Path) -> dict[str, str]:
         rel = p.relative_to(wf).as_posix()
         if p.is_dir() or rel.startswith("results/logs/"):
             continue
-        if p.name == "metadata.json":
+        if p.name in ("metadata.json", "metadata.cache.json"):
             m = json.loads(p.read_text())
             assert m["nvmeta"].pop("fetched_at")
             out[rel] = md5_bytes(json.dumps(m, sort_keys=True).encode())
@@ -1070,6 +1071,7 @@ def test_killed_job_temporaries_are_swept(tmp_path):
             ".qc.json.k1ll3d0x.part.json",
             ".zmap.nii.gz.k1ll3d0x.part.nii.gz",
             "map.nii.gz",
+            "metadata.cache.json",
             "metadata.json",
             "notes.txt",
         ]
@@ -1084,5 +1086,13 @@ def test_killed_job_temporaries_are_swept(tmp_path):
     )
     assert qc["status"] == "included"
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        [".map.nii.gz.keep", "map.nii.gz", "metadata.json", "notes.txt", "qc.json", "zmap.nii.gz"]
+        [
+            ".map.nii.gz.keep",
+            "map.nii.gz",
+            "metadata.cache.json",
+            "metadata.json",
+            "notes.txt",
+            "qc.json",
+            "zmap.nii.gz",
+        ]
     )
