@@ -108,3 +108,19 @@ def test_broken_config_stops_before_any_job(tmp_path):
     assert "analyses.b.image_terms.map_type" in proc.stdout
     assert not (wf / "results").exists(), "a job ran although the config was broken"
 
+
+
+def test_readme_config_reference_matches_schema():
+    """README's config reference is generated from the schema and must not drift from it."""
+    from nvmeta.schema_doc import END, START, render
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert block == render(SCHEMA).strip(), "run: python -m nvmeta.schema_doc --update README.md"
+    import yaml
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    for key, node in schema["properties"].items():  # every key has a description and a default
+        assert node.get("description") and "default" in node, key
+        for sub, subnode in node.get("properties", {}).items():
+            assert subnode.get("description") and "default" in subnode, f"{key}.{sub}"

@@ -134,3 +134,22 @@ def test_dry_run_of_default_config_needs_no_network(tmp_path, monkeypatch):
     for analysis in ("stopgo", "ica"):
         assert f"results/analyses/{analysis}/selection.tsv" in proc.stdout
     assert not (wf / "results").exists()
+
+
+def test_connections_to_the_server_are_bounded(tmp_path):
+    """neurovault.max_connections bounds concurrent requests across parallel jobs."""
+    from nvmeta.testing.server import FixtureServer
+
+    with FixtureServer(SNAPSHOT, latency=0.05) as srv:
+        cfg = {
+            "neurovault": {"url": srv.url, "max_connections": 1, "retries": 1, "backoff": 0.0},
+            "analyses": {
+                "a": {"image_ids": PAIN_IDS[:4]},
+                "b": {"image_ids": PAIN_IDS[4:8]},
+            },
+        }
+        wf = make_workdir(tmp_path, cfg)
+        proc = run_snakemake(wf, "--cores", "4", "results/analyses/a/qc.tsv", "results/analyses/b/qc.tsv")
+        assert proc.returncode == 0
+        assert len(list((wf / "results/images").glob("*/map.nii.gz"))) == 8
+        assert srv.max_in_flight == 1, srv.max_in_flight
