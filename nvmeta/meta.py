@@ -121,6 +121,7 @@ DEFAULTS: dict[str, Any] = {
     "cut_coords": [-15, -8, 6, 30, 46, 62],
     "vmax": None,
     "two_sided": True,
+    "min_cluster_voxels": 10,
 }
 
 _LOG2 = math.log(2.0)
@@ -594,7 +595,7 @@ def _run_permutation(plan, zmap_path_for, mask_img, mask, cfg, n_jobs, log):
 _CLUSTER_COLUMNS = ["Cluster ID", "X", "Y", "Z", "Peak Stat", "Cluster Size (mm3)", "Cluster Size (voxels)"]
 
 
-def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool):
+def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels: int = 0):
     """Cluster table of a thresholded map (0 or NaN = not significant).
 
     nilearn's :func:`~nilearn.reporting.get_clusters_table` (peaks and sub-peaks at least
@@ -613,7 +614,9 @@ def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool):
     with warnings.catch_warnings():
         # two-sided tables warn when one sign has no cluster: not worth a warning here
         warnings.filterwarnings("ignore", message="No clusters found", category=UserWarning)
-        table = get_clusters_table(img, stat_threshold=thr, cluster_threshold=0, two_sided=two_sided)
+        table = get_clusters_table(
+            img, stat_threshold=thr, cluster_threshold=int(min_voxels), two_sided=two_sided
+        )
     vox_mm3 = float(abs(np.linalg.det(thresholded_img.affine[:3, :3])))
     sizes = pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce")
     table["Cluster Size (voxels)"] = (sizes / vox_mm3).round().astype("Int64")
@@ -621,7 +624,10 @@ def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool):
 
 
 def _n_clusters(table) -> int:
-    return int(table["Cluster Size (mm3)"].notna().sum()) if len(table) else 0
+    """Clusters in a table (sub-peak rows have an empty cluster size)."""
+    import pandas as pd
+
+    return int(pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce").notna().sum()) if len(table) else 0
 
 
 def _plot_z(z_img, out_png: Path, cfg: dict, title: str) -> None:
@@ -810,8 +816,8 @@ def run_method(
     z_bonf_img = _to_img(z_bonf, mask, affine)
     _save_img(z_bonf_img, outdir / "z_bonf.nii.gz")
     with frozen_gc():
-        table = clusters_table(z_fdr_img, two_sided)
-        table_bonf = clusters_table(z_bonf_img, two_sided)
+        table = clusters_table(z_fdr_img, two_sided, cfg["min_cluster_voxels"])
+        table_bonf = clusters_table(z_bonf_img, two_sided, cfg["min_cluster_voxels"])
     write_tsv(outdir / "clusters.tsv", table)
     write_tsv(outdir / "clusters_bonf.tsv", table_bonf)
 
@@ -844,14 +850,12 @@ def run_method(
         z_fwe_img = _to_img(z_fwe, mask, affine)
         _save_img(z_fwe_img, outdir / "z_fwe.nii.gz")
         with frozen_gc():
-            table_fwe = clusters_table(z_fwe_img, two_sided)
+            table_fwe = clusters_table(z_fwe_img, two_sided, cfg["min_cluster_voxels"])
         write_tsv(outdir / "clusters_fwe.tsv", table_fwe)
         summary["n_significant_fwe"] = int(sig_fwe.sum())
         summary["n_perm"] = int(cfg["n_perm"])
         summary["random_state"] = cfg["random_state"]
-        summary["n_clusters_fwe"] = (
-            int(table_fwe["Cluster Size (mm3)"].notna().sum()) if len(table_fwe) else 0
-        )
+        summary["n_clusters_fwe"] = _n_clusters(table_fwe)
 
     title = f"{method}: {plan.n_maps} maps" + (f" / {n_units} collections" if n_units != plan.n_maps else "")
     with frozen_gc():

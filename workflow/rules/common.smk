@@ -23,6 +23,7 @@ META_COMMON_KEYS = [
     "threshold",
     "cut_coords",
     "vmax",
+    "min_cluster_voxels",
 ]
 META_PERM_KEYS = ["n_perm", "random_state"]
 
