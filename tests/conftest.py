@@ -197,3 +197,13 @@ def fast_config(url: str, **kw) -> dict:
 def nv_config():
     """Factory: ``nv_config(url, **overrides)`` -> fast ``config["neurovault"]`` for tests."""
     return fast_config
+
+
+@pytest.fixture
+def client(fixture_server):
+    """An HTTP client on the fixture server with fast retries (closed after the test)."""
+    from nvmeta.client import make_client
+
+    c = make_client(fast_config(fixture_server.url))
+    yield c
+    c.close()

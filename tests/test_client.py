@@ -33,13 +33,6 @@ from nvmeta.testing.server import FixtureServer
 
 
 @pytest.fixture
-def client(fixture_server):
-    c = make_client(fast_config(fixture_server.url))
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def out(tmp_path):
     """An empty output directory (tmp_path itself holds the snapshot)."""
     d = tmp_path / "out"

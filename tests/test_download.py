@@ -19,13 +19,6 @@ NVMETA_KEYS = {"status", "reason", "collection", "md5", "bytes", "source_url", "
 
 
 @pytest.fixture
-def client(fixture_server):
-    c = make_client(fast_config(fixture_server.url))
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def res(tmp_path):
     d = tmp_path / "results"
     (d / "images").mkdir(parents=True)
