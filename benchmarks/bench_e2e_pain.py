@@ -40,7 +40,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_snapshot import REPO, load_note, make_workdir, snakemake  # noqa: E402
+from synth_snapshot import load_note, make_workdir, snakemake  # noqa: E402
+
+from nvmeta.testing.workdir import REPO  # noqa: E402
 
 CUTS = [-20, -4, 6, 20, 40, 56]
 

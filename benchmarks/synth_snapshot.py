@@ -353,24 +353,12 @@ def copy_records(images: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # helpers shared by the benchmark scripts: a throw-away copy of the workflow and a timed snakemake run
 # ------------------------------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
+from nvmeta.testing.workdir import copy_workflow  # noqa: E402
 
 
 def make_workdir(wf: str | os.PathLike, config: dict) -> Path:
-    """Copy the workflow (Snakefile, workflow/, scripts/, envs/, profiles/, config/) into ``wf``
-    and write ``config`` to ``wf/bench.yaml``. The default profile comes along, so runs use it."""
-    import yaml
-
-    wf = Path(wf)
-    wf.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "scripts", "envs", "profiles", "config"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, wf / name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, wf / name)
-    (wf / "bench.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return wf
+    """Copy the workflow into ``wf`` with ``config`` as ``bench.yaml`` (default profile included)."""
+    return copy_workflow(wf, config, "bench.yaml")
 
 
 def snakemake(wf: Path, *args: str, cores: int = 2, check: bool = True, prefix: tuple[str, ...] = ()):

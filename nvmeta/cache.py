@@ -48,3 +48,12 @@ def offline_client(results_dir: str | os.PathLike, nv_cfg: dict):
     )
     client.snapshot = CacheSnapshot(root)
     return client
+
+
+def query_client(nv_cfg: dict, results_dir: str | os.PathLike, log=None):
+    """The client the query uses: the disk in offline mode with a server URL, else ``make_client``."""
+    from nvmeta.client import make_client
+
+    if nv_cfg["mode"] == "offline" and nv_cfg["url"].startswith(("http://", "https://")):
+        return offline_client(results_dir, nv_cfg)
+    return make_client(nv_cfg, log=log)

@@ -17,20 +17,28 @@ def job_logger(name: str, path: str | os.PathLike | None = None) -> logging.Logg
     path : path-like, optional
         Log file; created (truncated) for this job.
     """
+    logger = _fresh_logger(name, path)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(_FORMAT)
+    logger.addHandler(sh)
+    logging.captureWarnings(True)
+    return logger
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+
+
+def _fresh_logger(name: str, path: str | os.PathLike | None) -> logging.Logger:
+    """Logger ``name`` with no handler but a file handler on ``path`` (truncated), not propagating."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     logger.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     if path is not None:
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         fh = logging.FileHandler(path, mode="w")
-        fh.setFormatter(fmt)
+        fh.setFormatter(_FORMAT)
         logger.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(fmt)
-    logger.addHandler(sh)
-    logger.propagate = False
-    logging.captureWarnings(True)
     return logger
 
 
@@ -46,15 +54,7 @@ class job_log:  # noqa: N801 - used as a context manager, reads like a function
         self.path = path
 
     def __enter__(self) -> logging.Logger:
-        self.logger = logging.getLogger(self.name)
-        self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
-        self.logger.handlers.clear()
-        if self.path is not None:
-            os.makedirs(os.path.dirname(os.fspath(self.path)) or ".", exist_ok=True)
-            fh = logging.FileHandler(self.path, mode="w")
-            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            self.logger.addHandler(fh)
+        self.logger = _fresh_logger(self.name, self.path)
         return self.logger
 
     def __exit__(self, *exc) -> None:

@@ -155,3 +155,20 @@ def glass_brain_grid(
     finally:
         plt.close(fig)
     return out_png
+
+
+def inputs_from_qc(qc_tsv: str | os.PathLike, zmap_path_for) -> list[tuple[int, str | None, Path]]:
+    """(image_id, title, zmap path) of every included image of a QC table, in its order.
+
+    The title is the contrast definition, else the image name (None when neither is given).
+    """
+    from nvmeta.meta import read_included
+
+    def title(row: dict) -> str | None:
+        texts = [row.get(k) for k in ("contrast_definition", "name")]  # NaN for empty cells
+        return next((t for t in texts if isinstance(t, str) and t.strip()), None)
+
+    return [
+        (int(r["image_id"]), title(r), Path(zmap_path_for(int(r["image_id"]))))
+        for r in read_included(qc_tsv).to_dict("records")
+    ]

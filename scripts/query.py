@@ -2,18 +2,13 @@
 
 from pathlib import Path
 
-from nvmeta.cache import offline_client
-from nvmeta.client import make_client
+from nvmeta.cache import query_client
 from nvmeta.logs import job_logger
 from nvmeta.query import run_query, write_selection
 
 log = job_logger("nvmeta.query", snakemake.log[0])
-nv = snakemake.config["neurovault"]
-if nv["mode"] == "offline" and nv["url"].startswith(("http://", "https://")):
-    # Only what is on disk: the records of earlier downloads (results/images, results/collections).
-    client = offline_client(Path(snakemake.output[0]).parents[2], nv)
-else:
-    client = make_client(nv, log=log)
+# In offline mode with a server URL, the query reads the records of earlier downloads only.
+client = query_client(snakemake.config["neurovault"], Path(snakemake.output[0]).parents[2], log)
 name = snakemake.wildcards.analysis
 records = run_query(client, snakemake.config["analyses"][name], log, key_prefix=f"analyses.{name}")
 write_selection(records, snakemake.output[0])

@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from nvmeta.testing.workdir import REPO, copy_workflow
 
-REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = REPO / "tests" / "data" / "snapshot"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def make_workdir(tmp: Path, config: dict, snapshot: Path | None = None) -> Path:
-    """Copy the workflow (not results) into ``tmp/wf`` and write ``config`` to ``tmp/wf/test.yaml``."""
-    wf = tmp / "wf"
-    wf.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "scripts", "envs", "profiles", "config"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, wf / name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, wf / name)
+    """Copy the workflow into ``tmp/wf`` with ``config`` as ``test.yaml`` (and the snapshot linked in)."""
+    wf = copy_workflow(tmp / "wf", config, "test.yaml")
     if snapshot is not None:
         (wf / "tests" / "data").mkdir(parents=True, exist_ok=True)
         os.symlink(snapshot, wf / "tests" / "data" / "snapshot")
-    (wf / "test.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return wf
 
 

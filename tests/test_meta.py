@@ -643,3 +643,23 @@ def test_too_few_maps_reports_nothing_instead_of_failing(tmp_path, method, n_inc
     assert np.isnan(nib.load(out / "z.nii.gz").get_fdata()).all()
     assert nib.load(out / "k.nii.gz").get_fdata().max() == n_included
     assert pd.read_csv(out / "clusters.tsv", sep="\t").empty
+
+
+def test_inputs_from_qc_titles_and_order(tmp_path):
+    """Included rows only, in order; the title falls back from contrast to name (empty cells)."""
+    from nvmeta.plotting import inputs_from_qc
+
+    pd.DataFrame(
+        [
+            dict(image_id=3, status="included", contrast_definition="pain vs rest", name="a"),
+            dict(image_id=1, status="excluded", contrast_definition="x", name="b"),
+            dict(image_id=2, status="included", contrast_definition=None, name="map two"),
+            dict(image_id=5, status="included", contrast_definition=None, name=None),
+        ]
+    ).to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
+    items = inputs_from_qc(tmp_path / "qc.tsv", lambda i: tmp_path / f"{i}.nii.gz")
+    assert items == [
+        (3, "pain vs rest", tmp_path / "3.nii.gz"),
+        (2, "map two", tmp_path / "2.nii.gz"),
+        (5, None, tmp_path / "5.nii.gz"),
+    ]

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import fast_config
 from helpers import REPO, SNAKEMAKE, SNAPSHOT, make_workdir
 
 from nvmeta.snapshot import write_snapshot
@@ -79,19 +80,7 @@ def record_regex(iid: int) -> str:
 
 
 def nv_config(url: str, **kw) -> dict:
-    cfg = {
-        "url": url,
-        "mode": "download_new",
-        "timeout": 1.0,
-        "retries": 2,
-        "backoff": 0.01,
-        "max_connections": 2,
-        "max_file_bytes": 10_000_000,
-        "max_json_bytes": 5_000_000,
-        "user_agent": "nvmeta-reliability-tests",
-    }
-    cfg.update(kw)
-    return cfg
+    return fast_config(url, **{"timeout": 1.0, "retries": 2, "backoff": 0.01, **kw})
 
 
 def wf_config(url: str, analyses: dict, **nv) -> dict:
