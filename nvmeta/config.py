@@ -14,6 +14,11 @@ from typing import Any
 
 from nvmeta.errors import ConfigError
 
+#: The one config schema; every default lives here and nowhere else.
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+#: Blocks that :func:`defaults` knows: top-level keys and per-analysis ``$defs`` blocks.
+_ANALYSIS_BLOCKS = ("meta", "ica", "cbma")
+
 
 def _dotted(path: Any) -> str:
     parts = [str(p) for p in path]
@@ -174,3 +179,39 @@ def _check_paths(config: dict, basedir: Path) -> list[str]:
                 "snapshot. Fix: point it at a directory laid out as described in README (Snapshot layout)."
             )
     return problems
+
+
+def _node_defaults(node: dict, defs: dict, top: bool = True) -> Any:
+    """Defaults of a schema node: its properties' defaults, recursively, or its own default.
+
+    A nested optional block whose default is null (an analysis' ``meta``) stays null.
+    """
+    if "$ref" in node:
+        node = defs[node["$ref"].rsplit("/", 1)[-1]]
+    props = node.get("properties")
+    if props and (top or node.get("default", {}) is not None):
+        return {key: _node_defaults(sub, defs, top=False) for key, sub in props.items()}
+    return json.loads(json.dumps(node.get("default")))
+
+
+def defaults(block: str) -> dict[str, Any]:
+    """The schema's defaults for one config block, as a fresh dict.
+
+    The schema is the only place a default lives: modules never hold their own defaults;
+    tests and benchmarks that build a block by hand start from ``{**defaults("meta"), ...}``.
+
+    Parameters
+    ----------
+    block : str
+        A top-level key (``"neurovault"``, ``"conversion"``, ``"qc"``, ``"template"``) or a
+        per-analysis block (``"meta"``, ``"ica"``, ...), or ``"analysis"`` for one analysis.
+    """
+    schema = load_schema(SCHEMA_PATH)
+    defs = schema.get("$defs", {})
+    if block in defs and block in _ANALYSIS_BLOCKS:
+        return _node_defaults(defs[block], defs)
+    if block == "analysis":
+        return _node_defaults(schema["properties"]["analyses"]["additionalProperties"], defs)
+    if block in schema["properties"]:
+        return _node_defaults(schema["properties"][block], defs)
+    raise KeyError(f"no config block {block!r} in {SCHEMA_PATH.name}")
