@@ -17,7 +17,9 @@ if not workflow.overwrite_configfiles:
 
 
 # A broken config stops here, before any job, with one message per problem (no traceback).
-check_config_or_exit(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+check_config_or_exit(
+    config, workflow.source_path("workflow/schemas/config.schema.yaml")
+)
 
 
 report: "workflow/report/workflow.rst"
