@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -52,7 +53,27 @@ def test_demo_selection(demo_run):
         assert col in sel.columns, col
     assert (sel["collection_id"] == 1425).all()
     assert sel["number_of_subjects"].iloc[:21].tolist() == [
-        25, 25, 20, 20, 9, 9, 9, 12, 12, 12, 12, 13, 32, 24, 14, 14, 12, 12, 16, 16, 16
+        25,
+        25,
+        20,
+        20,
+        9,
+        9,
+        9,
+        12,
+        12,
+        12,
+        12,
+        13,
+        32,
+        24,
+        14,
+        14,
+        12,
+        12,
+        16,
+        16,
+        16,
     ]
     edge = pd.read_csv(wf / "results/analyses/edge/selection.tsv", sep="\t")
     assert edge["image_id"].tolist() == [396069, 990031, 990032, 990033, 990034, 10426]
@@ -90,7 +111,9 @@ def test_demo_truncated_gzip_is_a_status_not_a_crash(demo_run):
 def test_demo_edge_cases_carried_as_statuses(demo_run):
     wf, _ = demo_run
     qc = qc_table(wf, "edge").set_index("image_id")
-    assert qc.loc[990032, "status"] == "excluded" and qc.loc[990032, "reason"].startswith("too many volumes: 2")
+    assert qc.loc[990032, "status"] == "excluded" and qc.loc[990032, "reason"].startswith(
+        "too many volumes: 2"
+    )
     assert qc.loc[990034, "status"] == "excluded" and "map type" in qc.loc[990034, "reason"]
     assert qc.loc[10426, "status"] == "excluded" and qc.loc[10426, "reason"] == "missing sample size"
     assert qc.loc[990033, "df"] == 14 and qc.loc[990033, "df_source"] == "statistic_parameters"
@@ -153,3 +176,34 @@ def test_connections_to_the_server_are_bounded(tmp_path):
         assert proc.returncode == 0
         assert len(list((wf / "results/images").glob("*/map.nii.gz"))) == 8
         assert srv.max_in_flight == 1, srv.max_in_flight
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_error_is_in_each_failing_jobs_log(tmp_path):
+    """NeuroVault unreachable: each failing query job's log holds the error and its traceback;
+    the terminal carries each traceback only inside that job's log block (never interleaved)."""
+    from conftest import fast_config
+
+    url = f"http://127.0.0.1:{_closed_port()}/api/"
+    cfg = {
+        "neurovault": fast_config(url, retries=0, timeout=1.0),
+        "analyses": {"a": {"collection_ids": [1425]}, "b": {"collection_ids": [1616]}},
+    }
+    wf = make_workdir(tmp_path, cfg)
+    proc = run_snakemake(wf, check=False)
+    assert proc.returncode != 0
+    for name in ("a", "b"):
+        log = (wf / f"results/logs/query/{name}.log").read_text()
+        assert "Traceback (most recent call last)" in log, log
+        assert "ERROR" in log and "refused" in log, log
+    # Outside the log blocks Snakemake prints for failed jobs, no traceback reaches the terminal.
+    outside = re.sub(r"Logfile [^\n]*:\n=+\n.*?\n=+\n", "", proc.stdout, flags=re.S)
+    assert "Traceback" not in outside, outside[-4000:]
+    assert proc.stdout.count("Traceback (most recent call last)") == 2
