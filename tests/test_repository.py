@@ -181,3 +181,30 @@ def test_nothing_refers_to_files_outside_the_repository():
 )
 def test_no_file_refers_outside_the_repository():
     assert not _outside_refs()
+
+
+def test_install_brings_what_snakemake_report_needs():
+    """`snakemake --report` after the Quickstart install needs Snakemake's `reports` extra."""
+    import importlib.metadata
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pin = next(d for d in deps if d.startswith("snakemake"))
+    assert pin == f"snakemake[reports]=={importlib.metadata.version('snakemake')}"
+    import pygments  # noqa: F401  (what --report asked for after the plain install)
+
+
+def test_ci_runs_the_linters_before_the_suite():
+    lines = [
+        line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    steps = [
+        ".venv/bin/pip install -q -e '.[test,slurm]'",
+        ".venv/bin/ruff check .",
+        ".venv/bin/ruff format --check .",
+        ".venv/bin/snakefmt --check .",
+        ".venv/bin/snakemake --lint",
+        ".venv/bin/python -m pytest",
+    ]
+    where = [next(i for i, line in enumerate(lines) if step in line) for step in steps]
+    assert where == sorted(where) and "set -euo pipefail" in lines

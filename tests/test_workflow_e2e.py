@@ -207,3 +207,30 @@ def test_unreachable_server_error_is_in_each_failing_jobs_log(tmp_path):
     outside = re.sub(r"Logfile [^\n]*:\n=+\n.*?\n=+\n", "", proc.stdout, flags=re.S)
     assert "Traceback" not in outside, outside[-4000:]
     assert proc.stdout.count("Traceback (most recent call last)") == 2
+
+
+def readme_outputs() -> list[re.Pattern]:
+    """Path patterns of README's Outputs table (``{x}`` = one path segment; bare names share the
+    folder of the first path in their cell; a path ending in ``/`` covers everything below)."""
+    text = (REPO / "README.md").read_text().split("## Outputs", 1)[1].split("\n## ", 1)[0]
+    patterns = []
+    for row in re.findall(r"^\| (`results/[^|]*) \|", text, re.M):
+        names = re.findall(r"`([^`]+)`", row)
+        folder = names[0].rsplit("/", 1)[0]
+        for name in names:
+            path = name if name.startswith("results/") else f"{folder}/{name}"
+            rx = re.escape(path).replace(r"\{", "{").replace(r"\}", "}")
+            rx = re.sub(r"\{[a-z_]+\}", "[^/]+", rx)
+            patterns.append(re.compile(rx + (".*" if path.endswith("/") else "")))
+    return patterns
+
+
+def test_readme_outputs_table_lists_every_output_and_only_those(demo_run):
+    wf, _ = demo_run
+    files = sorted(str(p.relative_to(wf)) for p in (wf / "results").rglob("*") if p.is_file())
+    patterns = readme_outputs()
+    assert len(patterns) > 20
+    unlisted = [f for f in files if not any(p.fullmatch(f) for p in patterns)]
+    assert not unlisted, f"written by the demo but not in README's Outputs table: {unlisted}"
+    unused = [p.pattern for p in patterns if not any(p.fullmatch(f) for f in files)]
+    assert not unused, f"in README's Outputs table but not written by the demo: {unused}"
