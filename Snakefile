@@ -8,6 +8,7 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
 from nvmeta.config import check_config_or_exit  # noqa: E402
+from nvmeta.logs import quiet_interrupt  # noqa: E402
 
 # A --configfile given on the command line replaces the default config instead of being
 # merged into it (otherwise the demo would inherit the default analyses).
@@ -20,6 +21,9 @@ if not workflow.overwrite_configfiles:
 check_config_or_exit(
     config, workflow.source_path("workflow/schemas/config.schema.yaml")
 )
+
+# Ctrl-C prints one line saying how to resume (Snakemake still stops its jobs and unlocks).
+quiet_interrupt()
 
 
 report: "workflow/report/workflow.rst"

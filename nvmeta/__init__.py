@@ -5,3 +5,25 @@ must not pay for heavy libraries they do not use.
 """
 
 __version__ = "0.1.0"
+
+
+def _quiet_interrupt_in_script_jobs() -> None:
+    """In a Snakemake ``script:`` job, Ctrl-C ends the job without a traceback: the Snakemake
+    process says it once for the whole run (:func:`nvmeta.logs.quiet_interrupt`). Done at package
+    import, the first thing every script does, so that heavy imports are covered too."""
+    import sys
+
+    iocontainers = sys.modules.get("snakemake.iocontainers")
+    job = getattr(sys.modules.get("__main__"), "snakemake", None)
+    if iocontainers is None or not isinstance(job, iocontainers.Snakemake):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if not issubclass(exc_type, KeyboardInterrupt):
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+_quiet_interrupt_in_script_jobs()

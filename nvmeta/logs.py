@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 
-__all__ = ["job_log", "job_logger"]
+__all__ = ["job_log", "job_logger", "quiet_interrupt"]
 
 ROOT = "nvmeta"
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
@@ -82,8 +82,12 @@ def job_logger(name: str, path: str | os.PathLike | None = None) -> logging.Logg
     logger = logging.getLogger(name)
 
     def excepthook(exc_type, exc, tb) -> None:
-        if issubclass(exc_type, KeyboardInterrupt):
-            sys.__excepthook__(exc_type, exc, tb)
+        if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: the Snakemake process says it once
+            root = logging.getLogger(ROOT)
+            for handler in list(root.handlers):
+                if not isinstance(handler, logging.FileHandler):  # log file only, not the terminal
+                    root.removeHandler(handler)
+            logger.warning("interrupted (Ctrl-C)")
             return
         where = f" (traceback in {os.fspath(path)})" if path is not None else ""
         logger.error("%s: %s%s", exc_type.__name__, exc, where, exc_info=(exc_type, exc, tb))
@@ -123,3 +127,35 @@ class job_log:  # noqa: N801 - used as a context manager, reads like a function
             logging.getLogger(ROOT).removeHandler(self.handler)
             self.handler.close()
         logging.Logger.manager.loggerDict.pop(self.name, None)
+
+
+#: What Ctrl-C prints: one line, and how to resume.
+INTERRUPTED = (
+    "nvmeta: interrupted (Ctrl-C). Finished outputs are kept; to resume, run the same command "
+    "again (incomplete jobs are redone)."
+)
+
+
+def quiet_interrupt(message: str = INTERRUPTED) -> None:
+    """Make Ctrl-C print one line instead of Snakemake's per-job errors and tracebacks.
+
+    Installs a SIGINT handler (main thread) that prints ``message`` once, silences Snakemake's
+    logger for the rest of the run, and then raises :class:`KeyboardInterrupt` as Python's default
+    handler would, so that Snakemake still stops its jobs, marks them incomplete and releases its
+    lock. Script jobs stop quietly too: :func:`job_logger` logs their interruption to the job log
+    only.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    state = {"done": False}
+
+    def handler(signum, frame):
+        if not state["done"]:
+            state["done"] = True
+            print(message, file=sys.stderr, flush=True)
+            logging.getLogger("snakemake.logging").addFilter(lambda record: False)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)

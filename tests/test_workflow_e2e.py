@@ -234,3 +234,57 @@ def test_readme_outputs_table_lists_every_output_and_only_those(demo_run):
     assert not unlisted, f"written by the demo but not in README's Outputs table: {unlisted}"
     unused = [p.pattern for p in patterns if not any(p.fullmatch(f) for f in files)]
     assert not unused, f"in README's Outputs table but not written by the demo: {unused}"
+
+
+def test_ctrl_c_prints_one_line_and_the_same_command_resumes(tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C in a terminal does) while a script job
+    runs: one line saying how to resume, no traceback, the lock released; the same command then
+    finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import SNAKEMAKE
+
+    cfg = {
+        "neurovault": {"url": "tests/data/snapshot"},
+        "conversion": {"df": "n-1"},
+        "analyses": {"A": {"image_ids": PAIN_IDS[:3], "meta": {"methods": ["stouffer"]}}},
+    }
+    wf = make_workdir(tmp_path, cfg, snapshot=SNAPSHOT)
+    figures_log = wf / "results/logs/figures/A_inputs.log"  # created when the job's logging is set up
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(
+            [*SNAKEMAKE, "--cores", "2", "--configfile", "test.yaml"],
+            cwd=wf,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while not figures_log.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before the figure job started"
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "out.txt").read_text()
+    assert rc != 0
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    tail = text.split("nvmeta: interrupted (Ctrl-C).", 1)[1]
+    assert (
+        tail.strip()
+        == "Finished outputs are kept; to resume, run the same command again (incomplete jobs are redone)."
+    ), tail
+    assert "interrupted (Ctrl-C)" in figures_log.read_text()
+    assert not list((wf / ".snakemake" / "locks").glob("*"))
+    assert not (wf / "results/analyses/A/figures/inputs_glass_brain.png").exists()
+    again = run_snakemake(wf)
+    assert "input_figures" in again.stdout
+    assert (wf / "results/analyses/A/figures/inputs_glass_brain.png").stat().st_size > 0
+    assert (wf / "results/analyses/A/meta/stouffer/z.nii.gz").exists()
