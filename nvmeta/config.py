@@ -143,7 +143,62 @@ def check_config(config: dict, schema_path: str | os.PathLike, basedir: str | os
     problems.extend(_check_paths(config, Path(basedir)))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    # Consumers get read-only blocks: nothing downstream can re-default or patch a value.
+    # The top-level mapping stays Snakemake's own dict (workflow.config).
+    for key in list(config):
+        config[key] = freeze(config[key])
     return config
+
+
+def _read_only(self, *args, **kwargs):
+    raise TypeError(
+        "the validated config is read-only (its defaults come from the schema only); "
+        "copy the block first, e.g. {**cfg, 'key': value}"
+    )
+
+
+class FrozenDict(dict):
+    """A validated config mapping: a real ``dict`` (JSON, ``repr``, ``==``, pickling into
+    Snakemake script jobs and params hashing behave as for a dict) that refuses changes."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class FrozenList(list):
+    """A validated config list (see :class:`FrozenDict`)."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+    append = clear = extend = insert = pop = remove = reverse = sort = _read_only
+
+    def __reduce__(self):
+        return (FrozenList, (list(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def freeze(value: Any) -> Any:
+    """``value`` with every mapping and list made read-only (recursively)."""
+    if isinstance(value, dict):
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(freeze(v) for v in value)
+    return value
 
 
 def check_config_or_exit(

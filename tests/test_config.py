@@ -255,3 +255,28 @@ def test_override_keyed_by_id_is_accepted(key):
     cfg = base()
     cfg["conversion"] = {"n_images": {key: 20}}
     assert check_config(cfg, SCHEMA)["conversion"]["n_images"] == {key: 20}
+
+
+def test_validated_config_is_read_only_but_behaves_as_plain_data():
+    """Consumers get a frozen view: no code can re-default or patch a validated block."""
+    import copy
+    import json
+    import pickle
+
+    cfg = check_config(base(), SCHEMA)
+    meta = cfg["analyses"]["a"]["meta"]
+    for change in (
+        lambda: meta.update(alpha=0.5),
+        lambda: meta.__setitem__("alpha", 0.5),
+        lambda: meta.setdefault("n_jobs", 4),
+        lambda: meta["methods"].append("fisher"),
+        lambda: cfg["neurovault"].pop("url"),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert meta["alpha"] == 0.05 and meta["methods"] == ["stouffer"]
+    # plain data for everything else: JSON, repr (Snakemake's params hashing), pickle (script jobs)
+    assert json.loads(json.dumps(cfg["analyses"])) == cfg["analyses"]
+    assert repr(meta) == repr(dict(meta)) and repr(meta["methods"]) == "['stouffer']"
+    assert pickle.loads(pickle.dumps(meta)) == meta and copy.deepcopy(cfg["qc"]) == cfg["qc"]
+    assert {**meta, "alpha": 0.01}["alpha"] == 0.01  # the way to derive a changed block

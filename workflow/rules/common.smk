@@ -168,10 +168,6 @@ def meta_params(wildcards):
     return {k: meta[k] for k in keys}
 
 
-def n_selected(wildcards):
-    return len(selected_ids(wildcards.analysis))
-
-
 def meta_outputs(analysis):
     meta = config["analyses"][analysis]["meta"]
     out = [f"{RESULTS}/analyses/{analysis}/figures/inputs_glass_brain.png"]
