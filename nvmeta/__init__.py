@@ -11,11 +11,15 @@ def _quiet_interrupt_in_script_jobs() -> None:
     """In a Snakemake ``script:`` job, Ctrl-C ends the job without a traceback: the Snakemake
     process says it once for the whole run (:func:`nvmeta.logs.quiet_interrupt`). Done at package
     import, the first thing every script does, so that heavy imports are covered too."""
+    import os
     import sys
 
-    iocontainers = sys.modules.get("snakemake.iocontainers")
-    job = getattr(sys.modules.get("__main__"), "snakemake", None)
-    if iocontainers is None or not isinstance(job, iocontainers.Snakemake):
+    # Snakemake runs a script job as ``python <workdir>/.snakemake/scripts/tmpXXXX.<name>.py``
+    # (nvmeta may be imported while its preamble unpickles the job, before ``snakemake`` exists).
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(os.path.dirname(os.path.dirname(script))) != ".snakemake" or not script.endswith(
+        ".py"
+    ):
         return
     previous = sys.excepthook
 

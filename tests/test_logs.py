@@ -66,3 +66,16 @@ def test_script_job_traceback_goes_to_the_log_and_one_line_to_stderr(tmp_path):
         next(line for line in proc.stderr.splitlines() if "ERROR" in line)
     ]
     assert f"traceback in {log}" in proc.stderr
+
+
+@pytest.mark.parametrize("as_script_job", [True, False])
+def test_ctrl_c_in_a_script_job_leaves_no_traceback(tmp_path, as_script_job):
+    """A Snakemake script job (``.snakemake/scripts/tmp*.py``) interrupted at any point after
+    ``import nvmeta`` ends without a traceback; any other program keeps Python's behaviour."""
+    folder = tmp_path / (".snakemake/scripts" if as_script_job else "elsewhere")
+    folder.mkdir(parents=True)
+    script = folder / "tmpabc.query.py"
+    script.write_text("import nvmeta.config\nraise KeyboardInterrupt\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert ("Traceback" in proc.stderr) is not as_script_job, proc.stderr
