@@ -7,7 +7,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
-from nvmeta.config import check_config  # noqa: E402
+from nvmeta.config import check_config_or_exit  # noqa: E402
+from nvmeta.logs import quiet_interrupt  # noqa: E402
 
 # A --configfile given on the command line replaces the default config instead of being
 # merged into it (otherwise the demo would inherit the default analyses).
@@ -16,7 +17,13 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-check_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+# A broken config stops here, before any job, with one message per problem (no traceback).
+check_config_or_exit(
+    config, workflow.source_path("workflow/schemas/config.schema.yaml")
+)
+
+# Ctrl-C prints one line saying how to resume (Snakemake still stops its jobs and unlocks).
+quiet_interrupt()
 
 
 report: "workflow/report/workflow.rst"

@@ -7,10 +7,14 @@ config key and says how to fix it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from nvmeta.errors import ConfigError
 
@@ -86,8 +90,24 @@ def load_schema(schema_path: str | os.PathLike) -> dict:
     return yaml.safe_load(Path(schema_path).read_text())
 
 
+#: Upper bound on the values a config may hold once YAML aliases are expanded. A 1 KB file of
+#: nested aliases (a "billion laughs" bomb) expands tenfold per level; validating 10^7 values
+#: takes a minute. 200 000 leaves room for very long ``image_ids`` lists.
+MAX_CONFIG_VALUES = 200_000
+#: Analysis names become folder names (results/analyses/<name>) and Snakemake wildcards.
+ANALYSIS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+#: Where the workflow writes; nothing it reads as configuration may live there.
+RESULTS_DIR = "results"
+#: Tables of conversion overrides keyed by image or collection id.
+_OVERRIDE_TABLES = ("df_images", "n_images", "df_collections", "n_collections")
+
+
 def check_config(config: dict, schema_path: str | os.PathLike, basedir: str | os.PathLike = ".") -> dict:
-    """Validate ``config`` in place (defaults filled) and return it.
+    """Validate ``config`` in place, fill every schema default, and return it.
+
+    After this call every key the schema knows is present, including the nested
+    per-analysis ``meta``/``ica`` blocks (those that are not null): consumers index keys
+    directly and never re-default.
 
     Parameters
     ----------
@@ -103,33 +123,192 @@ def check_config(config: dict, schema_path: str | os.PathLike, basedir: str | os
     ConfigError
         With every problem found, each naming its key and the fix.
     """
-    schema = load_schema(schema_path)
-    problems = schema_errors(config, schema)
+    # Cheap structural checks first: they bound the cost of everything after them.
+    problems = _size_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    from snakemake.utils import validate
-
-    validate(config, str(schema_path), set_default=True)
+    problems = _name_problems(config)
+    schema = load_schema(schema_path)
+    if not problems:
+        problems = schema_errors(config, schema)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    # snakemake.utils.validate(set_default=True) is not used: it fails on the nullable
+    # per-analysis blocks (meta: null) and does not fill defaults under additionalProperties
+    # (each analysis); fill_defaults walks the same schema and fills every level.
+    fill_defaults(config, schema, schema.get("$defs", {}))
     for name, analysis in config["analyses"].items():
-        normalize_analysis(analysis)
         problems.extend(_check_analysis(name, analysis))
+    problems.extend(_check_overrides(config["conversion"]))
     problems.extend(_check_paths(config, Path(basedir)))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    # Consumers get read-only blocks: nothing downstream can re-default or patch a value.
+    # The top-level mapping stays Snakemake's own dict (workflow.config).
+    for key in list(config):
+        config[key] = freeze(config[key])
     return config
 
 
-def normalize_analysis(analysis: dict) -> dict:
-    """Fill the defaults the schema cannot set through ``$ref`` and nested nulls."""
-    analysis.setdefault("image_ids", [])
-    analysis.setdefault("collection_ids", [])
-    analysis["image_terms"] = analysis.get("image_terms") or {}
-    analysis["collection_terms"] = analysis.get("collection_terms") or {}
-    analysis.setdefault("default_terms", True)
-    analysis.setdefault("max_images", None)
-    analysis.setdefault("meta", None)
-    analysis.setdefault("ica", None)
-    return analysis
+def _read_only(self, *args, **kwargs):
+    raise TypeError(
+        "the validated config is read-only (its defaults come from the schema only); "
+        "copy the block first, e.g. {**cfg, 'key': value}"
+    )
+
+
+class FrozenDict(dict):
+    """A validated config mapping: a real ``dict`` (JSON, ``repr``, ``==``, pickling into
+    Snakemake script jobs and params hashing behave as for a dict) that refuses changes."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class FrozenList(list):
+    """A validated config list (see :class:`FrozenDict`)."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+    append = clear = extend = insert = pop = remove = reverse = sort = _read_only
+
+    def __reduce__(self):
+        return (FrozenList, (list(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def freeze(value: Any) -> Any:
+    """``value`` with every mapping and list made read-only (recursively)."""
+    if isinstance(value, dict):
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(freeze(v) for v in value)
+    return value
+
+
+def check_config_or_exit(
+    config: dict, schema_path: str | os.PathLike, basedir: str | os.PathLike = "."
+) -> dict:
+    """:func:`check_config` for the Snakefile: a broken config prints its message and exits 1.
+
+    Snakemake shows an exception raised while the Snakefile is parsed with a partial traceback;
+    a config error is the user's to fix, not a bug, so it is printed as is (stderr) instead.
+    """
+    try:
+        return check_config(config, schema_path, basedir)
+    except ConfigError as exc:
+        print(f"nvmeta: {exc}\nNothing was run.", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def fill_defaults(instance: Any, node: dict, defs: dict) -> Any:
+    """Fill, in place, every default the schema ``node`` declares for ``instance`` (recursively).
+
+    An absent key gets a deep copy of its default, then the defaults below it; a null value
+    stays null (``meta: null`` = not run). Objects under ``additionalProperties`` (each analysis)
+    are filled with that sub-schema's defaults.
+    """
+    if "$ref" in node:
+        node = defs[node["$ref"].rsplit("/", 1)[-1]]
+    if not isinstance(instance, dict):
+        return instance
+    for key, sub in node.get("properties", {}).items():
+        target = defs[sub["$ref"].rsplit("/", 1)[-1]] if "$ref" in sub else sub
+        if key not in instance:
+            if "default" not in target:
+                continue
+            instance[key] = copy.deepcopy(target["default"])
+        fill_defaults(instance[key], target, defs)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and ("properties" in extra or "$ref" in extra):
+        known = node.get("properties", {})
+        for key, value in instance.items():
+            if key not in known:
+                fill_defaults(value, extra, defs)
+    return instance
+
+
+def _expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """Number of values ``value`` holds with YAML aliases expanded (shared objects counted
+    every time they occur), computed in time proportional to the *unexpanded* document."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key not in memo:
+        memo[key] = 0  # a (non-YAML) cycle counts once instead of recursing forever
+        items = value.values() if isinstance(value, dict) else value
+        memo[key] = 1 + sum(_expanded_size(v, memo) for v in items)
+    return memo[key]
+
+
+def _size_problems(config: Any) -> list[str]:
+    if not isinstance(config, dict):
+        return [
+            f"config: the config file holds a {type(config).__name__}, not a mapping. Fix: start from config/config.yaml."
+        ]
+    memo: dict[int, int] = {}
+    total = _expanded_size(config, memo)
+    if total <= MAX_CONFIG_VALUES:
+        return []
+    # Name the smallest key that is too large on its own (where the aliases are).
+    path: list[Any] = []
+    node: Any = config
+    while isinstance(node, (dict, list)):
+        items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        big = [(k, v) for k, v in items if _expanded_size(v, memo) > MAX_CONFIG_VALUES]
+        if not big:
+            break
+        path.append(big[0][0])
+        node = big[0][1]
+    return [
+        f"config key {_dotted(path)}: expands to {total:,} values once YAML aliases (*name) are "
+        f"expanded, more than the {MAX_CONFIG_VALUES:,} a config may hold (an alias bomb?). "
+        "Fix: write the values out instead of nesting aliases, or select images with terms or "
+        "collection_ids instead of very long id lists."
+    ]
+
+
+def _name_problems(config: dict) -> list[str]:
+    """Analysis names must be strings usable as folder names and wildcards."""
+    analyses = config.get("analyses")
+    if not isinstance(analyses, dict):
+        return []
+    problems = []
+    for name in analyses:
+        key = f"analyses.{name!r}" if isinstance(name, str) else f"analyses.{name}"
+        if isinstance(name, bool):
+            problems.append(
+                f"config key {key}: YAML reads this analysis name as the boolean {name} (yes, no, "
+                "on, off, true and false are booleans in YAML). Fix: quote the name "
+                "(e.g. 'yes': ...) or rename it."
+            )
+        elif not isinstance(name, str):
+            problems.append(
+                f"config key {key}: YAML reads this analysis name as the {type(name).__name__} "
+                f"{name!r}, not a name. Fix: quote it (e.g. '{name}': ...) or start it with a letter."
+            )
+        elif not ANALYSIS_NAME.fullmatch(name):
+            problems.append(
+                f"config key {key}: invalid analysis name (it names the folder "
+                "results/analyses/<name>, so it must be 1-64 characters: letters, digits, '_' and "
+                "'-', starting with a letter or digit, no spaces or line breaks). Fix: rename it."
+            )
+    return problems
 
 
 def _check_analysis(name: str, analysis: dict) -> list[str]:
@@ -149,9 +328,29 @@ def _check_analysis(name: str, analysis: dict) -> list[str]:
             "image_terms/collection_terms, or max_images (the first max_images images passing "
             "the default terms, like nilearn's fetch_neurovault)."
         )
-    if analysis["meta"] is None and analysis["ica"] is None:
-        # Still valid (selection, downloads, QC only), but say so.
-        pass
+    return problems
+
+
+def _is_id(key: Any) -> bool:
+    if isinstance(key, bool):
+        return False
+    if isinstance(key, int):
+        return key >= 1
+    return isinstance(key, str) and re.fullmatch(r"[1-9][0-9]*", key) is not None
+
+
+def _check_overrides(conversion: dict) -> list[str]:
+    """Override tables are keyed by NeuroVault ids: any other key would be silently ignored."""
+    problems = []
+    for table in _OVERRIDE_TABLES:
+        what = "image" if table.endswith("images") else "collection"
+        for key in conversion[table]:
+            if not _is_id(key):
+                problems.append(
+                    f"config key conversion.{table}.{key}: {key!r} is not a NeuroVault {what} id, so "
+                    f"this override would never apply. Fix: key the table by {what} id "
+                    f"(a positive integer, e.g. {{12345: 20}})."
+                )
     return problems
 
 
@@ -160,13 +359,31 @@ def _check_paths(config: dict, basedir: Path) -> list[str]:
     mask = config["template"]["mask"]
     if mask != "mni152_2mm":
         path = Path(mask) if Path(mask).is_absolute() else basedir / mask
-        if not path.is_file():
+        results = (basedir / RESULTS_DIR).resolve()
+        if path.resolve().is_relative_to(results):
+            problems.append(
+                f"config key template.mask: {mask!r} lies in {RESULTS_DIR}/, which the workflow "
+                "writes (the template it makes from the mask is itself there). Fix: copy the mask "
+                f"outside {RESULTS_DIR}/ (e.g. config/mask.nii.gz) and point template.mask at the copy."
+            )
+        elif not path.is_file():
             problems.append(
                 f"config key template.mask: mask file {mask!r} does not exist. "
                 "Fix: give 'mni152_2mm' or the path of an existing 3-D mask NIfTI."
             )
     url = config["neurovault"]["url"]
-    if not url.startswith(("http://", "https://")):
+    if url.startswith(("http://", "https://")):
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            # The URL itself is not repeated: it holds a password.
+            problems.append(
+                "config key neurovault.url: the URL holds credentials (user:password@host). They "
+                "would be sent with every request and recorded in .snakemake/metadata. Fix: remove "
+                f"the 'user:password@' part ({parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}); "
+                "NeuroVault's "
+                "read API needs no login."
+            )
+    else:
         path = Path(url) if Path(url).is_absolute() else basedir / url
         if not path.is_dir():
             problems.append(

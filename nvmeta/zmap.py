@@ -6,7 +6,7 @@ module level; nilearn is imported only when a map really needs interpolation (se
 Every image ends with both outputs, so Snakemake's outputs are always complete:
 
 - ``zmap.nii.gz``: template grid, float32, NaN = no data (an all-NaN map when the image is excluded);
-- ``qc.json``: status ``included``/``excluded``, the exclusion reason and what was done (see contracts.md).
+- ``qc.json``: status ``included``/``excluded``, the exclusion reason and what was done (see README, "Outputs").
 
 An image is excluded, never crashes the job, for: a failed download, an unusable map type, a t map without
 sample size, several volumes, an unreadable or lying file, no finite data, all zeros, a constant map,

@@ -146,3 +146,26 @@ def test_d_offline_mode_sends_no_request(setup):
     assert len(ran(proc.stdout, "download")) == len(A_IDS) + 1 + len(B_IDS)
     assert requests == 0, srv.requests[-5:]
     assert {i: digest(wf / f"results/images/{i}/map.nii.gz") for i in A_IDS} == before
+
+
+def test_e_unreadable_selection_never_blocks_its_query(setup):
+    """A selection.tsv with an id written as a float (an older version's output) used to make
+    every DAG fail with ``invalid literal for int()``; now the query simply runs again."""
+    srv, wf, cfg = setup
+    sel = wf / "results/analyses/A/selection.tsv"
+    good = sel.read_text()
+    sel.write_text(good.replace(f"\n{A_IDS[0]}\t", f"\n{A_IDS[0]}.0\t", 1))
+    assert f"{A_IDS[0]}.0\t" in sel.read_text()
+    proc, _, media = rerun(srv, wf, cfg)
+    assert "invalid literal" not in proc.stdout and "Traceback" not in proc.stdout
+    assert "selection.tsv is unreadable" in proc.stdout
+    assert ran(proc.stdout, "query") == [{"analysis": "A"}]
+    assert sel.read_text() == good and media == 0
+    # Unreadable and edited out of the config at the same time: the new query wins.
+    sel.write_text(good.replace(f"\n{A_IDS[0]}\t", f"\n{A_IDS[0]}.0\t", 1))
+    cfg = copy.deepcopy(cfg)
+    cfg["analyses"]["A"]["image_ids"] = A_IDS[1:]
+    proc, _, media = rerun(srv, wf, cfg)
+    assert ran(proc.stdout, "query") == [{"analysis": "A"}]
+    ids = [line.split("\t", 1)[0] for line in sel.read_text().splitlines()[1:]]
+    assert ids == [str(i) for i in A_IDS[1:]] and media == 0

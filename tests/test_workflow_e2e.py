@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -52,7 +53,27 @@ def test_demo_selection(demo_run):
         assert col in sel.columns, col
     assert (sel["collection_id"] == 1425).all()
     assert sel["number_of_subjects"].iloc[:21].tolist() == [
-        25, 25, 20, 20, 9, 9, 9, 12, 12, 12, 12, 13, 32, 24, 14, 14, 12, 12, 16, 16, 16
+        25,
+        25,
+        20,
+        20,
+        9,
+        9,
+        9,
+        12,
+        12,
+        12,
+        12,
+        13,
+        32,
+        24,
+        14,
+        14,
+        12,
+        12,
+        16,
+        16,
+        16,
     ]
     edge = pd.read_csv(wf / "results/analyses/edge/selection.tsv", sep="\t")
     assert edge["image_id"].tolist() == [396069, 990031, 990032, 990033, 990034, 10426]
@@ -90,7 +111,9 @@ def test_demo_truncated_gzip_is_a_status_not_a_crash(demo_run):
 def test_demo_edge_cases_carried_as_statuses(demo_run):
     wf, _ = demo_run
     qc = qc_table(wf, "edge").set_index("image_id")
-    assert qc.loc[990032, "status"] == "excluded" and qc.loc[990032, "reason"].startswith("too many volumes: 2")
+    assert qc.loc[990032, "status"] == "excluded" and qc.loc[990032, "reason"].startswith(
+        "too many volumes: 2"
+    )
     assert qc.loc[990034, "status"] == "excluded" and "map type" in qc.loc[990034, "reason"]
     assert qc.loc[10426, "status"] == "excluded" and qc.loc[10426, "reason"] == "missing sample size"
     assert qc.loc[990033, "df"] == 14 and qc.loc[990033, "df_source"] == "statistic_parameters"
@@ -153,3 +176,115 @@ def test_connections_to_the_server_are_bounded(tmp_path):
         assert proc.returncode == 0
         assert len(list((wf / "results/images").glob("*/map.nii.gz"))) == 8
         assert srv.max_in_flight == 1, srv.max_in_flight
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_error_is_in_each_failing_jobs_log(tmp_path):
+    """NeuroVault unreachable: each failing query job's log holds the error and its traceback;
+    the terminal carries each traceback only inside that job's log block (never interleaved)."""
+    from conftest import fast_config
+
+    url = f"http://127.0.0.1:{_closed_port()}/api/"
+    cfg = {
+        "neurovault": fast_config(url, retries=0, timeout=1.0),
+        "analyses": {"a": {"collection_ids": [1425]}, "b": {"collection_ids": [1616]}},
+    }
+    wf = make_workdir(tmp_path, cfg)
+    proc = run_snakemake(wf, check=False)
+    assert proc.returncode != 0
+    for name in ("a", "b"):
+        log = (wf / f"results/logs/query/{name}.log").read_text()
+        assert "Traceback (most recent call last)" in log, log
+        assert "ERROR" in log and "refused" in log, log
+    # Outside the log blocks Snakemake prints for failed jobs, no traceback reaches the terminal.
+    outside = re.sub(r"Logfile [^\n]*:\n=+\n.*?\n=+\n", "", proc.stdout, flags=re.S)
+    assert "Traceback" not in outside, outside[-4000:]
+    assert proc.stdout.count("Traceback (most recent call last)") == 2
+
+
+def readme_outputs() -> list[re.Pattern]:
+    """Path patterns of README's Outputs table (``{x}`` = one path segment; bare names share the
+    folder of the first path in their cell; a path ending in ``/`` covers everything below)."""
+    text = (REPO / "README.md").read_text().split("## Outputs", 1)[1].split("\n## ", 1)[0]
+    patterns = []
+    for row in re.findall(r"^\| (`results/[^|]*) \|", text, re.M):
+        names = re.findall(r"`([^`]+)`", row)
+        folder = names[0].rsplit("/", 1)[0]
+        for name in names:
+            path = name if name.startswith("results/") else f"{folder}/{name}"
+            rx = re.escape(path).replace(r"\{", "{").replace(r"\}", "}")
+            rx = re.sub(r"\{[a-z_]+\}", "[^/]+", rx)
+            patterns.append(re.compile(rx + (".*" if path.endswith("/") else "")))
+    return patterns
+
+
+def test_readme_outputs_table_lists_every_output_and_only_those(demo_run):
+    wf, _ = demo_run
+    files = sorted(str(p.relative_to(wf)) for p in (wf / "results").rglob("*") if p.is_file())
+    patterns = readme_outputs()
+    assert len(patterns) > 20
+    unlisted = [f for f in files if not any(p.fullmatch(f) for p in patterns)]
+    assert not unlisted, f"written by the demo but not in README's Outputs table: {unlisted}"
+    unused = [p.pattern for p in patterns if not any(p.fullmatch(f) for f in files)]
+    assert not unused, f"in README's Outputs table but not written by the demo: {unused}"
+
+
+def test_ctrl_c_prints_one_line_and_the_same_command_resumes(tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C in a terminal does) while a script job
+    runs: one line saying how to resume, no traceback, the lock released; the same command then
+    finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import SNAKEMAKE
+
+    cfg = {
+        "neurovault": {"url": "tests/data/snapshot"},
+        "conversion": {"df": "n-1"},
+        "analyses": {"A": {"image_ids": PAIN_IDS[:3], "meta": {"methods": ["stouffer"]}}},
+    }
+    wf = make_workdir(tmp_path, cfg, snapshot=SNAPSHOT)
+    figures_log = wf / "results/logs/figures/A_inputs.log"  # created when the job's logging is set up
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(
+            [*SNAKEMAKE, "--cores", "2", "--configfile", "test.yaml"],
+            cwd=wf,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while not figures_log.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before the figure job started"
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "out.txt").read_text()
+    assert rc != 0
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    tail = text.split("nvmeta: interrupted (Ctrl-C).", 1)[1]
+    assert (
+        tail.strip()
+        == "Finished outputs are kept; to resume, run the same command again (incomplete jobs are redone)."
+    ), tail
+    assert "interrupted (Ctrl-C)" in figures_log.read_text()
+    assert not list((wf / ".snakemake" / "locks").glob("*"))
+    assert not (wf / "results/analyses/A/figures/inputs_glass_brain.png").exists()
+    again = run_snakemake(wf)
+    assert "input_figures" in again.stdout
+    assert (wf / "results/analyses/A/figures/inputs_glass_brain.png").stat().st_size > 0
+    assert (wf / "results/analyses/A/meta/stouffer/z.nii.gz").exists()

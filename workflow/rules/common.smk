@@ -5,6 +5,9 @@ import json
 import os
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+
 from nvmeta.query import analysis_query_spec
 
 RESULTS = "results"
@@ -55,15 +58,52 @@ def mask_input(wildcards=None):
 
 @functools.lru_cache(maxsize=None)
 def _read_selection(path, mtime_ns):
+    """(image_id, collection_id) pairs of a selection.tsv; ValueError when a row is unreadable."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
-    return tuple((int(r["image_id"]), r.get("collection_id") or "") for r in rows)
+    out = []
+    for line, row in enumerate(rows, start=2):
+        image_id = row.get("image_id") or ""
+        if not image_id.isascii() or not image_id.isdigit() or image_id.startswith("0"):
+            raise ValueError(
+                f"line {line}: image_id {image_id!r} is not a positive integer"
+            )
+        out.append((int(image_id), row.get("collection_id") or ""))
+    return tuple(out)
+
+
+def _sweep_unreadable_selections():
+    """Remove every selection.tsv of this config that cannot be read (written by an older
+    version, edited by hand, truncated), so that its query simply runs again: a stale or
+    unreadable selection never blocks the DAG (input functions read selections first).
+    """
+    for analysis in config["analyses"]:
+        path = Path(RESULTS) / "analyses" / analysis / "selection.tsv"
+        try:
+            _read_selection(str(path), path.stat().st_mtime_ns)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, csv.Error) as exc:
+            logger.warning(
+                f"{path} is unreadable ({exc}); removed, the query of analysis "
+                f"{analysis!r} runs again."
+            )
+            path.unlink()
+
+
+_sweep_unreadable_selections()
 
 
 def selection(analysis):
     """(image_id, collection_id) pairs of an analysis, once its query checkpoint has run."""
     path = checkpoints.query.get(analysis=analysis).output[0]
-    return _read_selection(path, os.stat(path).st_mtime_ns)
+    try:
+        return _read_selection(path, os.stat(path).st_mtime_ns)
+    except (OSError, ValueError, csv.Error) as exc:  # changed during the run
+        raise WorkflowError(
+            f"{path} is unreadable ({exc}). Fix: run the same command again (the "
+            "query of that analysis then runs anew)."
+        )
 
 
 def selected_ids(analysis):
@@ -82,13 +122,15 @@ def per_image(pattern, analysis=None):
 
 
 def _collection_of():
-    """image id -> collection id over every selection on disk (for per-collection overrides)."""
+    """image id -> collection id over every readable selection on disk (for per-collection overrides)."""
     out = {}
     for analysis in config["analyses"]:
         path = Path(RESULTS) / "analyses" / analysis / "selection.tsv"
-        if path.exists():
-            for image_id, cid in _read_selection(str(path), path.stat().st_mtime_ns):
-                out[image_id] = cid
+        try:
+            pairs = _read_selection(str(path), path.stat().st_mtime_ns)
+        except (OSError, ValueError, csv.Error):
+            continue  # missing or unreadable: selection() reruns that query
+        out.update(pairs)
     return out
 
 
@@ -124,10 +166,6 @@ def meta_params(wildcards):
         META_PERM_KEYS if wildcards.method == "permutation" else []
     )
     return {k: meta[k] for k in keys}
-
-
-def n_selected(wildcards):
-    return len(selected_ids(wildcards.analysis))
 
 
 def meta_outputs(analysis):

@@ -1,0 +1,81 @@
+"""Per-job logging (nvmeta.logs): module loggers reach the job's log; parallel jobs never mix."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from nvmeta.logs import job_log
+
+
+def test_module_loggers_reach_the_job_log_and_threads_do_not_mix(tmp_path):
+    module_logger = logging.getLogger("nvmeta.client")  # any module logger, not the job's own
+    barrier = threading.Barrier(2)
+
+    def job(k: int) -> None:
+        with job_log(f"nvmeta.download.{k}", tmp_path / f"{k}.log") as log:
+            for i in range(50):
+                log.info("job %d own line %d", k, i)
+                module_logger.warning("job %d module line %d", k, i)
+                if i == 10:
+                    barrier.wait()  # both jobs are logging at the same time
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, other in ((1, 2), (2, 1)):
+        text = (tmp_path / f"{k}.log").read_text()
+        assert text.count(f"job {k} own line") == 50 and text.count(f"job {k} module line") == 50
+        assert f"job {other}" not in text
+    assert not [h for h in logging.getLogger("nvmeta").handlers if isinstance(h, logging.FileHandler)]
+    assert "nvmeta.download.1" not in logging.Logger.manager.loggerDict
+
+
+def test_exception_in_a_job_is_logged_with_its_traceback(tmp_path):
+    with pytest.raises(ValueError), job_log("nvmeta.zmap.7", tmp_path / "7.log"):
+        raise ValueError("broken header")
+    text = (tmp_path / "7.log").read_text()
+    assert "ERROR ValueError: broken header" in text and "Traceback (most recent call last)" in text
+
+
+def test_script_job_traceback_goes_to_the_log_and_one_line_to_stderr(tmp_path):
+    """A script job (own process): warnings and module records reach the log; an uncaught
+    exception leaves its traceback in the log and a single line on stderr."""
+    log = tmp_path / "job.log"
+    code = (
+        "import logging, warnings\n"
+        "from nvmeta.logs import job_logger\n"
+        f"log = job_logger('nvmeta.query', {str(log)!r})\n"
+        "logging.getLogger('nvmeta.filters').info('from a module')\n"
+        "warnings.warn('a captured warning')\n"
+        "raise RuntimeError('server unreachable')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1
+    text = log.read_text()
+    assert "from a module" in text and "a captured warning" in text
+    assert "Traceback (most recent call last)" in text and "RuntimeError: server unreachable" in text
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "server unreachable" in line] == [
+        next(line for line in proc.stderr.splitlines() if "ERROR" in line)
+    ]
+    assert f"traceback in {log}" in proc.stderr
+
+
+@pytest.mark.parametrize("as_script_job", [True, False])
+def test_ctrl_c_in_a_script_job_leaves_no_traceback(tmp_path, as_script_job):
+    """A Snakemake script job (``.snakemake/scripts/tmp*.py``) interrupted at any point after
+    ``import nvmeta`` ends without a traceback; any other program keeps Python's behaviour."""
+    folder = tmp_path / (".snakemake/scripts" if as_script_job else "elsewhere")
+    folder.mkdir(parents=True)
+    script = folder / "tmpabc.query.py"
+    script.write_text("import nvmeta.config\nraise KeyboardInterrupt\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert ("Traceback" in proc.stderr) is not as_script_job, proc.stderr
