@@ -48,6 +48,8 @@ QC_COLUMNS = [
     "name",
     "contrast_definition",
     "number_of_subjects",
+    "n",
+    "n_source",
     "status",
     "reason",
     "flags",
@@ -353,6 +355,8 @@ def build_qc(
         meta = _read_json(d / "metadata.json")
         nv = (meta or {}).get("nvmeta") or {}
         qc = _read_json(d / "qc.json")
+        if qc is not None:  # the one resolved sample size (contract C3), not the record's
+            row.update(n=_int(qc.get("n")), n_source=qc.get("n_source"))
         if meta is None or nv.get("status") != "ok":
             if meta is None:
                 reason = "download failed: metadata.json missing"
@@ -420,7 +424,7 @@ def build_qc(
             row[key] = _num(row[key])
 
     qc_df = pd.DataFrame(rows, columns=QC_COLUMNS)
-    for col in ("image_id", "collection_id", "number_of_subjects"):
+    for col in ("image_id", "collection_id", "number_of_subjects", "n"):
         qc_df[col] = qc_df[col].astype("Int64")
 
     count = len(rows)

@@ -237,3 +237,32 @@ def test_empty_selection(tmp_path):
     qc, funnel = build_qc(sel, image_dir_for(tmp_path), None)
     assert qc.empty and list(qc.columns) == QC_COLUMNS
     assert funnel["count"].tolist() == [0, 0, 0, 0]
+
+
+def test_qc_table_reads_the_resolved_n_from_qc_json(tmp_path):
+    # the record says n = 0 (NIDM); conversion.n_images gives 20: the QC table shows 20, like qc.json
+    d = tmp_path / "images" / "201"
+    d.mkdir(parents=True)
+    rec = {
+        "id": 201,
+        "collection_id": 5,
+        "map_type": "T map",
+        "number_of_subjects": 0,
+        "statistic_parameters": None,
+        "nvmeta": {"status": "ok", "reason": None},
+    }
+    (d / "metadata.json").write_text(json.dumps(rec))
+    nib.save(nib.Nifti1Image(smooth_field(7) * 2, T_AFF), d / "map.nii.gz")
+    conv = {"df": "n-2", "n_images": {"201": 20}}
+    qc = make_zmap(d / "metadata.json", d / "map.nii.gz", MASK, conv, d / "zmap.nii.gz", d / "qc.json")
+    assert (qc["n"], qc["df"]) == (20, 18.0)
+    sel = pd.DataFrame([{"image_id": 201, "collection_id": 5, "number_of_subjects": 0}]).reindex(
+        columns=SEL_COLS
+    )
+    sel_path = tmp_path / "selection.tsv"
+    sel.to_csv(sel_path, sep="\t", index=False)
+    qc_df, _ = build_qc(sel_path, image_dir_for(tmp_path), None, mask_img=MASK)
+    row = qc_df.iloc[0]
+    assert row["status"] == "included"
+    assert row["n"] == 20 and row["n_source"] == "n_images" and row["df"] == 18.0
+    assert row["number_of_subjects"] == 0  # the record's value, as recorded

@@ -390,3 +390,144 @@ def test_cli(tmp_path):
         == 0
     )
     assert json.loads((d / "q.json").read_text())["status"] == "included"
+
+
+# ---------------------------------------------------------------------------------------
+# C3: one resolved sample size per image, in qc.json
+# ---------------------------------------------------------------------------------------
+
+
+def test_n_override_resolved_once_into_qc_json(tmp_path):
+    # NIDM-style record: number_of_subjects = 0; the user's conversion.n_images gives 20
+    t = t_data(11)
+    conv = {"df": "n-2", "n_images": {"7": 20}}
+    qc, z = run(tmp_path, record(n=0), nib.Nifti1Image(t, T_AFF), conversion=conv)
+    assert qc["status"] == "included"
+    assert (qc["n"], qc["n_source"]) == (20, "n_images")
+    assert (qc["df"], qc["df_source"]) == (18.0, "n-2")  # df consistent with the same n
+    fin = np.isfinite(z)
+    np.testing.assert_allclose(z[fin], t_to_z(t[fin], 18.0), rtol=1e-6)
+    # the record's own n wins when usable, with its source
+    qc2, _ = run(tmp_path, record(image_id=8, n=25), nib.Nifti1Image(t, T_AFF), conversion=conv)
+    assert (qc2["n"], qc2["n_source"], qc2["df"]) == (25, "number_of_subjects", 23.0)
+    # collection override; statistic_parameters gives the df while n stays the resolved one
+    conv3 = {"df": "n-1", "n_collections": {"99": 30}}
+    rec3 = record(image_id=9, n=None, statistic_parameters=27.0)
+    qc3, _ = run(tmp_path, rec3, nib.Nifti1Image(t, T_AFF), conversion=conv3)
+    assert (qc3["n"], qc3["n_source"], qc3["df"], qc3["df_source"]) == (
+        30,
+        "n_collections",
+        27.0,
+        "statistic_parameters",
+    )
+    # Z maps carry their n too (weights read it); excluded images still report the resolved n
+    qc4, _ = run(
+        tmp_path, record(image_id=10, map_type="Z map", n=0), nib.Nifti1Image(t, T_AFF), conversion=conv3
+    )
+    assert (qc4["n"], qc4["n_source"], qc4["df_source"]) == (30, "n_collections", "z map")
+    qc5, _ = run(
+        tmp_path, record(image_id=7, map_type="F map", n=0), nib.Nifti1Image(t, T_AFF), conversion=conv
+    )
+    assert qc5["status"] == "excluded" and (qc5["n"], qc5["n_source"]) == (20, "n_images")
+
+
+# ---------------------------------------------------------------------------------------
+# Plausibility rules (issue 10 item 4): implausible statistics are excluded with a specific reason
+# ---------------------------------------------------------------------------------------
+
+SNAPSHOT = Path(__file__).parent / "data" / "snapshot"
+
+
+def _snapshot_maps():
+    manifest = json.loads((SNAPSHOT / "MANIFEST.json").read_text())
+    return {m["image_id"]: SNAPSHOT / m["path"] for m in manifest}
+
+
+def test_t_map_scaled_by_1000_is_excluded_as_implausible_effect(tmp_path):
+    # the demo's pain_01 T map x1000 at n = 20: max |t| = 10,161 -> z ~ 19 would pass max |z| <= 50
+    src = nib.load(_snapshot_maps()[990001])
+    t = np.asarray(src.dataobj, dtype=np.float32)
+    scaled = nib.Nifti1Image(t * 1000, src.affine)
+    qc, _ = run(tmp_path, record(n=20), scaled)
+    assert qc["status"] == "excluded"
+    assert qc["reason"].startswith(
+        "implausible effect size: max |t| / sqrt(n) = 2.27e+03 > qc.max_t_per_sqrt_n = 20"
+    )
+    assert qc["source_max_abs"] == pytest.approx(10161.0, rel=1e-4)
+    # the unscaled map is fine (2.27 at n = 20) and so is the limit when raised
+    qc_ok, _ = run(tmp_path, record(image_id=8, n=20), nib.Nifti1Image(t, src.affine))
+    assert qc_ok["status"] == "included" and qc_ok["max_abs_z"] < 8
+    # without n the df stands in (sqrt(df + 1))
+    qc_df, _ = run(tmp_path, record(image_id=9, n=None, statistic_parameters=19), scaled)
+    assert qc_df["reason"].startswith("implausible effect size: max |t| / sqrt(df + 1) = 2.27e+03")
+
+
+@pytest.mark.parametrize(
+    ("fields", "conversion", "reason"),
+    [
+        ({"n": 1e9}, {}, "implausible sample size: number_of_subjects = 1e+09 > qc.max_n = 100000"),
+        (
+            {"n": None, "statistic_parameters": 1e300},
+            {},
+            "implausible degrees of freedom: statistic_parameters = 1e+300 > qc.max_n = 100000",
+        ),
+        ({"n": 20.5}, {}, "implausible sample size: number_of_subjects = 20.5 is not an integer"),
+        ({"n": 0}, {"n_images": {"7": 12.5}}, "implausible sample size: n_images = 12.5 is not an integer"),
+        (
+            {"n": 20.5, "map_type": "Z map"},
+            {},
+            "implausible sample size: number_of_subjects = 20.5 is not an integer",
+        ),
+    ],
+)
+def test_implausible_n_and_df_are_excluded(tmp_path, fields, conversion, reason):
+    fields = dict(fields)
+    rec = record(n=fields.pop("n"), **fields)
+    qc, _ = run(tmp_path, rec, nib.Nifti1Image(t_data(12), T_AFF), conversion={"df": "n-2", **conversion})
+    assert qc["status"] == "excluded"
+    assert qc["reason"].startswith(reason)
+    assert qc["n"] is None and qc["df"] is None
+
+
+def test_implausible_record_n_can_be_overridden(tmp_path):
+    # 20.5 is not a sample size; the user's n_images replaces it, and df and qc.json agree
+    conv = {"df": "n-2", "n_images": {"7": 20}}
+    qc, _ = run(tmp_path, record(n=20.5), nib.Nifti1Image(t_data(12), T_AFF), conversion=conv)
+    assert qc["status"] == "included"
+    assert (qc["n"], qc["n_source"], qc["df"], qc["df_source"]) == (20, "n_images", 18.0, "n-2")
+
+
+def test_limits_are_config_keys(tmp_path):
+    from nvmeta.config import defaults
+
+    limits = {**defaults("qc"), "max_n": 1e10, "max_t_per_sqrt_n": 1e6}
+    d = tmp_path / "images" / "7"
+    d.mkdir(parents=True)
+    (d / "metadata.json").write_text(json.dumps(record(n=1e9)))
+    nib.save(nib.Nifti1Image(t_data(12) * 1000, T_AFF), d / "map.nii.gz")
+    qc = make_zmap(
+        d / "metadata.json", d / "map.nii.gz", MASK, {"df": "n-2"}, d / "z.nii.gz", d / "qc.json", limits
+    )
+    assert qc["status"] == "included" and qc["n"] == 10**9
+
+
+def test_every_demo_map_passes_the_plausibility_rules(tmp_path):
+    # defaults keep the demo: the 21 pain maps (and every other readable demo map) stay included
+    maps = _snapshot_maps()
+    included = set()
+    for f in sorted((SNAPSHOT / "api" / "images").glob("*.json")):
+        rec = json.loads(f.read_text())
+        if rec["id"] not in maps or rec.get("map_type") not in ("T map", "Z map"):
+            continue
+        rec["nvmeta"] = {"status": "ok", "reason": None}
+        d = tmp_path / str(rec["id"])
+        d.mkdir()
+        (d / "metadata.json").write_text(json.dumps(rec))
+        src = maps[rec["id"]]
+        conv = {"df": "n-2", "n_images": {"10426": 20}}
+        qc = make_zmap(d / "metadata.json", src, MASK, conv, d / "zmap.nii.gz", d / "qc.json")
+        if qc["status"] == "included":
+            included.add(rec["id"])
+        else:
+            assert not qc["reason"].startswith(("implausible", "map too large")), (rec["id"], qc["reason"])
+    assert set(range(990001, 990022)) <= included
