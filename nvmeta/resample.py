@@ -111,16 +111,17 @@ def _overlaps(affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndar
 
 
 def _linear_at(
-    data0: np.ndarray, weight: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, ijk: np.ndarray
+    data: np.ndarray, valid: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, ijk: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Trilinear values of ``data0`` and ``weight`` at target voxels ``ijk`` (3, M), in one pass.
+    """Trilinear values of the data (no data set to 0) and of the validity at target voxels ``ijk`` (3, M).
 
-    Both volumes are stacked as one (2, X, Y, Z) array and sampled by a single
-    ``scipy.ndimage.map_coordinates(order=1, mode="constant", cval=0)`` call, the interpolation that
-    nilearn's ``resample_img(interpolation="linear")`` runs (``affine_transform`` with the same order,
-    mode and fill value), but only at the template-mask voxels instead of the whole template box, and
-    without nilearn's per-volume loop and copies. The channel coordinate is exactly 0 or 1, so the
-    interpolation along it is exact. Returns float32 arrays of length M.
+    One pass: both volumes are written straight into one (2, X, Y, Z) float32 stack (no other copy of
+    the map) and sampled by a single ``scipy.ndimage.map_coordinates(order=1, mode="constant", cval=0)``
+    call, the interpolation that nilearn's ``resample_img(interpolation="linear")`` runs
+    (``affine_transform`` with the same order, mode and fill value), but only at the template-mask
+    voxels instead of the whole template box, and without nilearn's per-volume loop and copies. The
+    channel coordinate is exactly 0 or 1, so the interpolation along it is exact. Returns float32 arrays
+    of length M.
     """
     from scipy import ndimage
 
@@ -134,9 +135,9 @@ def _linear_at(
     coords[1:, :n_pts] = src
     coords[1:, n_pts:] = src
     del src
-    stack = np.empty((2, *data0.shape), dtype=np.float32)
-    stack[0] = data0
-    stack[1] = weight
+    stack = np.zeros((2, *data.shape), dtype=np.float32)
+    np.copyto(stack[0], data, where=valid, casting="unsafe")
+    stack[1] = valid
     out = ndimage.map_coordinates(stack, coords, output=np.float32, order=1, mode="constant", cval=0.0)
     return out[:n_pts], out[n_pts:]
 
@@ -199,10 +200,8 @@ def resample_to_template(
             out = np.full(target_shape, np.nan, dtype=np.float32)
         else:
             method = "linear"
-            data0 = np.where(valid, data, 0).astype(np.float32)
             ijk = np.array(np.nonzero(mask), dtype=np.float64)
-            rd, rw = _linear_at(data0, valid.astype(np.float32), affine, target_affine, ijk)
-            del data0
+            rd, rw = _linear_at(data, valid, affine, target_affine, ijk)
             vals = np.full(rd.shape, np.nan, dtype=np.float32)
             good = rw >= min_weight
             with np.errstate(divide="ignore", invalid="ignore"):

@@ -43,6 +43,9 @@ MAX_PLAUSIBLE = 1e10
 #: Keys of the ``qc`` config block that the per-image job applies (passed as ``limits``).
 LIMIT_KEYS = ("max_n", "max_t_per_sqrt_n", "max_map_mb")
 
+#: Bytes of stored data read at a time (see :func:`_read_float32`).
+SLAB_BYTES = 32_000_000
+
 logger = logging.getLogger(__name__)
 
 R_DOWNLOAD = "download failed: {}"
@@ -133,7 +136,8 @@ def load_map(
     """
     qc = {} if qc is None else qc
     try:
-        img = nib.load(os.fspath(path), mmap=False)
+        # one file handle for the slab reads below (a gzip stream is then read once, front to back)
+        img = nib.load(os.fspath(path), mmap=False, keep_file_open=True)
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = [float(z) for z in img.header.get_zooms()[:3]]
@@ -157,30 +161,39 @@ def load_map(
         dtype = img.get_data_dtype()
         if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
             raise TypeError(f"unsupported data type {dtype}")
-        # nibabel scales straight into float32 (one array); float64 files are read as float64 and
-        # range-checked before the cast (values beyond the float32 range must not silently become inf).
-        wide = np.issubdtype(dtype, np.floating) and dtype.itemsize > 4
-        data = np.asarray(img.dataobj) if wide else np.asarray(img.dataobj, dtype=np.float32)
-        if data.shape != shape:
-            raise ValueError(f"data shape {data.shape} != header shape {shape}")
-        data = data.reshape(shape[:3])
-        if data.dtype != np.float32:
-            finite = np.isfinite(data)
-            big = max(
-                abs(float(np.max(data, where=finite, initial=0.0))),
-                abs(float(np.min(data, where=finite, initial=0.0))),
-            )
-            del finite
-            if big > MAX_PLAUSIBLE:
-                raise Excluded(R_IMPLAUSIBLE)
-            data = data.astype(np.float32)
-        elif not data.flags.writeable:
-            data = data.copy()
+        data = _read_float32(img.dataobj, shape)
     except Excluded:
         raise
     except Exception as exc:
         raise Excluded(R_UNREADABLE.format(_short(exc, path))) from exc
     return data, affine
+
+
+def _read_float32(proxy: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Read a 3-D (or single-volume) image once into a float32 array, in slabs of the last spatial axis.
+
+    nibabel reads a whole image into one array of its stored dtype (a float64 gz map: the raw bytes plus a
+    second copy inside Python's gzip reader), i.e. up to 16 bytes per voxel before the float32 cast. Slabs of
+    about :data:`SLAB_BYTES` (contiguous in the file, read in order through one open handle) keep the reading
+    peak at the float32 result plus one slab. Values beyond the float32 range (float64 files) raise
+    :class:`Excluded` (``"implausible values"``) instead of silently becoming inf (= no data).
+    """
+    nx, ny, nz = shape[:3]
+    extra = (0,) * (len(shape) - 3)
+    out = np.empty((nx, ny, nz), dtype=np.float32)
+    step = max(1, SLAB_BYTES // max(1, nx * ny * 8))
+    for k0 in range(0, nz, step):
+        k1 = min(nz, k0 + step)
+        block = np.asarray(proxy[(slice(None), slice(None), slice(k0, k1), *extra)])
+        if block.shape != (nx, ny, k1 - k0):
+            raise ValueError(f"data shape {block.shape} != header shape {shape}")
+        if block.dtype.itemsize > 4 and np.issubdtype(block.dtype, np.floating):
+            finite = np.isfinite(block)
+            hi = float(np.max(np.abs(block), where=finite, initial=0.0))
+            if hi > MAX_PLAUSIBLE:
+                raise Excluded(R_IMPLAUSIBLE)
+        out[:, :, k0:k1] = block
+    return out
 
 
 def check_values(data: np.ndarray) -> tuple[np.ndarray, float]:
@@ -191,7 +204,7 @@ def check_values(data: np.ndarray) -> tuple[np.ndarray, float]:
     valid = np.isfinite(data)
     if not valid.any():
         raise Excluded(R_NO_FINITE)
-    valid &= data != 0
+    np.not_equal(data, 0, out=valid, where=valid)
     if not valid.any():
         raise Excluded(R_ALL_ZERO)
     vmin = float(np.min(data, where=valid, initial=np.inf))

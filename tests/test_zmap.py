@@ -531,3 +531,116 @@ def test_every_demo_map_passes_the_plausibility_rules(tmp_path):
         else:
             assert not qc["reason"].startswith(("implausible", "map too large")), (rec["id"], qc["reason"])
     assert set(range(990001, 990022)) <= included
+
+
+# ---------------------------------------------------------------------------------------
+# Memory (issue 10 item 7): a bound from the header, one float32 read, peak within mem_mb
+# ---------------------------------------------------------------------------------------
+
+
+def _header_only_gz(path: Path, shape, dtype) -> None:
+    """A gzipped NIfTI whose header promises ``shape`` x ``dtype`` but holds only 1 KB of data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_qform(np.diag([0.5, 0.5, 0.5, 1.0]), code=1)
+    hdr.set_sform(np.diag([0.5, 0.5, 0.5, 1.0]), code=1)
+    raw = hdr.binaryblock + b"\0" * 4 + b"\0" * 1024
+    path.write_bytes(gzip.compress(raw))
+
+
+def test_oversized_map_excluded_from_its_header_before_reading(tmp_path):
+    # a 400^3 float64 header (512 MB decoded); the data are truncated, so reading them would fail
+    # with "unreadable map: EOFError ...": the size rule must fire first, from the header alone
+    f = tmp_path / "huge.nii.gz"
+    _header_only_gz(f, (400, 400, 400), np.float64)
+    qc, _ = run(tmp_path, record(), map_file=f)
+    assert qc["status"] == "excluded"
+    assert qc["reason"] == (
+        "map too large: header says 400x400x400 voxels = 256 MB as float32 > qc.max_map_mb = 240 (not read)"
+    )
+    assert qc["source_shape"] == [400, 400, 400]
+    # the same truncated file under a raised limit is read, and fails as unreadable
+    from nvmeta.config import defaults
+
+    d = tmp_path / "images" / "7"
+    qc2 = make_zmap(
+        d / "metadata.json",
+        f,
+        MASK,
+        {"df": "n-2"},
+        d / "zmap.nii.gz",
+        d / "qc.json",
+        {**defaults("qc"), "max_map_mb": 1e4},
+    )
+    assert qc2["reason"].startswith("unreadable map: "), qc2["reason"]
+
+
+_MEM_JOB = r"""
+import json, sys
+import numpy as np, nibabel as nib
+from nvmeta.zmap import make_zmap
+import nvmeta.resample, nvmeta.stats, scipy.ndimage
+
+def hwm():  # peak RSS of this process (VmHWM; getrusage's maxrss would include the parent at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+d = sys.argv[1]
+mask = nib.load(d + "/mask.nii.gz")
+mask = nib.Nifti1Image(np.asarray(mask.dataobj), mask.affine)
+base = hwm()
+qc = make_zmap(d + "/metadata.json", d + "/map.nii.gz", mask, {"df": "n-2"}, d + "/z.nii.gz", d + "/qc.json")
+print(json.dumps({"base": base, "peak": hwm(), "status": qc["status"], "reason": qc["reason"]}))
+"""
+
+
+def _job_peak_mb(d: Path, shape, vox_mm: float) -> dict:
+    """Peak RSS of make_zmap in a fresh process on a float64 map of ``shape`` covering the same 200 mm box."""
+    import os
+    import subprocess
+    import sys
+
+    d.mkdir()
+    data = np.full(shape, 0.5)
+    c = [s // 2 for s in shape]
+    r = shape[0] // 10
+    data[c[0] - r : c[0] + r, c[1] - r : c[1] + r, c[2] - r : c[2] + r] = 6.0
+    aff = np.diag([vox_mm, vox_mm, vox_mm, 1.0])
+    aff[:3, 3] = -100.3  # off the template lattice: the interpolation path
+    nib.save(nib.Nifti1Image(data, aff), d / "map.nii.gz")
+    m = np.zeros((100, 100, 100), dtype=np.uint8)
+    m[10:90, 10:90, 10:90] = 1
+    mask_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    mask_aff[:3, 3] = -100
+    nib.save(nib.Nifti1Image(m, mask_aff), d / "mask.nii.gz")
+    (d / "metadata.json").write_text(json.dumps(record(n=20)))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run(
+        [sys.executable, "-c", _MEM_JOB, str(d)], env=env, cwd=d, capture_output=True, text=True, check=True
+    )
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["status"] == "included", out
+    return out
+
+
+def test_large_allowed_map_stays_within_declared_memory(tmp_path):
+    import re
+
+    from nvmeta.config import defaults
+
+    # the same 200 mm box at 2 mm (1M voxels) and at 1 mm (8M voxels), float64, data in every voxel;
+    # the difference of the peaks is what the job needs per source voxel (fixed costs cancel)
+    small = _job_peak_mb(tmp_path / "small", (100, 100, 100), 2.0)
+    big = _job_peak_mb(tmp_path / "big", (200, 200, 200), 1.0)
+    per_voxel = ((big["peak"] - big["base"]) - (small["peak"] - small["base"])) * 1e6 / (200**3 - 100**3)
+    # one float32 copy, the validity and the 2-channel interpolation stack: ~13 B/voxel
+    # (before: float64 copies and float64 t -> z temporaries on every voxel: ~50 B/voxel)
+    assert per_voxel < 18, f"{per_voxel:.1f} B/voxel"
+    # at that rate the largest map qc.max_map_mb admits fits the rule's declared mem_mb
+    smk = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "zmap.smk").read_text()
+    mem_mb = int(re.search(r"mem_mb=(\d+)", smk).group(1))
+    max_vox = defaults("qc")["max_map_mb"] * 1e6 / 4
+    fixed = small["peak"]  # interpreter, imports, mask and a 1M-voxel map
+    assert fixed + 18 * max_vox / 1e6 <= mem_mb
