@@ -27,21 +27,18 @@ with ``|r_sub| > duplicate_r - screen_margin`` are re-read and checked exactly, 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-QC_DEFAULTS: dict[str, float] = {
-    "min_coverage": 0.5,
-    "min_max_abs_z": 1.96,
-    "max_abs_z": 50.0,
-    "duplicate_r": 0.99,
-}
+logger = logging.getLogger(__name__)
+
 QC_COLUMNS = [
     "image_id",
     "collection_id",
@@ -67,17 +64,6 @@ MIN_SHARED_VOXELS = 100
 #: Soft-warning thresholds (flags only).
 FLAG_LOW_COVERAGE = 0.8
 FLAG_HIGH_Z = 30.0
-
-
-def _log(log: Any, msg: str) -> None:
-    if log is None:
-        return
-    if hasattr(log, "info"):
-        log.info(msg)
-    elif callable(log):
-        log(msg)
-    else:  # file-like
-        log.write(msg + "\n")
 
 
 def _fmt(x: float) -> str:
@@ -303,8 +289,8 @@ def _empty(x: Any) -> Any:
 def build_qc(
     selection_tsv: str | os.PathLike,
     image_dir_for: Callable[[int], Path],
-    qc_cfg: dict | None = None,
-    log: Any = None,
+    qc_cfg: Mapping[str, Any] | None = None,
+    logger: logging.Logger | None = None,
     mask_img: Any = None,
     memory_bytes: int = 2_000_000_000,
 ):
@@ -317,10 +303,11 @@ def build_qc(
     image_dir_for : callable
         ``image_dir_for(image_id) -> Path`` of ``results/images/{image_id}/`` (holding metadata.json, qc.json,
         zmap.nii.gz).
-    qc_cfg : dict, optional
-        ``config["qc"]``; missing keys take :data:`QC_DEFAULTS`.
-    log : logger, callable or file-like, optional
-        Progress and warnings.
+    qc_cfg : mapping, optional
+        ``config["qc"]`` (every key; build one as ``{**nvmeta.config.defaults("qc"), ...}``); None: the
+        schema defaults.
+    logger : logging.Logger, optional
+        Progress and warnings (default: this module's logger).
     mask_img : nibabel.Nifti1Image, optional
         Template mask used to vectorise the z-maps for the duplicate search; by default the voxels where any
         included map has data (same result: voxels outside the mask are NaN in every z-map).
@@ -336,8 +323,12 @@ def build_qc(
     """
     import pandas as pd
 
-    cfg = dict(QC_DEFAULTS)
-    cfg.update({k: v for k, v in (qc_cfg or {}).items() if v is not None})
+    log = logger if logger is not None else logging.getLogger(__name__)
+    if qc_cfg is None:
+        from nvmeta.config import defaults
+
+        qc_cfg = defaults("qc")
+    cfg = qc_cfg
     sel = pd.read_csv(selection_tsv, sep="\t", dtype=str, keep_default_na=False)
     rows: list[dict] = []
     stage_lost: dict[str, list[str]] = {s: [] for s in STAGES[1:]}
@@ -370,7 +361,7 @@ def build_qc(
             continue
         if qc is None:
             reason = "not converted: qc.json missing"
-            _log(log, f"warning: image {image_id}: {reason}")
+            log.warning("image %s: %s", image_id, reason)
             row.update(status="excluded", reason=reason)
             stage_lost["converted"].append(reason)
             rows.append(row)
@@ -401,7 +392,7 @@ def build_qc(
     # duplicates among the maps still included
     kept = [i for i, r in enumerate(rows) if r["status"] == "included"]
     if len(kept) >= 2:
-        _log(log, f"duplicate search over {len(kept)} maps (|r| > {cfg['duplicate_r']})")
+        log.info("duplicate search over %d maps (|r| > %s)", len(kept), cfg["duplicate_r"])
         vox = _vector_index(mask_img, [image_dir_for(rows[i]["image_id"]) for i in kept])
 
         def load(m: int) -> np.ndarray:
@@ -416,7 +407,7 @@ def build_qc(
             reason = f"{kind} of image {other['image_id']} (r={r:.3f})"
             row.update(status="excluded", reason=reason)
             stage_lost["passed QC"].append(reason)
-            _log(log, f"image {row['image_id']}: {reason}")
+            log.info("image %s: %s", row["image_id"], reason)
 
     for row in rows:
         row["flags"] = "; ".join(_flags(row, cfg)) if row["status"] == "included" else None
@@ -437,7 +428,7 @@ def build_qc(
         )
     funnel_df = pd.DataFrame(funnel, columns=FUNNEL_COLUMNS)
     n_inc = int((qc_df["status"] == "included").sum())
-    _log(log, f"QC: {len(rows)} selected, {n_inc} included")
+    log.info("QC: %d selected, %d included", len(rows), n_inc)
     return qc_df, funnel_df
 
 
@@ -468,16 +459,16 @@ def _load_vector(path: Path, vox: np.ndarray) -> np.ndarray:
 def write_qc(
     selection_tsv: str | os.PathLike,
     image_dir_for: Callable[[int], Path],
-    qc_cfg: dict | None,
+    qc_cfg: Mapping[str, Any] | None,
     qc_tsv: str | os.PathLike,
     funnel_tsv: str | os.PathLike,
-    log: Any = None,
+    logger: logging.Logger | None = None,
     mask_img: Any = None,
 ):
     """Build (:func:`build_qc`) and write ``qc.tsv`` and ``funnel.tsv`` atomically; return both tables."""
     from nvmeta.io import write_tsv
 
-    qc_df, funnel_df = build_qc(selection_tsv, image_dir_for, qc_cfg, log=log, mask_img=mask_img)
+    qc_df, funnel_df = build_qc(selection_tsv, image_dir_for, qc_cfg, logger=logger, mask_img=mask_img)
     write_tsv(qc_tsv, qc_df)
     write_tsv(funnel_tsv, funnel_df)
     return qc_df, funnel_df

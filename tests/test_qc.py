@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nvmeta.config import defaults
 from nvmeta.qc import QC_COLUMNS, _pairwise_r, build_qc, find_duplicates, write_qc
 from nvmeta.query import SELECTION_COLUMNS
 from nvmeta.zmap import make_zmap
@@ -122,10 +123,10 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("memory_bytes", [2_000_000_000, 1])  # exact pairwise / subsample screening
-def test_qc_table_rules_and_reasons(analysis, memory_bytes):
+def test_qc_table_rules_and_reasons(analysis, memory_bytes, caplog):
     root, sel = analysis
-    logs: list[str] = []
-    qc, funnel = build_qc(sel, image_dir_for(root), {}, log=logs.append, memory_bytes=memory_bytes)
+    caplog.set_level("INFO", logger="nvmeta.qc")
+    qc, funnel = build_qc(sel, image_dir_for(root), defaults("qc"), memory_bytes=memory_bytes)
     assert list(qc.columns) == QC_COLUMNS
     assert qc["image_id"].tolist() == list(EXPECTED)  # selection order, one row per image
     got = {int(r.image_id): (r.status, None if pd.isna(r.reason) else r.reason) for r in qc.itertuples()}
@@ -137,12 +138,12 @@ def test_qc_table_rules_and_reasons(analysis, memory_bytes):
     t_row = qc.set_index("image_id").loc[111]
     assert (t_row["df"], t_row["df_source"]) == (28.0, "n-2")
     assert "df assumed from sample size (n-2)" in t_row["flags"]
-    assert any("duplicate search" in m for m in logs)
+    assert any("duplicate search" in r.getMessage() and r.name == "nvmeta.qc" for r in caplog.records)
 
 
 def test_funnel_counts(analysis):
     root, sel = analysis
-    _, funnel = build_qc(sel, image_dir_for(root), {"min_coverage": 0.5})
+    _, funnel = build_qc(sel, image_dir_for(root), {**defaults("qc"), "min_coverage": 0.5})
     f = funnel.set_index("stage")
     assert list(funnel.columns) == ["stage", "count", "excluded_here", "reasons"]
     assert f.index.tolist() == ["selected", "downloaded", "converted", "passed QC"]
@@ -160,7 +161,13 @@ def test_funnel_counts(analysis):
 
 def test_configurable_rules(analysis):
     root, sel = analysis
-    cfg = {"min_coverage": 0.2, "min_max_abs_z": 0.5, "max_abs_z": 100, "duplicate_r": 0.999999}
+    cfg = {
+        **defaults("qc"),
+        "min_coverage": 0.2,
+        "min_max_abs_z": 0.5,
+        "max_abs_z": 100,
+        "duplicate_r": 0.999999,
+    }
     qc, funnel = build_qc(sel, image_dir_for(root), cfg)
     st = dict(zip(qc["image_id"], qc["status"], strict=True))
     assert st[105] == st[106] == st[107] == "included"
