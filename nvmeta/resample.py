@@ -46,6 +46,9 @@ if TYPE_CHECKING:  # pragma: no cover
 MIN_WEIGHT = 0.5
 #: Affines closer than this (mm / fraction of voxel) are treated as equal / as lying on the lattice.
 AFFINE_ATOL = 1e-4
+#: Off-axis terms of the target -> source voxel map below this fraction of the largest term are rounding
+#: (e.g. float32 qform): the grid change is treated as rotation-free (error < 1e-6 voxel per voxel).
+SEPARABLE_ATOL = 1e-6
 
 
 def valid_mask(data: np.ndarray) -> np.ndarray:
@@ -110,23 +113,29 @@ def _overlaps(affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndar
     return bool(((hi >= -1) & (lo <= np.asarray(target_shape))).all())
 
 
-def _linear_at(
-    data: np.ndarray, valid: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, ijk: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Trilinear values of the data (no data set to 0) and of the validity at target voxels ``ijk`` (3, M).
+def _stack(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(2, X, Y, Z) float32: data with no data set to 0, and validity (no other copy of the map)."""
+    stack = np.zeros((2, *data.shape), dtype=np.float32)
+    np.copyto(stack[0], data, where=valid, casting="unsafe")
+    stack[1] = valid
+    return stack
 
-    One pass: both volumes are written straight into one (2, X, Y, Z) float32 stack (no other copy of
-    the map) and sampled by a single ``scipy.ndimage.map_coordinates(order=1, mode="constant", cval=0)``
-    call, the interpolation that nilearn's ``resample_img(interpolation="linear")`` runs
-    (``affine_transform`` with the same order, mode and fill value), but only at the template-mask
-    voxels instead of the whole template box, and without nilearn's per-volume loop and copies. The
-    channel coordinate is exactly 0 or 1, so the interpolation along it is exact. Returns float32 arrays
-    of length M.
+
+def _to_source(affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:
+    """Target voxel -> source voxel, computed as nilearn does: inv(source affine) @ target affine."""
+    return np.dot(np.linalg.inv(affine), target_affine)
+
+
+def _linear_at(stack: np.ndarray, m: np.ndarray, ijk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear values of both channels of ``stack`` at target voxels ``ijk`` (3, M), any affine.
+
+    One ``scipy.ndimage.map_coordinates(order=1, mode="constant", cval=0)`` call on the stacked volume
+    (the channel coordinate is exactly 0 or 1, so the interpolation along it is exact): the interpolation
+    nilearn's ``resample_img(interpolation="linear")`` runs (``affine_transform``, same order, mode and
+    fill value), at the template-mask voxels only. Used for oblique grids; returns float32 arrays (M,).
     """
     from scipy import ndimage
 
-    # same transform as nilearn: inv(source affine) @ target affine (target voxel -> source voxel)
-    m = np.dot(np.linalg.inv(affine), target_affine)
     src = m[:3, :3] @ ijk + m[:3, 3:4]
     n_pts = ijk.shape[1]
     coords = np.empty((4, 2 * n_pts), dtype=np.float64)
@@ -135,11 +144,72 @@ def _linear_at(
     coords[1:, :n_pts] = src
     coords[1:, n_pts:] = src
     del src
-    stack = np.zeros((2, *data.shape), dtype=np.float32)
-    np.copyto(stack[0], data, where=valid, casting="unsafe")
-    stack[1] = valid
     out = ndimage.map_coordinates(stack, coords, output=np.float32, order=1, mode="constant", cval=0.0)
     return out[:n_pts], out[n_pts:]
+
+
+def _separable(m: np.ndarray) -> tuple | None:
+    """If the target -> source map has no rotation (a signed, scaled axis permutation), return ``perm``.
+
+    Target axis k maps to source axis ``perm[k]`` with ``x_src = m[perm[k], k] * i_k + m[perm[k], 3]``.
+    """
+    a = m[:3, :3]
+    big = np.abs(a) > SEPARABLE_ATOL * np.abs(a).max()
+    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
+        return None
+    return np.argmax(np.abs(a), axis=0)
+
+
+def _axis_weights(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-interpolation indices and weights along one axis, with scipy's ``mode="constant"`` edges.
+
+    Like ``scipy.ndimage`` (order 1, constant mode), a coordinate outside ``[0, n - 1]`` gets weight 0.
+    """
+    inside = (x >= 0) & (x <= n - 1)
+    xs = np.where(inside, x, 0.0)
+    i0 = np.floor(xs).astype(np.intp)
+    f = xs - i0
+    i1 = np.minimum(i0 + 1, n - 1)
+    w0 = np.where(inside, 1.0 - f, 0.0)
+    w1 = np.where(inside, f, 0.0)
+    return i0, i1, w0, w1
+
+
+def _linear_separable(
+    stack: np.ndarray, m: np.ndarray, perm: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear values of both channels at the mask voxels for a rotation-free grid change.
+
+    Trilinear interpolation without rotation is a product of three 1-D linear interpolations, so it is
+    done axis by axis (two gathers and a weighted sum per axis, over the template-mask bounding box),
+    both channels at once: the same values scipy's ``affine_transform``/``map_coordinates`` (order 1,
+    constant mode) compute point by point, at a fraction of the cost (tests compare with nilearn).
+    """
+    idx = np.nonzero(mask)
+    lo = [int(i.min()) for i in idx]
+    hi = [int(i.max()) + 1 for i in idx]
+    src_of = {int(perm[k]): k for k in range(3)}  # source axis -> target axis
+    arr = stack
+    for j in range(3):  # contract source axis j (array axis j + 1) onto its target axis
+        k = src_of[j]
+        t = np.arange(lo[k], hi[k], dtype=np.float64)
+        x = m[j, k] * t + m[j, 3]
+        i0, i1, w0, w1 = _axis_weights(x, stack.shape[j + 1])
+        w0, w1 = w0.astype(np.float32), w1.astype(np.float32)  # float32 intermediates: memory
+        shape = [1] * arr.ndim
+        shape[j + 1] = -1
+        nxt = np.take(arr, i0, axis=j + 1)
+        nxt *= w0.reshape(shape)
+        hi_part = np.take(arr, i1, axis=j + 1)
+        hi_part *= w1.reshape(shape)
+        nxt += hi_part
+        del hi_part
+        arr = nxt
+    # arr axes: channel, then the target axes in source-axis order -> target order
+    order = [0] + [int(perm[k]) + 1 for k in range(3)]
+    box = arr.transpose(order)
+    sel = tuple(idx[k] - lo[k] for k in range(3))
+    return box[0][sel], box[1][sel]
 
 
 def resample_to_template(
@@ -200,8 +270,14 @@ def resample_to_template(
             out = np.full(target_shape, np.nan, dtype=np.float32)
         else:
             method = "linear"
-            ijk = np.array(np.nonzero(mask), dtype=np.float64)
-            rd, rw = _linear_at(data, valid, affine, target_affine, ijk)
+            m = _to_source(affine, target_affine)
+            stack = _stack(data, valid)
+            perm = _separable(m)
+            if perm is not None:
+                rd, rw = _linear_separable(stack, m, perm, mask)
+            else:
+                rd, rw = _linear_at(stack, m, np.array(np.nonzero(mask), dtype=np.float64))
+            del stack
             vals = np.full(rd.shape, np.nan, dtype=np.float32)
             good = rw >= min_weight
             with np.errstate(divide="ignore", invalid="ignore"):

@@ -23,6 +23,7 @@ the ``qc.max_map_mb`` default keeps a job well inside the rule's ``mem_mb``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -65,6 +66,17 @@ R_EFFECT = (
     "implausible effect size: max |{stat}| / sqrt({n_label}) = {value:.3g} > qc.max_t_per_sqrt_n = {limit:g} "
     "(max |{stat}| = {max_abs:.4g}; map stored scaled?)"
 )
+
+
+@functools.lru_cache(maxsize=1)
+def _default_limits() -> Mapping[str, Any]:
+    """The schema defaults of :data:`LIMIT_KEYS` (read once per process; the schema is the only source)."""
+    from types import MappingProxyType
+
+    from nvmeta.config import defaults
+
+    qc = defaults("qc")
+    return MappingProxyType({k: qc[k] for k in LIMIT_KEYS})
 
 
 class Excluded(Exception):
@@ -265,9 +277,7 @@ def make_zmap(
     remove_stale_temps(out_zmap, out_qc)  # temporaries of a killed earlier attempt
     conversion = conversion or {}
     if limits is None:
-        from nvmeta.config import defaults
-
-        limits = defaults("qc")
+        limits = _default_limits()
     qc: dict[str, Any] = {
         "image_id": None,
         "collection_id": None,

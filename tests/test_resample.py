@@ -257,11 +257,14 @@ def _nilearn_normalised_linear(data, aff, mask_img, min_weight=R.MIN_WEIGHT):
         grid(3.0, (13, 14, 12), -21.7),  # 3 mm, off the lattice
         grid(1.5, (27, 25, 26), -19.3, flip_x=True),  # 1.5 mm LAS
         np.array([[1.9, 0.3, 0, -18], [-0.3, 1.9, 0.1, -21], [0, -0.1, 2.1, -17.5], [0, 0, 0, 1]]),  # oblique
+        np.array([[0, 0, 2.5, -19.1], [-1.7, 0, 0, 17.2], [0, 2.2, 0, -20.4], [0, 0, 0, 1]]),  # axes permuted
     ],
 )
 def test_one_pass_linear_equals_nilearn_two_volume_resampling(aff):
     # one map_coordinates call at the mask voxels == the old nilearn resample_img of (data, validity)
     shape = (13, 14, 12) if aff[0, 0] == 3.0 else ((27, 25, 26) if abs(aff[0, 0]) == 1.5 else (22, 21, 19))
+    if aff[0, 0] == 0:
+        shape = (23, 19, 16)
     rng = np.random.default_rng(5)
     data = rng.normal(size=shape).astype(np.float32) * 3
     data[rng.random(shape) < 0.15] = np.nan
@@ -274,3 +277,5 @@ def test_one_pass_linear_equals_nilearn_two_volume_resampling(aff):
     assert np.isfinite(out).sum() > 100
     np.testing.assert_allclose(out[np.isfinite(out)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-5)
     assert cov == pytest.approx(np.isfinite(ref[MASK_B]).mean())
+    # rotation-free grids take the axis-by-axis path, oblique ones the point-by-point one
+    assert (R._separable(R._to_source(aff, T_AFF)) is not None) == (aff[0, 1] == 0)
