@@ -273,3 +273,34 @@ def test_qc_table_reads_the_resolved_n_from_qc_json(tmp_path):
     assert row["status"] == "included"
     assert row["n"] == 20 and row["n_source"] == "n_images" and row["df"] == 18.0
     assert row["number_of_subjects"] == 0  # the record's value, as recorded
+
+
+def test_screened_search_equals_exact_search_above_64_maps():
+    # > 64 maps: screening on a voxel subsample + exact check; same decisions as all pairs exactly
+    rng = np.random.default_rng(5)
+    k, v = 90, 30_000
+    from scipy.ndimage import gaussian_filter1d
+
+    maps = gaussian_filter1d(rng.normal(size=(k, v)), 3, axis=1).astype(np.float32)
+    maps[:, : v // 10] = np.nan
+    maps[rng.random(maps.shape) < 0.05] = np.nan
+    maps[70] = maps[12] * 3 - 1  # affine copy
+    maps[71] = -maps[40]  # sign flip
+    maps[72] = maps[2] + gaussian_filter1d(rng.normal(scale=0.02, size=v), 3).astype(np.float32)  # near copy
+    maps[73, : v // 2] = np.nan
+    maps[73, v // 2 :] = maps[30, v // 2 :]  # duplicate on the shared half only
+    maps[74] = 0.9 * maps[5] + 0.45 * maps[6]  # r ~ 0.9: not a duplicate
+    calls: list[int] = []
+
+    def load(i: int) -> np.ndarray:
+        calls.append(i)
+        return maps[i].copy()
+
+    screened = find_duplicates(load, k)
+    assert sorted(calls) == list(range(k))  # held in memory: every map read once
+    exact = find_duplicates(lambda i: maps[i].copy(), k, exact_max_maps=k)
+    assert {j: i for j, (i, _) in screened.items()} == {70: 12, 71: 40, 72: 2, 73: 30}
+    assert screened.keys() == exact.keys()
+    for j in screened:
+        assert screened[j][0] == exact[j][0]
+        assert screened[j][1] == pytest.approx(exact[j][1], abs=1e-5)
