@@ -14,9 +14,10 @@ import pytest
 from nvmeta.stats import t_to_z
 from nvmeta.zmap import make_zmap
 
-SAMPLE = Path("/work/shared/neurovault-sample")
-PAIN = SAMPLE / "pain21_collection1425"
-FIXT = SAMPLE / "neurovault_server_fixtures"
+# real maps from the bundled demo snapshot (the repository's own copy; no file outside it)
+MEDIA = Path(__file__).parent / "data" / "snapshot" / "media" / "images"
+PAIN_01 = MEDIA / "1425" / "pain_01.nidm" / "TStatistic.nii.gz"
+TRUNCATED_GZ = MEDIA / "1425" / "contrast_.nii.gz"  # a truncated gzip stream
 
 T_SHAPE = (20, 20, 20)
 T_AFF = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -20], [0, 0, 2.0, -20], [0, 0, 0, 1]])
@@ -167,15 +168,15 @@ def test_five_d_with_one_volume_is_squeezed(tmp_path):
 
 def test_analyze_pair_converted(tmp_path):
     """SPM Analyze pair (df 14 in its header) converted to NIfTI, as the download step does."""
-    ana = nib.load(FIXT / "box_0b_vs_1b.hdr")
+    ana = nib.load(MEDIA / "1617" / "box_0b_vs_1b.hdr")
     nii = nib.Nifti1Image(np.asarray(ana.dataobj), ana.affine)
     qc, z = run(tmp_path, record(map_type="T map", n=None, statistic_parameters=14), nii)
     assert qc["status"] == "included" and qc["df"] == 14.0
     assert qc["source_shape"] == [79, 95, 78] and qc["resample_method"] == "lattice"
     # the .hdr path is read directly too, with the same result
     d = tmp_path / "direct"
-    shutil.copy(FIXT / "box_0b_vs_1b.hdr", d.with_suffix(".hdr"))
-    shutil.copy(FIXT / "box_0b_vs_1b.img", d.with_suffix(".img"))
+    shutil.copy(MEDIA / "1617" / "box_0b_vs_1b.hdr", d.with_suffix(".hdr"))
+    shutil.copy(MEDIA / "1617" / "box_0b_vs_1b.img", d.with_suffix(".img"))
     qc2, z2 = run(
         tmp_path, record(image_id=70, n=None, statistic_parameters=14), map_file=d.with_suffix(".hdr")
     )
@@ -247,7 +248,7 @@ def test_every_exclusion_reason(tmp_path, case, reason):
     elif case == "truncated":
         img = None
         map_file = tmp_path / "trunc.nii.gz"
-        shutil.copy(PAIN / "corrupt_truncated_gzip.nii.gz", map_file)
+        shutil.copy(TRUNCATED_GZ, map_file)
     elif case == "lying":
         img = None
         map_file = tmp_path / "lying.nii.gz"
@@ -302,7 +303,7 @@ def test_unexpected_error_is_an_exclusion_not_a_crash(tmp_path, monkeypatch):
 
 def test_unreadable_reason_is_specific(tmp_path):
     map_file = tmp_path / "trunc.nii.gz"
-    shutil.copy(PAIN / "corrupt_truncated_gzip.nii.gz", map_file)
+    shutil.copy(TRUNCATED_GZ, map_file)
     qc, _ = run(tmp_path, record(), map_file=map_file)
     assert qc["reason"].startswith("unreadable map: ") and len(qc["reason"]) > len("unreadable map: ") + 5
     assert str(tmp_path) not in qc["reason"]
@@ -313,7 +314,7 @@ def test_unreadable_reason_is_specific(tmp_path):
 
 
 def test_real_afni_5d_two_subbricks(tmp_path):
-    qc, _ = run(tmp_path, record(map_type="T map", n=23), map_file=FIXT / "saccade.I_C.MNI.nii.gz")
+    qc, _ = run(tmp_path, record(map_type="T map", n=23), map_file=MEDIA / "1616" / "saccade.I_C.MNI.nii.gz")
     assert qc["reason"] == "too many volumes: 2 (AFNI sub-brick selection not supported yet)"
     assert qc["source_shape"] == [91, 109, 91, 1, 2] and qc["source_affine_orientation"] == "RAS"
 
@@ -323,10 +324,10 @@ def test_real_pain_map_on_mni152_2mm(tmp_path, monkeypatch):
     from nvmeta.template import load_mask
 
     mask = load_mask("mni152_2mm")
-    src = nib.load(PAIN / "pain_01_tstat_derived.nii.gz")
+    src = nib.load(PAIN_01)
     t = src.get_fdata(dtype=np.float32)
     rec = record(image_id=23411, n=25)
-    qc, z = run(tmp_path, rec, map_file=PAIN / "pain_01_tstat_derived.nii.gz", mask=mask)
+    qc, z = run(tmp_path, rec, map_file=PAIN_01, mask=mask)
     assert qc["status"] == "included" and qc["df"] == 23.0
     assert qc["source_affine_orientation"] == "LAS" and qc["source_shape"] == [91, 109, 91]
     mb = np.asarray(mask.dataobj) > 0
@@ -361,7 +362,7 @@ def mb_source_mask(src: nib.Nifti1Image, mask: nib.Nifti1Image) -> np.ndarray:
 
 
 def test_real_z_map_with_nan_background(tmp_path):
-    qc, z = run(tmp_path, record(map_type="Z map", n=None), map_file=FIXT / "motor_lips_nan.nii.gz")
+    qc, z = run(tmp_path, record(map_type="Z map", n=None), map_file=MEDIA / "1615" / "motor_lips_nan.nii.gz")
     assert qc["status"] == "included" and qc["df_source"] == "z map"
     assert qc["resample_method"] in ("lattice", "linear")
     assert 0 < qc["coverage"] <= 1 and np.isfinite(z).any()
