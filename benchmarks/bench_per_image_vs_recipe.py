@@ -9,7 +9,8 @@ mask loaded already, alternating per repeat; CPU (user + sys of this process) an
 
 Maps (from the repository's demo snapshot, ``tests/data/snapshot``): pain_01 (T, 91x109x91 2 mm LAS: on the
 template lattice, no interpolation), the same map with its affine shifted by 0.7 mm (off the lattice:
-interpolated), image 10426 (T, 3 mm 53x63x46: interpolated), image 990033 (T, Analyze 79x95x78 2 mm, on the
+interpolated), pain_02 put on a 1.5 mm grid (nearest neighbour: interpolated onto the template), image 10426
+(T, 3 mm 53x63x46: interpolated), image 990033 (T, Analyze 79x95x78 2 mm, on the
 lattice) and the motor Z map 396069 (lattice).
 
 Usage: ``python benchmarks/bench_per_image_vs_recipe.py [--repeat 7]``
@@ -34,6 +35,7 @@ MAPS = {  # image id: (label, number_of_subjects used when the record has none)
     10426: ("image 10426 (T, 3 mm)", 20),
     990033: ("image 990033 (T, Analyze 2 mm lattice)", None),
     -990001: ("pain_01 shifted 0.7 mm (T, off-lattice)", None),
+    -990002: ("pain_02 at 1.5 mm (T, 121x145x121)", None),
     396069: ("image 396069 (Z, 2 mm lattice)", 20),
 }
 
@@ -89,7 +91,7 @@ def main() -> None:
             d.mkdir()
             (d / "metadata.json").write_text(json.dumps(rec))
             src = manifest[abs(image_id)]
-            if image_id < 0:  # the same data, grid shifted off the template lattice
+            if image_id == -990001:  # the same data, grid shifted off the template lattice
                 import nibabel as nib
 
                 img = nib.load(src)
@@ -97,6 +99,18 @@ def main() -> None:
                 aff[:3, 3] += 0.7
                 src = d / "shifted.nii.gz"
                 nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff, img.header), src)
+            elif image_id == -990002:  # a 1.5 mm map (10 % of the synthetic 400-map benchmark's grids)
+                import nibabel as nib
+                from nilearn.image import resample_img
+
+                img = nib.load(src)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fine = resample_img(
+                        img, target_affine=np.diag([1.5, 1.5, 1.5]), interpolation="nearest", copy_header=True
+                    )
+                src = d / "fine.nii.gz"
+                nib.save(nib.Nifti1Image(np.asarray(fine.dataobj, dtype=np.float32), fine.affine), src)
 
             def nv(d=d, src=src):
                 return make_zmap(
