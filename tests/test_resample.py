@@ -111,6 +111,10 @@ def test_lattice_fast_path_equals_nilearn_linear(monkeypatch):
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
     np.testing.assert_allclose(fast[np.isfinite(fast)], slow[np.isfinite(slow)], rtol=0, atol=1e-6)
     assert cov_fast == cov_slow
+    # and the slice/copy equals nilearn's interpolation on the same on-lattice grid
+    ref = _nilearn_normalised_linear(data, aff, MASK)
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
+    np.testing.assert_allclose(fast[np.isfinite(fast)], ref[np.isfinite(ref)], rtol=0, atol=1e-6)
     # spot check: template voxel (10, 10, 10) = world (0, 0, 0) = source voxel (7, 11, 6)
     for t_ijk, s_ijk in [((10, 10, 10), (7, 11, 6)), ((3, 5, 7), (14, 6, 3))]:
         v = data[s_ijk]
