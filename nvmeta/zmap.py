@@ -17,7 +17,7 @@ template mask.
 
 One read, one resampling: the map is read once as float32, its statistic (t or z) is put on the template grid
 once (:func:`nvmeta.resample.resample_to_template`), and t -> z is computed on the template grid (mask voxels
-only). Memory: about 13 bytes per source voxel at the peak (float32 data, validity, the interpolation stack), so
+only). Memory: about 15 bytes per source voxel at the peak (float32 data, validity, the interpolation stack), so
 the ``qc.max_map_mb`` default keeps a job well inside the rule's ``mem_mb``.
 """
 
