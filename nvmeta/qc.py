@@ -92,7 +92,16 @@ def reason_key(reason: str | None) -> str:
     """Group exclusion reasons for the funnel: drop image-specific numbers (coverage value, image id, r)."""
     if not reason:
         return ""
-    for prefix in ("low coverage", "duplicate of image", "sign-flipped copy of image", "too many volumes"):
+    for prefix in (
+        "low coverage",
+        "duplicate of image",
+        "sign-flipped copy of image",
+        "too many volumes",
+        "implausible sample size",
+        "implausible degrees of freedom",
+        "implausible effect size",
+        "map too large",
+    ):
         if reason.startswith(prefix):
             return prefix
     return reason
@@ -288,6 +297,8 @@ def _flags(row: dict, qc_cfg: dict) -> list[str]:
         flags.append(f"df assumed from sample size ({row['df_source']})")
     elif row.get("df_source") in ("override_image", "override_collection"):
         flags.append(f"df from config ({row['df_source']})")
+    if row.get("n_source") in ("n_images", "n_collections"):
+        flags.append(f"n from config ({row['n_source']})")
     cov = _num(row.get("coverage"))
     if cov is not None and qc_cfg["min_coverage"] <= cov < FLAG_LOW_COVERAGE:
         flags.append(f"partial coverage: {_fmt(cov)}")

@@ -273,6 +273,22 @@ def test_qc_table_reads_the_resolved_n_from_qc_json(tmp_path):
     assert row["status"] == "included"
     assert row["n"] == 20 and row["n_source"] == "n_images" and row["df"] == 18.0
     assert row["number_of_subjects"] == 0  # the record's value, as recorded
+    assert "n from config (n_images)" in row["flags"]
+
+
+def test_funnel_groups_the_new_per_image_reasons():
+    from nvmeta.qc import reason_key
+
+    assert reason_key("implausible sample size: number_of_subjects = 20.5 is not an integer (set ...)") == (
+        "implausible sample size"
+    )
+    assert (
+        reason_key("implausible effect size: max |t| / sqrt(n) = 2.27e+03 > ...") == "implausible effect size"
+    )
+    assert reason_key("implausible degrees of freedom: statistic_parameters = 1e+300 > ...") == (
+        "implausible degrees of freedom"
+    )
+    assert reason_key("map too large: header says 400x400x400 voxels = 256 MB ...") == "map too large"
 
 
 def test_screened_search_equals_exact_search_above_64_maps():
