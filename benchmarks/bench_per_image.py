@@ -6,7 +6,7 @@ For each test map, runs side by side in this process:
   read, convert, resample, write (what one Snakemake per-image job costs, minus Snakemake's own overhead);
 - *in-process*: ``make_zmap(...)`` with every module imported and the mask loaded already (the bare work).
 
-Maps: a real pain T map (91x109x91 LAS, 2 mm MNI: on the template lattice, no interpolation) and NeuroVault image
+Maps (from the bundled demo snapshot, ``tests/data/snapshot``): a real pain T map (91x109x91 LAS, 2 mm MNI: on the template lattice, no interpolation) and NeuroVault image
 10426 (3 mm, 53x63x46: linear interpolation via nilearn). Template: ``mni152_2mm`` with the on-disk mask cache
 warm (normal runs) and, for the pain map, off (``NVMETA_CACHE_DIR=""``: nilearn builds the mask in every job).
 
@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-SAMPLE = Path("/work/shared/neurovault-sample")
+SNAPSHOT = Path(__file__).resolve().parents[1] / "tests" / "data" / "snapshot"  # the bundled demo snapshot
 MAPS = {
     "pain_01 (T, 2 mm lattice)": (
-        SAMPLE / "pain21_collection1425" / "pain_01_tstat_derived.nii.gz",
+        SNAPSHOT / "media" / "images" / "1425" / "pain_01.nidm" / "TStatistic.nii.gz",
         {"map_type": "T map", "number_of_subjects": 25},
     ),
     "image_10426 (T, 3 mm linear)": (
-        SAMPLE / "nilearn_image_10426" / "image_10426.nii.gz",
+        SNAPSHOT / "media" / "images" / "658" / "image_10426.nii.gz",
         {"map_type": "T map", "number_of_subjects": 20},
     ),
 }

@@ -33,7 +33,9 @@ def download_job(image_id: str, output: Any, log: Any, nv_cfg: dict) -> dict:
         )
 
 
-def zmap_job(image_id: str, input: Any, output: Any, log: Any, conversion: dict) -> dict:  # noqa: A002
+def zmap_job(  # noqa: A002
+    image_id: str, input: Any, output: Any, log: Any, conversion: dict, limits: dict | None = None
+) -> dict:
     """Rule ``zmap``: t -> z, resample and mask one image onto the template grid; qc.json."""
     from nvmeta.template import load_mask
     from nvmeta.zmap import make_zmap
@@ -47,6 +49,7 @@ def zmap_job(image_id: str, input: Any, output: Any, log: Any, conversion: dict)
             conversion,
             output.zmap,
             output.qc,
+            limits,
         )
         logger.info("image %s: %s %s", image_id, qc["status"], qc.get("reason") or "")
     return qc

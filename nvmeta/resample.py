@@ -6,8 +6,11 @@ never turned into 0 in the output: the output is NaN there.
 Method (normalised convolution with the linear-interpolation kernel):
 
 - ``v`` = validity (1 where the source has data, else 0), ``d`` = data with no-data set to 0;
-- both are resampled with the same **linear** (trilinear) interpolation, via nilearn's ``resample_img``
-  (spline interpolation rings near edges and sharp peaks: no);
+- both are resampled with the same **linear** (trilinear) interpolation (spline interpolation rings near edges
+  and sharp peaks: no), in one pass: one ``scipy.ndimage.map_coordinates`` call on the stacked (d, v) volume at
+  the template-mask voxels only. That is the interpolation nilearn's ``resample_img(interpolation="linear")``
+  runs (``scipy.ndimage.affine_transform``, order 1, constant 0 outside; the tests compare the two), called
+  directly because nilearn would interpolate the whole template box, volume by volume, with extra copies;
 - output = ``resample(d) / resample(v)`` where ``resample(v) >= MIN_WEIGHT`` (0.5), NaN elsewhere.
 
 Where all eight source neighbours of an output point have data, ``resample(v) = 1`` and the value is plain
@@ -19,20 +22,19 @@ last valid source voxel centre (in 1-D; the same "closer to data than to no data
 farther out stay NaN. Nothing can move by more than one source voxel: no smearing of values into no-data regions
 nor of no-data into good voxels beyond that one-voxel border.
 
-Fast paths (no interpolation, hence bit-exact and without importing nilearn):
+Fast paths (no interpolation at all, hence bit-exact):
 
 - *identity*: same shape and affine as the template: values are only masked;
 - *lattice*: the template voxel centres fall exactly on source voxel centres (same voxel size, axes permuted or
   flipped, integer shift; e.g. a 91x109x91 LAS MNI map onto nilearn's 99x117x95 RAS MNI mask). Linear
-  interpolation at a source voxel centre returns that voxel's value, so a gather is exactly what nilearn would
-  compute, minus the ~1 s nilearn import of a per-image job.
+  interpolation at a source voxel centre returns that voxel's value, so a slice/copy is exactly what the
+  interpolating path would compute.
 
 Finally every voxel outside the template mask is NaN.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +46,9 @@ if TYPE_CHECKING:  # pragma: no cover
 MIN_WEIGHT = 0.5
 #: Affines closer than this (mm / fraction of voxel) are treated as equal / as lying on the lattice.
 AFFINE_ATOL = 1e-4
+#: Off-axis terms of the target -> source voxel map below this fraction of the largest term are rounding
+#: (e.g. float32 qform): the grid change is treated as rotation-free (error < 1e-6 voxel per voxel).
+SEPARABLE_ATOL = 1e-6
 
 
 def valid_mask(data: np.ndarray) -> np.ndarray:
@@ -108,32 +113,103 @@ def _overlaps(affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndar
     return bool(((hi >= -1) & (lo <= np.asarray(target_shape))).all())
 
 
-def _linear_nilearn(data0: np.ndarray, weight: np.ndarray, affine: np.ndarray, target_affine, target_shape):
-    """Resample data (no data set to 0) and validity weights linearly, in one nilearn call."""
-    import nibabel as nib
-    from nilearn.image import resample_img
-    from nilearn.image.resampling import BoundingBoxError
+def _stack(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(2, X, Y, Z) float32: data with no data set to 0, and validity (no other copy of the map)."""
+    stack = np.zeros((2, *data.shape), dtype=np.float32)
+    np.copyto(stack[0], data, where=valid, casting="unsafe")
+    stack[1] = valid
+    return stack
 
-    stack = np.stack([data0, weight], axis=-1).astype(np.float32, copy=False)
-    img = nib.Nifti1Image(stack, affine)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            res = resample_img(
-                img,
-                target_affine=target_affine,
-                target_shape=target_shape,
-                interpolation="linear",
-                fill_value=0,
-                clip=False,
-                force_resample=True,
-                copy_header=True,
-            )
-        except BoundingBoxError:  # the source lies entirely outside the template field of view
-            zeros = np.zeros(target_shape, dtype=np.float32)
-            return zeros, zeros
-    out = np.asarray(res.dataobj)
-    return out[..., 0], out[..., 1]
+
+def _to_source(affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:
+    """Target voxel -> source voxel, computed as nilearn does: inv(source affine) @ target affine."""
+    return np.dot(np.linalg.inv(affine), target_affine)
+
+
+def _linear_at(stack: np.ndarray, m: np.ndarray, ijk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear values of both channels of ``stack`` at target voxels ``ijk`` (3, M), any affine.
+
+    One ``scipy.ndimage.map_coordinates(order=1, mode="constant", cval=0)`` call on the stacked volume
+    (the channel coordinate is exactly 0 or 1, so the interpolation along it is exact): the interpolation
+    nilearn's ``resample_img(interpolation="linear")`` runs (``affine_transform``, same order, mode and
+    fill value), at the template-mask voxels only. Used for oblique grids; returns float32 arrays (M,).
+    """
+    from scipy import ndimage
+
+    src = m[:3, :3] @ ijk + m[:3, 3:4]
+    n_pts = ijk.shape[1]
+    coords = np.empty((4, 2 * n_pts), dtype=np.float64)
+    coords[0, :n_pts] = 0.0
+    coords[0, n_pts:] = 1.0
+    coords[1:, :n_pts] = src
+    coords[1:, n_pts:] = src
+    del src
+    out = ndimage.map_coordinates(stack, coords, output=np.float32, order=1, mode="constant", cval=0.0)
+    return out[:n_pts], out[n_pts:]
+
+
+def _separable(m: np.ndarray) -> tuple | None:
+    """If the target -> source map has no rotation (a signed, scaled axis permutation), return ``perm``.
+
+    Target axis k maps to source axis ``perm[k]`` with ``x_src = m[perm[k], k] * i_k + m[perm[k], 3]``.
+    """
+    a = m[:3, :3]
+    big = np.abs(a) > SEPARABLE_ATOL * np.abs(a).max()
+    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
+        return None
+    return np.argmax(np.abs(a), axis=0)
+
+
+def _axis_weights(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-interpolation indices and weights along one axis, with scipy's ``mode="constant"`` edges.
+
+    Like ``scipy.ndimage`` (order 1, constant mode), a coordinate outside ``[0, n - 1]`` gets weight 0.
+    """
+    inside = (x >= 0) & (x <= n - 1)
+    xs = np.where(inside, x, 0.0)
+    i0 = np.floor(xs).astype(np.intp)
+    f = xs - i0
+    i1 = np.minimum(i0 + 1, n - 1)
+    w0 = np.where(inside, 1.0 - f, 0.0)
+    w1 = np.where(inside, f, 0.0)
+    return i0, i1, w0, w1
+
+
+def _linear_separable(
+    stack: np.ndarray, m: np.ndarray, perm: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear values of both channels at the mask voxels for a rotation-free grid change.
+
+    Trilinear interpolation without rotation is a product of three 1-D linear interpolations, so it is
+    done axis by axis (two gathers and a weighted sum per axis, over the template-mask bounding box),
+    both channels at once: the same values scipy's ``affine_transform``/``map_coordinates`` (order 1,
+    constant mode) compute point by point, at a fraction of the cost (tests compare with nilearn).
+    """
+    idx = np.nonzero(mask)
+    lo = [int(i.min()) for i in idx]
+    hi = [int(i.max()) + 1 for i in idx]
+    src_of = {int(perm[k]): k for k in range(3)}  # source axis -> target axis
+    arr = stack
+    for j in range(3):  # contract source axis j (array axis j + 1) onto its target axis
+        k = src_of[j]
+        t = np.arange(lo[k], hi[k], dtype=np.float64)
+        x = m[j, k] * t + m[j, 3]
+        i0, i1, w0, w1 = _axis_weights(x, stack.shape[j + 1])
+        w0, w1 = w0.astype(np.float32), w1.astype(np.float32)  # float32 intermediates: memory
+        shape = [1] * arr.ndim
+        shape[j + 1] = -1
+        nxt = np.take(arr, i0, axis=j + 1)
+        nxt *= w0.reshape(shape)
+        hi_part = np.take(arr, i1, axis=j + 1)
+        hi_part *= w1.reshape(shape)
+        nxt += hi_part
+        del hi_part
+        arr = nxt
+    # arr axes: channel, then the target axes in source-axis order -> target order
+    order = [0] + [int(perm[k]) + 1 for k in range(3)]
+    box = arr.transpose(order)
+    sel = tuple(idx[k] - lo[k] for k in range(3))
+    return box[0][sel], box[1][sel]
 
 
 def resample_to_template(
@@ -142,6 +218,7 @@ def resample_to_template(
     mask_img: nib.Nifti1Image,
     min_weight: float = MIN_WEIGHT,
     return_method: bool = False,
+    valid: np.ndarray | None = None,
 ):
     """Resample a 3-D statistic map onto the template mask grid, keeping no-data as NaN.
 
@@ -157,6 +234,8 @@ def resample_to_template(
         Minimum interpolated validity for an output voxel to get a value (see module docstring).
     return_method : bool, default False
         Also return how the map was put on the grid: ``"identity"``, ``"lattice"`` or ``"linear"``.
+    valid : ndarray of bool, optional
+        The caller's :func:`valid_mask` of ``data`` (saves recomputing it).
 
     Returns
     -------
@@ -175,7 +254,8 @@ def resample_to_template(
     target_shape = tuple(int(s) for s in mask_img.shape[:3])
     mask = np.asarray(mask_img.dataobj).reshape(target_shape) > 0
 
-    valid = valid_mask(data)
+    if valid is None:
+        valid = valid_mask(data)
     if data.shape == target_shape and np.allclose(affine, target_affine, atol=AFFINE_ATOL, rtol=0):
         method = "identity"
         out = np.where(valid, data, np.nan).astype(np.float32)
@@ -190,12 +270,20 @@ def resample_to_template(
             out = np.full(target_shape, np.nan, dtype=np.float32)
         else:
             method = "linear"
-            data0 = np.where(valid, data, 0).astype(np.float32)
-            rd, rw = _linear_nilearn(data0, valid.astype(np.float32), affine, target_affine, target_shape)
+            m = _to_source(affine, target_affine)
+            stack = _stack(data, valid)
+            perm = _separable(m)
+            if perm is not None:
+                rd, rw = _linear_separable(stack, m, perm, mask)
+            else:
+                rd, rw = _linear_at(stack, m, np.array(np.nonzero(mask), dtype=np.float64))
+            del stack
+            vals = np.full(rd.shape, np.nan, dtype=np.float32)
             good = rw >= min_weight
-            out = np.full(target_shape, np.nan, dtype=np.float32)
             with np.errstate(divide="ignore", invalid="ignore"):
-                out[good] = (rd[good].astype(np.float64) / rw[good]).astype(np.float32)
+                vals[good] = (rd[good].astype(np.float64) / rw[good]).astype(np.float32)
+            out = np.full(target_shape, np.nan, dtype=np.float32)
+            out[mask] = vals
     out[~mask] = np.nan
     n_mask = int(mask.sum())
     coverage = float(np.isfinite(out[mask]).sum() / n_mask) if n_mask else 0.0

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import special
 
-__all__ = ["t_to_z", "resolve_df", "MISSING_SAMPLE_SIZE"]
+__all__ = ["t_to_z", "resolve_df", "resolve_sample_size", "SampleSize", "MISSING_SAMPLE_SIZE"]
 
 #: Exclusion reason when no degrees of freedom can be determined (exact string, see contracts).
 MISSING_SAMPLE_SIZE = "missing sample size"
@@ -283,44 +284,81 @@ def _positive_n(value: Any) -> float | None:
     return n if n is not None and n > 0 else None
 
 
-def resolve_df(
-    record: Mapping[str, Any], conversion: Mapping[str, Any]
-) -> tuple[float | None, str | None, str | None]:
-    """Degrees of freedom of a t map from its NeuroVault record and the conversion config.
+@dataclass(frozen=True)
+class SampleSize:
+    """An image's one resolved sample size and degrees of freedom (written to its qc.json).
 
-    Sources are tried in this order (the order of issue 3):
+    Attributes
+    ----------
+    n : int or None
+        Sample size: ``number_of_subjects``, else ``conversion.n_images[id]``, else
+        ``conversion.n_collections[collection_id]`` (the first usable one).
+    n_source : str or None
+        ``"number_of_subjects"``, ``"n_images"`` or ``"n_collections"``.
+    df : float or None
+        Degrees of freedom (see :func:`resolve_sample_size` for the order).
+    df_source : str or None
+        ``"statistic_parameters"``, the rule (``"n-2"``/``"n-1"``), ``"override_image"`` or
+        ``"override_collection"``.
+    reason : str or None
+        Why the image must be excluded (implausible n or df, or no df): None when usable. For a Z map
+        only an implausible n is a reason (a Z map needs no df).
+    """
 
-    1. ``record["statistic_parameters"]``, when present and plausible: finite, ``>= 1``
-       and, when the sample size ``n`` is known (record or ``n_images``/``n_collections``
-       config), ``<= n``. An implausible value is ignored (not an exclusion).
-       Source ``"statistic_parameters"``.
-    2. The rule ``conversion["df"]`` (``"n-2"``, the default, or ``"n-1"``) applied to
-       the sample size: ``df = n - offset``, only when ``n > offset``. ``n`` is
-       ``record["number_of_subjects"]`` when it is a positive number, else the config
-       override ``conversion["n_images"][image_id]``, else
-       ``conversion["n_collections"][collection_id]``. Source is the rule name.
-    3. A degrees-of-freedom override: ``conversion["df_images"][image_id]``, then
-       ``conversion["df_collections"][collection_id]`` (sources ``"override_image"``,
-       ``"override_collection"``); an override must be a finite number ``> 0``. Note that, as specified, these only apply when
-       neither ``statistic_parameters`` nor the n rule gave a value; to force a df for
-       an image that has a usable ``n``, use ``n_images`` instead.
-    4. Otherwise ``(None, None, "missing sample size")`` (also when ``n <= offset``).
+    n: int | None
+    n_source: str | None
+    df: float | None
+    df_source: str | None
+    reason: str | None
+
+
+def _n_candidates(record: Mapping[str, Any], conversion: Mapping[str, Any]):
+    image_id = record.get("id", record.get("image_id"))
+    yield "number_of_subjects", record.get("number_of_subjects")
+    yield "n_images", _lookup(conversion.get("n_images"), image_id)
+    yield "n_collections", _lookup(conversion.get("n_collections"), record.get("collection_id"))
+
+
+def resolve_sample_size(
+    record: Mapping[str, Any],
+    conversion: Mapping[str, Any] | None,
+    max_n: float | None = None,
+    need_df: bool = True,
+) -> SampleSize:
+    """Resolve an image's sample size ``n`` and degrees of freedom ``df`` once, with their sources.
+
+    ``n`` is the first *usable* value of ``record["number_of_subjects"]``,
+    ``conversion["n_images"][image_id]``, ``conversion["n_collections"][collection_id]``; a missing,
+    zero or negative value (NIDM maps carry 0) is skipped. A positive value that is not an integer or
+    exceeds ``max_n`` is implausible: it is skipped too, so an override can replace it, and when no
+    later source gives a usable ``n`` the image is excluded with that value named in the reason (a
+    sample size never silently becomes another number).
+
+    ``df`` (only when ``need_df``) is then, in this order (issue 3):
+
+    1. ``record["statistic_parameters"]`` when finite, ``>= 1`` and ``<= n`` (when ``n`` is known); a
+       value ``> n`` is ignored. With ``n`` unknown, a value ``> max_n`` excludes the image (a df cannot
+       exceed the sample size).
+    2. The rule ``conversion["df"]`` (``"n-2"`` default, ``"n-1"``): ``df = n - offset`` if ``n > offset``.
+    3. ``conversion["df_images"][image_id]``, then ``conversion["df_collections"][collection_id]``.
+    4. Otherwise excluded: ``"missing sample size"``.
 
     Parameters
     ----------
     record : mapping
-        NeuroVault image record or selection.tsv row (keys ``id`` or ``image_id``,
-        ``collection_id``, ``statistic_parameters``, ``number_of_subjects``; any may be
-        missing, None, NaN or a numeric string).
-    conversion : mapping
-        ``config["conversion"]``: ``df`` (``"n-2"``|``"n-1"``), ``df_images``,
-        ``df_collections``, ``n_images``, ``n_collections``; dict keys may be str or int.
+        NeuroVault image record (``id`` or ``image_id``, ``collection_id``, ``statistic_parameters``,
+        ``number_of_subjects``; any may be missing, None, NaN or a numeric string).
+    conversion : mapping or None
+        ``config["conversion"]`` (``df``, ``df_images``, ``df_collections``, ``n_images``,
+        ``n_collections``; dict keys may be str or int).
+    max_n : float, optional
+        ``qc.max_n``: upper bound on a plausible ``n`` and ``df`` (None: no bound).
+    need_df : bool
+        False for Z maps: only ``n`` is resolved.
 
     Returns
     -------
-    tuple
-        ``(df, df_source, exclusion_reason)``: ``(float, str, None)`` on success,
-        ``(None, None, "missing sample size")`` otherwise.
+    SampleSize
 
     Raises
     ------
@@ -335,26 +373,58 @@ def resolve_df(
     image_id = record.get("id", record.get("image_id"))
     collection_id = record.get("collection_id")
 
-    n = _positive_n(record.get("number_of_subjects"))
-    if n is None:
-        n = _positive_n(_lookup(conversion.get("n_images"), image_id))
-    if n is None:
-        n = _positive_n(_lookup(conversion.get("n_collections"), collection_id))
+    n: int | None = None
+    n_source: str | None = None
+    problem: str | None = None
+    for source, value in _n_candidates(record, conversion):
+        v = _positive_n(value)
+        if v is None:
+            continue
+        if v != math.floor(v):
+            problem = problem or f"implausible sample size: {source} = {v:g} is not an integer"
+            continue
+        if max_n is not None and v > max_n:
+            problem = problem or f"implausible sample size: {source} = {v:g} > qc.max_n = {max_n:g}"
+            continue
+        n, n_source = int(v), source
+        break
+    if n is None and problem is not None:
+        return SampleSize(None, None, None, None, problem + " (set conversion.n_images to override)")
+    if not need_df:
+        return SampleSize(n, n_source, None, None, None)
+
+    def done(df: float, df_source: str) -> SampleSize:
+        return SampleSize(n, n_source, float(df), df_source, None)
 
     # 1. statistic_parameters
     sp = _as_float(record.get("statistic_parameters"))
     if sp is not None and sp >= 1 and (n is None or sp <= n):
-        return sp, "statistic_parameters", None
+        if n is None and max_n is not None and sp > max_n:
+            reason = f"implausible degrees of freedom: statistic_parameters = {sp:g} > qc.max_n = {max_n:g}"
+            return SampleSize(None, None, None, None, reason)
+        return done(sp, "statistic_parameters")
 
     # 2. n rule
     if n is not None and n > offset:
-        return n - offset, rule, None
+        return done(n - offset, rule)
 
     # 3. overrides
     for mapping_key, source in (("df_images", "override_image"), ("df_collections", "override_collection")):
         key = image_id if mapping_key == "df_images" else collection_id
         value = _as_float(_lookup(conversion.get(mapping_key), key))
         if value is not None and value > 0:
-            return value, source, None
+            return done(value, source)
 
-    return None, None, MISSING_SAMPLE_SIZE
+    return SampleSize(n, n_source, None, None, MISSING_SAMPLE_SIZE)
+
+
+def resolve_df(
+    record: Mapping[str, Any], conversion: Mapping[str, Any] | None
+) -> tuple[float | None, str | None, str | None]:
+    """Degrees of freedom of a t map: ``(df, df_source, exclusion_reason)``.
+
+    The df part of :func:`resolve_sample_size` (no ``max_n`` bound): ``(float, str, None)`` on success,
+    ``(None, None, reason)`` otherwise (``"missing sample size"``, or an implausible, non-integral n).
+    """
+    s = resolve_sample_size(record, conversion)
+    return s.df, s.df_source, s.reason

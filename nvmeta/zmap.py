@@ -1,7 +1,7 @@
 """The per-image job: read one downloaded map, convert it to z, put it on the template grid, write z-map + QC.
 
 One process reads, converts, resamples and writes. It imports only numpy, nibabel and scipy.special at
-module level; nilearn is imported only when a map really needs interpolation (see :mod:`nvmeta.resample`).
+module level; nilearn is never imported (the one interpolation is scipy's, see :mod:`nvmeta.resample`).
 
 Every image ends with both outputs, so Snakemake's outputs are always complete:
 
@@ -9,14 +9,25 @@ Every image ends with both outputs, so Snakemake's outputs are always complete:
 - ``qc.json``: status ``included``/``excluded``, the exclusion reason and what was done (see README, "Outputs").
 
 An image is excluded, never crashes the job, for: a failed download, an unusable map type, a t map without
-sample size, several volumes, an unreadable or lying file, no finite data, all zeros, a constant map,
-implausible values, or no data inside the template mask.
+sample size, an implausible sample size or df (non-integral n, n or df above ``qc.max_n``), a map whose header
+says it decodes to more than ``qc.max_map_mb`` (checked before its data are read), several volumes, an
+unreadable or lying file, no finite data, all zeros, a constant map, implausible values, an implied effect size
+``max |t| / sqrt(n)`` above ``qc.max_t_per_sqrt_n`` (a map stored scaled, e.g. x1000), or no data inside the
+template mask.
+
+One read, one resampling: the map is read once as float32, its statistic (t or z) is put on the template grid
+once (:func:`nvmeta.resample.resample_to_template`), and t -> z is computed on the template grid (mask voxels
+only). Memory: about 15 bytes per source voxel at the peak (float32 data, validity, the interpolation stack), so
+the ``qc.max_map_mb`` default keeps a job well inside the rule's ``mem_mb``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +41,13 @@ T_MAP = "T map"
 Z_MAP = "Z map"
 #: |value| above this in the source map is not a statistic.
 MAX_PLAUSIBLE = 1e10
-#: Refuse to load more voxels than this (a header that lies about its shape must not exhaust memory).
-MAX_VOXELS = 200_000_000
+#: Keys of the ``qc`` config block that the per-image job applies (passed as ``limits``).
+LIMIT_KEYS = ("max_n", "max_t_per_sqrt_n", "max_map_mb")
+
+#: Bytes of stored data read at a time (see :func:`_read_float32`).
+SLAB_BYTES = 32_000_000
+
+logger = logging.getLogger(__name__)
 
 R_DOWNLOAD = "download failed: {}"
 R_MAP_TYPE = "map type not usable: {}"
@@ -42,6 +58,25 @@ R_ALL_ZERO = "all zero"
 R_CONSTANT = "constant map"
 R_IMPLAUSIBLE = "implausible values"
 R_NO_OVERLAP = "no data inside the template mask"
+R_TOO_LARGE = (
+    "map too large: header says {shape} voxels = {mb:.0f} MB as float32 > qc.max_map_mb = {limit:g} "
+    "(not read)"
+)
+R_EFFECT = (
+    "implausible effect size: max |{stat}| / sqrt({n_label}) = {value:.3g} > qc.max_t_per_sqrt_n = {limit:g} "
+    "(max |{stat}| = {max_abs:.4g}; map stored scaled?)"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_limits() -> Mapping[str, Any]:
+    """The schema defaults of :data:`LIMIT_KEYS` (read once per process; the schema is the only source)."""
+    from types import MappingProxyType
+
+    from nvmeta.config import defaults
+
+    qc = defaults("qc")
+    return MappingProxyType({k: qc[k] for k in LIMIT_KEYS})
 
 
 class Excluded(Exception):
@@ -81,20 +116,10 @@ def _int_or_none(x: Any) -> int | None:
         return None
 
 
-def _sample_size(record: dict, conversion: dict) -> int | None:
-    """The sample size that applies to the image (record, else config override), for qc.json."""
-    from nvmeta.stats import _lookup, _positive_n
-
-    n = _positive_n(record.get("number_of_subjects"))
-    if n is None:
-        n = _positive_n(_lookup(conversion.get("n_images"), record.get("id", record.get("image_id"))))
-    if n is None:
-        n = _positive_n(_lookup(conversion.get("n_collections"), record.get("collection_id")))
-    return int(n) if n is not None else None
-
-
-def load_map(path: str | os.PathLike, qc: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load a statistic map as a 3-D float32 array plus its affine, or raise :class:`Excluded`.
+def load_map(
+    path: str | os.PathLike, qc: dict | None = None, max_map_mb: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load a statistic map once as a 3-D float32 array plus its affine, or raise :class:`Excluded`.
 
     Parameters
     ----------
@@ -103,21 +128,28 @@ def load_map(path: str | os.PathLike, qc: dict | None = None) -> tuple[np.ndarra
     qc : dict, optional
         Filled with ``source_shape``, ``source_voxel_size`` and ``source_affine_orientation`` as soon as
         the header is read (so they are reported even when the data turn out unusable).
+    max_map_mb : float, optional
+        ``qc.max_map_mb``: largest map, in MB of float32 data (voxels x 4 bytes / 1e6), checked on the
+        header before any data are read (a 3 MB file can decode to gigabytes).
 
     Returns
     -------
-    data : ndarray, float32 (float64 for float64 files), 3-D
-        Values with the header scaling (scl_slope/scl_inter) applied.
+    data : ndarray, float32, 3-D, C-contiguous and writable
+        Values with the header scaling (scl_slope/scl_inter) applied. A float64 file is range-checked
+        in float64 first, so values beyond the float32 range are reported as implausible, not turned
+        into inf.
     affine : ndarray, (4, 4)
 
     Raises
     ------
     Excluded
-        With reason ``"unreadable map: ..."`` or ``"too many volumes: ..."``.
+        With reason ``"unreadable map: ..."``, ``"too many volumes: ..."``, ``"map too large: ..."`` or
+        ``"implausible values"``.
     """
     qc = {} if qc is None else qc
     try:
-        img = nib.load(os.fspath(path))
+        # one file handle for the slab reads below (a gzip stream is then read once, front to back)
+        img = nib.load(os.fspath(path), mmap=False, keep_file_open=True)
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = [float(z) for z in img.header.get_zooms()[:3]]
@@ -132,41 +164,69 @@ def load_map(path: str | os.PathLike, qc: dict | None = None) -> tuple[np.ndarra
     if n_vol > 1:
         raise Excluded(R_VOLUMES.format(n_vol))
     n_vox = int(np.prod(shape, dtype=np.int64))
-    if n_vox > MAX_VOXELS:
-        raise Excluded(R_UNREADABLE.format(f"implausible shape {list(shape)} ({n_vox} voxels)"))
+    if max_map_mb is not None and n_vox * 4 / 1e6 > max_map_mb:
+        dims = "x".join(str(s) for s in shape[:3])
+        raise Excluded(R_TOO_LARGE.format(shape=dims, mb=n_vox * 4 / 1e6, limit=max_map_mb))
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise Excluded(R_UNREADABLE.format("invalid affine (not finite or singular)"))
     try:
-        data = np.asarray(img.dataobj)
-        if data.shape != shape:
-            raise ValueError(f"data shape {data.shape} != header shape {shape}")
-        if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-            raise TypeError(f"unsupported data type {data.dtype}")
-        if data.dtype != np.float64:
-            data = data.astype(np.float32, copy=False)
+        dtype = img.get_data_dtype()
+        if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+            raise TypeError(f"unsupported data type {dtype}")
+        data = _read_float32(img.dataobj, shape)
+    except Excluded:
+        raise
     except Exception as exc:
         raise Excluded(R_UNREADABLE.format(_short(exc, path))) from exc
-    # A private, writable copy (not a view on a memory map), float32 or float64 (kept until the value
-    # checks so that values beyond the float32 range are reported as implausible, not turned into inf).
-    return np.array(data.reshape(shape[:3]), copy=True), affine
+    return data, affine
 
 
-def check_values(data: np.ndarray) -> np.ndarray:
-    """Check a source map's values and return its validity mask (finite and non-zero), or raise Excluded."""
-    finite = np.isfinite(data)
-    if not finite.any():
+def _read_float32(proxy: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Read a 3-D (or single-volume) image once into a float32 array, in slabs of the last spatial axis.
+
+    nibabel reads a whole image into one array of its stored dtype (a float64 gz map: the raw bytes plus a
+    second copy inside Python's gzip reader), i.e. up to 16 bytes per voxel before the float32 cast. Slabs of
+    about :data:`SLAB_BYTES` (contiguous in the file, read in order through one open handle) keep the reading
+    peak at the float32 result plus one slab. Values beyond the float32 range (float64 files) raise
+    :class:`Excluded` (``"implausible values"``) instead of silently becoming inf (= no data).
+    """
+    nx, ny, nz = shape[:3]
+    extra = (0,) * (len(shape) - 3)
+    out = np.empty((nx, ny, nz), dtype=np.float32)
+    step = max(1, SLAB_BYTES // max(1, nx * ny * 8))
+    for k0 in range(0, nz, step):
+        k1 = min(nz, k0 + step)
+        block = np.asarray(proxy[(slice(None), slice(None), slice(k0, k1), *extra)])
+        if block.shape != (nx, ny, k1 - k0):
+            raise ValueError(f"data shape {block.shape} != header shape {shape}")
+        if block.dtype.itemsize > 4 and np.issubdtype(block.dtype, np.floating):
+            finite = np.isfinite(block)
+            hi = float(np.max(np.abs(block), where=finite, initial=0.0))
+            if hi > MAX_PLAUSIBLE:
+                raise Excluded(R_IMPLAUSIBLE)
+        out[:, :, k0:k1] = block
+    return out
+
+
+def check_values(data: np.ndarray) -> tuple[np.ndarray, float]:
+    """Check a source map's values: return its validity mask (finite and non-zero) and max |value|.
+
+    Raises :class:`Excluded` for no finite data, all zeros, implausible values or a constant map.
+    """
+    valid = np.isfinite(data)
+    if not valid.any():
         raise Excluded(R_NO_FINITE)
-    valid = finite & (data != 0)
+    np.not_equal(data, 0, out=valid, where=valid)
     if not valid.any():
         raise Excluded(R_ALL_ZERO)
-    vals = data[valid]
-    vmin, vmax = float(vals.min()), float(vals.max())
-    # (float32 beyond ~3.4e38 is inf, i.e. already "no data"; float64 files are checked at full range)
+    vmin = float(np.min(data, where=valid, initial=np.inf))
+    vmax = float(np.max(data, where=valid, initial=-np.inf))
+    # (float32 beyond ~3.4e38 is inf, i.e. already "no data"; float64 files are range-checked on reading)
     if max(abs(vmin), abs(vmax)) > MAX_PLAUSIBLE:
         raise Excluded(R_IMPLAUSIBLE)
     if vmin == vmax:
         raise Excluded(R_CONSTANT)
-    return valid
+    return valid, max(abs(vmin), abs(vmax))
 
 
 def _write_nifti(data: np.ndarray, mask_img: nib.Nifti1Image, dest: str | os.PathLike) -> None:
@@ -182,9 +242,10 @@ def make_zmap(
     metadata_path: str | os.PathLike,
     map_path: str | os.PathLike,
     mask_img: nib.Nifti1Image,
-    conversion: dict | None,
+    conversion: Mapping[str, Any] | None,
     out_zmap: str | os.PathLike,
     out_qc: str | os.PathLike,
+    limits: Mapping[str, Any] | None = None,
 ) -> dict:
     """Turn one downloaded image into a z-map on the template grid and write its qc.json.
 
@@ -196,22 +257,27 @@ def make_zmap(
         ``results/images/{id}/map.nii.gz`` (need not exist when the download failed).
     mask_img : nibabel.Nifti1Image
         Template mask (:func:`nvmeta.template.load_mask`); its grid is the output grid.
-    conversion : dict
-        ``config["conversion"]`` (df rule and overrides), passed to :func:`nvmeta.stats.resolve_df`.
+    conversion : mapping
+        ``config["conversion"]`` (df rule and overrides), see :func:`nvmeta.stats.resolve_sample_size`.
     out_zmap, out_qc : path-like
         Outputs, written atomically. An excluded image gets an all-NaN z-map.
+    limits : mapping, optional
+        The per-image plausibility keys of ``config["qc"]`` (:data:`LIMIT_KEYS`); None: the schema defaults.
 
     Returns
     -------
     dict
-        The qc.json content: image_id, collection_id, status, reason, map_type, n, df, df_source,
-        z_min, z_max, max_abs_z, coverage, source_shape, source_voxel_size, source_affine_orientation,
-        resampled (the grid changed), resample_method (identity|lattice|linear).
+        The qc.json content: image_id, collection_id, status, reason, map_type, n, n_source (the one
+        resolved sample size every consumer reads), df, df_source, source_max_abs, z_min, z_max, max_abs_z,
+        coverage, source_shape, source_voxel_size, source_affine_orientation, resampled (the grid changed),
+        resample_method (identity|lattice|linear).
     """
     from nvmeta.download import remove_stale_temps
 
     remove_stale_temps(out_zmap, out_qc)  # temporaries of a killed earlier attempt
     conversion = conversion or {}
+    if limits is None:
+        limits = _default_limits()
     qc: dict[str, Any] = {
         "image_id": None,
         "collection_id": None,
@@ -219,8 +285,10 @@ def make_zmap(
         "reason": None,
         "map_type": None,
         "n": None,
+        "n_source": None,
         "df": None,
         "df_source": None,
+        "source_max_abs": None,
         "z_min": None,
         "z_max": None,
         "max_abs_z": None,
@@ -242,42 +310,63 @@ def make_zmap(
         if qc["image_id"] is None:  # fall back on the directory name results/images/{id}/
             qc["image_id"] = _int_or_none(Path(metadata_path).parent.name)
         qc["collection_id"] = _int_or_none(meta.get("collection_id"))
-        qc["map_type"] = meta.get("map_type")
-        qc["n"] = _sample_size(meta, conversion)
+        map_type = qc["map_type"] = meta.get("map_type")
+        from nvmeta.stats import resolve_sample_size
+
+        # n and df resolved once, here; qc.json carries them to every consumer (weights, effect sizes, QC).
+        size = resolve_sample_size(meta, conversion, max_n=limits["max_n"], need_df=map_type == T_MAP)
+        qc["n"], qc["n_source"] = size.n, size.n_source
         if nv.get("status") != "ok":
             raise Excluded(R_DOWNLOAD.format(nv.get("reason") or "unknown reason"))
-        map_type = meta.get("map_type")
         if map_type == T_MAP:
-            from nvmeta.stats import resolve_df
-
-            df, df_source, reason = resolve_df(meta, conversion)
-            if df is None:
-                raise Excluded(reason or "missing sample size")
-            qc["df"], qc["df_source"] = float(df), df_source
+            if size.df is None:
+                raise Excluded(size.reason or "missing sample size")
+            qc["df"], qc["df_source"] = size.df, size.df_source
         elif map_type == Z_MAP:
             qc["df_source"] = "z map"
+            if size.reason:
+                raise Excluded(size.reason)
         else:
             raise Excluded(R_MAP_TYPE.format(map_type))
 
-        data, affine = load_map(map_path, qc)
-        valid = check_values(data)
-        if map_type == T_MAP:
-            from nvmeta.stats import t_to_z
-
-            z = np.full(data.shape, np.nan, dtype=np.float32)
-            z[valid] = np.asarray(t_to_z(data[valid], qc["df"]), dtype=np.float32)
-        else:
-            z = np.where(valid, data, np.nan).astype(np.float32)
-        del data
+        data, affine = load_map(map_path, qc, max_map_mb=limits["max_map_mb"])
+        valid, max_abs = check_values(data)
+        qc["source_max_abs"] = max_abs
+        # effect size a map implies: one-sample d = t / sqrt(n) (df + 1 when only df is known)
+        n_eff, n_label = (size.n, "n") if size.n else (None, None)
+        if n_eff is None and size.df is not None:
+            n_eff, n_label = size.df + 1, "df + 1"
+        if n_eff and max_abs / math.sqrt(n_eff) > limits["max_t_per_sqrt_n"]:
+            raise Excluded(
+                R_EFFECT.format(
+                    stat="t" if map_type == T_MAP else "z",
+                    n_label=n_label,
+                    value=max_abs / math.sqrt(n_eff),
+                    limit=limits["max_t_per_sqrt_n"],
+                    max_abs=max_abs,
+                )
+            )
 
         from nvmeta.resample import resample_to_template
 
-        zmap, coverage, method = resample_to_template(z, affine, mask_img, return_method=True)
+        # The one resampling: the map's own statistic (t or z) onto the template grid.
+        stat, coverage, method = resample_to_template(data, affine, mask_img, return_method=True, valid=valid)
+        del data, valid
         qc["coverage"] = round(float(coverage), 6)
         qc["resample_method"] = method
         qc["resampled"] = method != "identity"
         if coverage <= 0:
             raise Excluded(R_NO_OVERLAP)
+        if map_type == T_MAP:
+            from nvmeta.stats import t_to_z
+
+            # t -> z on the template grid's data voxels only (pointwise, so identical to converting first on
+            # identity/lattice grids; on interpolated grids z is the transform of the interpolated t).
+            has = np.isfinite(stat)
+            zmap = np.full(stat.shape, np.nan, dtype=np.float32)
+            zmap[has] = np.asarray(t_to_z(stat[has], qc["df"]), dtype=np.float32)
+        else:
+            zmap = stat
         qc["z_min"] = _finite_or_none(np.nanmin(zmap))
         qc["z_max"] = _finite_or_none(np.nanmax(zmap))
         qc["max_abs_z"] = max(abs(qc["z_min"]), abs(qc["z_max"]))

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nvmeta.config import defaults
 from nvmeta.qc import QC_COLUMNS, _pairwise_r, build_qc, find_duplicates, write_qc
 from nvmeta.query import SELECTION_COLUMNS
 from nvmeta.zmap import make_zmap
@@ -122,10 +123,10 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("memory_bytes", [2_000_000_000, 1])  # exact pairwise / subsample screening
-def test_qc_table_rules_and_reasons(analysis, memory_bytes):
+def test_qc_table_rules_and_reasons(analysis, memory_bytes, caplog):
     root, sel = analysis
-    logs: list[str] = []
-    qc, funnel = build_qc(sel, image_dir_for(root), {}, log=logs.append, memory_bytes=memory_bytes)
+    caplog.set_level("INFO", logger="nvmeta.qc")
+    qc, funnel = build_qc(sel, image_dir_for(root), defaults("qc"), memory_bytes=memory_bytes)
     assert list(qc.columns) == QC_COLUMNS
     assert qc["image_id"].tolist() == list(EXPECTED)  # selection order, one row per image
     got = {int(r.image_id): (r.status, None if pd.isna(r.reason) else r.reason) for r in qc.itertuples()}
@@ -137,12 +138,12 @@ def test_qc_table_rules_and_reasons(analysis, memory_bytes):
     t_row = qc.set_index("image_id").loc[111]
     assert (t_row["df"], t_row["df_source"]) == (28.0, "n-2")
     assert "df assumed from sample size (n-2)" in t_row["flags"]
-    assert any("duplicate search" in m for m in logs)
+    assert any("duplicate search" in r.getMessage() and r.name == "nvmeta.qc" for r in caplog.records)
 
 
 def test_funnel_counts(analysis):
     root, sel = analysis
-    _, funnel = build_qc(sel, image_dir_for(root), {"min_coverage": 0.5})
+    _, funnel = build_qc(sel, image_dir_for(root), {**defaults("qc"), "min_coverage": 0.5})
     f = funnel.set_index("stage")
     assert list(funnel.columns) == ["stage", "count", "excluded_here", "reasons"]
     assert f.index.tolist() == ["selected", "downloaded", "converted", "passed QC"]
@@ -160,7 +161,13 @@ def test_funnel_counts(analysis):
 
 def test_configurable_rules(analysis):
     root, sel = analysis
-    cfg = {"min_coverage": 0.2, "min_max_abs_z": 0.5, "max_abs_z": 100, "duplicate_r": 0.999999}
+    cfg = {
+        **defaults("qc"),
+        "min_coverage": 0.2,
+        "min_max_abs_z": 0.5,
+        "max_abs_z": 100,
+        "duplicate_r": 0.999999,
+    }
     qc, funnel = build_qc(sel, image_dir_for(root), cfg)
     st = dict(zip(qc["image_id"], qc["status"], strict=True))
     assert st[105] == st[106] == st[107] == "included"
@@ -237,3 +244,79 @@ def test_empty_selection(tmp_path):
     qc, funnel = build_qc(sel, image_dir_for(tmp_path), None)
     assert qc.empty and list(qc.columns) == QC_COLUMNS
     assert funnel["count"].tolist() == [0, 0, 0, 0]
+
+
+def test_qc_table_reads_the_resolved_n_from_qc_json(tmp_path):
+    # the record says n = 0 (NIDM); conversion.n_images gives 20: the QC table shows 20, like qc.json
+    d = tmp_path / "images" / "201"
+    d.mkdir(parents=True)
+    rec = {
+        "id": 201,
+        "collection_id": 5,
+        "map_type": "T map",
+        "number_of_subjects": 0,
+        "statistic_parameters": None,
+        "nvmeta": {"status": "ok", "reason": None},
+    }
+    (d / "metadata.json").write_text(json.dumps(rec))
+    nib.save(nib.Nifti1Image(smooth_field(7) * 2, T_AFF), d / "map.nii.gz")
+    conv = {"df": "n-2", "n_images": {"201": 20}}
+    qc = make_zmap(d / "metadata.json", d / "map.nii.gz", MASK, conv, d / "zmap.nii.gz", d / "qc.json")
+    assert (qc["n"], qc["df"]) == (20, 18.0)
+    sel = pd.DataFrame([{"image_id": 201, "collection_id": 5, "number_of_subjects": 0}]).reindex(
+        columns=SEL_COLS
+    )
+    sel_path = tmp_path / "selection.tsv"
+    sel.to_csv(sel_path, sep="\t", index=False)
+    qc_df, _ = build_qc(sel_path, image_dir_for(tmp_path), None, mask_img=MASK)
+    row = qc_df.iloc[0]
+    assert row["status"] == "included"
+    assert row["n"] == 20 and row["n_source"] == "n_images" and row["df"] == 18.0
+    assert row["number_of_subjects"] == 0  # the record's value, as recorded
+    assert "n from config (n_images)" in row["flags"]
+
+
+def test_funnel_groups_the_new_per_image_reasons():
+    from nvmeta.qc import reason_key
+
+    assert reason_key("implausible sample size: number_of_subjects = 20.5 is not an integer (set ...)") == (
+        "implausible sample size"
+    )
+    assert (
+        reason_key("implausible effect size: max |t| / sqrt(n) = 2.27e+03 > ...") == "implausible effect size"
+    )
+    assert reason_key("implausible degrees of freedom: statistic_parameters = 1e+300 > ...") == (
+        "implausible degrees of freedom"
+    )
+    assert reason_key("map too large: header says 400x400x400 voxels = 256 MB ...") == "map too large"
+
+
+def test_screened_search_equals_exact_search_above_64_maps():
+    # > 64 maps: screening on a voxel subsample + exact check; same decisions as all pairs exactly
+    rng = np.random.default_rng(5)
+    k, v = 90, 30_000
+    from scipy.ndimage import gaussian_filter1d
+
+    maps = gaussian_filter1d(rng.normal(size=(k, v)), 3, axis=1).astype(np.float32)
+    maps[:, : v // 10] = np.nan
+    maps[rng.random(maps.shape) < 0.05] = np.nan
+    maps[70] = maps[12] * 3 - 1  # affine copy
+    maps[71] = -maps[40]  # sign flip
+    maps[72] = maps[2] + gaussian_filter1d(rng.normal(scale=0.02, size=v), 3).astype(np.float32)  # near copy
+    maps[73, : v // 2] = np.nan
+    maps[73, v // 2 :] = maps[30, v // 2 :]  # duplicate on the shared half only
+    maps[74] = 0.9 * maps[5] + 0.45 * maps[6]  # r ~ 0.9: not a duplicate
+    calls: list[int] = []
+
+    def load(i: int) -> np.ndarray:
+        calls.append(i)
+        return maps[i].copy()
+
+    screened = find_duplicates(load, k)
+    assert sorted(calls) == list(range(k))  # held in memory: every map read once
+    exact = find_duplicates(lambda i: maps[i].copy(), k, exact_max_maps=k)
+    assert {j: i for j, (i, _) in screened.items()} == {70: 12, 71: 40, 72: 2, 73: 30}
+    assert screened.keys() == exact.keys()
+    for j in screened:
+        assert screened[j][0] == exact[j][0]
+        assert screened[j][1] == pytest.approx(exact[j][1], abs=1e-5)

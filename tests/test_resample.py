@@ -111,6 +111,10 @@ def test_lattice_fast_path_equals_nilearn_linear(monkeypatch):
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
     np.testing.assert_allclose(fast[np.isfinite(fast)], slow[np.isfinite(slow)], rtol=0, atol=1e-6)
     assert cov_fast == cov_slow
+    # and the slice/copy equals nilearn's interpolation on the same on-lattice grid
+    ref = _nilearn_normalised_linear(data, aff, MASK)
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
+    np.testing.assert_allclose(fast[np.isfinite(fast)], ref[np.isfinite(ref)], rtol=0, atol=1e-6)
     # spot check: template voxel (10, 10, 10) = world (0, 0, 0) = source voxel (7, 11, 6)
     for t_ijk, s_ijk in [((10, 10, 10), (7, 11, 6)), ((3, 5, 7), (14, 6, 3))]:
         v = data[s_ijk]
@@ -221,3 +225,61 @@ def test_load_mask_mni152_2mm_disk_cache(tmp_path, monkeypatch):
 
     ref = load_mni152_brain_mask(resolution=2)
     np.testing.assert_array_equal(np.asarray(again.dataobj) > 0, np.asarray(ref.dataobj) > 0)
+
+
+def _nilearn_normalised_linear(data, aff, mask_img, min_weight=R.MIN_WEIGHT):
+    """The previous implementation (reference): nilearn resample_img of data-with-zeros and validity."""
+    import warnings
+
+    from nilearn.image import resample_img
+
+    valid = np.isfinite(data) & (data != 0)
+    stack = np.stack([np.where(valid, data, 0), valid], axis=-1).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = resample_img(
+            nib.Nifti1Image(stack, aff),
+            target_affine=mask_img.affine,
+            target_shape=mask_img.shape,
+            interpolation="linear",
+            fill_value=0,
+            clip=False,
+            force_resample=True,
+            copy_header=True,
+        )
+    rd, rw = np.asarray(res.dataobj)[..., 0], np.asarray(res.dataobj)[..., 1]
+    out = np.full(mask_img.shape, np.nan, dtype=np.float32)
+    good = rw >= min_weight
+    out[good] = (rd[good].astype(np.float64) / rw[good]).astype(np.float32)
+    out[~(np.asarray(mask_img.dataobj) > 0)] = np.nan
+    return out
+
+
+@pytest.mark.parametrize(
+    "aff",
+    [
+        grid(3.0, (13, 14, 12), -21.7),  # 3 mm, off the lattice
+        grid(1.5, (27, 25, 26), -19.3, flip_x=True),  # 1.5 mm LAS
+        np.array([[1.9, 0.3, 0, -18], [-0.3, 1.9, 0.1, -21], [0, -0.1, 2.1, -17.5], [0, 0, 0, 1]]),  # oblique
+        np.array([[0, 0, 2.5, -19.1], [-1.7, 0, 0, 17.2], [0, 2.2, 0, -20.4], [0, 0, 0, 1]]),  # axes permuted
+    ],
+)
+def test_one_pass_linear_equals_nilearn_two_volume_resampling(aff):
+    # one map_coordinates call at the mask voxels == the old nilearn resample_img of (data, validity)
+    shape = (13, 14, 12) if aff[0, 0] == 3.0 else ((27, 25, 26) if abs(aff[0, 0]) == 1.5 else (22, 21, 19))
+    if aff[0, 0] == 0:
+        shape = (23, 19, 16)
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=shape).astype(np.float32) * 3
+    data[rng.random(shape) < 0.15] = np.nan
+    data[rng.random(shape) < 0.15] = 0
+    data[:3] = 0  # a no-data slab
+    out, cov, method = resample_to_template(data, aff, MASK, return_method=True)
+    assert method == "linear"
+    ref = _nilearn_normalised_linear(data, aff, MASK)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert np.isfinite(out).sum() > 100
+    np.testing.assert_allclose(out[np.isfinite(out)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-5)
+    assert cov == pytest.approx(np.isfinite(ref[MASK_B]).mean())
+    # rotation-free grids take the axis-by-axis path, oblique ones the point-by-point one
+    assert (R._separable(R._to_source(aff, T_AFF)) is not None) == (aff[0, 1] == 0)

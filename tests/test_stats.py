@@ -376,3 +376,19 @@ def test_selection_row_style_record():
 def test_bad_rule_raises():
     with pytest.raises(ValueError, match="n-2"):
         resolve_df(rec(number_of_subjects=10), {"df": "n-3"})
+
+
+def test_non_integral_or_huge_n_is_not_silently_used():
+    from nvmeta.stats import resolve_sample_size
+
+    # 20.5 used to give df = 18.5 while qc.json said n = 20
+    df, src, reason = resolve_df(rec(number_of_subjects=20.5), {})
+    assert (df, src) == (None, None) and reason.startswith(
+        "implausible sample size: number_of_subjects = 20.5"
+    )
+    s = resolve_sample_size(rec(number_of_subjects=1e9), {}, max_n=100_000)
+    assert s.n is None and s.df is None and "1e+09 > qc.max_n = 100000" in s.reason
+    s = resolve_sample_size(rec(number_of_subjects="30.0"), {"df": "n-1"}, max_n=100_000)
+    assert (s.n, s.n_source, s.df, s.df_source, s.reason) == (30, "number_of_subjects", 29.0, "n-1", None)
+    s = resolve_sample_size(rec(number_of_subjects=0), {"n_collections": {"7": 12}}, need_df=False)
+    assert (s.n, s.n_source, s.df) == (12, "n_collections", None)

@@ -14,9 +14,10 @@ import pytest
 from nvmeta.stats import t_to_z
 from nvmeta.zmap import make_zmap
 
-SAMPLE = Path("/work/shared/neurovault-sample")
-PAIN = SAMPLE / "pain21_collection1425"
-FIXT = SAMPLE / "neurovault_server_fixtures"
+# real maps from the bundled demo snapshot (the repository's own copy; no file outside it)
+MEDIA = Path(__file__).parent / "data" / "snapshot" / "media" / "images"
+PAIN_01 = MEDIA / "1425" / "pain_01.nidm" / "TStatistic.nii.gz"
+TRUNCATED_GZ = MEDIA / "1425" / "contrast_.nii.gz"  # a truncated gzip stream
 
 T_SHAPE = (20, 20, 20)
 T_AFF = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -20], [0, 0, 2.0, -20], [0, 0, 0, 1]])
@@ -167,15 +168,15 @@ def test_five_d_with_one_volume_is_squeezed(tmp_path):
 
 def test_analyze_pair_converted(tmp_path):
     """SPM Analyze pair (df 14 in its header) converted to NIfTI, as the download step does."""
-    ana = nib.load(FIXT / "box_0b_vs_1b.hdr")
+    ana = nib.load(MEDIA / "1617" / "box_0b_vs_1b.hdr")
     nii = nib.Nifti1Image(np.asarray(ana.dataobj), ana.affine)
     qc, z = run(tmp_path, record(map_type="T map", n=None, statistic_parameters=14), nii)
     assert qc["status"] == "included" and qc["df"] == 14.0
     assert qc["source_shape"] == [79, 95, 78] and qc["resample_method"] == "lattice"
     # the .hdr path is read directly too, with the same result
     d = tmp_path / "direct"
-    shutil.copy(FIXT / "box_0b_vs_1b.hdr", d.with_suffix(".hdr"))
-    shutil.copy(FIXT / "box_0b_vs_1b.img", d.with_suffix(".img"))
+    shutil.copy(MEDIA / "1617" / "box_0b_vs_1b.hdr", d.with_suffix(".hdr"))
+    shutil.copy(MEDIA / "1617" / "box_0b_vs_1b.img", d.with_suffix(".img"))
     qc2, z2 = run(
         tmp_path, record(image_id=70, n=None, statistic_parameters=14), map_file=d.with_suffix(".hdr")
     )
@@ -247,7 +248,7 @@ def test_every_exclusion_reason(tmp_path, case, reason):
     elif case == "truncated":
         img = None
         map_file = tmp_path / "trunc.nii.gz"
-        shutil.copy(PAIN / "corrupt_truncated_gzip.nii.gz", map_file)
+        shutil.copy(TRUNCATED_GZ, map_file)
     elif case == "lying":
         img = None
         map_file = tmp_path / "lying.nii.gz"
@@ -302,7 +303,7 @@ def test_unexpected_error_is_an_exclusion_not_a_crash(tmp_path, monkeypatch):
 
 def test_unreadable_reason_is_specific(tmp_path):
     map_file = tmp_path / "trunc.nii.gz"
-    shutil.copy(PAIN / "corrupt_truncated_gzip.nii.gz", map_file)
+    shutil.copy(TRUNCATED_GZ, map_file)
     qc, _ = run(tmp_path, record(), map_file=map_file)
     assert qc["reason"].startswith("unreadable map: ") and len(qc["reason"]) > len("unreadable map: ") + 5
     assert str(tmp_path) not in qc["reason"]
@@ -313,7 +314,7 @@ def test_unreadable_reason_is_specific(tmp_path):
 
 
 def test_real_afni_5d_two_subbricks(tmp_path):
-    qc, _ = run(tmp_path, record(map_type="T map", n=23), map_file=FIXT / "saccade.I_C.MNI.nii.gz")
+    qc, _ = run(tmp_path, record(map_type="T map", n=23), map_file=MEDIA / "1616" / "saccade.I_C.MNI.nii.gz")
     assert qc["reason"] == "too many volumes: 2 (AFNI sub-brick selection not supported yet)"
     assert qc["source_shape"] == [91, 109, 91, 1, 2] and qc["source_affine_orientation"] == "RAS"
 
@@ -323,10 +324,10 @@ def test_real_pain_map_on_mni152_2mm(tmp_path, monkeypatch):
     from nvmeta.template import load_mask
 
     mask = load_mask("mni152_2mm")
-    src = nib.load(PAIN / "pain_01_tstat_derived.nii.gz")
+    src = nib.load(PAIN_01)
     t = src.get_fdata(dtype=np.float32)
     rec = record(image_id=23411, n=25)
-    qc, z = run(tmp_path, rec, map_file=PAIN / "pain_01_tstat_derived.nii.gz", mask=mask)
+    qc, z = run(tmp_path, rec, map_file=PAIN_01, mask=mask)
     assert qc["status"] == "included" and qc["df"] == 23.0
     assert qc["source_affine_orientation"] == "LAS" and qc["source_shape"] == [91, 109, 91]
     mb = np.asarray(mask.dataobj) > 0
@@ -361,7 +362,7 @@ def mb_source_mask(src: nib.Nifti1Image, mask: nib.Nifti1Image) -> np.ndarray:
 
 
 def test_real_z_map_with_nan_background(tmp_path):
-    qc, z = run(tmp_path, record(map_type="Z map", n=None), map_file=FIXT / "motor_lips_nan.nii.gz")
+    qc, z = run(tmp_path, record(map_type="Z map", n=None), map_file=MEDIA / "1615" / "motor_lips_nan.nii.gz")
     assert qc["status"] == "included" and qc["df_source"] == "z map"
     assert qc["resample_method"] in ("lattice", "linear")
     assert 0 < qc["coverage"] <= 1 and np.isfinite(z).any()
@@ -390,3 +391,257 @@ def test_cli(tmp_path):
         == 0
     )
     assert json.loads((d / "q.json").read_text())["status"] == "included"
+
+
+# ---------------------------------------------------------------------------------------
+# C3: one resolved sample size per image, in qc.json
+# ---------------------------------------------------------------------------------------
+
+
+def test_n_override_resolved_once_into_qc_json(tmp_path):
+    # NIDM-style record: number_of_subjects = 0; the user's conversion.n_images gives 20
+    t = t_data(11)
+    conv = {"df": "n-2", "n_images": {"7": 20}}
+    qc, z = run(tmp_path, record(n=0), nib.Nifti1Image(t, T_AFF), conversion=conv)
+    assert qc["status"] == "included"
+    assert (qc["n"], qc["n_source"]) == (20, "n_images")
+    assert (qc["df"], qc["df_source"]) == (18.0, "n-2")  # df consistent with the same n
+    fin = np.isfinite(z)
+    np.testing.assert_allclose(z[fin], t_to_z(t[fin], 18.0), rtol=1e-6)
+    # the record's own n wins when usable, with its source
+    qc2, _ = run(tmp_path, record(image_id=8, n=25), nib.Nifti1Image(t, T_AFF), conversion=conv)
+    assert (qc2["n"], qc2["n_source"], qc2["df"]) == (25, "number_of_subjects", 23.0)
+    # collection override; statistic_parameters gives the df while n stays the resolved one
+    conv3 = {"df": "n-1", "n_collections": {"99": 30}}
+    rec3 = record(image_id=9, n=None, statistic_parameters=27.0)
+    qc3, _ = run(tmp_path, rec3, nib.Nifti1Image(t, T_AFF), conversion=conv3)
+    assert (qc3["n"], qc3["n_source"], qc3["df"], qc3["df_source"]) == (
+        30,
+        "n_collections",
+        27.0,
+        "statistic_parameters",
+    )
+    # Z maps carry their n too (weights read it); excluded images still report the resolved n
+    qc4, _ = run(
+        tmp_path, record(image_id=10, map_type="Z map", n=0), nib.Nifti1Image(t, T_AFF), conversion=conv3
+    )
+    assert (qc4["n"], qc4["n_source"], qc4["df_source"]) == (30, "n_collections", "z map")
+    qc5, _ = run(
+        tmp_path, record(image_id=7, map_type="F map", n=0), nib.Nifti1Image(t, T_AFF), conversion=conv
+    )
+    assert qc5["status"] == "excluded" and (qc5["n"], qc5["n_source"]) == (20, "n_images")
+
+
+# ---------------------------------------------------------------------------------------
+# Plausibility rules (issue 10 item 4): implausible statistics are excluded with a specific reason
+# ---------------------------------------------------------------------------------------
+
+SNAPSHOT = Path(__file__).parent / "data" / "snapshot"
+
+
+def _snapshot_maps():
+    manifest = json.loads((SNAPSHOT / "MANIFEST.json").read_text())
+    return {m["image_id"]: SNAPSHOT / m["path"] for m in manifest}
+
+
+def test_t_map_scaled_by_1000_is_excluded_as_implausible_effect(tmp_path):
+    # the demo's pain_01 T map x1000 at n = 20: max |t| = 10,161 -> z ~ 19 would pass max |z| <= 50
+    src = nib.load(_snapshot_maps()[990001])
+    t = np.asarray(src.dataobj, dtype=np.float32)
+    scaled = nib.Nifti1Image(t * 1000, src.affine)
+    qc, _ = run(tmp_path, record(n=20), scaled)
+    assert qc["status"] == "excluded"
+    assert qc["reason"].startswith(
+        "implausible effect size: max |t| / sqrt(n) = 2.27e+03 > qc.max_t_per_sqrt_n = 20"
+    )
+    assert qc["source_max_abs"] == pytest.approx(10161.0, rel=1e-4)
+    # the unscaled map is fine (2.27 at n = 20) and so is the limit when raised
+    qc_ok, _ = run(tmp_path, record(image_id=8, n=20), nib.Nifti1Image(t, src.affine))
+    assert qc_ok["status"] == "included" and qc_ok["max_abs_z"] < 8
+    # without n the df stands in (sqrt(df + 1))
+    qc_df, _ = run(tmp_path, record(image_id=9, n=None, statistic_parameters=19), scaled)
+    assert qc_df["reason"].startswith("implausible effect size: max |t| / sqrt(df + 1) = 2.27e+03")
+
+
+@pytest.mark.parametrize(
+    ("fields", "conversion", "reason"),
+    [
+        ({"n": 1e9}, {}, "implausible sample size: number_of_subjects = 1e+09 > qc.max_n = 100000"),
+        (
+            {"n": None, "statistic_parameters": 1e300},
+            {},
+            "implausible degrees of freedom: statistic_parameters = 1e+300 > qc.max_n = 100000",
+        ),
+        ({"n": 20.5}, {}, "implausible sample size: number_of_subjects = 20.5 is not an integer"),
+        ({"n": 0}, {"n_images": {"7": 12.5}}, "implausible sample size: n_images = 12.5 is not an integer"),
+        (
+            {"n": 20.5, "map_type": "Z map"},
+            {},
+            "implausible sample size: number_of_subjects = 20.5 is not an integer",
+        ),
+    ],
+)
+def test_implausible_n_and_df_are_excluded(tmp_path, fields, conversion, reason):
+    fields = dict(fields)
+    rec = record(n=fields.pop("n"), **fields)
+    qc, _ = run(tmp_path, rec, nib.Nifti1Image(t_data(12), T_AFF), conversion={"df": "n-2", **conversion})
+    assert qc["status"] == "excluded"
+    assert qc["reason"].startswith(reason)
+    assert qc["n"] is None and qc["df"] is None
+
+
+def test_implausible_record_n_can_be_overridden(tmp_path):
+    # 20.5 is not a sample size; the user's n_images replaces it, and df and qc.json agree
+    conv = {"df": "n-2", "n_images": {"7": 20}}
+    qc, _ = run(tmp_path, record(n=20.5), nib.Nifti1Image(t_data(12), T_AFF), conversion=conv)
+    assert qc["status"] == "included"
+    assert (qc["n"], qc["n_source"], qc["df"], qc["df_source"]) == (20, "n_images", 18.0, "n-2")
+
+
+def test_limits_are_config_keys(tmp_path):
+    from nvmeta.config import defaults
+
+    limits = {**defaults("qc"), "max_n": 1e10, "max_t_per_sqrt_n": 1e6}
+    d = tmp_path / "images" / "7"
+    d.mkdir(parents=True)
+    (d / "metadata.json").write_text(json.dumps(record(n=1e9)))
+    nib.save(nib.Nifti1Image(t_data(12) * 1000, T_AFF), d / "map.nii.gz")
+    qc = make_zmap(
+        d / "metadata.json", d / "map.nii.gz", MASK, {"df": "n-2"}, d / "z.nii.gz", d / "qc.json", limits
+    )
+    assert qc["status"] == "included" and qc["n"] == 10**9
+
+
+def test_every_demo_map_passes_the_plausibility_rules(tmp_path):
+    # defaults keep the demo: the 21 pain maps (and every other readable demo map) stay included
+    maps = _snapshot_maps()
+    included = set()
+    for f in sorted((SNAPSHOT / "api" / "images").glob("*.json")):
+        rec = json.loads(f.read_text())
+        if rec["id"] not in maps or rec.get("map_type") not in ("T map", "Z map"):
+            continue
+        rec["nvmeta"] = {"status": "ok", "reason": None}
+        d = tmp_path / str(rec["id"])
+        d.mkdir()
+        (d / "metadata.json").write_text(json.dumps(rec))
+        src = maps[rec["id"]]
+        conv = {"df": "n-2", "n_images": {"10426": 20}}
+        qc = make_zmap(d / "metadata.json", src, MASK, conv, d / "zmap.nii.gz", d / "qc.json")
+        if qc["status"] == "included":
+            included.add(rec["id"])
+        else:
+            assert not qc["reason"].startswith(("implausible", "map too large")), (rec["id"], qc["reason"])
+    assert set(range(990001, 990022)) <= included
+
+
+# ---------------------------------------------------------------------------------------
+# Memory (issue 10 item 7): a bound from the header, one float32 read, peak within mem_mb
+# ---------------------------------------------------------------------------------------
+
+
+def _header_only_gz(path: Path, shape, dtype) -> None:
+    """A gzipped NIfTI whose header promises ``shape`` x ``dtype`` but holds only 1 KB of data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_qform(np.diag([0.5, 0.5, 0.5, 1.0]), code=1)
+    hdr.set_sform(np.diag([0.5, 0.5, 0.5, 1.0]), code=1)
+    raw = hdr.binaryblock + b"\0" * 4 + b"\0" * 1024
+    path.write_bytes(gzip.compress(raw))
+
+
+def test_oversized_map_excluded_from_its_header_before_reading(tmp_path):
+    # a 400^3 float64 header (512 MB decoded); the data are truncated, so reading them would fail
+    # with "unreadable map: EOFError ...": the size rule must fire first, from the header alone
+    f = tmp_path / "huge.nii.gz"
+    _header_only_gz(f, (400, 400, 400), np.float64)
+    qc, _ = run(tmp_path, record(), map_file=f)
+    assert qc["status"] == "excluded"
+    assert qc["reason"] == (
+        "map too large: header says 400x400x400 voxels = 256 MB as float32 > qc.max_map_mb = 240 (not read)"
+    )
+    assert qc["source_shape"] == [400, 400, 400]
+    # the same truncated file under a raised limit is read, and fails as unreadable
+    from nvmeta.config import defaults
+
+    d = tmp_path / "images" / "7"
+    qc2 = make_zmap(
+        d / "metadata.json",
+        f,
+        MASK,
+        {"df": "n-2"},
+        d / "zmap.nii.gz",
+        d / "qc.json",
+        {**defaults("qc"), "max_map_mb": 1e4},
+    )
+    assert qc2["reason"].startswith("unreadable map: "), qc2["reason"]
+
+
+_MEM_JOB = r"""
+import json, sys
+import numpy as np, nibabel as nib
+from nvmeta.zmap import make_zmap
+import nvmeta.resample, nvmeta.stats, scipy.ndimage
+
+def hwm():  # peak RSS of this process (VmHWM; getrusage's maxrss would include the parent at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+d = sys.argv[1]
+mask = nib.load(d + "/mask.nii.gz")
+mask = nib.Nifti1Image(np.asarray(mask.dataobj), mask.affine)
+base = hwm()
+qc = make_zmap(d + "/metadata.json", d + "/map.nii.gz", mask, {"df": "n-2"}, d + "/z.nii.gz", d + "/qc.json")
+print(json.dumps({"base": base, "peak": hwm(), "status": qc["status"], "reason": qc["reason"]}))
+"""
+
+
+def _job_peak_mb(d: Path, shape, vox_mm: float) -> dict:
+    """Peak RSS of make_zmap in a fresh process on a float64 map of ``shape`` covering the same 200 mm box."""
+    import os
+    import subprocess
+    import sys
+
+    d.mkdir()
+    data = np.full(shape, 0.5)
+    c = [s // 2 for s in shape]
+    r = shape[0] // 10
+    data[c[0] - r : c[0] + r, c[1] - r : c[1] + r, c[2] - r : c[2] + r] = 6.0
+    aff = np.diag([vox_mm, vox_mm, vox_mm, 1.0])
+    aff[:3, 3] = -100.3  # off the template lattice: the interpolation path
+    nib.save(nib.Nifti1Image(data, aff), d / "map.nii.gz")
+    m = np.zeros((100, 100, 100), dtype=np.uint8)
+    m[10:90, 10:90, 10:90] = 1
+    mask_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    mask_aff[:3, 3] = -100
+    nib.save(nib.Nifti1Image(m, mask_aff), d / "mask.nii.gz")
+    (d / "metadata.json").write_text(json.dumps(record(n=20)))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run(
+        [sys.executable, "-c", _MEM_JOB, str(d)], env=env, cwd=d, capture_output=True, text=True, check=True
+    )
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["status"] == "included", out
+    return out
+
+
+def test_large_allowed_map_stays_within_declared_memory(tmp_path):
+    import re
+
+    from nvmeta.config import defaults
+
+    # the same 200 mm box at 2 mm (1M voxels) and at 1 mm (8M voxels), float64, data in every voxel;
+    # the difference of the peaks is what the job needs per source voxel (fixed costs cancel)
+    small = _job_peak_mb(tmp_path / "small", (100, 100, 100), 2.0)
+    big = _job_peak_mb(tmp_path / "big", (200, 200, 200), 1.0)
+    per_voxel = ((big["peak"] - big["base"]) - (small["peak"] - small["base"])) * 1e6 / (200**3 - 100**3)
+    # one float32 copy, the validity and the 2-channel interpolation stack: ~15 B/voxel measured
+    # (before: float64 copies and float64 t -> z temporaries on every voxel: ~50 B/voxel)
+    assert per_voxel < 18, f"{per_voxel:.1f} B/voxel"
+    # at that rate the largest map qc.max_map_mb admits fits the rule's declared mem_mb
+    smk = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "zmap.smk").read_text()
+    mem_mb = int(re.search(r"mem_mb=(\d+)", smk).group(1))
+    max_vox = defaults("qc")["max_map_mb"] * 1e6 / 4
+    fixed = small["peak"]  # interpreter, imports, mask and a 1M-voxel map
+    assert fixed + 18 * max_vox / 1e6 <= mem_mb

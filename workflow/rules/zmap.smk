@@ -1,6 +1,8 @@
 # Per image: t -> z with recorded degrees of freedom, resampled and masked onto the template
 # grid (NaN = no data), plus qc.json. One lean job per image.
 
+from nvmeta.zmap import LIMIT_KEYS as ZMAP_LIMIT_KEYS
+
 
 rule zmap:
     input:
@@ -19,8 +21,12 @@ rule zmap:
         runtime=10,
     params:
         conversion=conversion_params,
+        # the per-image plausibility rules of the qc block (max_n, max_t_per_sqrt_n, max_map_mb)
+        limits={k: config["qc"][k] for k in ZMAP_LIMIT_KEYS},
     run:
         # In-process (see nvmeta/jobs.py): no interpreter start-up per image.
         from nvmeta.jobs import zmap_job
 
-        zmap_job(wildcards.image_id, input, output, log, params.conversion)
+        zmap_job(
+            wildcards.image_id, input, output, log, params.conversion, params.limits
+        )
