@@ -17,11 +17,13 @@ are urllib3's ``Retry``; only a body cut short after the headers is re-attempted
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -41,24 +43,11 @@ logger = logging.getLogger("nvmeta.client")
 
 NEUROVAULT_HOSTS = frozenset({"neurovault.org", "www.neurovault.org"})
 MAX_LIMIT = 1000
-DEFAULTS: dict[str, Any] = {
-    "url": "https://neurovault.org/api/",
-    "mode": "download_new",
-    "timeout": 30.0,
-    "retries": 5,
-    "backoff": 0.5,
-    "max_connections": 2,
-    "max_file_bytes": 1_000_000_000,
-    "max_json_bytes": 64_000_000,
-    "user_agent": None,
-}
 MODES = ("download_new", "overwrite", "offline")
 #: a compressed map may decompress to at most this many times ``max_file_bytes``
 MAX_DECOMPRESSION_RATIO = 16
 #: cap on a server's Retry-After (seconds); a longer wait fails the request instead of hanging a job
 RETRY_AFTER_MAX = 120
-
-LogLike = Callable[[str], Any] | logging.Logger | None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,6 +120,55 @@ def check_image_id(value: Any) -> int:
     return iid
 
 
+#: ids above this are refused (NeuroVault's are below 10**7; a 12-digit bound keeps paths sane)
+MAX_ID = 10**12 - 1
+
+
+def record_id(value: Any, what: str = "id") -> int:
+    """A record id as the server sent it, validated once at the boundary (contract C5).
+
+    An int, or a float with an integral value (``5021.0``, as some JSON encoders write it), is
+    returned as an int; anything else (``5021.5``, ``"5021"``, ``"abc"``, a bool, ``0``, a
+    negative or a huge number, NaN, null) raises :class:`UnsafeInput` naming the value, so the
+    record is excluded with that reason. Everything downstream may assume int ids.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UnsafeInput(f"invalid {what} {str(value)[:40]!r} (not a positive integer)")
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise UnsafeInput(f"invalid {what} {value!r} (not a positive integer)")
+        value = int(value)
+    if not 0 < value <= MAX_ID:
+        raise UnsafeInput(f"invalid {what} {str(value)[:40]} (not a positive integer up to {MAX_ID})")
+    return value
+
+
+def normalize_record(record: Any, kind: str = "image") -> dict:
+    """A copy of a server record with its ``id`` (and an image's ``collection_id``) as ints.
+
+    Raises
+    ------
+    UnsafeInput
+        Not a JSON object, or an id that :func:`record_id` refuses (the reason names it).
+    """
+    if not isinstance(record, Mapping):
+        raise UnsafeInput(f"{kind} record is not a JSON object ({type(record).__name__})")
+    rec = dict(record)
+    rec["id"] = record_id(rec.get("id"), f"{kind} id")
+    if kind == "image" and rec.get("collection_id") is not None:
+        rec["collection_id"] = record_id(rec["collection_id"], "collection_id")
+    return rec
+
+
+def _checked_record(obj: dict, kind: str, asked: int) -> dict:
+    try:
+        return normalize_record(obj, kind)
+    except UnsafeInput as exc:
+        raise UnsafeInput(
+            f"server returned a record with id {str(obj.get('id'))[:20]!r} for {kind} {asked} ({exc})"
+        ) from None
+
+
 def canonical_url(url: str) -> str:
     """Rewrite ``http://neurovault.org/...`` (and www.) to https; other URLs unchanged."""
     parts = urlsplit(url)
@@ -141,15 +179,6 @@ def canonical_url(url: str) -> str:
     ):
         return urlunsplit(("https", parts.hostname.lower(), parts.path, parts.query, parts.fragment))
     return url
-
-
-def _emit(log: LogLike, msg: str, level: int = logging.INFO) -> None:
-    if log is None:
-        logger.log(level, msg)
-    elif isinstance(log, logging.Logger):
-        log.log(level, msg)
-    else:
-        log(("WARNING: " if level >= logging.WARNING else "") + msg)
 
 
 def source_format(url: str) -> str:
@@ -260,11 +289,11 @@ class BaseClient:
     base: str  # API root, ends with "/"
     mode: str = "download_new"
     offline: bool = False
-    max_file_bytes: int = DEFAULTS["max_file_bytes"]
-    max_json_bytes: int = DEFAULTS["max_json_bytes"]
+    max_file_bytes: int
+    max_json_bytes: int
     max_pages: int = 100_000
     verify_attempts: int = 2
-    log: LogLike = None
+    log: logging.Logger = logger
 
     def __init__(self) -> None:
         self.last_listing: dict | None = None
@@ -315,7 +344,7 @@ class BaseClient:
     def image(self, image_id: int | str) -> dict:
         """Image record (``GET images/{id}/``); checks the record's id."""
         iid = check_image_id(image_id)
-        rec = self.get_json(f"images/{iid}/")
+        rec = _checked_record(self.get_json(f"images/{iid}/"), "image", iid)
         if rec.get("id") != iid:
             raise UnsafeInput(f"server returned a record with id {str(rec.get('id'))[:20]!r} for image {iid}")
         return rec
@@ -323,7 +352,7 @@ class BaseClient:
     def collection(self, cid: int | str) -> dict:
         """Collection record (``GET collections/{cid}/``)."""
         c = check_image_id(cid)
-        rec = self.get_json(f"collections/{c}/")
+        rec = _checked_record(self.get_json(f"collections/{c}/"), "collection", c)
         if rec.get("id") != c:
             raise UnsafeInput(
                 f"server returned a record with id {str(rec.get('id'))[:20]!r} for collection {c}"
@@ -331,7 +360,7 @@ class BaseClient:
         return rec
 
     def collection_images(
-        self, cid: int | str, limit: int = MAX_LIMIT, log: LogLike = None
+        self, cid: int | str, limit: int = MAX_LIMIT, log: logging.Logger | None = None
     ) -> Iterator[dict]:
         """Image records of a collection (all pages)."""
         return self.iter_results(f"collections/{check_image_id(cid)}/images/", limit=limit, log=log)
@@ -364,15 +393,16 @@ class BaseClient:
         self,
         path: str,
         limit: int = MAX_LIMIT,
-        log: LogLike = None,
+        log: logging.Logger | None = None,
         params: Mapping[str, Any] | None = None,
         max_pages: int | None = None,
         strict: bool = False,
     ) -> Iterator[dict]:
         """Yield the records of a paginated listing.
 
-        Follows ``next`` (checked to stay on the same host and path), de-duplicates by ``id``, stops
-        when ``count`` records were collected or ``next`` is null. An empty page before ``count`` is
+        Follows ``next`` (checked to stay on the same host and path) until it is null, de-duplicates
+        by ``id``; a ``count`` below the records collected is logged as a warning (the listing is
+        followed to its end, never cut at ``count``). An empty page before ``count`` is
         re-requested once, then the listing stops with a warning (no endless loop). A repeated
         ``next`` link or more than ``max_pages`` pages also stop it. Progress goes to ``log``.
         The summary (count, collected, pages, duplicates, complete) is in ``self.last_listing``.
@@ -392,7 +422,7 @@ class BaseClient:
         strict : bool
             Raise :class:`NeuroVaultError` instead of warning when the listing ends incomplete.
         """
-        log = log if log is not None else self.log
+        log = log or self.log
         limit = max(1, min(int(limit), MAX_LIMIT))
         max_pages = max_pages or self.max_pages
         url = self.api_url(path)
@@ -418,7 +448,7 @@ class BaseClient:
             if not results and (count is None or len(seen) < count):
                 if not retried_empty and count:
                     retried_empty = True
-                    _emit(log, f"{path}: empty page at {len(seen)}/{count}; asking again", logging.WARNING)
+                    log.warning(f"{path}: empty page at {len(seen)}/{count}; asking again")
                     continue
                 stop_reason = f"empty page at {len(seen)}/{count}" if count else None
                 break
@@ -430,9 +460,9 @@ class BaseClient:
                     continue
                 seen.add(key)
                 yield rec
-            _emit(log, f"{path}: page {pages}, {len(results)} records, {len(seen)}/{count} collected")
-            if count is not None and len(seen) >= count:
-                break
+            log.info(f"{path}: page {pages}, {len(results)} records, {len(seen)}/{count} collected")
+            # ``next`` is followed to its end even past ``count``: a count that under-reports the
+            # items (seen on real listings) must not truncate the listing silently.
             nxt = page.get("next")
             if not nxt:
                 break
@@ -442,6 +472,11 @@ class BaseClient:
                 stop_reason = "pagination link repeats a page already fetched"
                 break
         complete = count is None or len(seen) >= count
+        if count is not None and len(seen) > count:
+            log.warning(
+                f"{path}: the listing's count ({count}) under-reports its items: {len(seen)} records "
+                "collected by following its next links to the end"
+            )
         self.last_listing = {
             "path": path,
             "count": count,
@@ -452,14 +487,14 @@ class BaseClient:
             "stop_reason": stop_reason,
         }
         if dups:
-            _emit(log, f"{path}: {dups} duplicate records across pages ignored", logging.WARNING)
+            log.warning(f"{path}: {dups} duplicate records across pages ignored")
         if not complete or stop_reason:
             msg = f"{path}: listing incomplete: {len(seen)} of {count} records" + (
                 f" ({stop_reason})" if stop_reason else ""
             )
             if strict:
                 raise NeuroVaultError(msg)
-            _emit(log, msg, logging.WARNING)
+            log.warning(msg)
 
     # -- files ---------------------------------------------------------------------------------------
     def check_file_url(self, url: Any) -> str:
@@ -576,7 +611,7 @@ class BaseClient:
             except CorruptFile as e:
                 if md5 == previous or attempt == self.verify_attempts:
                     raise
-                _emit(self.log, f"{url}: {e}; fetching it once more", logging.WARNING)
+                self.log.warning(f"{url}: {e}; fetching it once more")
                 previous = md5
         raise AssertionError("unreachable")
 
@@ -593,17 +628,6 @@ def _convert_analyze(hdr: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # HTTP client
 # ------------------------------------------------------------------------------------------------
-def _default_user_agent() -> str:
-    import requests
-
-    from nvmeta import __version__
-
-    return (
-        f"nvmeta/{__version__} (NeuroVault meta-analysis Snakemake workflow; "
-        f"python-requests/{requests.__version__})"
-    )
-
-
 class HTTPClient(BaseClient):
     """Client of the real API (or the fixture server) on a ``requests.Session``.
 
@@ -633,17 +657,18 @@ class HTTPClient(BaseClient):
     def __init__(
         self,
         url: str,
-        timeout: float | tuple[float, float] = DEFAULTS["timeout"],
-        retries: int = DEFAULTS["retries"],
-        backoff: float = DEFAULTS["backoff"],
-        max_connections: int = DEFAULTS["max_connections"],
-        max_file_bytes: int = DEFAULTS["max_file_bytes"],
-        max_json_bytes: int = DEFAULTS["max_json_bytes"],
-        user_agent: str | None = None,
-        offline: bool = False,
+        *,
+        timeout: float | tuple[float, float],
+        retries: int,
+        backoff: float,
+        max_connections: int,
+        max_file_bytes: int,
+        max_json_bytes: int,
+        user_agent: str,
+        download_attempts: int,
         mode: str = "download_new",
-        download_attempts: int = 3,
-        log: LogLike = None,
+        offline: bool = False,
+        log: logging.Logger | None = None,
     ) -> None:
         import requests
         from requests.adapters import HTTPAdapter
@@ -667,7 +692,7 @@ class HTTPClient(BaseClient):
         self.offline = bool(offline) or mode == "offline"
         self.mode = mode
         self.download_attempts = max(1, int(download_attempts))
-        self.log = log
+        self.log = log or logger
         self._netlocs = {parts.netloc.lower()}
         if (parts.hostname or "").lower() in NEUROVAULT_HOSTS:
             self._netlocs |= set(NEUROVAULT_HOSTS)
@@ -689,7 +714,7 @@ class HTTPClient(BaseClient):
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.max_redirects = 10
-        self.session.headers["User-Agent"] = user_agent or _default_user_agent()
+        self.session.headers["User-Agent"] = user_agent
         self._requests = requests
 
     def close(self) -> None:
@@ -787,11 +812,7 @@ class HTTPClient(BaseClient):
             except errors as e:
                 if attempt == self.download_attempts:
                     raise ServerError(f"reply cut short {attempt} times ({_reason_of(e)})", url) from None
-                _emit(
-                    self.log,
-                    f"{_short(url)}: reply cut short ({_reason_of(e)}); asking again",
-                    logging.WARNING,
-                )
+                self.log.warning(f"{_short(url)}: reply cut short ({_reason_of(e)}); asking again")
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 10.0))
         head = bytes(body[:256]).lstrip().lower()
         if "html" in ctype.lower() or head.startswith((b"<!doctype", b"<html", b"<")):
@@ -812,7 +833,7 @@ class HTTPClient(BaseClient):
             except _Truncated as e:
                 if attempt == self.download_attempts:
                     raise CorruptFile(f"download incomplete after {attempt} attempts ({e})", url) from None
-                _emit(self.log, f"{_short(url)}: {e}; downloading again", logging.WARNING)
+                self.log.warning(f"{_short(url)}: {e}; downloading again")
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 10.0))
         raise AssertionError("unreachable")
 
@@ -904,10 +925,11 @@ class SnapshotClient(BaseClient):
     def __init__(
         self,
         root: str | os.PathLike,
+        *,
+        max_file_bytes: int,
+        max_json_bytes: int,
         mode: str = "download_new",
-        max_file_bytes: int = DEFAULTS["max_file_bytes"],
-        max_json_bytes: int = DEFAULTS["max_json_bytes"],
-        log: LogLike = None,
+        log: logging.Logger | None = None,
         **_ignored: Any,
     ) -> None:
         super().__init__()
@@ -918,7 +940,7 @@ class SnapshotClient(BaseClient):
         self.max_file_bytes = int(max_file_bytes)
         self.max_json_bytes = int(max_json_bytes)
         self.verify_attempts = 1
-        self.log = log
+        self.log = log or logger
 
     def close(self) -> None:
         """Nothing to close."""
@@ -975,8 +997,25 @@ class SnapshotClient(BaseClient):
 
 
 # ------------------------------------------------------------------------------------------------
-def make_client(nv_cfg: Mapping[str, Any], log: LogLike = None) -> HTTPClient | SnapshotClient:
-    """Client for ``config["neurovault"]`` (missing keys take :data:`DEFAULTS`).
+_NV_KEYS = frozenset(
+    ("url", "mode", "timeout", "retries", "backoff", "max_connections", "max_file_bytes", "max_json_bytes")
+    + ("user_agent", "download_attempts")
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _nv_defaults() -> dict[str, Any]:
+    from nvmeta.config import defaults
+
+    return defaults("neurovault")
+
+
+def make_client(nv_cfg: Mapping[str, Any], log: logging.Logger | None = None) -> HTTPClient | SnapshotClient:
+    """Client for a ``config["neurovault"]`` block.
+
+    After :func:`nvmeta.config.check_config` the block holds every key; a partial block (tests,
+    notebooks) is completed from the schema's defaults (:func:`nvmeta.config.defaults`), the one
+    place they live.
 
     ``url`` that is an existing directory -> :class:`SnapshotClient`; an http(s) URL ->
     :class:`HTTPClient` (refusing all network access when ``mode`` is ``offline``).
@@ -986,7 +1025,7 @@ def make_client(nv_cfg: Mapping[str, Any], log: LogLike = None) -> HTTPClient | 
     nvmeta.errors.ConfigError
         Unknown mode, or a url that is neither http(s) nor an existing directory.
     """
-    cfg = {**DEFAULTS, **{k: v for k, v in dict(nv_cfg).items() if v is not None}}
+    cfg = nv_cfg if _NV_KEYS <= nv_cfg.keys() else {**_nv_defaults(), **nv_cfg}
     mode = cfg["mode"]
     if mode not in MODES:
         raise ConfigError(f"neurovault.mode must be one of {MODES}, got {mode!r}")
@@ -1001,8 +1040,8 @@ def make_client(nv_cfg: Mapping[str, Any], log: LogLike = None) -> HTTPClient | 
             max_file_bytes=cfg["max_file_bytes"],
             max_json_bytes=cfg["max_json_bytes"],
             user_agent=cfg["user_agent"],
+            download_attempts=cfg["download_attempts"],
             mode=mode,
-            download_attempts=int(cfg.get("download_attempts", 3)),
             log=log,
         )
     path = Path(url).expanduser()

@@ -8,13 +8,14 @@ localrules:
 
 checkpoint query:
     output:
-        report(
+        selection=report(
             f"{ANALYSIS}/selection.tsv",
             caption="../report/selection.rst",
             category="{analysis}",
             subcategory="Selection and QC",
             labels={"result": "selection"},
         ),
+        funnel=f"{ANALYSIS}/query_funnel.json",
     log:
         f"{LOGS}/query/{{analysis}}.log",
     conda:
