@@ -39,7 +39,7 @@ class CacheSnapshot(Snapshot):
 
 def offline_client(results_dir: str | os.PathLike, nv_cfg: dict):
     """Client answering API reads from ``results_dir`` only (``neurovault.mode: offline``)."""
-    from nvmeta.client import SnapshotClient
+    from nvmeta.neurovault import SnapshotClient
 
     root = Path(results_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def offline_client(results_dir: str | os.PathLike, nv_cfg: dict):
 
 def query_client(nv_cfg: dict, results_dir: str | os.PathLike, log=None):
     """The client the query uses: the disk in offline mode with a server URL, else ``make_client``."""
-    from nvmeta.client import make_client
+    from nvmeta.neurovault import make_client
 
     if nv_cfg["mode"] == "offline" and nv_cfg["url"].startswith(("http://", "https://")):
         return offline_client(results_dir, nv_cfg)

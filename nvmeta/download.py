@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nvmeta.client import (
+from nvmeta.neurovault import (
     MODES,
     NeuroVaultError,
     TooLarge,

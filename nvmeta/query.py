@@ -221,7 +221,7 @@ def analysis_query_spec(
 
 def _missing_errors() -> tuple[type[BaseException], ...]:
     """The client's 404/403 exceptions (an item that cannot be had, not a failed run)."""
-    from nvmeta.client import Forbidden, NotFound
+    from nvmeta.neurovault import Forbidden, NotFound
 
     return (NotFound, Forbidden)
 
@@ -231,7 +231,7 @@ def _record_errors() -> tuple[type[BaseException], ...]:
     404/403, a record that is too large or unsafe (e.g. its ``id`` is not the id asked for).
     Server-wide trouble (5xx after retries, timeouts, HTML instead of JSON) still fails the query,
     so that a transient outage does not leave stubs in a selection that later runs reuse."""
-    from nvmeta.client import TooLarge, UnsafeInput
+    from nvmeta.neurovault import TooLarge, UnsafeInput
 
     return (*_missing_errors(), TooLarge, UnsafeInput)
 
@@ -442,7 +442,7 @@ def _collection_images(
     client: Any, cid: int, log: logging.Logger, funnel: Funnel | None = None
 ) -> list[dict[str, Any]]:
     """All image records listed under collection ``cid``, ids validated (C5), sorted by id."""
-    from nvmeta.client import UnsafeInput, normalize_record
+    from nvmeta.neurovault import UnsafeInput, normalize_record
 
     good: list[dict[str, Any]] = []
     for raw in _list_collection_images(client, cid, log):
@@ -504,7 +504,7 @@ def _run_explicit(
     log: logging.Logger,
     funnel: Funnel,
 ) -> None:
-    from nvmeta.client import UnsafeInput, normalize_record
+    from nvmeta.neurovault import UnsafeInput, normalize_record
 
     image_ids = _ids(analysis_cfg, "image_ids", key_prefix)
     collection_ids = _ids(analysis_cfg, "collection_ids", key_prefix)
@@ -588,7 +588,7 @@ def _run_terms(
     log: logging.Logger,
     funnel: Funnel,
 ) -> None:
-    from nvmeta.client import UnsafeInput, record_id
+    from nvmeta.neurovault import UnsafeInput, record_id
     from nvmeta.filters import describe_terms
 
     log.info(
@@ -760,7 +760,7 @@ def _cell(value: Any) -> Any:
 
 def selection_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows of ``selection.tsv`` (dicts keyed by :data:`SELECTION_COLUMNS`)."""
-    from nvmeta.client import record_id
+    from nvmeta.neurovault import record_id
 
     rows = []
     for rec in records:

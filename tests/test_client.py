@@ -700,3 +700,47 @@ def test_client_settings_come_from_the_schema():
     assert c.session.headers["User-Agent"] == d["user_agent"]
     assert c.download_attempts == d["download_attempts"] == 3
     assert make_client({**d, "download_attempts": 5}).download_attempts == 5
+
+
+def test_shared_retry_helper(caplog):
+    """The one re-attempt loop: bounded, gives up with the caller's error, stops early on request."""
+    from nvmeta.neurovault.retry import retry
+
+    log = logging.getLogger("nvmeta.test_retry")
+    calls = []
+
+    def flaky(attempt):
+        calls.append(attempt)
+        if attempt < 3:
+            raise OSError(f"cut {attempt}")
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="nvmeta.test_retry"):
+        assert retry(flaky, attempts=3, retry_on=OSError, what="x", again="asking again", log=log) == "ok"
+    assert calls == [1, 2, 3] and caplog.text.count("asking again") == 2
+    calls.clear()
+    with pytest.raises(ServerError, match="gave up after 2"):
+        retry(
+            flaky,
+            attempts=2,
+            retry_on=OSError,
+            what="x",
+            again="again",
+            log=log,
+            give_up=lambda e, n: ServerError(f"gave up after {n} ({e})"),
+        )
+    assert calls == [1, 2]
+    calls.clear()
+    with pytest.raises(OSError, match="cut 1"):
+        retry(flaky, attempts=5, retry_on=OSError, what="x", again="again", log=log, stop=lambda e: True)
+    assert calls == [1]
+    with pytest.raises(KeyError):  # not retried
+        retry(lambda a: {}["k"], attempts=5, retry_on=OSError, what="x", again="again", log=log)
+
+
+def test_old_import_path_still_works():
+    import nvmeta.client as old
+    import nvmeta.neurovault as new
+
+    assert old.make_client is new.make_client and old.NotFound is new.NotFound
+    assert old.BaseClient is new.BaseClient and old.SnapshotClient is new.SnapshotClient
