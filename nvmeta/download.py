@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nvmeta.io import write_json
 from nvmeta.neurovault import (
     MODES,
     NeuroVaultError,
@@ -28,7 +29,6 @@ from nvmeta.neurovault import (
     check_nifti,
     file_md5,
 )
-from nvmeta.io import write_json
 
 logger = logging.getLogger("nvmeta.download")
 

@@ -588,8 +588,8 @@ def _run_terms(
     log: logging.Logger,
     funnel: Funnel,
 ) -> None:
-    from nvmeta.neurovault import UnsafeInput, record_id
     from nvmeta.filters import describe_terms
+    from nvmeta.neurovault import UnsafeInput, record_id
 
     log.info(
         "selection by terms (max_images=%s): %s", sel.max_images, describe_terms(analysis_cfg, key_prefix)
