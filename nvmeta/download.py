@@ -115,8 +115,23 @@ def map_is_valid(map_path: Path, md5: str | None = None) -> bool:
     return True
 
 
-def _collection(client: Any, cid: Any, cache_dir: Path | None, mode: str) -> tuple[dict | None, str | None]:
-    """Collection record from the cache (``{cache_dir}/{cid}.json``) or the server (then cached)."""
+def _kept_record(path: Path, iid: int) -> tuple[dict, dict] | None:
+    """``(record, source)`` from the ``record.json`` the query kept for image ``iid``, if valid."""
+    kept = _read_json(path)
+    if not isinstance(kept, dict):
+        return None
+    record, source = kept.get("record"), kept.get("source")
+    if not (isinstance(record, dict) and isinstance(source, dict) and record.get("id") == iid):
+        return None
+    return record, {**source, "kept_by": "query"}
+
+
+def _collection(
+    client: Any, cid: Any, cache_dir: Path | None, mode: str, fetch: bool = True
+) -> tuple[dict | None, str | None]:
+    """Collection record from the cache (``{cache_dir}/{cid}.json``) or the server (then cached).
+
+    ``fetch=False`` (a selection from the dump): the cache only, in every mode."""
     if cid is None:
         return None, None
     try:
@@ -124,10 +139,12 @@ def _collection(client: Any, cid: Any, cache_dir: Path | None, mode: str) -> tup
     except UnsafeInput as e:
         return None, f"invalid collection_id: {e}"
     cache = cache_dir / f"{cid}.json" if cache_dir is not None else None
-    if cache is not None and cache.is_file() and mode != "overwrite":
+    if cache is not None and cache.is_file() and (mode != "overwrite" or not fetch):
         rec = _read_json(cache)
         if isinstance(rec, dict) and rec.get("id") == cid:
             return rec, None
+    if not fetch:
+        return None, "collection record not on disk (selection from the dump)"
     if mode == "offline":
         return None, "collection not on disk (offline mode)"
     try:
@@ -154,8 +171,9 @@ def fetch_image(
     Writes ``out_dir/map.nii.gz`` (only when the map could be had and verified) and then
     ``out_dir/metadata.json``: the server's image record plus an ``"nvmeta"`` block
     ``{status, reason, collection, md5, bytes, source_url, source_format, fetched_at}`` (plus
-    ``map_md5``: md5 of the stored map, and ``collection_error`` when the collection record could not
-    be had). For an image whose record could not be fetched the record is ``{"id": image_id}``.
+    ``map_md5``: md5 of the stored map, ``record_source``: where the record came from (the query's
+    listing or the dump, kept in ``out_dir/record.json``, or ``images/{id}/`` of the API), and
+    ``collection_error`` when the collection record could not be had). For an image whose record could not be fetched the record is ``{"id": image_id}``.
 
     Parameters
     ----------
@@ -244,15 +262,39 @@ def fetch_image(
         record = {k: v for k, v in existing.items() if k != "nvmeta"} if existing else {"id": iid}
         return finish(record, _nvmeta_block(reason=OFFLINE_MISSING))
 
-    try:
-        record = client.image(iid)
-    except NeuroVaultError as e:
-        return finish({"id": iid}, _nvmeta_block(reason=f"image record: {e}"))
+    # The record: the one the query kept from its listing or the dump (record.json) when there is
+    # one, so a download costs one request (the file); mode overwrite asks the API again.
+    from_dump = getattr(client, "dump", None) is not None
+    kept = _kept_record(out_dir / "record.json", iid)
+    if kept is not None and (mode != "overwrite" or from_dump or kept[1].get("kind") == "dump"):
+        record, record_source = kept
+    elif from_dump:
+        reason = (
+            "image record: not in the query's selection from the dump (record.json missing; rerun the query)"
+        )
+        return finish({"id": iid}, _nvmeta_block(reason=reason))
+    else:
+        try:
+            record = client.image(iid)
+        except NeuroVaultError as e:
+            return finish({"id": iid}, _nvmeta_block(reason=f"image record: {e}"))
+        describe = getattr(client, "describe_source", None)
+        record_source = {
+            **(describe() if callable(describe) else {"kind": "api"}),
+            "request": f"images/{iid}/",
+        }
 
-    collection, collection_error = _collection(client, record.get("collection_id"), cache_dir, mode)
+    collection, collection_error = _collection(
+        client, record.get("collection_id"), cache_dir, mode, fetch=not from_dump
+    )
     extra = {"collection_error": collection_error} if collection_error else {}
     url = record.get("file")
-    block = _nvmeta_block(collection=collection, source_url=url if isinstance(url, str) else None, **extra)
+    block = _nvmeta_block(
+        collection=collection,
+        source_url=url if isinstance(url, str) else None,
+        record_source=record_source,
+        **extra,
+    )
 
     file_size = record.get("file_size")
     if file_size == 0:

@@ -75,6 +75,7 @@ SELECTION_COLUMNS: tuple[str, ...] = (
     "file_size",
     "modify_date",
     "collection_name",
+    "record_source",
 )
 
 #: nilearn's default ``max_images`` for filtered queries.
@@ -171,7 +172,10 @@ def _canonical(value: Any) -> Any:
 
 
 def analysis_query_spec(
-    analysis_cfg: Mapping[str, Any], nv_url: str | os.PathLike, key_prefix: str = "analysis"
+    analysis_cfg: Mapping[str, Any],
+    nv_url: str | os.PathLike,
+    key_prefix: str = "analysis",
+    dump: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The part of an analysis' config that determines its selection.
 
@@ -187,6 +191,9 @@ def analysis_query_spec(
         ``config["neurovault"]["url"]``.
     key_prefix : str
         Key path of the analysis, for error messages.
+    dump : str or path-like, optional
+        ``config["neurovault"]["dump"]`` (selecting from another dump re-queries; left out of the
+        spec when unset, so specs of API selections are unchanged).
 
     Returns
     -------
@@ -205,6 +212,8 @@ def analysis_query_spec(
         "selection_mode": "explicit" if explicit else "terms",
         "max_images": resolve_max_images(analysis_cfg, key_prefix),
     }
+    if dump:
+        spec["dump"] = os.fspath(dump)
     if explicit:
         spec["image_ids"] = _ids(analysis_cfg, "image_ids", key_prefix)
         spec["collection_ids"] = _ids(analysis_cfg, "collection_ids", key_prefix)
@@ -351,8 +360,10 @@ class Funnel:
             raise ConfigError("; ".join(problems))
 
     def as_dict(self, n_selected: int, max_images: int | None, full: bool) -> dict[str, Any]:
-        """The funnel as a JSON-serialisable dict."""
+        """The funnel as a JSON-serialisable dict (the listed collections' records under the
+        private key ``_collections``, not written to the funnel file)."""
         return {
+            "_collections": getattr(self, "collection_records", {}),
             "analysis": self.key_prefix,
             "selection_mode": self.mode,
             "source": self.source,
@@ -391,6 +402,7 @@ class _Selection:
         self.seen: set[int] = set()
         self.max_images = max_images
         self.log = log
+        self.collections: dict[int, dict[str, Any]] = {}  # records of the collections listed
 
     @property
     def full(self) -> bool:
@@ -554,6 +566,7 @@ def _run_explicit(
             break
         cid = col["id"]
         names[cid] = col.get("name")
+        sel.collections[cid] = col
         funnel.counts["collections_examined"] += 1
         funnel.counts["collections_passed"] += 1
         images = _collection_images(client, cid, log, funnel)
@@ -624,6 +637,7 @@ def _run_terms(
         col = {**col, "id": cid}
         if not funnel.collection(col):
             continue
+        sel.collections[cid] = col
         n_passed += 1
         images = _collection_images(client, cid, log, funnel)
         n_listed += len(images)
@@ -695,6 +709,7 @@ def select(
     log.info("%s: %d image(s) selected", key_prefix, len(sel.records))
     describe = getattr(client, "describe_source", None)
     funnel.source = describe() if callable(describe) else None
+    funnel.collection_records = sel.collections
     return sel.records, funnel.as_dict(len(sel.records), sel.max_images, sel.full)
 
 
@@ -715,8 +730,15 @@ def query_job(
     funnel_path: str | os.PathLike,
     log: logging.Logger,
     key_prefix: str = "analysis",
+    records_dir: str | os.PathLike | None = None,
+    collections_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Rule ``query``: ``selection.tsv`` and ``query_funnel.json`` of one analysis.
+
+    With ``records_dir`` (``results/images``), each selected image's full record is kept as
+    ``{records_dir}/{id}/record.json`` (``{"record", "source"}``) and, with ``collections_dir``
+    (``results/collections``), the records of the collections it was listed under as
+    ``{cid}.json``: the per-image download then needs only the file (one request per map).
 
     Raises
     ------
@@ -726,9 +748,12 @@ def query_job(
     ConfigError
         As :func:`select`.
     """
+    from pathlib import Path
+
     from nvmeta.io import write_json
 
     records, funnel = select(client, analysis_cfg, log, key_prefix)
+    collections = funnel.pop("_collections", {})
     write_json(funnel_path, funnel)
     if not records:
         msg = (
@@ -738,7 +763,23 @@ def query_job(
         )
         log.error("%s", msg)
         raise EmptySelection(msg)
-    write_selection(records, selection_path)
+    source = funnel.get("source") or {"kind": "api"}
+    if records_dir is not None:
+        kept = 0
+        for rec in records:
+            if "file" not in rec:  # a stub: its download asks for the record and records the failure
+                continue
+            write_json(Path(records_dir) / str(rec["id"]) / "record.json", {"record": rec, "source": source})
+            kept += 1
+        log.info("kept the full records of %d selected image(s) for their downloads", kept)
+    if collections_dir is not None:
+        cids = {r.get("collection_id") for r in records} - {None}
+        if source.get("kind") == "dump":  # free to look up: every collection record, for the downloads
+            for cid in cids - set(collections):
+                collections[cid] = client.collection(cid)
+        for cid in sorted(cids & set(collections)):
+            write_json(Path(collections_dir) / f"{cid}.json", collections[cid])
+    write_selection(records, selection_path, source=source)
     return records
 
 
@@ -758,10 +799,25 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def selection_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def source_label(source: Mapping[str, Any] | None) -> str | None:
+    """The ``record_source`` cell: ``api <url>``, ``snapshot <path>`` or
+    ``dump <path> bytes=<n> sha256=<hex>``."""
+    if not source:
+        return None
+    kind = source.get("kind", "api")
+    if kind == "dump":
+        return f"dump {source.get('path')} bytes={source.get('bytes')} sha256={source.get('sha256')}"
+    where = source.get("url") or source.get("path")
+    return f"{kind} {where}" if where else str(kind)
+
+
+def selection_rows(
+    records: Iterable[Mapping[str, Any]], source: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Rows of ``selection.tsv`` (dicts keyed by :data:`SELECTION_COLUMNS`)."""
     from nvmeta.neurovault import record_id
 
+    label = source_label(source)
     rows = []
     for rec in records:
         row = {col: _cell(rec.get(col)) for col in SELECTION_COLUMNS}
@@ -769,15 +825,22 @@ def selection_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
         row["image_id"] = record_id(rec["id"], "image id")
         if row["collection_id"] is not None:
             row["collection_id"] = record_id(row["collection_id"], "collection_id")
+        row["record_source"] = label
         rows.append(row)
     return rows
 
 
-def write_selection(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+def write_selection(
+    records: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike,
+    source: Mapping[str, Any] | None = None,
+) -> None:
     """Write ``selection.tsv`` atomically (header + one row per record, in order).
 
     Columns are :data:`SELECTION_COLUMNS`; missing values are empty cells; tabs and newlines
-    inside text fields are replaced by spaces so that every image is one line.
+    inside text fields are replaced by spaces so that every image is one line. ``source``
+    (the source's ``describe_source()``) fills the ``record_source`` column: which API, snapshot or
+    dump (path, size, sha256) the records came from.
     """
     import pandas as pd
 
@@ -785,7 +848,7 @@ def write_selection(records: Iterable[Mapping[str, Any]], path: str | os.PathLik
     from nvmeta.io import write_tsv
 
     remove_stale_temps(path)  # temporaries of a killed earlier attempt
-    df = pd.DataFrame(selection_rows(records), columns=list(SELECTION_COLUMNS), dtype=object)
+    df = pd.DataFrame(selection_rows(records, source), columns=list(SELECTION_COLUMNS), dtype=object)
     write_tsv(path, df)
 
 

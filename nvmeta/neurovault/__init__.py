@@ -78,7 +78,7 @@ __all__ = [
 
 _NV_KEYS = frozenset(
     ("url", "mode", "timeout", "retries", "backoff", "max_connections", "max_file_bytes", "max_json_bytes")
-    + ("user_agent", "download_attempts")
+    + ("user_agent", "download_attempts", "dump")
 )
 
 
@@ -97,7 +97,9 @@ def make_client(nv_cfg: Mapping[str, Any], log: logging.Logger | None = None) ->
     place they live.
 
     ``url`` that is an existing directory -> :class:`SnapshotClient`; an http(s) URL ->
-    :class:`HTTPClient` (refusing all network access when ``mode`` is ``offline``).
+    :class:`HTTPClient` (refusing all network access when ``mode`` is ``offline``). With
+    ``neurovault.dump`` set the client only fetches files: the query selects from the dump
+    (:class:`nvmeta.neurovault.dump.DumpSource`) and image records come from the selection.
 
     Raises
     ------
@@ -109,6 +111,14 @@ def make_client(nv_cfg: Mapping[str, Any], log: logging.Logger | None = None) ->
     if mode not in MODES:
         raise ConfigError(f"neurovault.mode must be one of {MODES}, got {mode!r}")
     url = str(cfg["url"])
+    client = _make(cfg, mode, url, log)
+    client.dump = cfg.get("dump") or None
+    return client
+
+
+def _make(
+    cfg: Mapping[str, Any], mode: str, url: str, log: logging.Logger | None
+) -> HTTPClient | SnapshotClient:
     if urlsplit(url).scheme in ("http", "https"):
         return HTTPClient(
             url,

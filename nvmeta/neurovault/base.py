@@ -78,6 +78,14 @@ class BaseClient:
         raise NotImplementedError
 
     # -- JSON --------------------------------------------------------------------------------------
+    #: set by :func:`nvmeta.neurovault.make_client` when ``neurovault.dump`` is set: records then come
+    #: only from the query's ``record.json`` files, never from the API
+    dump: str | None = None
+
+    def describe_source(self) -> dict[str, Any]:
+        """Where this source's records come from (recorded with the selection)."""
+        return {"kind": "api", "url": self.base}
+
     def api_url(self, path: str) -> str:
         """Absolute URL of an API path (relative to the API root), with its trailing slash."""
         if (

@@ -47,6 +47,10 @@ class SnapshotClient(BaseClient):
         self.verify_attempts = 1
         self.log = log or logger
 
+    def describe_source(self) -> dict[str, Any]:
+        """The snapshot directory the records come from."""
+        return {"kind": "snapshot", "path": str(self.root)}
+
     def close(self) -> None:
         """Nothing to close."""
 

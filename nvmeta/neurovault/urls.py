@@ -10,7 +10,19 @@ from nvmeta.neurovault.errors import CorruptFile
 
 NEUROVAULT_HOSTS = frozenset({"neurovault.org", "www.neurovault.org"})
 
-__all__ = ["NEUROVAULT_HOSTS", "canonical_url", "page_key", "short_url", "sibling", "source_format"]
+__all__ = [
+    "NEUROVAULT_HOSTS",
+    "PUBLIC_MEDIA",
+    "canonical_url",
+    "media_base",
+    "page_key",
+    "short_url",
+    "sibling",
+    "source_format",
+]
+
+#: NeuroVault's public media root (``file`` URLs of public images)
+PUBLIC_MEDIA = "https://neurovault.org/media/"
 
 
 def canonical_url(url: str) -> str:
@@ -55,3 +67,16 @@ def short_url(url: str) -> str:
     """Path and query of a URL (for messages)."""
     p = urlsplit(url)
     return p.path + (f"?{p.query}" if p.query else "")
+
+
+def media_base(api_url: str) -> str:
+    """Media root that goes with an API root: ``https://neurovault.org/api/`` ->
+    ``https://neurovault.org/media/`` (the same for another host, e.g. the fixture server); a
+    snapshot directory -> :data:`PUBLIC_MEDIA` (its files are addressed by their public URLs)."""
+    parts = urlsplit(str(api_url))
+    if parts.scheme not in ("http", "https"):
+        return PUBLIC_MEDIA
+    path = parts.path.rstrip("/")
+    if path.endswith("/api") or path == "api":
+        path = path[: -len("api")].rstrip("/")
+    return canonical_url(urlunsplit((parts.scheme, parts.netloc, path + "/media/", "", "")))

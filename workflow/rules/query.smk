@@ -7,6 +7,11 @@ localrules:
 
 
 checkpoint query:
+    input:
+        # a changed dump file re-runs the query (its path is in the params too)
+        dump=lambda wildcards: (
+            [config["neurovault"]["dump"]] if config["neurovault"].get("dump") else []
+        ),
     output:
         selection=report(
             f"{ANALYSIS}/selection.tsv",
@@ -24,7 +29,9 @@ checkpoint query:
         nv_connections=1,
     params:
         spec=lambda wildcards: analysis_query_spec(
-            config["analyses"][wildcards.analysis], config["neurovault"]["url"]
+            config["analyses"][wildcards.analysis],
+            config["neurovault"]["url"],
+            dump=config["neurovault"].get("dump"),
         ),
     script:
         "../../scripts/query.py"
