@@ -116,7 +116,7 @@ def map_is_valid(map_path: Path, md5: str | None = None) -> bool:
 
 
 def _kept_record(path: Path, iid: int) -> tuple[dict, dict] | None:
-    """``(record, source)`` from the ``record.json`` the query kept for image ``iid``, if valid."""
+    """``(record, source)`` from the record file the query kept for image ``iid``, if valid."""
     kept = _read_json(path)
     if not isinstance(kept, dict):
         return None
@@ -164,6 +164,7 @@ def fetch_image(
     collections_cache_dir: str | os.PathLike | None = None,
     *,
     collections_cache: str | os.PathLike | None = None,
+    records_dir: str | os.PathLike | None = None,
     log: logging.Logger | None = None,
 ) -> dict:
     """Fetch one image's record and map into ``out_dir``.
@@ -172,7 +173,7 @@ def fetch_image(
     ``out_dir/metadata.json``: the server's image record plus an ``"nvmeta"`` block
     ``{status, reason, collection, md5, bytes, source_url, source_format, fetched_at}`` (plus
     ``map_md5``: md5 of the stored map, ``record_source``: where the record came from (the query's
-    listing or the dump, kept in ``out_dir/record.json``, or ``images/{id}/`` of the API), and
+    listing or the dump, kept in ``results/records/{id}.json``, or ``images/{id}/`` of the API), and
     ``collection_error`` when the collection record could not be had). For an image whose record could not be fetched the record is ``{"id": image_id}``.
 
     Parameters
@@ -190,6 +191,10 @@ def fetch_image(
     collections_cache_dir : path-like, optional
         Directory of cached collection records ``{cid}.json`` (fetched once, written atomically);
         ``collections_cache`` is an alias.
+    records_dir : path-like, optional
+        Where the query kept the selected images' full records (``{id}.json``); default
+        ``out_dir/../../records`` (``results/records``). A kept record is used instead of asking the
+        API (except in ``overwrite`` mode), so the download costs one request, the file.
     log : logging.Logger, optional
 
     Returns
@@ -262,16 +267,15 @@ def fetch_image(
         record = {k: v for k, v in existing.items() if k != "nvmeta"} if existing else {"id": iid}
         return finish(record, _nvmeta_block(reason=OFFLINE_MISSING))
 
-    # The record: the one the query kept from its listing or the dump (record.json) when there is
+    # The record: the one the query kept from its listing or the dump (results/records/{id}.json) when there is
     # one, so a download costs one request (the file); mode overwrite asks the API again.
     from_dump = getattr(client, "dump", None) is not None
-    kept = _kept_record(out_dir / "record.json", iid)
+    records = Path(records_dir) if records_dir is not None else out_dir.parent.parent / "records"
+    kept = _kept_record(records / f"{iid}.json", iid)
     if kept is not None and (mode != "overwrite" or from_dump or kept[1].get("kind") == "dump"):
         record, record_source = kept
     elif from_dump:
-        reason = (
-            "image record: not in the query's selection from the dump (record.json missing; rerun the query)"
-        )
+        reason = "image record: not in the query's selection from the dump (no kept record; rerun the query)"
         return finish({"id": iid}, _nvmeta_block(reason=reason))
     else:
         try:

@@ -735,8 +735,8 @@ def query_job(
 ) -> list[dict[str, Any]]:
     """Rule ``query``: ``selection.tsv`` and ``query_funnel.json`` of one analysis.
 
-    With ``records_dir`` (``results/images``), each selected image's full record is kept as
-    ``{records_dir}/{id}/record.json`` (``{"record", "source"}``) and, with ``collections_dir``
+    With ``records_dir`` (``results/records``), each selected image's full record is kept as
+    ``{records_dir}/{id}.json`` (``{"record", "source"}``) and, with ``collections_dir``
     (``results/collections``), the records of the collections it was listed under as
     ``{cid}.json``: the per-image download then needs only the file (one request per map).
 
@@ -769,7 +769,7 @@ def query_job(
         for rec in records:
             if "file" not in rec:  # a stub: its download asks for the record and records the failure
                 continue
-            write_json(Path(records_dir) / str(rec["id"]) / "record.json", {"record": rec, "source": source})
+            write_json(Path(records_dir) / f"{rec['id']}.json", {"record": rec, "source": source})
             kept += 1
         log.info("kept the full records of %d selected image(s) for their downloads", kept)
     if collections_dir is not None:

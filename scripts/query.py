@@ -20,7 +20,7 @@ records = query_job(
     snakemake.output.funnel,
     log,
     key_prefix=f"analyses.{name}",
-    records_dir=results / "images",
+    records_dir=results / "records",
     collections_dir=results / "collections",
 )
 log.info("selected %d images", len(records))

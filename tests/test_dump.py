@@ -299,7 +299,7 @@ def test_selection_from_the_dump_sends_no_request_and_downloads_only_files(tmp_p
         assert isinstance(src, DumpSource) and src.media_base == media_base(srv.url) == srv.base + "/media/"
         sel = res / "analyses" / "a" / "selection.tsv"
         query_job(src, {"image_ids": ids}, sel, sel.with_name("query_funnel.json"), LOG,
-                  records_dir=res / "images", collections_dir=res / "collections")  # fmt: skip
+                  records_dir=res / "records", collections_dir=res / "collections")  # fmt: skip
         assert srv.requests == []  # the selection sent no request at all
         assert read_selection_ids(sel) == ids
         row = pd.read_csv(sel, sep="\t", dtype=str).iloc[0]

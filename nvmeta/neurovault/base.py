@@ -79,7 +79,7 @@ class BaseClient:
 
     # -- JSON --------------------------------------------------------------------------------------
     #: set by :func:`nvmeta.neurovault.make_client` when ``neurovault.dump`` is set: records then come
-    #: only from the query's ``record.json`` files, never from the API
+    #: only from the records the query kept (results/records), never from the API
     dump: str | None = None
 
     def describe_source(self) -> dict[str, Any]:
