@@ -769,7 +769,10 @@ def query_job(
         for rec in records:
             if "file" not in rec:  # a stub: its download asks for the record and records the failure
                 continue
-            write_json(Path(records_dir) / f"{rec['id']}.json", {"record": rec, "source": source})
+            # as the source served it (``collection_name`` is the query's addition): the same bytes
+            # whichever analysis selecting the image writes it
+            api = {k: v for k, v in rec.items() if k != "collection_name"}
+            write_json(Path(records_dir) / f"{rec['id']}.json", {"record": api, "source": source})
             kept += 1
         log.info("kept the full records of %d selected image(s) for their downloads", kept)
     if collections_dir is not None:
