@@ -85,6 +85,7 @@ DEFAULT_MAX_IMAGES = 100
 QUERY_SPEC_VERSION = 1
 
 _PROGRESS_EVERY = 500  # log a progress line every N collections scanned
+_FIELDS_SAMPLE = 1000  # the keys of this many first records name the known fields in messages
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -295,8 +296,14 @@ class Funnel:
         self.collections_rejected: dict[str, int] = dict.fromkeys(self.collection_terms, 0)
         self.images_rejected: dict[str, int] = dict.fromkeys(self.image_terms, 0)
         self.excluded: dict[str, int] = {}
+        # fields of the examined records: every key of the first records (for suggestions), and
+        # for each term field whether any record carried it (cheap: term fields only)
         self.image_fields: set[str] = set()
         self.collection_fields: set[str] = set()
+        self._unseen = {
+            "images": {f for f, _ in self.image_terms.values()},
+            "collections": {f for f, _ in self.collection_terms.values()},
+        }
         self.source: dict[str, Any] | None = None
 
     def exclude(self, reason: str) -> None:
@@ -304,8 +311,12 @@ class Funnel:
         self.excluded[reason] = self.excluded.get(reason, 0) + 1
 
     def _apply(self, rec: Mapping[str, Any], terms: dict, rejected: dict, fields: set, what: str) -> bool:
-        self.counts[f"{what}_examined"] += 1
-        fields.update(rec.keys())
+        n = self.counts[f"{what}_examined"] = self.counts[f"{what}_examined"] + 1
+        if n <= _FIELDS_SAMPLE:
+            fields.update(rec.keys())
+        unseen = self._unseen[what]
+        if unseen:
+            unseen.difference_update([f for f in unseen if f in rec])
         for label, (_field, flt) in terms.items():
             if not flt(rec):
                 rejected[label] += 1
@@ -345,8 +356,9 @@ class Funnel:
         ):
             if not fields:  # no record of this kind examined: nothing to say
                 continue
+            unseen = self._unseen["images" if block == "image_terms" else "collections"]
             for label, (field, _flt) in terms.items():
-                if field in fields or absent_field_ok(self.analysis_cfg, block, field, self.key_prefix):
+                if field not in unseen or absent_field_ok(self.analysis_cfg, block, field, self.key_prefix):
                     continue
                 close = difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.6)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""

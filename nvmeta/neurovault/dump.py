@@ -412,9 +412,12 @@ class DumpSource:
         return dict(self.identity)
 
     def _record(self, i: int) -> dict[str, Any]:
-        rec = {f: c[i] for f, c in zip(self._fields, self._columns, strict=True)}
-        rec["url"] = None
-        return rec
+        return dict(zip(self._fields, (c[i] for c in self._columns), strict=True))
+
+    def _records(self, start: int, end: int) -> Iterator[dict[str, Any]]:
+        fields = self._fields
+        for row in zip(*(c[start:end] for c in self._columns), strict=True):
+            yield dict(zip(fields, row, strict=True))
 
     def iter_results(
         self, path: str, limit: int = 1000, log: logging.Logger | None = None, **_: Any
@@ -430,8 +433,7 @@ class DumpSource:
             cid = check_image_id(parts[1])
             self.last_listing = {"path": path, "complete": True}
             start, end = self._bounds.get(cid, (0, 0))
-            for i in range(start, end):
-                yield self._record(i)
+            yield from self._records(start, end)
             return
         raise UnsafeInput(f"the dump answers collection listings only, not {path!r}")
 

@@ -63,6 +63,13 @@ def normalize_record(record: Any, kind: str = "image") -> dict:
     """
     if not isinstance(record, Mapping):
         raise UnsafeInput(f"{kind} record is not a JSON object ({type(record).__name__})")
+    iid, cid = record.get("id"), record.get("collection_id")
+    if (
+        type(iid) is int
+        and 0 < iid <= MAX_ID
+        and (kind != "image" or cid is None or (type(cid) is int and 0 < cid <= MAX_ID))
+    ):
+        return dict(record)  # already normal (the common case): a plain copy
     rec = dict(record)
     rec["id"] = record_id(rec.get("id"), f"{kind} id")
     if kind == "image" and rec.get("collection_id") is not None:
