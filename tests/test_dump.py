@@ -340,3 +340,34 @@ def test_select_funnel_records_the_dump(dump):
     assert funnel["source"]["kind"] == "dump" and funnel["source"]["bytes"] == dump.stat().st_size
     assert funnel["images_examined"] == 11 - 1  # statistic maps of public collections (not 20, 40)
     assert [r["id"] for r in records] == [10, 12, 30, 33]
+
+
+def test_workflow_selects_from_the_dump_without_api_requests(tmp_path, dump):
+    """End to end (snakemake on a copy of the workflow): neurovault.dump set, terms select from it;
+    the fixture server sees no API request at all, only one media request per selected map."""
+    from helpers import make_workdir, run_snakemake
+
+    served = {10: nifti_bytes(seed=10), 11: nifti_bytes(seed=11), 15: nifti_bytes(seed=15)}
+    files = {f"media/images/1/map {iid}.nii.gz": b for iid, b in served.items()}
+    root = write_snapshot(tmp_path / "media_only", [], [], files)
+    analyses = {"d": {"image_terms": {"map_type": {"in": ["Z map", "univariate-beta map"]}}}}
+    with FixtureServer(root) as srv:
+        config = {"neurovault": fast_config(srv.url, dump=str(dump)), "analyses": analyses}
+        wf = make_workdir(tmp_path, config)
+        run_snakemake(wf, "--keep-going", "results/analyses/d/selection.tsv", timeout=600)
+        sel = pd.read_csv(wf / "results/analyses/d/selection.tsv", sep="\t", dtype=str, keep_default_na=False)
+        assert sel["image_id"].tolist() == ["11", "15"]
+        assert sel["map_type"].tolist() == ["Z map", "univariate-beta map"]
+        assert set(sel["record_source"]) == {
+            f"dump {dump.resolve()} bytes={dump.stat().st_size} sha256={hashlib.sha256(dump.read_bytes()).hexdigest()}"
+        }
+        assert srv.requests == []
+        run_snakemake(wf, "--keep-going", "results/images/11/metadata.json", "results/images/15/metadata.json")
+        assert sorted(srv.requests) == ["/media/images/1/map%2011.nii.gz", "/media/images/1/map%2015.nii.gz"]
+    for iid in (11, 15):
+        meta = json.loads((wf / f"results/images/{iid}/metadata.json").read_text())
+        assert meta["nvmeta"]["status"] == "ok" and meta["nvmeta"]["md5"] == md5(served[iid])
+        assert meta["nvmeta"]["record_source"]["kind"] == "dump"
+    funnel = json.loads((wf / "results/analyses/d/query_funnel.json").read_text())
+    assert funnel["source"]["sha256"] == hashlib.sha256(dump.read_bytes()).hexdigest()
+    assert funnel["selected"] == 2
