@@ -123,7 +123,8 @@ def _kept_record(path: Path, iid: int) -> tuple[dict, dict] | None:
     record, source = kept.get("record"), kept.get("source")
     if not (isinstance(record, dict) and isinstance(source, dict) and record.get("id") == iid):
         return None
-    return record, {**source, "kept_by": "query"}
+    extra = {"missing": str(kept["missing"])} if kept.get("missing") else {}
+    return record, {**source, "kept_by": "query", **extra}
 
 
 def _collection(
@@ -272,6 +273,8 @@ def fetch_image(
     from_dump = getattr(client, "dump", None) is not None
     records = Path(records_dir) if records_dir is not None else out_dir.parent.parent / "records"
     kept = _kept_record(records / f"{iid}.json", iid)
+    if kept is not None and kept[1].get("missing"):  # the dump has no such public statistic map
+        return finish({"id": iid}, _nvmeta_block(reason=f"image record: {kept[1]['missing']}"))
     if kept is not None and (mode != "overwrite" or from_dump or kept[1].get("kind") == "dump"):
         record, record_source = kept
     elif from_dump:

@@ -376,6 +376,7 @@ class Funnel:
         private key ``_collections``, not written to the funnel file)."""
         return {
             "_collections": getattr(self, "collection_records", {}),
+            "_missing": getattr(self, "missing_records", {}),
             "analysis": self.key_prefix,
             "selection_mode": self.mode,
             "source": self.source,
@@ -415,6 +416,7 @@ class _Selection:
         self.max_images = max_images
         self.log = log
         self.collections: dict[int, dict[str, Any]] = {}  # records of the collections listed
+        self.missing: dict[int, str] = {}  # explicit image id -> why its record could not be had
 
     @property
     def full(self) -> bool:
@@ -557,6 +559,7 @@ def _run_explicit(
                 "image %s: %s; kept as a stub so that the download records the failure", image_id, exc
             )
             rec = {"id": image_id}
+            sel.missing[image_id] = str(exc)
         if isinstance(rec, Mapping):
             try:
                 rec = normalize_record(rec, "image")
@@ -722,6 +725,7 @@ def select(
     describe = getattr(client, "describe_source", None)
     funnel.source = describe() if callable(describe) else None
     funnel.collection_records = sel.collections
+    funnel.missing_records = sel.missing
     return sel.records, funnel.as_dict(len(sel.records), sel.max_images, sel.full)
 
 
@@ -766,6 +770,7 @@ def query_job(
 
     records, funnel = select(client, analysis_cfg, log, key_prefix)
     collections = funnel.pop("_collections", {})
+    missing = funnel.pop("_missing", {})
     write_json(funnel_path, funnel)
     if not records:
         msg = (
@@ -779,7 +784,14 @@ def query_job(
     if records_dir is not None:
         kept = 0
         for rec in records:
-            if "file" not in rec:  # a stub: its download asks for the record and records the failure
+            if "file" not in rec:
+                # a stub: its download asks the API for the record again and records the failure;
+                # from the dump there is nothing to ask, so the reason is kept for the download
+                if source.get("kind") == "dump" and rec["id"] in missing:
+                    write_json(
+                        Path(records_dir) / f"{rec['id']}.json",
+                        {"record": {"id": rec["id"]}, "source": source, "missing": missing[rec["id"]]},
+                    )
                 continue
             # as the source served it (``collection_name`` is the query's addition): the same bytes
             # whichever analysis selecting the image writes it

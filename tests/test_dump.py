@@ -298,10 +298,10 @@ def test_selection_from_the_dump_sends_no_request_and_downloads_only_files(tmp_p
         src = query_client(nv, res, LOG, {"image_ids": ids})
         assert isinstance(src, DumpSource) and src.media_base == media_base(srv.url) == srv.base + "/media/"
         sel = res / "analyses" / "a" / "selection.tsv"
-        query_job(src, {"image_ids": ids}, sel, sel.with_name("query_funnel.json"), LOG,
+        query_job(src, {"image_ids": [*ids, 20]}, sel, sel.with_name("query_funnel.json"), LOG,
                   records_dir=res / "records", collections_dir=res / "collections")  # fmt: skip
         assert srv.requests == []  # the selection sent no request at all
-        assert read_selection_ids(sel) == ids
+        assert read_selection_ids(sel) == [*ids, 20]  # 20 (private collection): a stub
         row = pd.read_csv(sel, sep="\t", dtype=str).iloc[0]
         assert row["record_source"] == (
             f"dump {dump.resolve()} bytes={dump.stat().st_size} sha256={hashlib.sha256(dump.read_bytes()).hexdigest()}"
@@ -328,8 +328,16 @@ def test_selection_from_the_dump_sends_no_request_and_downloads_only_files(tmp_p
             res / "collections",
         )
         assert srv.requests == ["/media/images/1/map%2010.nii.gz"]
-        # an image the dump selection does not hold: failed with its reason, no API request
+        # the private image asked by id: failed with the dump's reason, no request
         srv.reset_log()
+        block = fetch_image(client, 20, res / "images" / "20", "download_new", res / "collections")
+        assert block["status"] == "failed" and not (res / "images" / "20" / "map.nii.gz").exists()
+        assert (
+            block["reason"]
+            == "image record: image 20 is not a statistic map of a public collection in the dump"
+        )
+        assert srv.requests == []
+        # an image the dump selection does not hold: failed with its reason, no API request
         block = fetch_image(client, 99, res / "images" / "99", "download_new", res / "collections")
         assert block["status"] == "failed" and "not in the query's selection from the dump" in block["reason"]
         assert srv.requests == []
@@ -362,7 +370,9 @@ def test_workflow_selects_from_the_dump_without_api_requests(tmp_path, dump):
             f"dump {dump.resolve()} bytes={dump.stat().st_size} sha256={hashlib.sha256(dump.read_bytes()).hexdigest()}"
         }
         assert srv.requests == []
-        run_snakemake(wf, "--keep-going", "results/images/11/metadata.json", "results/images/15/metadata.json")
+        run_snakemake(
+            wf, "--keep-going", "results/images/11/metadata.json", "results/images/15/metadata.json"
+        )
         assert sorted(srv.requests) == ["/media/images/1/map%2011.nii.gz", "/media/images/1/map%2015.nii.gz"]
     for iid in (11, 15):
         meta = json.loads((wf / f"results/images/{iid}/metadata.json").read_text())
