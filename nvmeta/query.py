@@ -56,7 +56,7 @@ __all__ = [
     "write_selection",
 ]
 
-#: Columns of ``selection.tsv``, in order (see contracts.md).
+#: Columns of ``selection.tsv``, in order (README, Outputs).
 SELECTION_COLUMNS: tuple[str, ...] = (
     "image_id",
     "collection_id",

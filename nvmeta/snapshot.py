@@ -1,6 +1,6 @@
 """A local directory laid out like the NeuroVault API (a "snapshot"), read and written.
 
-Layout of a snapshot root ``R`` (see contracts.md):
+Layout of a snapshot root ``R`` (README, "Snapshot layout"):
 
 - ``R/api/images/{id}.json``: image record as ``GET /api/images/{id}/`` returns it
   (``file`` = ``https://neurovault.org/media/images/{cid}/{stored name}``).

@@ -1,6 +1,6 @@
 """A fixture NeuroVault server on 127.0.0.1, serving a snapshot directory, with switchable faults.
 
-It behaves like the real API as described in ``neurovault-api.md``: 301 to the trailing-slash URL,
+It behaves like the real NeuroVault API as observed: 301 to the trailing-slash URL,
 DRF limit/offset pagination (default 100, cap 1000, absolute ``next``/``previous``), 404 bodies
 ``{"detail": "Not found."}``, 403 for private collections (API and media), media as raw bytes with
 ``Content-Length``. ``https://neurovault.org`` in the JSON it serves is rewritten to its own base.
