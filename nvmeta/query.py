@@ -20,8 +20,19 @@ Two modes, with the semantics of nilearn's ``fetch_neurovault_ids`` / ``fetch_ne
 a warning); ``null`` or absent means the mode's default: 100 in terms mode (nilearn's default),
 no limit in explicit mode; the string ``all`` means no limit in either mode.
 
-Images listed under a collection whose ``collection_id`` differs from that collection, and
-records whose ``id`` is not a positive int, are skipped with a log line.
+Record ids are validated once, here, where records enter (contract C5): an integral float id
+(``5021.0``) becomes an int, any other id that is not a positive integer excludes its record with
+a warning (:func:`nvmeta.neurovault.ids.record_id`). Images listed under a collection whose
+``collection_id`` differs from that collection are skipped with a log line.
+
+Every query accounts for itself (:class:`Funnel`, ``query_funnel.json``): records examined,
+rejected per term, excluded and why. A term on a field that none of the examined records carry
+fails the query (:class:`~nvmeta.errors.ConfigError`, naming the closest fields), and an analysis
+that selects nothing fails with its funnel (:class:`EmptySelection`). :func:`query_job` also keeps
+the selected records (``results/records/{id}.json``) so that downloads need only the files.
+
+The source may be the API, a snapshot directory or a database dump
+(:class:`nvmeta.neurovault.dump.DumpSource`): the query asks it for records the same way.
 
 This module imports neither pandas nor nilearn at import time (the Snakefile imports it to
 build the query rule's params); they are imported inside the functions that need them.
