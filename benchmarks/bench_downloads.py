@@ -5,11 +5,15 @@ Side by side in one run, against the same fixture server (:class:`nvmeta.testing
 snapshot (``benchmarks/synth_snapshot.py``: 200 images in about 15 collections, 50 distinct files of
 0.3-2.3 MB reused through hard links):
 
-- **nvmeta**: ``python -m snakemake --cores 2 --configfile bench.yaml <the 200 results/images/{id}/metadata.json>``
-  in a fresh copy of the workflow, with the default profile (``profiles/default``) and the default
-  politeness bound ``neurovault.max_connections: 2`` (the ``nv_connections`` resource: at most 2 downloads at
-  once). The query is **not** included (explicit ``image_ids``; the targets are the per-image
-  ``metadata.json`` files, each with its ``map.nii.gz``). Snakemake start-up and DAG building are included.
+- **nvmeta** (``--select terms``, default): ``python -m snakemake --cores 2 --configfile bench.yaml
+  results/analyses/bench/selection.tsv`` (the query: terms with ``max_images: 100000``, every collection
+  listed), then the same command with the 200 ``results/images/{id}/metadata.json`` as targets, in a
+  fresh copy of the workflow, with the default profile (``profiles/default``) and the default
+  politeness bound ``neurovault.max_connections: 2`` (the ``nv_connections`` resource: at most 2
+  downloads at once). Requests of both runs are counted: the downloads reuse the records the
+  listing returned (``results/records/``), so each costs one request, its file. With
+  ``--select ids``: explicit ``image_ids`` and the downloads only (the query is not run; each
+  download asks for its record, as before issue 12). Snakemake start-up and DAG building are included.
 - **nilearn**: ``nilearn.datasets.fetch_neurovault_ids(image_ids=ids, data_dir=tmp)`` in this process, with
   ``_NEUROVAULT_BASE_URL`` (and the collections/images URLs derived from it at import) pointed at the
   fixture server. nilearn downloads one request at a time (image record, collection record once per
@@ -18,7 +22,7 @@ snapshot (``benchmarks/synth_snapshot.py``: 200 images in about 15 collections, 
 Both are checked: every image's map is on disk and every request reached the fixture server (counted
 there, per client). The order of the two runs alternates between repeats.
 
-Usage: ``python benchmarks/bench_downloads.py [--n-images 200] [--latency 0.1] [--repeat 1]``
+Usage: ``python benchmarks/bench_downloads.py [--n-images 200] [--latency 0.1] [--repeat 1] [--select terms|ids]``
 """
 
 from __future__ import annotations
@@ -35,19 +39,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_snapshot import load_note, make_snapshot, make_workdir, snakemake  # noqa: E402
 
 
-def run_nvmeta(srv, root: Path, ids: list[int], tmp: Path, tag: str) -> dict:
+def run_nvmeta(srv, root: Path, ids: list[int], tmp: Path, tag: str, select: str = "terms") -> dict:
+    """nvmeta: ``select="terms"``: the query (terms, every collection listed) then the downloads,
+    requests of both counted (the downloads reuse the listing's records); ``"ids"``: explicit
+    ``image_ids``, downloads only (each asks for its record)."""
+    analysis = {"image_ids": ids} if select == "ids" else {"max_images": 100_000}
     wf = make_workdir(
-        tmp / f"wf_{tag}",
+        tmp / f"wf_{tag}_{select}",
         {
             "neurovault": {"url": srv.url, "mode": "download_new"},
             "template": {"mask": "mni152_2mm"},
-            "analyses": {"bench": {"image_ids": ids}},
+            "analyses": {"bench": analysis},
         },
     )
     targets = [f"results/images/{i}/metadata.json" for i in ids]
     srv.reset_log()
-    secs, _ = snakemake(wf, *targets, cores=2)
+    secs = 0.0
+    if select == "terms":
+        secs, _ = snakemake(wf, "results/analyses/bench/selection.tsv", cores=2)
+        sel = (wf / "results/analyses/bench/selection.tsv").read_text().splitlines()[1:]
+        got = sorted(int(line.split("\t", 1)[0]) for line in sel)
+        if got != sorted(ids):
+            raise RuntimeError(f"the query selected {len(got)} of {len(ids)} images")
+    n_query = len(srv.requests)
+    secs_dl, _ = snakemake(wf, *targets, cores=2)
+    secs += secs_dl
     n_req = len(srv.requests)
+    n_record = sum(1 for p in srv.requests[n_query:] if p.startswith("/api/"))
     max_in_flight = srv.max_in_flight
     ok = 0
     for i in ids:
@@ -55,7 +73,14 @@ def run_nvmeta(srv, root: Path, ids: list[int], tmp: Path, tag: str) -> dict:
         ok += (
             meta["nvmeta"]["status"] == "ok" and (wf / "results" / "images" / str(i) / "map.nii.gz").is_file()
         )
-    return {"seconds": secs, "requests": n_req, "ok": ok, "max_in_flight": max_in_flight}
+    return {
+        "seconds": secs,
+        "requests": n_req,
+        "query_requests": n_query,
+        "download_api_requests": n_record,
+        "ok": ok,
+        "max_in_flight": max_in_flight,
+    }
 
 
 def run_nilearn(srv, ids: list[int], tmp: Path, tag: str) -> dict:
@@ -85,6 +110,12 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument(
+        "--select",
+        choices=("terms", "ids"),
+        default="terms",
+        help="nvmeta selects by terms (query + downloads counted; default) or explicit image_ids (downloads only)",
+    )
     args = p.parse_args()
 
     from nvmeta.testing.server import FixtureServer
@@ -105,12 +136,19 @@ def main() -> None:
                 res = {}
                 for which in order:
                     if which == "nvmeta":
-                        res[which] = run_nvmeta(srv, tmp / "snapshot", ids, tmp, f"{r}")
+                        res[which] = run_nvmeta(srv, tmp / "snapshot", ids, tmp, f"{r}", args.select)
                     else:
                         res[which] = run_nilearn(srv, ids, tmp, f"{r}")
                     d = res[which]
+                    extra = (
+                        f" [query {d['query_requests']}, downloads {d['requests'] - d['query_requests']} of "
+                        f"which {d['download_api_requests']} API]"
+                        if which == "nvmeta"
+                        else ""
+                    )
                     print(
                         f"  run {r + 1} {which:8s} {d['seconds']:7.1f} s  {d['requests']:4d} requests "
+                        f"({d['requests'] / len(ids):.3f} per image){extra} "
                         f"(max {d['max_in_flight']} in flight)  {d['ok']}/{len(ids)} maps on disk"
                     )
                     if d["ok"] != len(ids):
@@ -118,9 +156,11 @@ def main() -> None:
                 rows.append(res)
         t_nv = statistics.median(r["nvmeta"]["seconds"] for r in rows)
         t_nl = statistics.median(r["nilearn"]["seconds"] for r in rows)
+        what = "query + downloads" if args.select == "terms" else "downloads (explicit ids, query excluded)"
         print(
-            f"downloads of {len(ids)} images at {args.latency * 1000:.0f} ms latency: nvmeta {t_nv:.1f} s "
-            f"({rows[0]['nvmeta']['requests']} requests), nilearn fetch_neurovault_ids {t_nl:.1f} s "
+            f"{len(ids)} images at {args.latency * 1000:.0f} ms latency: nvmeta {what} {t_nv:.1f} s "
+            f"({rows[0]['nvmeta']['requests']} requests, {rows[0]['nvmeta']['requests'] / len(ids):.3f} per "
+            f"image), nilearn fetch_neurovault_ids {t_nl:.1f} s "
             f"({rows[0]['nilearn']['requests']} requests): nvmeta is {t_nl / t_nv:.2f}x faster "
             f"(time ratio nvmeta/nilearn {t_nv / t_nl:.2f}); {load_note()}"
         )

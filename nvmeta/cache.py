@@ -39,7 +39,7 @@ class CacheSnapshot(Snapshot):
 
 def offline_client(results_dir: str | os.PathLike, nv_cfg: dict):
     """Client answering API reads from ``results_dir`` only (``neurovault.mode: offline``)."""
-    from nvmeta.client import SnapshotClient
+    from nvmeta.neurovault import SnapshotClient
 
     root = Path(results_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -50,10 +50,21 @@ def offline_client(results_dir: str | os.PathLike, nv_cfg: dict):
     return client
 
 
-def query_client(nv_cfg: dict, results_dir: str | os.PathLike, log=None):
-    """The client the query uses: the disk in offline mode with a server URL, else ``make_client``."""
-    from nvmeta.client import make_client
+def query_client(nv_cfg: dict, results_dir: str | os.PathLike, log=None, analysis_cfg: dict | None = None):
+    """The source the query reads records from.
 
+    ``neurovault.dump`` set: the database export (:class:`nvmeta.neurovault.dump.DumpSource`, no API
+    request; the analysis' term fields are read too); offline mode with a server URL: the records of
+    earlier downloads; otherwise ``make_client``.
+    """
+    from nvmeta.neurovault import make_client
+
+    if nv_cfg.get("dump"):
+        from nvmeta.neurovault.dump import DumpSource, dump_fields
+        from nvmeta.neurovault.urls import media_base
+
+        image_fields, collection_fields = dump_fields(analysis_cfg or {})
+        return DumpSource(nv_cfg["dump"], media_base(nv_cfg["url"]), image_fields, collection_fields, log=log)
     if nv_cfg["mode"] == "offline" and nv_cfg["url"].startswith(("http://", "https://")):
         return offline_client(results_dir, nv_cfg)
     return make_client(nv_cfg, log=log)

@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nvmeta.client import (
+from nvmeta.io import write_json
+from nvmeta.neurovault import (
     MODES,
     NeuroVaultError,
     TooLarge,
@@ -28,7 +29,6 @@ from nvmeta.client import (
     check_nifti,
     file_md5,
 )
-from nvmeta.io import write_json
 
 logger = logging.getLogger("nvmeta.download")
 
@@ -115,8 +115,24 @@ def map_is_valid(map_path: Path, md5: str | None = None) -> bool:
     return True
 
 
-def _collection(client: Any, cid: Any, cache_dir: Path | None, mode: str) -> tuple[dict | None, str | None]:
-    """Collection record from the cache (``{cache_dir}/{cid}.json``) or the server (then cached)."""
+def _kept_record(path: Path, iid: int) -> tuple[dict, dict] | None:
+    """``(record, source)`` from the record file the query kept for image ``iid``, if valid."""
+    kept = _read_json(path)
+    if not isinstance(kept, dict):
+        return None
+    record, source = kept.get("record"), kept.get("source")
+    if not (isinstance(record, dict) and isinstance(source, dict) and record.get("id") == iid):
+        return None
+    extra = {"missing": str(kept["missing"])} if kept.get("missing") else {}
+    return record, {**source, "kept_by": "query", **extra}
+
+
+def _collection(
+    client: Any, cid: Any, cache_dir: Path | None, mode: str, fetch: bool = True
+) -> tuple[dict | None, str | None]:
+    """Collection record from the cache (``{cache_dir}/{cid}.json``) or the server (then cached).
+
+    ``fetch=False`` (a selection from the dump): the cache only, in every mode."""
     if cid is None:
         return None, None
     try:
@@ -124,10 +140,12 @@ def _collection(client: Any, cid: Any, cache_dir: Path | None, mode: str) -> tup
     except UnsafeInput as e:
         return None, f"invalid collection_id: {e}"
     cache = cache_dir / f"{cid}.json" if cache_dir is not None else None
-    if cache is not None and cache.is_file() and mode != "overwrite":
+    if cache is not None and cache.is_file() and (mode != "overwrite" or not fetch):
         rec = _read_json(cache)
         if isinstance(rec, dict) and rec.get("id") == cid:
             return rec, None
+    if not fetch:
+        return None, "collection record not on disk (selection from the dump)"
     if mode == "offline":
         return None, "collection not on disk (offline mode)"
     try:
@@ -147,6 +165,7 @@ def fetch_image(
     collections_cache_dir: str | os.PathLike | None = None,
     *,
     collections_cache: str | os.PathLike | None = None,
+    records_dir: str | os.PathLike | None = None,
     log: logging.Logger | None = None,
 ) -> dict:
     """Fetch one image's record and map into ``out_dir``.
@@ -154,8 +173,9 @@ def fetch_image(
     Writes ``out_dir/map.nii.gz`` (only when the map could be had and verified) and then
     ``out_dir/metadata.json``: the server's image record plus an ``"nvmeta"`` block
     ``{status, reason, collection, md5, bytes, source_url, source_format, fetched_at}`` (plus
-    ``map_md5``: md5 of the stored map, and ``collection_error`` when the collection record could not
-    be had). For an image whose record could not be fetched the record is ``{"id": image_id}``.
+    ``map_md5``: md5 of the stored map, ``record_source``: where the record came from (the query's
+    listing or the dump, kept in ``results/records/{id}.json``, or ``images/{id}/`` of the API), and
+    ``collection_error`` when the collection record could not be had). For an image whose record could not be fetched the record is ``{"id": image_id}``.
 
     Parameters
     ----------
@@ -172,6 +192,10 @@ def fetch_image(
     collections_cache_dir : path-like, optional
         Directory of cached collection records ``{cid}.json`` (fetched once, written atomically);
         ``collections_cache`` is an alias.
+    records_dir : path-like, optional
+        Where the query kept the selected images' full records (``{id}.json``); default
+        ``out_dir/../../records`` (``results/records``). A kept record is used instead of asking the
+        API (except in ``overwrite`` mode), so the download costs one request, the file.
     log : logging.Logger, optional
 
     Returns
@@ -244,15 +268,40 @@ def fetch_image(
         record = {k: v for k, v in existing.items() if k != "nvmeta"} if existing else {"id": iid}
         return finish(record, _nvmeta_block(reason=OFFLINE_MISSING))
 
-    try:
-        record = client.image(iid)
-    except NeuroVaultError as e:
-        return finish({"id": iid}, _nvmeta_block(reason=f"image record: {e}"))
+    # The record: the one the query kept from its listing or the dump (results/records/{id}.json) when there is
+    # one, so a download costs one request (the file); mode overwrite asks the API again.
+    from_dump = getattr(client, "dump", None) is not None
+    records = Path(records_dir) if records_dir is not None else out_dir.parent.parent / "records"
+    kept = _kept_record(records / f"{iid}.json", iid)
+    if kept is not None and kept[1].get("missing"):  # the dump has no such public statistic map
+        return finish({"id": iid}, _nvmeta_block(reason=f"image record: {kept[1]['missing']}"))
+    if kept is not None and (mode != "overwrite" or from_dump or kept[1].get("kind") == "dump"):
+        record, record_source = kept
+    elif from_dump:
+        reason = "image record: not in the query's selection from the dump (no kept record; rerun the query)"
+        return finish({"id": iid}, _nvmeta_block(reason=reason))
+    else:
+        try:
+            record = client.image(iid)
+        except NeuroVaultError as e:
+            return finish({"id": iid}, _nvmeta_block(reason=f"image record: {e}"))
+        describe = getattr(client, "describe_source", None)
+        record_source = {
+            **(describe() if callable(describe) else {"kind": "api"}),
+            "request": f"images/{iid}/",
+        }
 
-    collection, collection_error = _collection(client, record.get("collection_id"), cache_dir, mode)
+    collection, collection_error = _collection(
+        client, record.get("collection_id"), cache_dir, mode, fetch=not from_dump
+    )
     extra = {"collection_error": collection_error} if collection_error else {}
     url = record.get("file")
-    block = _nvmeta_block(collection=collection, source_url=url if isinstance(url, str) else None, **extra)
+    block = _nvmeta_block(
+        collection=collection,
+        source_url=url if isinstance(url, str) else None,
+        record_source=record_source,
+        **extra,
+    )
 
     file_size = record.get("file_size")
     if file_size == 0:

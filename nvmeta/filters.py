@@ -59,6 +59,7 @@ __all__ = [
     "build_filters",
     "build_terms",
     "describe_terms",
+    "term_filters",
     "make_matcher",
     "parse_term",
     "parsed_terms",
@@ -346,3 +347,50 @@ def describe_terms(analysis_cfg: Mapping[str, Any], key_prefix: str) -> str:
     """One-line human description of the effective terms (for logs)."""
     image_terms, collection_terms = build_terms(analysis_cfg, key_prefix)
     return f"image_terms={image_terms!r}; collection_terms={collection_terms!r}"
+
+
+def term_filters(
+    analysis_cfg: Mapping[str, Any], key_prefix: str
+) -> tuple[dict[str, tuple[str, Callable[[Mapping[str, Any]], bool]]], dict[str, tuple[str, Any]]]:
+    """One filter per effective term, for the query's funnel (records rejected per term).
+
+    The conjunction of a block's filters is exactly :func:`build_filters`' filter of that block
+    (each is a nilearn ``ResultFilter`` on one term, the same matcher objects).
+
+    Returns
+    -------
+    tuple of dict
+        ``(image, collection)``, each ``{label: (field, filter)}`` with ``label`` the term's key
+        path (``"image_terms.map_type"``, with `` (default_terms)`` appended for nilearn's
+        default terms the user did not override).
+    """
+    from nilearn.datasets.neurovault import ResultFilter
+
+    image_terms, collection_terms = build_terms(analysis_cfg, key_prefix)
+    parsed = parsed_terms(analysis_cfg, key_prefix)
+    out: list[dict[str, tuple[str, Any]]] = []
+    for block, terms in (("image_terms", image_terms), ("collection_terms", collection_terms)):
+        filters = {}
+        for field, matcher in terms.items():
+            label = f"{block}.{field}" + ("" if field in parsed[block] else " (default_terms)")
+            filters[label] = (field, ResultFilter(query_terms={field: matcher}))
+        out.append(filters)
+    if "collection_id" in image_terms:
+        out[1]["image_terms.collection_id (on the collection id)"] = (
+            "id",
+            ResultFilter(query_terms={"id": image_terms["collection_id"]}),
+        )
+    return out[0], out[1]
+
+
+def absent_field_ok(analysis_cfg: Mapping[str, Any], block: str, field: str, key_prefix: str) -> bool:
+    """Whether a term on ``field`` may legitimately name a field no record carries.
+
+    Only a test for missing values does (``{null: true}`` / ``{not_null: false}``); any other term
+    on an absent field is almost always a misspelling that would select nothing (or everything).
+    """
+    parsed = parsed_terms(analysis_cfg, key_prefix)[block]
+    if field not in parsed:
+        return False
+    op, args = parsed[field]
+    return (op == "null" and args[0] is True) or (op == "not_null" and args[0] is False)

@@ -20,8 +20,19 @@ Two modes, with the semantics of nilearn's ``fetch_neurovault_ids`` / ``fetch_ne
 a warning); ``null`` or absent means the mode's default: 100 in terms mode (nilearn's default),
 no limit in explicit mode; the string ``all`` means no limit in either mode.
 
-Images listed under a collection whose ``collection_id`` differs from that collection, and
-records whose ``id`` is not a positive int, are skipped with a log line.
+Record ids are validated once, here, where records enter (contract C5): an integral float id
+(``5021.0``) becomes an int, any other id that is not a positive integer excludes its record with
+a warning (:func:`nvmeta.neurovault.ids.record_id`). Images listed under a collection whose
+``collection_id`` differs from that collection are skipped with a log line.
+
+Every query accounts for itself (:class:`Funnel`, ``query_funnel.json``): records examined,
+rejected per term, excluded and why. A term on a field that none of the examined records carry
+fails the query (:class:`~nvmeta.errors.ConfigError`, naming the closest fields), and an analysis
+that selects nothing fails with its funnel (:class:`EmptySelection`). :func:`query_job` also keeps
+the selected records (``results/records/{id}.json``) so that downloads need only the files.
+
+The source may be the API, a snapshot directory or a database dump
+(:class:`nvmeta.neurovault.dump.DumpSource`): the query asks it for records the same way.
 
 This module imports neither pandas nor nilearn at import time (the Snakefile imports it to
 build the query rule's params); they are imported inside the functions that need them.
@@ -47,7 +58,11 @@ __all__ = [
     "is_explicit",
     "read_selection_ids",
     "resolve_max_images",
+    "EmptySelection",
+    "Funnel",
+    "query_job",
     "run_query",
+    "select",
     "validate_query",
     "write_selection",
 ]
@@ -71,6 +86,7 @@ SELECTION_COLUMNS: tuple[str, ...] = (
     "file_size",
     "modify_date",
     "collection_name",
+    "record_source",
 )
 
 #: nilearn's default ``max_images`` for filtered queries.
@@ -80,6 +96,7 @@ DEFAULT_MAX_IMAGES = 100
 QUERY_SPEC_VERSION = 1
 
 _PROGRESS_EVERY = 500  # log a progress line every N collections scanned
+_FIELDS_SAMPLE = 1000  # the keys of this many first records name the known fields in messages
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -167,7 +184,10 @@ def _canonical(value: Any) -> Any:
 
 
 def analysis_query_spec(
-    analysis_cfg: Mapping[str, Any], nv_url: str | os.PathLike, key_prefix: str = "analysis"
+    analysis_cfg: Mapping[str, Any],
+    nv_url: str | os.PathLike,
+    key_prefix: str = "analysis",
+    dump: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The part of an analysis' config that determines its selection.
 
@@ -183,6 +203,9 @@ def analysis_query_spec(
         ``config["neurovault"]["url"]``.
     key_prefix : str
         Key path of the analysis, for error messages.
+    dump : str or path-like, optional
+        ``config["neurovault"]["dump"]`` (selecting from another dump re-queries; left out of the
+        spec when unset, so specs of API selections are unchanged).
 
     Returns
     -------
@@ -201,6 +224,8 @@ def analysis_query_spec(
         "selection_mode": "explicit" if explicit else "terms",
         "max_images": resolve_max_images(analysis_cfg, key_prefix),
     }
+    if dump:
+        spec["dump"] = os.fspath(dump)
     if explicit:
         spec["image_ids"] = _ids(analysis_cfg, "image_ids", key_prefix)
         spec["collection_ids"] = _ids(analysis_cfg, "collection_ids", key_prefix)
@@ -217,10 +242,8 @@ def analysis_query_spec(
 
 def _missing_errors() -> tuple[type[BaseException], ...]:
     """The client's 404/403 exceptions (an item that cannot be had, not a failed run)."""
-    try:
-        from nvmeta.client import Forbidden, NotFound
-    except ImportError:  # pragma: no cover - the client module is part of the package
-        return ()
+    from nvmeta.neurovault import Forbidden, NotFound
+
     return (NotFound, Forbidden)
 
 
@@ -229,10 +252,8 @@ def _record_errors() -> tuple[type[BaseException], ...]:
     404/403, a record that is too large or unsafe (e.g. its ``id`` is not the id asked for).
     Server-wide trouble (5xx after retries, timeouts, HTML instead of JSON) still fails the query,
     so that a transient outage does not leave stubs in a selection that later runs reuse."""
-    try:
-        from nvmeta.client import TooLarge, UnsafeInput
-    except ImportError:  # pragma: no cover
-        return _missing_errors()
+    from nvmeta.neurovault import TooLarge, UnsafeInput
+
     return (*_missing_errors(), TooLarge, UnsafeInput)
 
 
@@ -263,6 +284,140 @@ def _pinned_collection_ids(analysis_cfg: Mapping[str, Any]) -> list[int] | None:
     return None
 
 
+class Funnel:
+    """What a query examined and why records were left out (``query_funnel.json``).
+
+    Terms are applied one by one in the order of the effective terms (nilearn's defaults first,
+    the user's in their place); a record is counted under the first term it fails, so the counts
+    of a block add up to the records it rejected (a sequential funnel, like the QC funnel). The
+    conjunction is the very filter :func:`nvmeta.filters.build_filters` builds.
+    """
+
+    def __init__(self, analysis_cfg: Mapping[str, Any], key_prefix: str, mode: str) -> None:
+        self.analysis_cfg, self.key_prefix, self.mode = analysis_cfg, key_prefix, mode
+        self.image_terms: dict[str, tuple[str, Any]] = {}
+        self.collection_terms: dict[str, tuple[str, Any]] = {}
+        if mode == "terms":
+            from nvmeta.filters import term_filters
+
+            self.image_terms, self.collection_terms = term_filters(analysis_cfg, key_prefix)
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("collections_examined", "collections_passed", "images_examined", "images_matched"), 0
+        )
+        self.collections_rejected: dict[str, int] = dict.fromkeys(self.collection_terms, 0)
+        self.images_rejected: dict[str, int] = dict.fromkeys(self.image_terms, 0)
+        self.excluded: dict[str, int] = {}
+        # fields of the examined records: every key of the first records (for suggestions), and
+        # for each term field whether any record carried it (cheap: term fields only)
+        self.image_fields: set[str] = set()
+        self.collection_fields: set[str] = set()
+        self._unseen = {
+            "images": {f for f, _ in self.image_terms.values()},
+            "collections": {f for f, _ in self.collection_terms.values()},
+        }
+        self.source: dict[str, Any] | None = None
+
+    def exclude(self, reason: str) -> None:
+        """Count a record left out for a reason other than a term (invalid id, wrong collection)."""
+        self.excluded[reason] = self.excluded.get(reason, 0) + 1
+
+    def _apply(self, rec: Mapping[str, Any], terms: dict, rejected: dict, fields: set, what: str) -> bool:
+        n = self.counts[f"{what}_examined"] = self.counts[f"{what}_examined"] + 1
+        if n <= _FIELDS_SAMPLE:
+            fields.update(rec.keys())
+        unseen = self._unseen[what]
+        if unseen:
+            unseen.difference_update([f for f in unseen if f in rec])
+        for label, (_field, flt) in terms.items():
+            if not flt(rec):
+                rejected[label] += 1
+                return False
+        return True
+
+    def collection(self, col: Mapping[str, Any]) -> bool:
+        """Whether a collection record passes the collection terms (counted)."""
+        ok = self._apply(
+            col, self.collection_terms, self.collections_rejected, self.collection_fields, "collections"
+        )
+        self.counts["collections_passed"] += ok
+        return ok
+
+    def image(self, rec: Mapping[str, Any]) -> bool:
+        """Whether an image record passes the image terms (counted)."""
+        ok = self._apply(rec, self.image_terms, self.images_rejected, self.image_fields, "images")
+        self.counts["images_matched"] += ok
+        return ok
+
+    def check_fields(self) -> None:
+        """Fail when a term names a field that none of the examined records carry.
+
+        Raises
+        ------
+        ConfigError
+            Naming the term and the closest fields the records do carry (``difflib``).
+        """
+        import difflib
+
+        from nvmeta.filters import absent_field_ok
+
+        problems = []
+        for block, terms, fields in (
+            ("image_terms", self.image_terms, self.image_fields),
+            ("collection_terms", self.collection_terms, self.collection_fields),
+        ):
+            if not fields:  # no record of this kind examined: nothing to say
+                continue
+            unseen = self._unseen["images" if block == "image_terms" else "collections"]
+            for label, (field, _flt) in terms.items():
+                if field not in unseen or absent_field_ok(self.analysis_cfg, block, field, self.key_prefix):
+                    continue
+                close = difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.6)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                problems.append(
+                    f"{self.key_prefix}.{label.split(' ')[0]}: no examined record has a field {field!r} "
+                    f"({self.counts[block.split('_')[0] + 's_examined']} {block.split('_')[0]} records "
+                    f"examined), so this term selects nothing.{hint} (`{{null: true}}` is the way to ask "
+                    "for records without a field.)"
+                )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def as_dict(self, n_selected: int, max_images: int | None, full: bool) -> dict[str, Any]:
+        """The funnel as a JSON-serialisable dict (the listed collections' records under the
+        private key ``_collections``, not written to the funnel file)."""
+        return {
+            "_collections": getattr(self, "collection_records", {}),
+            "_missing": getattr(self, "missing_records", {}),
+            "analysis": self.key_prefix,
+            "selection_mode": self.mode,
+            "source": self.source,
+            **self.counts,
+            "collections_rejected_by_term": self.collections_rejected,
+            "images_rejected_by_term": self.images_rejected,
+            "excluded": self.excluded,
+            "selected": n_selected,
+            "max_images": max_images,
+            "max_images_reached": full,
+        }
+
+
+def describe_funnel(funnel: Mapping[str, Any]) -> str:
+    """Multi-line human summary of a funnel dict (for error messages)."""
+    lines = [
+        f"  collections examined: {funnel['collections_examined']}, passed: {funnel['collections_passed']}",
+        *(f"    rejected by {k}: {v}" for k, v in funnel["collections_rejected_by_term"].items() if v),
+        f"  images examined: {funnel['images_examined']}, matched: {funnel['images_matched']}",
+        *(f"    rejected by {k}: {v}" for k, v in funnel["images_rejected_by_term"].items() if v),
+        *(f"  excluded ({k}): {v}" for k, v in funnel["excluded"].items()),
+        f"  selected: {funnel['selected']}",
+    ]
+    return "\n".join(lines)
+
+
+class EmptySelection(Exception):
+    """An analysis selected no image (the message holds the query's funnel)."""
+
+
 class _Selection:
     """Ordered, de-duplicated list of selected image records with a cap."""
 
@@ -271,6 +426,8 @@ class _Selection:
         self.seen: set[int] = set()
         self.max_images = max_images
         self.log = log
+        self.collections: dict[int, dict[str, Any]] = {}  # records of the collections listed
+        self.missing: dict[int, str] = {}  # explicit image id -> why its record could not be had
 
     @property
     def full(self) -> bool:
@@ -318,15 +475,23 @@ def _list_collection_images(client: Any, cid: int, log: logging.Logger) -> list[
     raise IncompleteListing(msg)
 
 
-def _collection_images(client: Any, cid: int, log: logging.Logger) -> list[dict[str, Any]]:
-    """All image records listed under collection ``cid``, validated, sorted by id."""
+def _collection_images(
+    client: Any, cid: int, log: logging.Logger, funnel: Funnel | None = None
+) -> list[dict[str, Any]]:
+    """All image records listed under collection ``cid``, ids validated (C5), sorted by id."""
+    from nvmeta.neurovault import UnsafeInput, normalize_record
+
     good: list[dict[str, Any]] = []
-    for rec in _list_collection_images(client, cid, log):
-        image_id = rec.get("id") if isinstance(rec, Mapping) else None
-        if not _is_pos_int(image_id):
-            log.warning("collection %s: listed image with invalid id %r skipped", cid, image_id)
+    for raw in _list_collection_images(client, cid, log):
+        try:
+            rec = normalize_record(raw, "image")
+        except UnsafeInput as exc:
+            image_id = raw.get("id") if isinstance(raw, Mapping) else None
+            log.warning("collection %s: listed image with invalid id %r skipped (%s)", cid, image_id, exc)
+            if funnel is not None:
+                funnel.exclude("invalid image id or collection_id")
             continue
-        rec_cid = rec.get("collection_id")
+        image_id, rec_cid = rec["id"], rec.get("collection_id")
         if rec_cid != cid:
             log.warning(
                 "collection %s: image %s has collection_id %r (listed under %s); skipped",
@@ -335,6 +500,8 @@ def _collection_images(client: Any, cid: int, log: logging.Logger) -> list[dict[
                 rec_cid,
                 cid,
             )
+            if funnel is not None:
+                funnel.exclude("collection_id differs from the collection it is listed under")
             continue
         good.append(rec)
     good.sort(key=lambda r: r["id"])
@@ -363,12 +530,19 @@ def _fetch_collections(
             got = col.get("id") if isinstance(col, Mapping) else col
             log.warning("collection %s: server returned a record with id %r; skipped", cid, got)
             continue
-        yield dict(col)
+        yield {**col, "id": cid}
 
 
 def _run_explicit(
-    client: Any, analysis_cfg: Mapping[str, Any], key_prefix: str, sel: _Selection, log: logging.Logger
+    client: Any,
+    analysis_cfg: Mapping[str, Any],
+    key_prefix: str,
+    sel: _Selection,
+    log: logging.Logger,
+    funnel: Funnel,
 ) -> None:
+    from nvmeta.neurovault import UnsafeInput, normalize_record
+
     image_ids = _ids(analysis_cfg, "image_ids", key_prefix)
     collection_ids = _ids(analysis_cfg, "collection_ids", key_prefix)
     if analysis_cfg.get("image_terms") or analysis_cfg.get("collection_terms"):
@@ -396,10 +570,21 @@ def _run_explicit(
                 "image %s: %s; kept as a stub so that the download records the failure", image_id, exc
             )
             rec = {"id": image_id}
+            sel.missing[image_id] = str(exc)
+        if isinstance(rec, Mapping):
+            try:
+                rec = normalize_record(rec, "image")
+            except UnsafeInput as exc:
+                log.warning("image %s: %s; skipped", image_id, exc)
+                funnel.exclude("invalid image id or collection_id")
+                continue
         if not isinstance(rec, Mapping) or rec.get("id") != image_id:
             got = rec.get("id") if isinstance(rec, Mapping) else rec
             log.warning("image %s: server returned a record with id %r; skipped", image_id, got)
+            funnel.exclude("record id differs from the id asked for")
             continue
+        funnel.counts["images_examined"] += 1
+        funnel.counts["images_matched"] += 1
         sel.add(rec, None)
     names: dict[int, str | None] = {}
     for col in _fetch_collections(client, collection_ids, log, sel):
@@ -407,7 +592,12 @@ def _run_explicit(
             break
         cid = col["id"]
         names[cid] = col.get("name")
-        images = _collection_images(client, cid, log)
+        sel.collections[cid] = col
+        funnel.counts["collections_examined"] += 1
+        funnel.counts["collections_passed"] += 1
+        images = _collection_images(client, cid, log, funnel)
+        funnel.counts["images_examined"] += len(images)
+        funnel.counts["images_matched"] += len(images)
         added = 0
         for rec in images:
             if sel.full:
@@ -430,11 +620,16 @@ def _run_explicit(
 
 
 def _run_terms(
-    client: Any, analysis_cfg: Mapping[str, Any], key_prefix: str, sel: _Selection, log: logging.Logger
+    client: Any,
+    analysis_cfg: Mapping[str, Any],
+    key_prefix: str,
+    sel: _Selection,
+    log: logging.Logger,
+    funnel: Funnel,
 ) -> None:
-    from nvmeta.filters import build_filters, describe_terms
+    from nvmeta.filters import describe_terms
+    from nvmeta.neurovault import UnsafeInput, record_id
 
-    image_filter, collection_filter = build_filters(analysis_cfg, key_prefix)
     log.info(
         "selection by terms (max_images=%s): %s", sel.max_images, describe_terms(analysis_cfg, key_prefix)
     )
@@ -458,20 +653,25 @@ def _run_terms(
                 n_listed,
                 len(sel.records),
             )
-        cid = col.get("id") if isinstance(col, Mapping) else None
-        if not _is_pos_int(cid):
-            log.warning("collection listing: record with invalid id %r skipped", cid)
+        raw_id = col.get("id") if isinstance(col, Mapping) else None
+        try:
+            cid = record_id(raw_id, "collection id")
+        except UnsafeInput as exc:
+            log.warning("collection listing: record with invalid id %r skipped (%s)", raw_id, exc)
+            funnel.exclude("invalid collection id")
             continue
-        if not collection_filter(col):
+        col = {**col, "id": cid}
+        if not funnel.collection(col):
             continue
+        sel.collections[cid] = col
         n_passed += 1
-        images = _collection_images(client, cid, log)
+        images = _collection_images(client, cid, log, funnel)
         n_listed += len(images)
         matched = 0
         for rec in images:
             if sel.full:
                 break
-            if image_filter(rec):
+            if funnel.image(rec):
                 matched += sel.add(rec, col.get("name"))
         log.info(
             "collection %s (%s): %d image(s) listed, %d matched; %d selected so far",
@@ -489,20 +689,21 @@ def _run_terms(
         len(sel.records),
         f" (max_images={sel.max_images} reached)" if sel.full else "",
     )
+    funnel.check_fields()
 
 
-def run_query(
+def select(
     client: Any,
     analysis_cfg: Mapping[str, Any],
     log: logging.Logger,
     key_prefix: str = "analysis",
-) -> list[dict[str, Any]]:
-    """Select the images of one analysis.
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Select the images of one analysis and account for it.
 
     Parameters
     ----------
     client : object
-        A NeuroVault client (``nvmeta.client``) or anything with ``image(id)``,
+        A NeuroVault source (``nvmeta.client``) or anything with ``image(id)``,
         ``collection(cid)`` and ``iter_results(path, limit=..., log=None)``.
     analysis_cfg : mapping
         One ``config["analyses"][name]`` block.
@@ -513,23 +714,111 @@ def run_query(
 
     Returns
     -------
-    list of dict
-        Image records in selection order (copies of the server's records; a ``collection_name``
-        key is added when the collection record was fetched).
+    (list of dict, dict)
+        Image records in selection order (copies of the server's records with int ids; a
+        ``collection_name`` key is added when the collection record was fetched), and the funnel
+        (:meth:`Funnel.as_dict`).
 
     Raises
     ------
     ConfigError
-        Invalid ids, terms or ``max_images``.
+        Invalid ids, terms or ``max_images``; a term on a field no examined record carries.
     """
     validate_query(analysis_cfg, key_prefix)
     sel = _Selection(resolve_max_images(analysis_cfg, key_prefix), log)
-    if is_explicit(analysis_cfg, key_prefix):
-        _run_explicit(client, analysis_cfg, key_prefix, sel, log)
+    explicit = is_explicit(analysis_cfg, key_prefix)
+    funnel = Funnel(analysis_cfg, key_prefix, "explicit" if explicit else "terms")
+    if explicit:
+        _run_explicit(client, analysis_cfg, key_prefix, sel, log, funnel)
     else:
-        _run_terms(client, analysis_cfg, key_prefix, sel, log)
+        _run_terms(client, analysis_cfg, key_prefix, sel, log, funnel)
     log.info("%s: %d image(s) selected", key_prefix, len(sel.records))
-    return sel.records
+    describe = getattr(client, "describe_source", None)
+    funnel.source = describe() if callable(describe) else None
+    funnel.collection_records = sel.collections
+    funnel.missing_records = sel.missing
+    return sel.records, funnel.as_dict(len(sel.records), sel.max_images, sel.full)
+
+
+def run_query(
+    client: Any,
+    analysis_cfg: Mapping[str, Any],
+    log: logging.Logger,
+    key_prefix: str = "analysis",
+) -> list[dict[str, Any]]:
+    """The records :func:`select` selects (without the funnel)."""
+    return select(client, analysis_cfg, log, key_prefix)[0]
+
+
+def query_job(
+    client: Any,
+    analysis_cfg: Mapping[str, Any],
+    selection_path: str | os.PathLike,
+    funnel_path: str | os.PathLike,
+    log: logging.Logger,
+    key_prefix: str = "analysis",
+    records_dir: str | os.PathLike | None = None,
+    collections_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Rule ``query``: ``selection.tsv`` and ``query_funnel.json`` of one analysis.
+
+    With ``records_dir`` (``results/records``), each selected image's full record is kept as
+    ``{records_dir}/{id}.json`` (``{"record", "source"}``) and, with ``collections_dir``
+    (``results/collections``), the records of the collections it was listed under as
+    ``{cid}.json``: the per-image download then needs only the file (one request per map).
+
+    Raises
+    ------
+    EmptySelection
+        No image selected; the message holds the funnel (nothing is written at
+        ``selection_path``, so no later run reuses an empty selection).
+    ConfigError
+        As :func:`select`.
+    """
+    from pathlib import Path
+
+    from nvmeta.io import write_json
+
+    records, funnel = select(client, analysis_cfg, log, key_prefix)
+    collections = funnel.pop("_collections", {})
+    missing = funnel.pop("_missing", {})
+    write_json(funnel_path, funnel)
+    if not records:
+        msg = (
+            f"{key_prefix}: the query selected no image. Funnel ({funnel_path}):\n"
+            + describe_funnel(funnel)
+            + "\nFix: loosen image_terms/collection_terms (or set default_terms: false), or check the ids."
+        )
+        log.error("%s", msg)
+        raise EmptySelection(msg)
+    source = funnel.get("source") or {"kind": "api"}
+    if records_dir is not None:
+        kept = 0
+        for rec in records:
+            if "file" not in rec:
+                # a stub: its download asks the API for the record again and records the failure;
+                # from the dump there is nothing to ask, so the reason is kept for the download
+                if source.get("kind") == "dump" and rec["id"] in missing:
+                    write_json(
+                        Path(records_dir) / f"{rec['id']}.json",
+                        {"record": {"id": rec["id"]}, "source": source, "missing": missing[rec["id"]]},
+                    )
+                continue
+            # as the source served it (``collection_name`` is the query's addition): the same bytes
+            # whichever analysis selecting the image writes it
+            api = {k: v for k, v in rec.items() if k != "collection_name"}
+            write_json(Path(records_dir) / f"{rec['id']}.json", {"record": api, "source": source})
+            kept += 1
+        log.info("kept the full records of %d selected image(s) for their downloads", kept)
+    if collections_dir is not None:
+        cids = {r.get("collection_id") for r in records} - {None}
+        if source.get("kind") == "dump":  # free to look up: every collection record, for the downloads
+            for cid in cids - set(collections):
+                collections[cid] = client.collection(cid)
+        for cid in sorted(cids & set(collections)):
+            write_json(Path(collections_dir) / f"{cid}.json", collections[cid])
+    write_selection(records, selection_path, source=source)
+    return records
 
 
 # ----------------------------------------------------------------------------- selection.tsv
@@ -548,21 +837,48 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def selection_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def source_label(source: Mapping[str, Any] | None) -> str | None:
+    """The ``record_source`` cell: ``api <url>``, ``snapshot <path>`` or
+    ``dump <path> bytes=<n> sha256=<hex>``."""
+    if not source:
+        return None
+    kind = source.get("kind", "api")
+    if kind == "dump":
+        return f"dump {source.get('path')} bytes={source.get('bytes')} sha256={source.get('sha256')}"
+    where = source.get("url") or source.get("path")
+    return f"{kind} {where}" if where else str(kind)
+
+
+def selection_rows(
+    records: Iterable[Mapping[str, Any]], source: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Rows of ``selection.tsv`` (dicts keyed by :data:`SELECTION_COLUMNS`)."""
+    from nvmeta.neurovault import record_id
+
+    label = source_label(source)
     rows = []
     for rec in records:
         row = {col: _cell(rec.get(col)) for col in SELECTION_COLUMNS}
-        row["image_id"] = rec["id"]
+        # ids reach here validated (C5); refuse to write anything else rather than a "5021.0"
+        row["image_id"] = record_id(rec["id"], "image id")
+        if row["collection_id"] is not None:
+            row["collection_id"] = record_id(row["collection_id"], "collection_id")
+        row["record_source"] = label
         rows.append(row)
     return rows
 
 
-def write_selection(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+def write_selection(
+    records: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike,
+    source: Mapping[str, Any] | None = None,
+) -> None:
     """Write ``selection.tsv`` atomically (header + one row per record, in order).
 
     Columns are :data:`SELECTION_COLUMNS`; missing values are empty cells; tabs and newlines
-    inside text fields are replaced by spaces so that every image is one line.
+    inside text fields are replaced by spaces so that every image is one line. ``source``
+    (the source's ``describe_source()``) fills the ``record_source`` column: which API, snapshot or
+    dump (path, size, sha256) the records came from.
     """
     import pandas as pd
 
@@ -570,7 +886,7 @@ def write_selection(records: Iterable[Mapping[str, Any]], path: str | os.PathLik
     from nvmeta.io import write_tsv
 
     remove_stale_temps(path)  # temporaries of a killed earlier attempt
-    df = pd.DataFrame(selection_rows(records), columns=list(SELECTION_COLUMNS), dtype=object)
+    df = pd.DataFrame(selection_rows(records, source), columns=list(SELECTION_COLUMNS), dtype=object)
     write_tsv(path, df)
 
 

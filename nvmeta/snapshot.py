@@ -214,7 +214,7 @@ def _replace_query(url: str, **params: Any) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(sorted(q.items())), ""))
 
 
-def paginate(items: list, query: Mapping[str, str], url: str) -> dict:
+def paginate(items: list, query: Mapping[str, str], url: str, max_limit: int = MAX_LIMIT) -> dict:
     """DRF ``LimitOffsetPagination`` (default 100, max 1000) over ``items``.
 
     Parameters
@@ -225,6 +225,8 @@ def paginate(items: list, query: Mapping[str, str], url: str) -> dict:
         Query parameters of the request (``limit``, ``offset``; others are kept in the links).
     url : str
         Absolute URL of the request (used to build ``next``/``previous``).
+    max_limit : int
+        Page size cap (DRF ``max_limit``; NeuroVault's is 1000).
 
     Returns
     -------
@@ -232,9 +234,9 @@ def paginate(items: list, query: Mapping[str, str], url: str) -> dict:
         ``{"count", "next", "previous", "results"}``.
     """
     try:
-        limit = _positive_int(query.get("limit"), strict=True, cutoff=MAX_LIMIT)
+        limit = _positive_int(query.get("limit"), strict=True, cutoff=max_limit)
     except (TypeError, ValueError):
-        limit = DEFAULT_LIMIT
+        limit = min(DEFAULT_LIMIT, max_limit)
     try:
         offset = _positive_int(query.get("offset"), strict=False)
     except (TypeError, ValueError):
@@ -265,6 +267,7 @@ def api_get(
     query: Mapping[str, str] | None = None,
     base: str = PUBLIC_BASE,
     private_image_status: int = 404,
+    max_limit: int = MAX_LIMIT,
 ) -> tuple[int, dict]:
     """Answer an API GET from a snapshot, as the real server would.
 
@@ -279,6 +282,8 @@ def api_get(
         Scheme and host used for the ``next``/``previous`` links (``https://neurovault.org``).
     private_image_status : int
         Status for an image of a private collection asked by its public id (404 on the real server).
+    max_limit : int
+        Page size cap of listings.
 
     Returns
     -------
@@ -296,9 +301,9 @@ def api_get(
         }
     try:
         if parts == ["images"]:
-            return 200, paginate(snap._image_refs(), query, url)
+            return 200, paginate(snap._image_refs(), query, url, max_limit)
         if parts == ["collections"]:
-            return 200, paginate(snap._collection_refs(), query, url)
+            return 200, paginate(snap._collection_refs(), query, url, max_limit)
         if len(parts) == 2 and parts[0] == "images" and parts[1].isdigit():
             rec = snap.image(int(parts[1]))
             if snap.is_private(rec.get("collection_id")):
@@ -313,7 +318,7 @@ def api_get(
             if len(parts) == 2:
                 return 200, snap.collection(cid)
             if parts[2] == "images":
-                return 200, paginate(snap._collection_image_refs(cid), query, url)
+                return 200, paginate(snap._collection_image_refs(cid), query, url, max_limit)
     except KeyError:
         return 404, NOT_FOUND
     return 404, NOT_FOUND

@@ -1,15 +1,26 @@
-"""Rule query: resolve one analysis into results/analyses/{analysis}/selection.tsv."""
+"""Rule query: resolve one analysis into results/analyses/{analysis}/selection.tsv (+ its funnel)."""
 
 from pathlib import Path
 
 from nvmeta.cache import query_client
 from nvmeta.logs import job_logger
-from nvmeta.query import run_query, write_selection
+from nvmeta.query import query_job
 
 log = job_logger("nvmeta.query", snakemake.log[0])
-# In offline mode with a server URL, the query reads the records of earlier downloads only.
-client = query_client(snakemake.config["neurovault"], Path(snakemake.output[0]).parents[2], log)
+results = Path(snakemake.output.selection).parents[2]
 name = snakemake.wildcards.analysis
-records = run_query(client, snakemake.config["analyses"][name], log, key_prefix=f"analyses.{name}")
-write_selection(records, snakemake.output[0])
+analysis = snakemake.config["analyses"][name]
+# The dump when neurovault.dump is set; in offline mode with a server URL, the records of earlier
+# downloads; else the API (or a snapshot directory).
+client = query_client(snakemake.config["neurovault"], results, log, analysis)
+records = query_job(
+    client,
+    analysis,
+    snakemake.output.selection,
+    snakemake.output.funnel,
+    log,
+    key_prefix=f"analyses.{name}",
+    records_dir=results / "records",
+    collections_dir=results / "collections",
+)
 log.info("selected %d images", len(records))

@@ -270,9 +270,10 @@ def test_offline_makes_no_request(fixture_server, out):
 # ------------------------------------------------------------------------------------------------
 # pagination
 # ------------------------------------------------------------------------------------------------
-def test_iter_results_all_pages(fixture_server, client):
-    lines = []
-    ids = [r["id"] for r in client.iter_results("collections/13/images/", limit=7, log=lines.append)]
+def test_iter_results_all_pages(fixture_server, client, caplog):
+    with caplog.at_level(logging.INFO, logger="nvmeta"):
+        ids = [r["id"] for r in client.iter_results("collections/13/images/", limit=7)]
+    lines = [r.getMessage() for r in caplog.records]
     assert ids == fixture_server.tiny.ids["many"]
     assert fixture_server.requests == [
         "/api/collections/13/images/?limit=7&offset=0",
@@ -334,10 +335,11 @@ def test_iter_results_empty_page_once_recovers(fixture_server, client):
     assert fixture_server.count("offset=10") == 2  # asked again once
 
 
-def test_iter_results_empty_page_forever_stops(fixture_server, client):
+def test_iter_results_empty_page_forever_stops(fixture_server, client, caplog):
     fixture_server.add_fault(r"offset=10", "empty_page")
-    lines = []
-    ids = [r["id"] for r in client.iter_results("collections/13/images/", limit=10, log=lines.append)]
+    with caplog.at_level(logging.INFO, logger="nvmeta"):
+        ids = [r["id"] for r in client.iter_results("collections/13/images/", limit=10)]
+    lines = [f"{r.levelname}: {r.getMessage()}" for r in caplog.records]
     assert ids == fixture_server.tiny.ids["many"][:10]
     assert fixture_server.count("offset=10") == 2 and len(fixture_server.requests) == 3
     assert client.last_listing["stop_reason"] == "empty page at 10/25"
@@ -669,3 +671,76 @@ def test_nan_in_json_read_as_null(tmp_path):
     (tmp_path / "n/api/images/5.json").write_text('{"id": 5, "collection_id": 1, "perc_bad_voxels": NaN}')
     with FixtureServer(tmp_path / "n") as srv:
         assert make_client(fast_config(srv.url)).image(5)["perc_bad_voxels"] is None
+
+
+def test_under_reported_count_listing_followed_to_the_end(fixture_server, client, caplog):
+    """A count below the items behind the next links: every item is yielded, with a warning."""
+    fixture_server.add_fault(r"collections/13/images/", "miscount", count=3)
+    with caplog.at_level(logging.WARNING, logger="nvmeta"):
+        ids = [r["id"] for r in client.iter_results("collections/13/images/", limit=7)]
+    assert ids == fixture_server.tiny.ids["many"]
+    assert fixture_server.count("collections/13/images/") == 4
+    assert "count (3) under-reports its items: 25 records" in caplog.text
+
+
+def test_client_settings_come_from_the_schema():
+    """C1: no defaults dict in the client; a partial block is completed from the schema only."""
+    import nvmeta.client
+    from nvmeta.config import defaults
+
+    assert not hasattr(nvmeta.client, "DEFAULTS")
+    d = defaults("neurovault")
+    c = make_client({"url": "https://neurovault.org/api/"})
+    assert (c.backoff, c.max_json_bytes, c.max_file_bytes, c.retries) == (
+        d["backoff"],
+        d["max_json_bytes"],
+        d["max_file_bytes"],
+        d["retries"],
+    )
+    assert c.session.headers["User-Agent"] == d["user_agent"]
+    assert c.download_attempts == d["download_attempts"] == 3
+    assert make_client({**d, "download_attempts": 5}).download_attempts == 5
+
+
+def test_shared_retry_helper(caplog):
+    """The one re-attempt loop: bounded, gives up with the caller's error, stops early on request."""
+    from nvmeta.neurovault.retry import retry
+
+    log = logging.getLogger("nvmeta.test_retry")
+    calls = []
+
+    def flaky(attempt):
+        calls.append(attempt)
+        if attempt < 3:
+            raise OSError(f"cut {attempt}")
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="nvmeta.test_retry"):
+        assert retry(flaky, attempts=3, retry_on=OSError, what="x", again="asking again", log=log) == "ok"
+    assert calls == [1, 2, 3] and caplog.text.count("asking again") == 2
+    calls.clear()
+    with pytest.raises(ServerError, match="gave up after 2"):
+        retry(
+            flaky,
+            attempts=2,
+            retry_on=OSError,
+            what="x",
+            again="again",
+            log=log,
+            give_up=lambda e, n: ServerError(f"gave up after {n} ({e})"),
+        )
+    assert calls == [1, 2]
+    calls.clear()
+    with pytest.raises(OSError, match="cut 1"):
+        retry(flaky, attempts=5, retry_on=OSError, what="x", again="again", log=log, stop=lambda e: True)
+    assert calls == [1]
+    with pytest.raises(KeyError):  # not retried
+        retry(lambda a: {}["k"], attempts=5, retry_on=OSError, what="x", again="again", log=log)
+
+
+def test_old_import_path_still_works():
+    import nvmeta.client as old
+    import nvmeta.neurovault as new
+
+    assert old.make_client is new.make_client and old.NotFound is new.NotFound
+    assert old.BaseClient is new.BaseClient and old.SnapshotClient is new.SnapshotClient

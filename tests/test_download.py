@@ -367,3 +367,50 @@ def test_fault_matrix(tiny_snapshot, res, matrix_rows, name, rx, kind, times, op
     assert other["status"] == "ok" and other["md5"] == md5(tiny_snapshot.served[102])
     assert files_in(res / "images" / "102") == ["map.nii.gz", "metadata.cache.json", "metadata.json"]
     matrix_rows.append((name, "recovered" if r["status"] == "ok" else "excluded", r["reason"]))
+
+
+def test_download_reuses_the_record_the_query_kept(fixture_server, res):
+    """Issue 12: a selection from a listing keeps each record; the download then costs one request
+    (the file), and mode overwrite asks for the record again."""
+    import logging
+
+    from nvmeta.query import query_job
+
+    client = make_client(fast_config(fixture_server.url))
+    sel = res / "analyses" / "a" / "selection.tsv"
+    records = query_job(
+        client,
+        {"collection_ids": [13]},
+        sel,
+        sel.with_name("query_funnel.json"),
+        logging.getLogger("test_download"),
+        records_dir=res / "records",
+        collections_dir=res / "collections",
+    )
+    ids = [r["id"] for r in records]
+    assert ids == fixture_server.tiny.ids["many"]
+    assert sorted(p.name for p in (res / "records").iterdir()) == sorted(f"{i}.json" for i in ids)
+    fixture_server.reset_log()
+    for iid in ids:
+        assert fetch(client, iid, res)["status"] == "ok"
+    # one request per image, the file; no record, no collection record
+    assert len(fixture_server.requests) == len(ids)
+    assert all(p.startswith("/media/images/13/") for p in fixture_server.requests)
+    m = meta(res, ids[0])
+    listed = json.loads((res / "records" / f"{ids[0]}.json").read_text())["record"]
+    assert {k: v for k, v in m.items() if k != "nvmeta"} == listed
+    assert m["nvmeta"]["record_source"] == {"kind": "api", "url": fixture_server.url, "kept_by": "query"}
+    assert m["nvmeta"]["collection"]["id"] == 13
+    assert m["nvmeta"]["md5"] == md5(fixture_server.tiny.served[ids[0]])
+    # overwrite: the record is asked for again (and the collection record), then the file
+    fixture_server.reset_log()
+    fetch(client, ids[0], res, mode="overwrite")
+    assert fixture_server.requests[0] == f"/api/images/{ids[0]}/"
+    assert meta(res, ids[0])["nvmeta"]["record_source"]["request"] == f"images/{ids[0]}/"
+    # a kept record of another image (or unreadable) is ignored: the API is asked
+    (res / "records" / f"{ids[1]}.json").write_text(json.dumps({"record": {"id": 1}, "source": {}}))
+    for p in (res / "images" / str(ids[1])).iterdir():
+        p.unlink()
+    fixture_server.reset_log()
+    assert fetch(client, ids[1], res)["status"] == "ok"
+    assert f"/api/images/{ids[1]}/" in fixture_server.requests

@@ -487,3 +487,180 @@ def test_query_module_imports_lean():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- issue 10: ids, listings, funnel
+
+
+def _write_records(root, images, collections):
+    """A snapshot whose records are written verbatim (ids as the server sent them: 5021.0, "abc")."""
+    (root / "api" / "images").mkdir(parents=True)
+    (root / "api" / "collections").mkdir(parents=True)
+    for k, rec in enumerate(images, start=1):
+        v = rec["id"]
+        stem = int(v) if type(v) in (int, float) and 0 < v < 10**6 and v == int(v) else 9000 + k
+        (root / "api" / "images" / f"{stem}.json").write_text(json.dumps(rec))
+    for rec in collections:
+        (root / "api" / "collections" / f"{int(rec['id'])}.json").write_text(json.dumps(rec))
+    return root
+
+
+HOSTILE_IDS = [5021.0, 5022.5, "abc", -3, True, 1e20, "5024", 5023]
+
+
+def test_float_ids_from_the_server_validated_once(tmp_path, caplog):
+    """Issue 10.3: an integral float id becomes an int; 5022.5, "abc", negative, bool, huge are
+    excluded with a reason; selection.tsv holds only ints."""
+    from conftest import fast_config
+
+    from nvmeta.client import make_client
+    from nvmeta.testing.server import FixtureServer
+
+    images = [image(i, 1.0) for i in HOSTILE_IDS]
+    root = _write_records(tmp_path / "snap", images, [collection(1, len(images))])
+    cfg = {"default_terms": False, "max_images": "all"}
+    with FixtureServer(root) as srv, caplog.at_level(logging.WARNING, logger="test_query"):
+        client = make_client(fast_config(srv.url))
+        records, funnel = query.select(client, cfg, LOG)
+        explicit = run_query(client, {"image_ids": [5021]}, LOG)
+    assert [r["id"] for r in records] == [5021, 5023]
+    assert all(type(r["id"]) is int and type(r["collection_id"]) is int for r in records + explicit)
+    assert explicit[0]["id"] == 5021 and explicit[0]["collection_id"] == 1
+    assert funnel["excluded"] == {"invalid image id or collection_id": 6}
+    for bad in ("5022.5", "'abc'", "-3", "True", "1e+20", "'5024'"):
+        assert f"listed image with invalid id {bad} skipped" in caplog.text
+    path = tmp_path / "selection.tsv"
+    write_selection(records, path)
+    assert path.read_text().splitlines()[1].split("\t")[:2] == ["5021", "1"]
+    with pytest.raises(Exception, match="invalid image id"):
+        write_selection([{"id": 5021.5}], tmp_path / "bad.tsv")
+    assert not (tmp_path / "bad.tsv").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(5021, 5021), (5021.0, 5021), (1.0, 1), (10**12 - 1, 10**12 - 1)]
+)
+def test_record_id_accepts(value, expected):
+    from nvmeta.client import record_id
+
+    got = record_id(value)
+    assert got == expected and type(got) is int
+
+
+@pytest.mark.parametrize(
+    "value",
+    [5021.5, "abc", "5021", -3, 0, 0.0, True, False, None, 1e20, 10**12, float("nan"), float("inf"), [1]],
+)
+def test_record_id_rejects(value):
+    from nvmeta.client import UnsafeInput, record_id
+
+    with pytest.raises(UnsafeInput, match="invalid id"):
+        record_id(value)
+
+
+def test_under_reported_count_is_followed_to_the_end(tmp_path, caplog):
+    """Issue 10.5: count 3, six items behind next links: all six are selected (four before the fix)."""
+    from conftest import fast_config
+
+    from nvmeta.client import make_client
+    from nvmeta.snapshot import write_snapshot
+    from nvmeta.testing.server import FixtureServer
+
+    images = [image(100 + k, 1) for k in range(6)]
+    root = write_snapshot(tmp_path / "snap", images, [collection(1, 6)])
+    with FixtureServer(root, max_limit=2) as srv:
+        srv.add_fault(r"collections/1/images/", "miscount", count=3)
+        with caplog.at_level(logging.WARNING):
+            records = run_query(make_client(fast_config(srv.url)), {"max_images": "all"}, LOG)
+        assert srv.count("collections/1/images/") == 3  # three pages of two
+    assert ids(records) == [100, 101, 102, 103, 104, 105]
+    assert "count (3) under-reports its items: 6 records" in caplog.text
+
+
+def test_misspelled_field_fails_naming_the_closest_fields(small):
+    """Issue 10.6: a term on a field no examined record carries fails, with difflib's suggestion."""
+    with pytest.raises(ConfigError) as err:
+        run_query(small, {"image_terms": {"map_typ": "T map"}}, LOG, key_prefix="analyses.pain")
+    msg = str(err.value)
+    assert msg.startswith("analyses.pain.image_terms.map_typ: no examined record has a field 'map_typ'")
+    assert "Did you mean map_type" in msg and "7 image records examined" in msg
+    with pytest.raises(ConfigError, match=r"collection_terms.nmae: .*Did you mean name"):
+        run_query(small, {"collection_terms": {"nmae": {"pattern": "coll"}}}, LOG, key_prefix="analyses.pain")
+    # a test for missing values on an absent field is legitimate
+    assert ids(run_query(small, {"image_terms": {"smoothness": {"null": True}}}, LOG)) == [10, 11, 31]
+    assert ids(run_query(small, {"image_terms": {"smoothness": {"not_null": False}}}, LOG)) == [10, 11, 31]
+    with pytest.raises(ConfigError, match="smoothness"):
+        run_query(small, {"image_terms": {"smoothness": {"null": False}}}, LOG)
+
+
+def test_funnel_counts_rejections_per_term(small):
+    records, funnel = query.select(
+        small, {"image_terms": {"number_of_subjects": {"ge": 10}}}, LOG, key_prefix="analyses.a"
+    )
+    assert ids(records) == [10, 11]
+    # independent count: the first failing term of each listed image, in the effective order
+    image_terms, collection_terms = __import__("nvmeta.filters").filters.build_terms(
+        {"image_terms": {"number_of_subjects": {"ge": 10}}}, "a"
+    )
+    listed = [im for cid in (1, 3) for im in small.listings[cid]]
+    expected = dict.fromkeys(image_terms, 0)
+    for im in listed:
+        for field, matcher in image_terms.items():
+            if not nv.ResultFilter({field: matcher})(im):
+                expected[field] += 1
+                break
+    got = {k.split(" ")[0].split(".", 1)[1]: v for k, v in funnel["images_rejected_by_term"].items()}
+    assert got == expected and sum(got.values()) == 5
+    assert funnel["images_rejected_by_term"]["image_terms.number_of_subjects"] == 1
+    assert funnel["collections_examined"] == 3 and funnel["collections_passed"] == 2
+    assert funnel["collections_rejected_by_term"]["collection_terms.number_of_images (default_terms)"] == 1
+    assert funnel["images_examined"] == 7 and funnel["images_matched"] == 2 and funnel["selected"] == 2
+
+
+def test_query_job_fails_on_an_empty_selection_with_its_funnel(tmp_path, small):
+    sel, fun = tmp_path / "a" / "selection.tsv", tmp_path / "a" / "query_funnel.json"
+    with pytest.raises(query.EmptySelection) as err:
+        query.query_job(small, {"image_terms": {"map_type": "F map"}}, sel, fun, LOG, key_prefix="analyses.a")
+    msg = str(err.value)
+    assert "analyses.a: the query selected no image" in msg
+    assert "images examined: 7, matched: 0" in msg and "rejected by image_terms.map_type: 5" in msg
+    assert not sel.exists()
+    assert json.loads(fun.read_text())["selected"] == 0
+    records = query.query_job(small, {}, sel, fun, LOG)
+    assert read_selection_ids(sel) == ids(records) == [10, 11, 31]
+    assert json.loads(fun.read_text())["selected"] == 3
+
+
+def test_funnel_filters_agree_with_build_filters(small):
+    """The per-term filters' conjunction is build_filters' filter, record by record."""
+    from nvmeta.filters import build_filters, term_filters
+
+    cfg = {"image_terms": {"map_type": {"in": ["T map", "Z map"]}}, "collection_terms": {"id": {"ge": 2}}}
+    img_f, col_f = build_filters(cfg, "a")
+    img_terms, col_terms = term_filters(cfg, "a")
+    for im in small.images.values():
+        assert img_f(im) == all(f(im) for _, f in img_terms.values())
+    for col in small.collections.values():
+        assert col_f(col) == all(f(col) for _, f in col_terms.values())
+
+
+def test_workflow_fails_on_misspelled_field_and_empty_selection(tmp_path):
+    """End to end (snakemake on a copy of the workflow): a misspelled field and a selection of 0
+    images each fail their query with the field / the funnel in the message; nothing is downloaded."""
+    from helpers import SNAPSHOT, make_workdir, run_snakemake
+
+    analyses = {
+        "typo": {"image_terms": {"map_typ": "T map"}},
+        "none": {"image_terms": {"map_type": "F map"}},
+    }
+    config = {"neurovault": {"url": "tests/data/snapshot"}, "analyses": analyses}
+    wf = make_workdir(tmp_path, config, snapshot=SNAPSHOT)
+    targets = [f"results/analyses/{a}/selection.tsv" for a in analyses]
+    proc = run_snakemake(wf, "--keep-going", *targets, check=False, timeout=600)
+    out = proc.stdout
+    assert proc.returncode != 0, out[-3000:]
+    assert "analyses.typo.image_terms.map_typ: no examined record has a field 'map_typ'" in out, out[-4000:]
+    assert "Did you mean map_type" in out
+    assert "analyses.none: the query selected no image" in out and "rejected by image_terms.map_type" in out
+    assert not any((wf / "results/analyses" / a / "selection.tsv").exists() for a in analyses)
+    assert not (wf / "results/images").exists()

@@ -130,6 +130,8 @@ def metadata(wf: Path, iid: int) -> dict:
 
 ALLOWED = [
     r"results/analyses/[A-Za-z0-9_-]+/(selection|qc|funnel)\.tsv",
+    r"results/analyses/[A-Za-z0-9_-]+/query_funnel\.json",
+    r"results/records/[1-9][0-9]*\.json",
     r"results/images/[1-9][0-9]*/(metadata\.json|metadata\.cache\.json|map\.nii\.gz|zmap\.nii\.gz|qc\.json)",
     r"results/collections/[1-9][0-9]*\.json",
     r"results/template/mask\.nii\.gz",
@@ -423,7 +425,9 @@ def test_fault_matrix_end_to_end(tmp_path):
             listing_faults[cid] = srv.add_fault(
                 rf"^/api/collections/{cid}/images/\?.*offset=1000", kind, times=times, **opts
             )
-        wf = make_workdir(tmp_path, wf_config(srv.url, analyses))
+        # mode overwrite: downloads ask for each record again (in download_new they reuse the record
+        # the query's listing returned, and "record" faults would never fire)
+        wf = make_workdir(tmp_path, wf_config(srv.url, analyses, mode="overwrite"))
         t0 = time.monotonic()
         run(wf, qc_targets(analyses))
         elapsed = time.monotonic() - t0

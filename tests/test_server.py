@@ -236,7 +236,7 @@ def test_request_log_counters_latency(tiny_snapshot):
 def test_unknown_fault_kind(fixture_server):
     with pytest.raises(ValueError, match="unknown fault kind"):
         fixture_server.add_fault("x", "explode")
-    assert len(FAULT_KINDS) == 12
+    assert len(FAULT_KINDS) == 13
 
 
 def test_fault_status_times(fixture_server):
@@ -354,3 +354,15 @@ def test_faults_thread_safe_counting(fixture_server):
     for t in threads:
         t.join()
     assert sorted(codes) == [200] * 7 + [500] * 5 and f.hits == 5
+
+
+def test_fault_miscount_and_max_limit(tiny_snapshot):
+    """``miscount`` rewrites a listing's count only; ``max_limit`` caps the page size."""
+    with FixtureServer(tiny_snapshot.root, max_limit=4) as srv:
+        srv.add_fault(r"collections/13/images/", "miscount", times=1, count=3)
+        status, _, body = raw_get(srv, "/api/collections/13/images/?limit=1000")
+        page = json.loads(body)
+        assert status == 200 and page["count"] == 3 and len(page["results"]) == 4
+        assert page["next"].endswith("limit=4&offset=4")
+        status, _, body = raw_get(srv, "/api/collections/13/images/?limit=1000&offset=4")
+        assert json.loads(body)["count"] == 25  # times=1: normal service again

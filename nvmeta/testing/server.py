@@ -43,6 +43,7 @@ FAULT_KINDS = (
     "redirect_loop",
     "empty_page",
     "duplicate",
+    "miscount",
     "down",
     "not_nifti",
 )
@@ -91,6 +92,9 @@ class FixtureServer:
         ``http://127.0.0.1:PORT``). Set e.g. ``"http://neurovault.org"`` to test link rewriting.
     private_image_status : int
         Status of ``/api/images/{id}/`` for an image of a private collection (404 on the real server).
+    max_limit : int
+        Largest page size served (1000 on the real server); smaller values make short listings
+        span several pages.
 
     Attributes
     ----------
@@ -112,12 +116,14 @@ class FixtureServer:
         latency: float = 0.0,
         public_base: str | None = None,
         private_image_status: int = 404,
+        max_limit: int = 1000,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.snapshot = Snapshot(root)
         self.latency = float(latency)
         self.private_image_status = private_image_status
+        self.max_limit = int(max_limit)
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._stop = threading.Event()
@@ -176,6 +182,8 @@ class FixtureServer:
             - ``"redirect"``: 301 to ``location`` (``{base}`` in it is replaced by the server base).
             - ``"redirect_loop"``: 301 to the same URL.
             - ``"empty_page"``: a listing page with ``results: []`` (count, next unchanged).
+            - ``"miscount"``: a listing page whose ``count`` is ``count`` (default 3) instead of the
+              real number (``next``/``results`` unchanged), as listings that under-report do.
             - ``"duplicate"``: a listing page starts with the previous page's last item
               (``mode="prepend"``, default, nothing lost; ``mode="replace"``: the page's own last item is lost).
             - ``"down"``: close the connection without reply (``mode="close"``, default) or 503 (``mode="503"``).
@@ -269,6 +277,7 @@ class FixtureServer:
                 query,
                 base=self.public_base,
                 private_image_status=self.private_image_status,
+                max_limit=self.max_limit,
             )
             return self._json(status, obj)
         return self._html(404, "Not Found")
@@ -291,6 +300,8 @@ class FixtureServer:
             return reply
         if fault.kind == "empty_page":
             obj = dict(obj, results=[])
+        elif fault.kind == "miscount":
+            obj = dict(obj, count=int(fault.opts.get("count", 3)))
         else:  # duplicate
             parts = urlsplit(raw_path)
             query = dict(parse_qsl(parts.query, keep_blank_values=True))
@@ -431,7 +442,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 sent = self._send(srv.route(raw), head, entry)
                 return
             reply = srv.route(raw)
-            if kind in ("empty_page", "duplicate"):
+            if kind in ("empty_page", "duplicate", "miscount"):
                 reply = srv._apply_page_fault(fault, raw, reply)
                 sent = self._send(reply, head, entry)
             elif kind == "not_nifti":

@@ -7,14 +7,20 @@ localrules:
 
 
 checkpoint query:
+    input:
+        # a changed dump file re-runs the query (its path is in the params too)
+        dump=lambda wildcards: (
+            [config["neurovault"]["dump"]] if config["neurovault"].get("dump") else []
+        ),
     output:
-        report(
+        selection=report(
             f"{ANALYSIS}/selection.tsv",
             caption="../report/selection.rst",
             category="{analysis}",
             subcategory="Selection and QC",
             labels={"result": "selection"},
         ),
+        funnel=f"{ANALYSIS}/query_funnel.json",
     log:
         f"{LOGS}/query/{{analysis}}.log",
     conda:
@@ -23,7 +29,9 @@ checkpoint query:
         nv_connections=1,
     params:
         spec=lambda wildcards: analysis_query_spec(
-            config["analyses"][wildcards.analysis], config["neurovault"]["url"]
+            config["analyses"][wildcards.analysis],
+            config["neurovault"]["url"],
+            dump=config["neurovault"].get("dump"),
         ),
     script:
         "../../scripts/query.py"
