@@ -117,6 +117,9 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     from nvmeta import ica
+    from nvmeta.config import defaults
+
+    cfg = defaults("ica")
 
     t0 = time.perf_counter()
     img, mask = _mask()
@@ -131,9 +134,16 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
                 )
                 t1 = time.perf_counter()
                 columns = ica.select_voxels(matrix.count, n_maps, "zero", 0.5)
-                reduce_above = ica.DEFAULTS["reduce_above"] if mode == "arrays" else n_maps + 1
+                reduce_above = cfg["reduce_above"] if mode == "arrays" else n_maps + 1
                 dec = ica.decompose(
-                    matrix, columns, N_COMPONENTS, 0, reduce_above, ica.DEFAULTS["reduce_factor"]
+                    matrix,
+                    columns,
+                    N_COMPONENTS,
+                    0,
+                    reduce_above,
+                    cfg["reduce_factor"],
+                    max_iter=cfg["max_iter"],
+                    tol=cfg["tol"],
                 )
                 t2 = time.perf_counter()
         finally:
@@ -142,6 +152,8 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
             build_s=t1 - t0,
             decompose_s=t2 - t1,
             reduced=dec.reduced,
+            n_iter=dec.info["n_iter"],
+            converged=dec.info["converged"],
             **_recovery(dec.components, patterns, columns),
         )
         out["pca_variance"] = (dec.info.get("pca") or {}).get("explained_variance_ratio")
@@ -154,7 +166,7 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
                 lambda i: root / "images" / str(i) / "zmap.nii.gz",
                 lambda i: root / "images" / str(i) / "metadata.json",
                 img,
-                {"n_components": N_COMPONENTS},
+                {**cfg, "n_components": N_COMPONENTS},
                 outdir,
                 threads=threads,
                 plots=False,
