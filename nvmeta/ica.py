@@ -475,7 +475,7 @@ class Decomposition:
     stability: np.ndarray | None = None
 
 
-#: Step size of the stabilised fixed-point iteration (Hyvarinen 1999, section 5.2 "stabilized FastICA").
+#: Relaxation of the stabilised fixed-point iteration (a step of this fraction towards FastICA's step).
 STEP_SIZE = 0.3
 
 
@@ -497,12 +497,13 @@ def _stabilized_fastica(
     On data that follow the ICA model poorly (few, similar maps: the demo's 21 pain maps with 4
     components) that step overshoots and the unmixing matrix never settles: it still changed by 0.1-0.9
     (``1 - |cos|`` of a row) per iteration after 3,000 iterations, and stopped at ``max_iter`` wherever it
-    was, so the components changed with the thread count and with one-ulp changes of the input. Started
-    at the fixed point found here, scikit-learn's iteration leaves it again (the point repels the undamped
-    step). This is the stabilised update of Hyvarinen (1999, IEEE Trans. Neural Netw. 10(3):626-634,
-    section 5.2): ``W <- W + mu diag(1/(beta_i - E g'(y_i))) (E[g(y) y^T] - diag(beta)) W``,
-    ``beta_i = E[y_i g(y_i)]``, then symmetric decorrelation. It has the fixed points of the undamped
-    iteration (the same FastICA solutions) and, with ``mu`` = :data:`STEP_SIZE` < 1, converges to them.
+    was, so the components changed with the thread count and with one-ulp changes of the input. This loop
+    is scikit-learn's parallel fixed-point step ``sym_decorrelation(E[g(y) x^T] -
+    diag(E g'(y)) W)`` with its rows' signs aligned to ``W``, followed by a relaxation towards it:
+    ``W <- sym_decorrelation((1 - mu) W + mu W_step)`` with ``mu`` = :data:`STEP_SIZE` (a stabilised
+    FastICA in the sense of Hyvarinen 1999, IEEE Trans. Neural Netw. 10(3), section 5.2). Its fixed points
+    are exactly the undamped iteration's (the same FastICA solutions: on data where scikit-learn converges
+    both give the same components), and damping turns the overshooting oscillation into a contraction.
     The convergence test is scikit-learn's: ``max_i |1 - |<w_i new, w_i old>|| < tol``.
 
     Returns
@@ -520,9 +521,10 @@ def _stabilized_fastica(
         y = w @ white
         g = np.tanh(y)
         g_prime = 1.0 - np.mean(g * g, axis=1)
-        beta = np.einsum("ij,ij->i", y, g) / n
-        step = ((g @ y.T) / n - np.diag(beta)) / (beta - g_prime)[:, None]
-        w1 = _sym_decorrelation(w + STEP_SIZE * step @ w)
+        # scikit-learn's fixed-point step, its rows' signs aligned with w, then a step of STEP_SIZE towards it
+        target = _sym_decorrelation((g @ white.T) / n - g_prime[:, None] * w)
+        target *= np.where(np.einsum("ij,ij->i", target, w) < 0, -1.0, 1.0)[:, None]
+        w1 = _sym_decorrelation((1.0 - STEP_SIZE) * w + STEP_SIZE * target)
         lim = float(np.max(np.abs(np.abs(np.einsum("ij,ij->i", w1, w)) - 1)))
         w = w1
         if lim < tol:
