@@ -11,10 +11,12 @@ Pipeline (:func:`run_ica`):
    masking). Voxels with data in fewer than ``min_fraction`` of the maps are dropped (``min_fraction=0``
    keeps every mask voxel, like the example). ``nodata="drop"`` instead keeps only voxels with data in
    every map.
-3. **Spatial ICA**: ``FastICA(n_components, random_state).fit_transform(X.T).T`` on the voxels x maps
-   matrix ``X.T``, so the sources are spatial maps and ``mixing_`` (maps x components) holds each map's
-   loading. With ``standardize=False``, ``nodata="zero"``, ``min_fraction=0`` this *is* the example's
-   computation on the same inputs. Each component's sign is flipped so that its larger tail is positive
+3. **Spatial ICA** (:func:`_fastica`): FastICA (logcosh, symmetric) on the voxels x maps matrix ``X.T``, so
+   the sources are spatial maps and the mixing matrix (maps x components) holds each map's loading, as
+   ``FastICA(n_components, random_state).fit_transform(X.T)`` in nilearn's example. The fixed-point
+   iteration is relaxed (:func:`_stabilized_fastica`): same fixed points as scikit-learn's, but it converges
+   where scikit-learn's undamped step oscillates (the demo's pain maps). Each run records ``n_iter`` and
+   ``converged``; :func:`run_ica` fails on an unconverged run unless ``ica.allow_unconverged``. Each component's sign is flipped so that its larger tail is positive
    (the mixing column is flipped with it). Components keep FastICA's order.
 4. **Scale**: with more than ``reduce_above`` maps the maps axis is first reduced by randomised PCA
    (Halko et al. range finder with power iterations, computed by streaming row blocks of the memmap, so
@@ -30,7 +32,8 @@ Pipeline (:func:`run_ica`):
 Outputs in ``outdir``: ``components.nii.gz`` (4-D, template grid, float32, NaN outside the voxels used),
 ``mixing.tsv``, ``terms.tsv``, ``component_{k}.png``, ``stability.tsv`` (``n_runs > 1``), ``summary.json``.
 The same inputs and config give byte-identical ``components.nii.gz`` (fixed seeds, deterministic block
-order, float32 writes, deterministic gzip), given the same BLAS and thread count.
+order, float32 writes, deterministic gzip), given the same BLAS; a converged run gives the same components
+whatever the thread count (the iteration runs in float64 and contracts near its fixed point).
 """
 
 from __future__ import annotations
@@ -631,8 +634,9 @@ def decompose(
     n_runs: int = 1,
     block_rows: int | None = None,
     logger: logging.Logger | None = None,
-    max_iter: int = 200,
-    tol: float = 1e-4,
+    *,
+    max_iter: int,
+    tol: float,
 ) -> Decomposition:
     """Spatial FastICA of the (selected voxels of the) data matrix; randomised PCA first for many maps.
 
@@ -653,9 +657,9 @@ def decompose(
     logger : logging.Logger, optional
         Defaults to this module's logger.
     max_iter, tol : int, float
-        FastICA's iteration limit and tolerance (scikit-learn's defaults here; the workflow passes the
-        config's ``ica.max_iter`` and ``ica.tol``). Whether each run converged is in
-        ``info["converged"]``; :func:`decompose` does not judge it (see :func:`run_ica`).
+        Iteration limit and tolerance of each FastICA run (the config's ``ica.max_iter`` and ``ica.tol``).
+        Whether each run converged is in ``info["converged"]``; :func:`decompose` does not judge it (see
+        :func:`run_ica`).
 
     Returns
     -------
