@@ -1030,7 +1030,9 @@ def run_ica(
     titles = []
     thresholds = []
     for k in range(k_out):
-        title = f"IC{k}: " + ", ".join(t for t, _ in tops[k]) if tops[k] else f"IC{k} (no term label)"
+        title = (
+            f"IC{k}: " + ", ".join(t for t, _ in tops[k]) if tops[k] else f"IC{k} (no term loads positively)"
+        )
         titles.append(title)
         # the components have unit variance over the voxels used: show the 10 % largest |values|
         threshold = float(np.percentile(np.abs(dec.components[k]), 90))
