@@ -25,6 +25,13 @@ Usage::
     python benchmarks/bench_ica.py                 # 1k (all four) and 10k (arrays) maps
     python benchmarks/bench_ica.py --sizes 1000    # only the 1k runs
     python benchmarks/bench_ica.py --workdir /big/tmp
+    python benchmarks/bench_ica.py --pain           # convergence on the demo's 21 pain maps (issue 10)
+
+``--pain`` builds the demo's pain analysis from the bundled snapshot (tests/data/snapshot, z-maps by the
+z-map job's own function, df = n - 1) and runs, for seeds 0, 1, 2 with 1 and 2 BLAS threads, scikit-learn's
+``FastICA(4, random_state=seed)`` (the baseline, default max_iter=200, tol=1e-4) and nvmeta's FastICA
+with the config defaults: iterations, converged, time, and the matched |r| between the 1- and 2-thread
+components.
 
 The 10k run needs ~9.2 GB of free disk for the memory-mapped matrix (removed afterwards).
 """
@@ -117,6 +124,9 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     from nvmeta import ica
+    from nvmeta.config import defaults
+
+    cfg = defaults("ica")
 
     t0 = time.perf_counter()
     img, mask = _mask()
@@ -131,9 +141,16 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
                 )
                 t1 = time.perf_counter()
                 columns = ica.select_voxels(matrix.count, n_maps, "zero", 0.5)
-                reduce_above = ica.DEFAULTS["reduce_above"] if mode == "arrays" else n_maps + 1
+                reduce_above = cfg["reduce_above"] if mode == "arrays" else n_maps + 1
                 dec = ica.decompose(
-                    matrix, columns, N_COMPONENTS, 0, reduce_above, ica.DEFAULTS["reduce_factor"]
+                    matrix,
+                    columns,
+                    N_COMPONENTS,
+                    0,
+                    reduce_above,
+                    cfg["reduce_factor"],
+                    max_iter=cfg["max_iter"],
+                    tol=cfg["tol"],
                 )
                 t2 = time.perf_counter()
         finally:
@@ -142,6 +159,8 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
             build_s=t1 - t0,
             decompose_s=t2 - t1,
             reduced=dec.reduced,
+            n_iter=dec.info["n_iter"],
+            converged=dec.info["converged"],
             **_recovery(dec.components, patterns, columns),
         )
         out["pca_variance"] = (dec.info.get("pca") or {}).get("explained_variance_ratio")
@@ -154,7 +173,7 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
                 lambda i: root / "images" / str(i) / "zmap.nii.gz",
                 lambda i: root / "images" / str(i) / "metadata.json",
                 img,
-                {"n_components": N_COMPONENTS},
+                {**cfg, "n_components": N_COMPONENTS},
                 outdir,
                 threads=threads,
                 plots=False,
@@ -209,11 +228,84 @@ def _measure_child(mode: str, n_maps: int, workdir: Path, threads: int) -> None:
     print(json.dumps(out))
 
 
+def pain_convergence(threads: int = 2) -> None:
+    """Convergence of FastICA on the demo's 21 pain maps with 4 components (see the module docstring)."""
+    import warnings
+
+    from sklearn.decomposition import FastICA
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    from nvmeta import ica
+    from nvmeta.config import defaults
+    from nvmeta.template import load_mask
+    from nvmeta.zmap import make_zmap
+
+    snap = Path(__file__).resolve().parents[1] / "tests" / "data" / "snapshot"
+    ids = list(range(990001, 990022))
+    manifest = {e["image_id"]: e["path"] for e in json.loads((snap / "MANIFEST.json").read_text())}
+    mask_img = load_mask("mni152_2mm")
+    cfg = defaults("ica")
+    with tempfile.TemporaryDirectory(prefix="bench_ica_pain_") as tmp:
+        root = Path(tmp)
+        paths = []
+        for i in ids:
+            d = root / str(i)
+            d.mkdir()
+            record = json.loads((snap / "api" / "images" / f"{i}.json").read_text())
+            record["nvmeta"] = {"status": "ok"}
+            (d / "metadata.json").write_text(json.dumps(record))
+            make_zmap(
+                d / "metadata.json",
+                snap / manifest[i],
+                mask_img,
+                {"df": "n-1"},
+                d / "z.nii.gz",
+                d / "qc.json",
+            )
+            paths.append(d / "z.nii.gz")
+        mask, affine = ica._mask_image(mask_img)
+        m = ica.build_matrix(
+            ica.iter_masked_maps(paths, mask, 1, affine), len(ids), int(mask.sum()), root / "m"
+        )
+        x = m.load(ica.select_voxels(m.count, len(ids), "zero", 0.5)).T
+    rows = []
+    for seed in (0, 1, 2):
+        for name in ("scikit-learn FastICA (baseline)", "nvmeta"):
+            got = {}
+            for limit in sorted({1, threads}):
+                with threadpool_limits(limits=limit):
+                    t0 = time.perf_counter()
+                    if name.startswith("scikit"):
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            est = FastICA(n_components=4, random_state=seed)
+                            sources = est.fit_transform(x).T
+                        n_iter = int(est.n_iter_)
+                        conv = not any(issubclass(c.category, ConvergenceWarning) for c in caught)
+                    else:
+                        sources, _, n_iter, conv, _ = ica._fastica(x, 4, seed, cfg["max_iter"], cfg["tol"])
+                    got[limit] = (sources, n_iter, conv, time.perf_counter() - t0)
+            r = ica.match_components(got[1][0], got[threads][0])[1]
+            for limit, (_, n_iter, conv, secs) in got.items():
+                rows.append((seed, name, limit, n_iter, conv, secs, float(r.min())))
+    print("\nFastICA on the demo's 21 pain maps, 4 components (231,383 voxels)\n")
+    print(
+        f"{'seed':>4} {'method':<32} {'threads':>7} {'n_iter':>6} {'converged':>9} {'time s':>7} {'min |r| 1 vs 2 thr':>18}"
+    )
+    for seed, name, limit, n_iter, conv, secs, rmin in rows:
+        print(f"{seed:>4} {name:<32} {limit:>7} {n_iter:>6} {str(conv):>9} {secs:>7.1f} {rmin:>18.6f}")
+    base = sum(r[5] for r in rows if r[1].startswith("scikit"))
+    ours = sum(r[5] for r in rows if r[1] == "nvmeta")
+    print(f"\ntotal time ratio nvmeta / scikit-learn baseline: x{ours / base:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--pain", action="store_true", help="FastICA convergence on the demo's 21 pain maps")
     ap.add_argument("--_measure", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--_work", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -224,6 +316,9 @@ def main() -> None:
     if args._measure:
         mode, n, wd, th = args._measure
         _measure_child(mode, int(n), Path(wd), int(th))
+        return
+    if args.pain:
+        pain_convergence(args.threads)
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_ica_", dir=args.workdir))

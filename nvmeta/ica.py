@@ -11,10 +11,12 @@ Pipeline (:func:`run_ica`):
    masking). Voxels with data in fewer than ``min_fraction`` of the maps are dropped (``min_fraction=0``
    keeps every mask voxel, like the example). ``nodata="drop"`` instead keeps only voxels with data in
    every map.
-3. **Spatial ICA**: ``FastICA(n_components, random_state).fit_transform(X.T).T`` on the voxels x maps
-   matrix ``X.T``, so the sources are spatial maps and ``mixing_`` (maps x components) holds each map's
-   loading. With ``standardize=False``, ``nodata="zero"``, ``min_fraction=0`` this *is* the example's
-   computation on the same inputs. Each component's sign is flipped so that its larger tail is positive
+3. **Spatial ICA** (:func:`_fastica`): FastICA (logcosh, symmetric) on the voxels x maps matrix ``X.T``, so
+   the sources are spatial maps and the mixing matrix (maps x components) holds each map's loading, as
+   ``FastICA(n_components, random_state).fit_transform(X.T)`` in nilearn's example. The fixed-point
+   iteration is relaxed (:func:`_stabilized_fastica`): same fixed points as scikit-learn's, but it converges
+   where scikit-learn's undamped step oscillates (the demo's pain maps). Each run records ``n_iter`` and
+   ``converged``; :func:`run_ica` fails on an unconverged run unless ``ica.allow_unconverged``. Each component's sign is flipped so that its larger tail is positive
    (the mixing column is flipped with it). Components keep FastICA's order.
 4. **Scale**: with more than ``reduce_above`` maps the maps axis is first reduced by randomised PCA
    (Halko et al. range finder with power iterations, computed by streaming row blocks of the memmap, so
@@ -30,7 +32,8 @@ Pipeline (:func:`run_ica`):
 Outputs in ``outdir``: ``components.nii.gz`` (4-D, template grid, float32, NaN outside the voxels used),
 ``mixing.tsv``, ``terms.tsv``, ``component_{k}.png``, ``stability.tsv`` (``n_runs > 1``), ``summary.json``.
 The same inputs and config give byte-identical ``components.nii.gz`` (fixed seeds, deterministic block
-order, float32 writes, deterministic gzip), given the same BLAS and thread count.
+order, float32 writes, deterministic gzip), given the same BLAS; a converged run gives the same components
+whatever the thread count (the iteration runs in float64 and contracts near its fixed point).
 """
 
 from __future__ import annotations
@@ -52,32 +55,30 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "DEFAULTS",
     "DataMatrix",
+    "TMP_PREFIX",
     "Decomposition",
     "build_matrix",
     "decompose",
     "iter_masked_maps",
     "match_components",
+    "NotConverged",
+    "path_lookup",
+    "remove_stale_temps",
     "randomized_pca",
     "run_ica",
     "select_voxels",
 ]
 
-#: Defaults of the ``analyses.<name>.ica`` config block (the validated config fills them in).
-DEFAULTS: dict[str, Any] = {
-    "n_components": 8,
-    "random_state": 0,
-    "min_fraction": 0.5,
-    "nodata": "zero",
-    "standardize": True,
-    "reduce_above": 500,
-    "reduce_factor": 3,
-    "n_runs": 1,
-    "terms": "metadata",
-    "n_terms": 3,
-    "neurosynth_url": "https://neurosynth.org/api/decode/",
-}
+logger = logging.getLogger(__name__)
+
+#: Prefix of the job's temporary directory (the memory-mapped data matrix) inside its output directory.
+TMP_PREFIX = ".ica_tmp_"
+
+
+class NotConverged(RuntimeError):
+    """FastICA stopped at ``max_iter`` before reaching ``tol`` (and ``allow_unconverged`` is false)."""
+
 
 #: Target number of float32 values per streamed block (64 Mi values = 256 MiB).
 BLOCK_VALUES = 1 << 26
@@ -477,18 +478,107 @@ class Decomposition:
     stability: np.ndarray | None = None
 
 
+#: Relaxation of the stabilised fixed-point iteration (a step of this fraction towards FastICA's step).
+STEP_SIZE = 0.3
+
+
+def _sym_decorrelation(w: np.ndarray) -> np.ndarray:
+    """``(W W^T)^(-1/2) W``: the symmetric orthogonalisation of FastICA's parallel algorithm."""
+    from scipy import linalg
+
+    s, u = linalg.eigh(w @ w.T)
+    s = np.clip(s, np.finfo(w.dtype).tiny, None)
+    return (u * (1.0 / np.sqrt(s))) @ u.T @ w
+
+
+def _stabilized_fastica(
+    white: np.ndarray, w_init: np.ndarray, max_iter: int, tol: float
+) -> tuple[np.ndarray, int, bool]:
+    """Symmetric FastICA (logcosh contrast, ``g = tanh``) with a step size, on whitened data (k x samples).
+
+    Why not scikit-learn's ``FastICA``: it takes the full Newton-like fixed-point step, with no step size.
+    On data that follow the ICA model poorly (few, similar maps: the demo's 21 pain maps with 4
+    components) that step overshoots and the unmixing matrix never settles: it still changed by 0.1-0.9
+    (``1 - |cos|`` of a row) per iteration after 3,000 iterations, and stopped at ``max_iter`` wherever it
+    was, so the components changed with the thread count and with one-ulp changes of the input. This loop
+    is scikit-learn's parallel fixed-point step ``sym_decorrelation(E[g(y) x^T] -
+    diag(E g'(y)) W)`` with its rows' signs aligned to ``W``, followed by a relaxation towards it:
+    ``W <- sym_decorrelation((1 - mu) W + mu W_step)`` with ``mu`` = :data:`STEP_SIZE` (a stabilised
+    FastICA in the sense of Hyvarinen 1999, IEEE Trans. Neural Netw. 10(3), section 5.2). Its fixed points
+    are exactly the undamped iteration's (the same FastICA solutions: on data where scikit-learn converges
+    both give the same components), and damping turns the overshooting oscillation into a contraction.
+    The convergence test is scikit-learn's: ``max_i |1 - |<w_i new, w_i old>|| < tol``.
+
+    Returns
+    -------
+    W : numpy.ndarray, shape (k, k)
+        Orthogonal unmixing matrix in the whitened space.
+    n_iter : int
+    converged : bool
+    """
+    n = white.shape[1]
+    w = _sym_decorrelation(np.asarray(w_init, dtype=np.float64))
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
+        y = w @ white
+        g = np.tanh(y)
+        g_prime = 1.0 - np.mean(g * g, axis=1)
+        # scikit-learn's fixed-point step, its rows' signs aligned with w, then a step of STEP_SIZE towards it
+        target = _sym_decorrelation((g @ white.T) / n - g_prime[:, None] * w)
+        target *= np.where(np.einsum("ij,ij->i", target, w) < 0, -1.0, 1.0)[:, None]
+        w1 = _sym_decorrelation((1.0 - STEP_SIZE) * w + STEP_SIZE * target)
+        lim = float(np.max(np.abs(np.abs(np.einsum("ij,ij->i", w1, w)) - 1)))
+        w = w1
+        if lim < tol:
+            return w, n_iter, True
+    return w, n_iter, False
+
+
 def _fastica(
-    data: np.ndarray, n_components: int, random_state: int
-) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
-    """FastICA on samples(voxels) x features; returns (sources comps x voxels, mixing features x comps)."""
-    from sklearn.decomposition import FastICA
+    data: np.ndarray, n_components: int, random_state: int, max_iter: int, tol: float
+) -> tuple[np.ndarray, np.ndarray, int, bool, list[str]]:
+    """Spatial FastICA of samples (voxels) x features (maps or PCA dimensions); says whether it converged.
+
+    1. Whitening: scikit-learn's ``PCA(whiten=True, svd_solver="covariance_eigh")`` in float64, to
+       ``n_components`` dimensions (what FastICA's own whitening does).
+    2. :func:`_stabilized_fastica` from scikit-learn FastICA's initial matrix for ``random_state``
+       (``RandomState(random_state).normal(size=(k, k))``).
+
+    Everything runs in float64 and the stabilised iteration contracts near its fixed point, so rounding
+    differences (BLAS threads, one-ulp input changes) shrink instead of growing: a converged run gives the
+    same components whatever the thread count.
+
+    Returns
+    -------
+    sources : numpy.ndarray, shape (n_components, n_samples), float64
+        Unit variance over the samples (scikit-learn's ``whiten="unit-variance"`` convention).
+    mixing : numpy.ndarray, shape (n_features, n_components)
+        ``pinv`` of the unmixing matrix in feature space (scikit-learn's ``mixing_`` convention).
+    n_iter : int
+    converged : bool
+    messages : list of str
+        Warnings raised on the way.
+    """
+    from scipy import linalg
+    from sklearn.decomposition import PCA
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ica = FastICA(n_components=n_components, random_state=random_state)
-        sources = ica.fit_transform(data).T
-    messages = [f"FastICA (random_state={random_state}): {w.message}" for w in caught]
-    return sources, ica.mixing_, int(ica.n_iter_), messages
+        pca = PCA(n_components=n_components, whiten=True, svd_solver="covariance_eigh")
+        white = pca.fit_transform(np.asarray(data, dtype=np.float64))  # samples x k
+        w_init = np.random.RandomState(random_state).normal(size=(n_components, n_components))
+        w, n_iter, converged = _stabilized_fastica(white.T, w_init, max_iter, tol)
+    messages = [f"FastICA (random_state={random_state}): {c.message}" for c in caught]
+    sources = white @ w.T  # samples x k
+    std = sources.std(axis=0)
+    std[std == 0] = 1.0
+    sources /= std
+    # white = (data - mean) @ whitening.T, so sources = (data - mean) @ unmixing.T
+    whitening = pca.components_ / np.sqrt(pca.explained_variance_)[:, None]
+    unmixing = (w / std[:, None]) @ whitening
+    mixing = linalg.pinv(unmixing)
+    return sources.T, mixing, n_iter, converged, messages
 
 
 def _flip(sources: np.ndarray, mixing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -543,7 +633,10 @@ def decompose(
     reduce_factor: int = 3,
     n_runs: int = 1,
     block_rows: int | None = None,
-    log: logging.Logger | None = None,
+    logger: logging.Logger | None = None,
+    *,
+    max_iter: int,
+    tol: float,
 ) -> Decomposition:
     """Spatial FastICA of the (selected voxels of the) data matrix; randomised PCA first for many maps.
 
@@ -561,32 +654,45 @@ def decompose(
     n_runs : int
         > 1: rerun FastICA with seeds ``random_state + r`` and compute :attr:`Decomposition.stability`.
     block_rows : int, optional
-    log : logging.Logger, optional
+    logger : logging.Logger, optional
+        Defaults to this module's logger.
+    max_iter, tol : int, float
+        Iteration limit and tolerance of each FastICA run (the config's ``ica.max_iter`` and ``ica.tol``).
+        Whether each run converged is in ``info["converged"]``; :func:`decompose` does not judge it (see
+        :func:`run_ica`).
 
     Returns
     -------
     Decomposition
     """
+    log = logger if logger is not None else logging.getLogger(__name__)
     n_maps = matrix.n_maps
     n_cols = matrix.n_voxels if columns is None else int(np.count_nonzero(columns))
     info: dict[str, Any] = {"warnings": []}
     reduced = n_maps > reduce_above
     if reduced:
         n_dims = int(min(max(reduce_factor * n_components, n_components), n_maps, n_cols))
-        _say(log, f"ICA: randomised PCA of {n_maps} maps x {n_cols} voxels to {n_dims} dimensions")
+        log.info("ICA: randomised PCA of %d maps x %d voxels to %d dimensions", n_maps, n_cols, n_dims)
         data, loadings, pca_info = randomized_pca(
             matrix, columns, n_dims, random_state, block_rows=block_rows
         )
         info["pca"] = pca_info
-        _say(log, f"ICA: PCA keeps {pca_info['explained_variance_ratio']:.3f} of the variance")
+        log.info("ICA: PCA keeps %.3f of the variance", pca_info["explained_variance_ratio"])
     else:
         loadings = None
         data = matrix.load(columns, block_rows).T  # voxels x maps (a transposed view, as in the example)
-    _say(
-        log, f"ICA: FastICA with {n_components} components on {data.shape[0]} voxels x {data.shape[1]} inputs"
+    log.info(
+        "ICA: FastICA with %d components on %d voxels x %d inputs (max_iter=%d, tol=%g)",
+        n_components,
+        data.shape[0],
+        data.shape[1],
+        max_iter,
+        tol,
     )
-    sources, mix, n_iter, msgs = _fastica(data, n_components, random_state)
+    sources, mix, n_iter, converged, msgs = _fastica(data, n_components, random_state, max_iter, tol)
+    log.info("ICA: FastICA run 1: %d iterations, converged=%s", n_iter, converged)
     info["n_iter"] = [n_iter]
+    info["converged"] = [converged]
     info["warnings"] += msgs
     if loadings is not None:
         mix = loadings @ mix
@@ -595,9 +701,17 @@ def decompose(
     if n_runs > 1:
         stability = np.zeros((sources.shape[0], n_runs - 1))
         for r in range(1, n_runs):
-            _say(log, f"ICA: stability run {r + 1}/{n_runs} (random_state={random_state + r})")
-            other, _, n_iter_r, msgs_r = _fastica(data, n_components, random_state + r)
+            other, _, n_iter_r, conv_r, msgs_r = _fastica(data, n_components, random_state + r, max_iter, tol)
+            log.info(
+                "ICA: FastICA run %d/%d (random_state=%d): %d iterations, converged=%s",
+                r + 1,
+                n_runs,
+                random_state + r,
+                n_iter_r,
+                conv_r,
+            )
             info["n_iter"].append(n_iter_r)
+            info["converged"].append(conv_r)
             info["warnings"] += msgs_r
             stability[:, r - 1] = match_components(sources, other)[1]
     del data
@@ -609,9 +723,27 @@ def decompose(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _say(log: logging.Logger | None, msg: str, level: int = logging.INFO) -> None:
-    if log is not None:
-        log.log(level, msg)
+def path_lookup(paths: Iterable[str | os.PathLike], what: str = "inputs") -> Callable[[int], Path]:
+    """``image_id -> Path`` over the per-image paths a rule declares (``results/images/{id}/<file>``).
+
+    The rule script passes ``snakemake.input.zmaps`` etc. as the rule declares them instead of rebuilding
+    paths from a results directory. An image asked for that is not among ``paths`` is a clear error (the
+    qc table and the rule's inputs disagree) rather than a file silently read from elsewhere.
+    """
+    table: dict[int, Path] = {}
+    for p in paths:
+        p = Path(p)
+        table[int(p.parent.name)] = p
+
+    def lookup(image_id: int) -> Path:
+        try:
+            return table[int(image_id)]
+        except KeyError:
+            raise ValueError(
+                f"image {image_id} is included in qc.tsv but is not among the rule's {what} inputs"
+            ) from None
+
+    return lookup
 
 
 def _included_ids(qc_tsv: str | os.PathLike) -> list[int]:
@@ -649,6 +781,7 @@ def _unmask(values: np.ndarray, mask: np.ndarray, columns: np.ndarray) -> np.nda
 
 
 def _plot_component(volume: np.ndarray, affine: np.ndarray, threshold: float, title: str, dest: Path) -> None:
+    """One component as nilearn's ``plot_stat_map`` (ortho), thresholded, with its colour bar."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -659,13 +792,71 @@ def _plot_component(volume: np.ndarray, affine: np.ndarray, threshold: float, ti
     from nvmeta.io import atomic_path
 
     img = nib.Nifti1Image(np.nan_to_num(volume, nan=0.0).astype(np.float32), affine)
+    fig = plt.figure(figsize=(10, 3.6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        display = plotting.plot_stat_map(img, threshold=threshold, colorbar=False, title=title)
+        display = plotting.plot_stat_map(
+            img, threshold=threshold, colorbar=True, cbar_tick_format="%.1f", title=None, figure=fig
+        )
+        fig.suptitle(title, fontsize=10, y=0.995, va="top")
         with atomic_path(dest) as tmp:
             display.savefig(str(tmp), dpi=100)
         display.close()
     plt.close("all")
+
+
+def remove_stale_temps(outdir: str | os.PathLike, n_components: int) -> list[Path]:
+    """Remove what a killed ICA job left in its own output directory.
+
+    Only this job's temporaries: directories named ``.ica_tmp_XXXXXXXX`` (:data:`TMP_PREFIX` plus
+    :func:`tempfile.mkdtemp`'s 8 characters; the memory-mapped data matrix) and the atomic-write
+    temporaries of its own outputs (:func:`nvmeta.download.remove_stale_temps`). Nothing else in the
+    directory is touched.
+
+    Returns
+    -------
+    list of Path
+        What was removed.
+    """
+    import re
+
+    from nvmeta.download import remove_stale_temps as remove_output_temps
+
+    outdir = Path(outdir)
+    removed: list[Path] = []
+    rx = re.compile(re.escape(TMP_PREFIX) + r"[A-Za-z0-9_]{8}")
+    if outdir.is_dir():
+        for entry in outdir.iterdir():
+            if entry.is_dir() and not entry.is_symlink() and rx.fullmatch(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    names = ["components.nii.gz", "mixing.tsv", "terms.tsv", "summary.json", "stability.tsv"]
+    names += [f"component_{k}.png" for k in range(max(0, int(n_components)))]
+    removed += remove_output_temps(*(outdir / name for name in names))
+    return removed
+
+
+def _check_convergence(info: dict, cfg: dict, log: logging.Logger) -> str | None:
+    """Raise :class:`NotConverged` when a FastICA run stopped at ``max_iter``; the warning text if allowed."""
+    converged = info["converged"]
+    if all(converged):
+        return None
+    bad = [i + 1 for i, ok in enumerate(converged) if not ok]
+    what = (
+        f"FastICA did not converge in {len(bad)} of {len(converged)} runs (run {', '.join(map(str, bad))}: "
+        f"stopped at ica.max_iter={cfg['max_iter']} iterations with the unmixing matrix still changing by "
+        f"more than ica.tol={cfg['tol']:g}); its components depend on the thread count and on rounding"
+    )
+    if cfg["allow_unconverged"]:
+        msg = f"{what} (kept because ica.allow_unconverged is true)"
+        log.warning("ICA: %s", msg)
+        return msg
+    msg = (
+        f"{what}. Raise ica.max_iter, or loosen ica.tol, or lower ica.n_components; "
+        "or set ica.allow_unconverged: true to keep unconverged components with a warning"
+    )
+    log.error("ICA: %s", msg)
+    raise NotConverged(msg)
 
 
 def run_ica(
@@ -675,7 +866,7 @@ def run_ica(
     mask_img: Any,
     cfg: dict,
     outdir: str | os.PathLike,
-    log: logging.Logger | None = None,
+    logger: logging.Logger | None = None,
     client_factory: Callable[[], Any] | None = None,
     threads: int = 1,
     neurosynth_cache_for: Callable[[int], Path] | None = None,
@@ -694,10 +885,11 @@ def run_ica(
     mask_img : nibabel image or path-like
         Template mask; its grid is the z-maps' and the outputs' grid.
     cfg : dict
-        The analysis' ``ica`` block (missing keys take :data:`DEFAULTS`).
+        The analysis' validated ``ica`` block, every key present (``{**nvmeta.config.defaults("ica"), ...}``).
     outdir : path-like
         ``results/analyses/{a}/ica/``.
-    log : logging.Logger, optional
+    logger : logging.Logger, optional
+        Defaults to this module's logger.
     client_factory : callable, optional
         ``() -> client`` with ``get_json_url`` (``lambda: nvmeta.client.make_client(config["neurovault"])``);
         only used with ``terms: neurosynth``.
@@ -719,6 +911,9 @@ def run_ica(
     ValueError
         Fewer than 2 included maps, or fewer maps / voxels than ``n_components`` (the outputs would not be
         meaningful).
+    NotConverged
+        A FastICA run stopped at ``ica.max_iter`` and ``ica.allow_unconverged`` is false (nothing is
+        written).
     """
     import nibabel as nib
     import pandas as pd
@@ -729,17 +924,21 @@ def run_ica(
     from nvmeta import terms as termlib
     from nvmeta.io import atomic_path, write_json, write_tsv
 
-    cfg = {**DEFAULTS, **(cfg or {})}
+    log = logger if logger is not None else logging.getLogger(__name__)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     n_components = int(cfg["n_components"])
     random_state = int(cfg["random_state"])
     n_runs = int(cfg["n_runs"])
+    max_iter = int(cfg["max_iter"])
+    tol = float(cfg["tol"])
     threads = max(1, int(threads))
+    for path in remove_stale_temps(outdir, n_components):
+        log.info("ICA: removed a stale temporary of an earlier, killed run: %s", path)
 
     image_ids = _included_ids(qc_tsv)
     n_maps = len(image_ids)
-    _say(log, f"ICA: {n_maps} included maps")
+    log.info("ICA: %d included maps", n_maps)
     if n_maps < 2:
         raise ValueError(f"ICA needs at least 2 included maps; {qc_tsv} has {n_maps}")
     if n_maps < n_components:
@@ -750,7 +949,7 @@ def run_ica(
     n_mask = int(mask.sum())
 
     warn: list[str] = []
-    tmpdir = Path(tempfile.mkdtemp(prefix=".ica_tmp_", dir=outdir))
+    tmpdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=outdir))
     try:
         # the BLAS libraries are loaded above, before threadpool_limits: a library first loaded inside it
         # would run unlimited in that first call only, and the first run's bits would differ from later ones
@@ -769,7 +968,7 @@ def run_ica(
                 warn.append(f"{len(empty)} maps have no data in the mask: {empty[:10]}")
             columns = select_voxels(matrix.count, n_maps, str(cfg["nodata"]), float(cfg["min_fraction"]))
             n_used = int(columns.sum())
-            _say(log, f"ICA: {n_used} of {n_mask} mask voxels used (nodata={cfg['nodata']})")
+            log.info("ICA: %d of %d mask voxels used (nodata=%s)", n_used, n_mask, cfg["nodata"])
             if n_used < n_components:
                 raise ValueError(
                     f"ICA: only {n_used} voxels have data in enough maps (nodata={cfg['nodata']!r}, "
@@ -783,10 +982,15 @@ def run_ica(
                 int(cfg["reduce_above"]),
                 int(cfg["reduce_factor"]),
                 n_runs,
-                log=log,
+                logger=log,
+                max_iter=max_iter,
+                tol=tol,
             )
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    unconverged = _check_convergence(dec.info, cfg, log)
+    if unconverged:
+        warn.append(unconverged)
     warn += dec.info["warnings"]
     k_out = dec.components.shape[0]
 
@@ -805,7 +1009,7 @@ def run_ica(
 
     # terms
     tw = termlib.image_term_weights(
-        image_ids, metadata_path_for, cfg, client_factory, neurosynth_cache_for, log
+        image_ids, metadata_path_for, cfg, client_factory, neurosynth_cache_for, logger=log
     )
     loadings = termlib.component_term_loadings(dec.mixing, tw.matrix)
     tops = termlib.top_terms(loadings, tw.vocabulary, int(cfg["n_terms"]))
@@ -818,16 +1022,29 @@ def run_ica(
     warn += tw.warnings
     if tw.fallback:
         warn.append(tw.fallback)
+    same = termlib.indistinct_labels(tops)
+    if same:
+        warn.append(same)
 
     # figures
     titles = []
+    thresholds = []
     for k in range(k_out):
-        title = f"IC{k} " + ", ".join(t for t, _ in tops[k]) if tops[k] else f"IC{k}"
-        titles.append(title.strip())
+        title = (
+            f"IC{k}: " + ", ".join(t for t, _ in tops[k]) if tops[k] else f"IC{k} (no term loads positively)"
+        )
+        titles.append(title)
+        # the components have unit variance over the voxels used: show the 10 % largest |values|
+        threshold = float(np.percentile(np.abs(dec.components[k]), 90))
+        thresholds.append(threshold)
         if plots:
-            comp = volume[..., k]
-            threshold = float(np.percentile(np.abs(dec.components[k]), 90))
-            _plot_component(comp, affine, threshold, titles[-1], outdir / f"component_{k}.png")
+            shown = (
+                f"{title}  |  component values (unit variance), shown where |value| > {threshold:.2f} "
+                f"(top 10 % of voxels)"
+            )
+            if unconverged:
+                shown += "\nNOT CONVERGED: FastICA stopped at ica.max_iter (ica.allow_unconverged is true)"
+            _plot_component(volume[..., k], affine, threshold, shown, outdir / f"component_{k}.png")
 
     summary: dict[str, Any] = {
         "n_maps": n_maps,
@@ -840,7 +1057,11 @@ def run_ica(
         "standardize": bool(cfg["standardize"]),
         "reduced": dec.reduced,
         "pca": dec.info.get("pca"),
-        "fastica_n_iter": dec.info["n_iter"],
+        "max_iter": max_iter,
+        "tol": tol,
+        "n_iter": dec.info["n_iter"],
+        "converged": dec.info["converged"],
+        "allow_unconverged": bool(cfg["allow_unconverged"]),
         "n_runs": n_runs,
         "term_source_requested": tw.requested,
         "term_source": tw.source,
@@ -848,6 +1069,7 @@ def run_ica(
         "n_vocabulary": int(len(tw.vocabulary)),
         "neurosynth": tw.info or None,
         "titles": titles,
+        "figure_thresholds": thresholds,
         "warnings": warn,
     }
     if dec.stability is not None:
@@ -862,9 +1084,10 @@ def run_ica(
         write_tsv(outdir / "stability.tsv", stab)
         summary["stability_mean_abs_corr"] = [float(x) for x in dec.stability.mean(axis=1)]
     for msg in warn:
-        _say(log, f"ICA warning: {msg}", logging.WARNING)
+        if msg is not unconverged:  # already logged
+            log.warning("ICA warning: %s", msg)
     write_json(outdir / "summary.json", _jsonable(summary))
-    _say(log, f"ICA: done ({k_out} components; terms from {tw.source})")
+    log.info("ICA: done (%d components; terms from %s)", k_out, tw.source)
     return summary
 
 

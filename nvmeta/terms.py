@@ -4,9 +4,12 @@ Two sources of per-image term weights (``analyses.<name>.ica.terms``):
 
 ``"metadata"`` (default, always available)
     TF-IDF (scikit-learn ``TfidfVectorizer``, unigrams and bigrams, l2-normalised rows) over one document
-    per image: the image record's ``name``, ``contrast_definition``, ``cognitive_paradigm_cogatlas``,
-    ``cognitive_contrast_cogatlas`` and ``description`` plus its collection's ``name`` and ``description``
-    (``metadata.json["nvmeta"]["collection"]``). Words are runs of two or more letters; English stop words and
+    per image made of the image's own texts only (:data:`METADATA_FIELDS`): its ``name``,
+    ``contrast_definition``, ``cognitive_paradigm_cogatlas`` (Cognitive Atlas task) and
+    ``cognitive_contrast_cogatlas``. The free-text ``description`` and everything about the collection
+    (name, description, authors, DOI) are left out: they are shared by every map of a collection or name
+    people ("Maumet et al. 2016"), so they label components with author names and boilerplate instead of
+    what the maps show. Words are runs of two or more letters; English stop words and
     neuroimaging boilerplate (:func:`stop_words`: "map", "contrast", "tstat", "group", "fmri", "nidm", ...)
     are dropped, and a bigram is two informative words adjacent within one field (sublinear tf).
 ``"neurosynth"``
@@ -40,6 +43,7 @@ __all__ = [
     "TermWeights",
     "component_term_loadings",
     "image_term_weights",
+    "indistinct_labels",
     "metadata_term_weights",
     "metadata_text",
     "neurosynth_term_weights",
@@ -47,15 +51,14 @@ __all__ = [
     "top_terms",
 ]
 
-#: Image record fields that make up an image's document (in this order), then the collection's.
+#: Image record fields that make up an image's document (in this order): its own texts only, never the
+#: collection's or a description (see the module docstring).
 METADATA_FIELDS = (
     "name",
     "contrast_definition",
     "cognitive_paradigm_cogatlas",
     "cognitive_contrast_cogatlas",
-    "description",
 )
-COLLECTION_FIELDS = ("name", "description")
 
 #: Uninformative neuroimaging words removed besides scikit-learn's English stop words.
 BOILERPLATE_WORDS = frozenset(
@@ -157,7 +160,8 @@ def _clean(value: Any) -> str:
 
 
 def metadata_text(record: dict | None) -> str:
-    """Return the document of one image: its text fields and its collection's name and description.
+    """Return the document of one image: its :data:`METADATA_FIELDS` (name, contrast, Cognitive Atlas task
+    and contrast), never its collection's texts.
 
     Parameters
     ----------
@@ -172,8 +176,6 @@ def metadata_text(record: dict | None) -> str:
     if not record:
         return ""
     parts = [_clean(record.get(key)) for key in METADATA_FIELDS]
-    collection = (record.get("nvmeta") or {}).get("collection") or {}
-    parts += [_clean(collection.get(key)) for key in COLLECTION_FIELDS]
     return ". ".join(p for p in parts if p)
 
 
@@ -236,7 +238,7 @@ def neurosynth_term_weights(
     client: Any,
     url: str,
     cache_path_for: Callable[[int], Path] | None = None,
-    log: logging.Logger | None = None,
+    logger: logging.Logger | None = None,
     max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
 ) -> tuple[Any, np.ndarray, dict[str, Any]]:
     """Neurosynth decode words of each image, as a term matrix.
@@ -252,7 +254,8 @@ def neurosynth_term_weights(
     cache_path_for : callable, optional
         ``image_id -> Path`` of the per-image JSON cache. A successful reply's words are stored there
         (``{"image_id", "url", "values"}``) and read back instead of asking again.
-    log : logging.Logger, optional
+    logger : logging.Logger, optional
+        Defaults to this module's logger.
     max_consecutive_failures : int
         Failed requests in a row (not counting 404 = "no words for this image") after which Neurosynth is
         taken as down and no more requests are made.
@@ -270,6 +273,7 @@ def neurosynth_term_weights(
 
     from nvmeta.io import read_json, write_json
 
+    log = logger if logger is not None else logging.getLogger(__name__)
     info: dict[str, Any] = {
         "n_cached": 0,
         "n_fetched": 0,
@@ -307,15 +311,12 @@ def neurosynth_term_weights(
                     info["n_failed"] += 1
                     if len(info["errors"]) < 5:
                         info["errors"].append(f"image {image_id}: {type(exc).__name__}: {exc}")
-                    if log is not None:
-                        log.warning("neurosynth: image %s: %s", image_id, exc)
+                    log.warning("neurosynth: image %s: %s", image_id, exc)
                     if consecutive >= max_consecutive_failures:
                         info["down"] = True
-                        if log is not None:
-                            log.warning(
-                                "neurosynth: %d failed requests in a row; taking Neurosynth as down",
-                                consecutive,
-                            )
+                        log.warning(
+                            "neurosynth: %d failed requests in a row; taking Neurosynth as down", consecutive
+                        )
         if not words:
             info["n_no_words"] += 1
             words = {}
@@ -339,7 +340,7 @@ def image_term_weights(
     cfg: dict,
     client_factory: Callable[[], Any] | None = None,
     cache_path_for: Callable[[int], Path] | None = None,
-    log: logging.Logger | None = None,
+    logger: logging.Logger | None = None,
 ) -> TermWeights:
     """Per-image term weights from the source configured in ``cfg["terms"]``, with the metadata fallback.
 
@@ -356,7 +357,8 @@ def image_term_weights(
     cache_path_for : callable, optional
         ``image_id -> Path`` of the per-image Neurosynth cache (default: ``neurosynth.json`` next to
         ``metadata.json``).
-    log : logging.Logger, optional
+    logger : logging.Logger, optional
+        Defaults to this module's logger.
 
     Returns
     -------
@@ -365,7 +367,8 @@ def image_term_weights(
     """
     import scipy.sparse as sp
 
-    requested = str(cfg.get("terms", "metadata"))
+    log = logger if logger is not None else logging.getLogger(__name__)
+    requested = str(cfg["terms"])
     warnings: list[str] = []
     info: dict[str, Any] = {}
     fallback = None
@@ -373,7 +376,7 @@ def image_term_weights(
         raise ValueError(f"ica.terms must be 'metadata' or 'neurosynth', not {requested!r}")
 
     if requested == "neurosynth":
-        url = str(cfg.get("neurosynth_url") or "https://neurosynth.org/api/decode/")
+        url = str(cfg["neurosynth_url"])
         if cache_path_for is None:
 
             def cache_path_for(image_id: int) -> Path:
@@ -384,7 +387,7 @@ def image_term_weights(
             client = client_factory() if client_factory is not None else None
         except Exception as exc:  # a broken client set-up must not fail the ICA
             warnings.append(f"neurosynth client could not be created: {exc}")
-        matrix, vocabulary, info = neurosynth_term_weights(image_ids, client, url, cache_path_for, log)
+        matrix, vocabulary, info = neurosynth_term_weights(image_ids, client, url, cache_path_for, logger=log)
         n_with = len(image_ids) - info["n_no_words"]
         if info["down"]:
             fallback = (
@@ -403,8 +406,7 @@ def image_term_weights(
             matrix.data[matrix.data < 0] = 0
             matrix.eliminate_zeros()
             return TermWeights(matrix, vocabulary, "neurosynth", requested, None, warnings, info)
-        if log is not None:
-            log.warning("ICA terms: %s", fallback)
+        log.warning("ICA terms: %s", fallback)
 
     documents = []
     missing = 0
@@ -447,9 +449,13 @@ def component_term_loadings(mixing: np.ndarray, term_matrix: Any) -> np.ndarray:
 
 
 def top_terms(loadings: np.ndarray, vocabulary: np.ndarray, n_terms: int) -> list[list[tuple[str, float]]]:
-    """Top ``n_terms`` terms of each component, largest loading first (as nilearn's example,
-    whatever the sign; terms with a zero loading are never shown).
+    """Top ``n_terms`` terms of each component: its largest positive loadings, largest first.
 
+    Components are sign-flipped so that their larger tail is positive, so a positive loading means the term
+    is used by the images that express the component's positive pattern (nilearn's example takes the largest
+    values the same way). Terms with a zero or negative loading are never shown: when every loading of a
+    component is negative (e.g. every image has the same text and the component's image loadings sum to
+    a negative number) the component gets no label rather than the least negative, i.e. least used, terms.
     Ties are broken by the term's alphabetical order, so the result is deterministic.
 
     Returns
@@ -463,6 +469,22 @@ def top_terms(loadings: np.ndarray, vocabulary: np.ndarray, n_terms: int) -> lis
             out.append([])
             continue
         order = np.lexsort((vocabulary, -row))  # by -weight, then term
-        picked = [(str(vocabulary[i]), float(row[i])) for i in order if row[i] != 0][:n_terms]
+        picked = [(str(vocabulary[i]), float(row[i])) for i in order if row[i] > 0][:n_terms]
         out.append(picked)
     return out
+
+
+def indistinct_labels(tops: Sequence[Sequence[tuple[str, float]]]) -> str | None:
+    """A warning when the term labels cannot tell the components apart, else None.
+
+    When every included image has the same text (one collection uploading the same contrast many times,
+    as the demo's 21 pain maps), each component's term loadings are proportional to the same vector and
+    all components get the same top terms: the labels then describe the images, not the components.
+    """
+    labelled = [tuple(t for t, _ in picked) for picked in tops if picked]
+    if len(labelled) > 1 and len(set(labelled)) == 1:
+        return (
+            f"every labelled component has the same top terms ({', '.join(labelled[0])}): the images' texts do "
+            "not tell the components apart, the labels describe the whole selection"
+        )
+    return None

@@ -3,16 +3,15 @@
 from pathlib import Path
 
 from nvmeta.client import make_client
-from nvmeta.ica import run_ica
+from nvmeta.ica import path_lookup, run_ica
 from nvmeta.logs import job_logger
 from nvmeta.template import load_mask
 
 log = job_logger("nvmeta.ica", snakemake.log[0])
-images = Path(snakemake.input.qc).parents[2] / "images"
 run_ica(
     snakemake.input.qc,
-    lambda image_id: images / str(image_id) / "zmap.nii.gz",
-    lambda image_id: images / str(image_id) / "metadata.json",
+    path_lookup(snakemake.input.zmaps, "zmaps"),
+    path_lookup(snakemake.input.metadata, "metadata"),
     load_mask(snakemake.input.mask),
     snakemake.params.ica,
     Path(snakemake.output[0]).parent,

@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from nvmeta import terms
+from nvmeta.config import defaults
 
 
 def write_metadata(root: Path, records: dict[int, dict]) -> None:
@@ -28,19 +29,82 @@ def meta_path(root: Path):
 # --------------------------------------------------------------------------------------------------
 # metadata TF-IDF
 # --------------------------------------------------------------------------------------------------
-def test_metadata_text_fields_and_collection():
+def test_metadata_text_image_fields_only():
     rec = {
         "name": "Finger tapping",
         "contrast_definition": "left vs right",
         "cognitive_paradigm_cogatlas": "motor fMRI task paradigm",
-        "cognitive_contrast_cogatlas": None,
-        "description": "None",
+        "cognitive_contrast_cogatlas": "finger tapping > rest",
+        "description": "Uploaded by Maumet for the NIDM pack",
         "map_type": "T map",  # not a text field
-        "nvmeta": {"collection": {"name": "Motor study", "description": "", "authors": "A, B"}},
+        "authors": "Smith J",
+        "nvmeta": {
+            "collection": {"name": "Motor study", "description": "Shared by Maumet", "authors": "A, B"}
+        },
     }
-    assert terms.metadata_text(rec) == "Finger tapping. left vs right. motor fMRI task paradigm. Motor study"
+    assert terms.metadata_text(rec) == (
+        "Finger tapping. left vs right. motor fMRI task paradigm. finger tapping > rest"
+    )
     assert terms.metadata_text(None) == ""
     assert terms.metadata_text({"name": "x", "nvmeta": {"collection": None}}) == "x"
+
+
+def test_labels_never_come_from_authors_or_collection_text(tmp_path):
+    """Planted metadata: author names and collection boilerplate shared by every image (as the demo's
+    collection 1425, "Maumet et al. 2016") must not reach the vocabulary; the image's own name, contrast,
+    Cognitive Atlas task and contrast do."""
+    boiler = {
+        "name": "NIDM-Results pain dataset: 21 group-level pain studies",
+        "description": "21 pain studies shared as NIDM-Results packs (Maumet et al. 2016).",
+        "authors": "Maumet C, Auer T, Bowring A",
+        "owner_name": "delavega4",
+    }
+    fields = [
+        ("heat pain", "hot vs warm", "pain monitor task", "noxious heat"),
+        ("finger tapping", "left vs right", "motor sequence task", "finger movement"),
+        ("tones", "loud vs soft", "auditory oddball task", "loudness"),
+    ]
+    records = {
+        i + 1: {
+            "name": name,
+            "contrast_definition": contrast,
+            "cognitive_paradigm_cogatlas": task,
+            "cognitive_contrast_cogatlas": cogcon,
+            "description": "Group-level t-map of study by Bowring, contributed by delavega4",
+            "nvmeta": {"collection": boiler},
+        }
+        for i, (name, contrast, task, cogcon) in enumerate(fields)
+    }
+    write_metadata(tmp_path, records)
+    tw = terms.image_term_weights([1, 2, 3], meta_path(tmp_path), {**defaults("ica"), "terms": "metadata"})
+    vocab = set(tw.vocabulary)
+    for word in ("maumet", "auer", "bowring", "delavega", "nidm", "studies", "dataset", "shared", "packs"):
+        assert not any(word in term for term in vocab), (word, sorted(vocab))
+    assert {"heat", "noxious heat", "finger tapping", "sequence", "oddball", "loudness", "hot"} <= vocab
+    # each image's row holds only its own words
+    dense = tw.matrix.toarray()
+    col = {t: j for j, t in enumerate(tw.vocabulary)}
+    assert dense[0, col["noxious"]] > 0 and dense[1, col["noxious"]] == 0 and dense[2, col["noxious"]] == 0
+    # a component loading on image 2 (the motor one) is labelled by the motor texts
+    mixing = np.array([[0.1], [2.0], [-0.5]])
+    top = terms.top_terms(terms.component_term_loadings(mixing, tw.matrix), tw.vocabulary, 3)[0]
+    assert all(
+        t
+        in {
+            "finger",
+            "tapping",
+            "finger tapping",
+            "left",
+            "right",
+            "motor",
+            "sequence",
+            "motor sequence",
+            "movement",
+            "finger movement",
+            "left right",
+        }
+        for t, _ in top
+    ), top
 
 
 def test_analyzer_bigrams_within_fields_without_stop_words():
@@ -112,7 +176,7 @@ def test_image_term_weights_metadata(tmp_path):
             2: {"name": "auditory localizer", "nvmeta": {"collection": {"name": "Study A"}}},
         },
     )
-    tw = terms.image_term_weights([2, 1, 3], meta_path(tmp_path), {"terms": "metadata"})
+    tw = terms.image_term_weights([2, 1, 3], meta_path(tmp_path), {**defaults("ica"), "terms": "metadata"})
     assert tw.source == "metadata" and tw.requested == "metadata" and tw.fallback is None
     assert tw.matrix.shape[0] == 3
     assert tw.warnings == ["metadata: 1 images without a readable metadata.json"]
@@ -124,6 +188,13 @@ def test_image_term_weights_metadata(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # loadings and top terms
 # --------------------------------------------------------------------------------------------------
+def test_indistinct_labels_are_said():
+    same = [[("pain", 0.3), ("heat", 0.1)], [("pain", 0.2), ("heat", 0.05)], []]
+    assert "do not tell the components apart" in terms.indistinct_labels(same)
+    assert terms.indistinct_labels([[("pain", 0.3)], [("motor", 0.2)]]) is None
+    assert terms.indistinct_labels([[("pain", 0.3)], []]) is None
+
+
 def test_component_term_loadings_clip_and_product():
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(6, 3))
@@ -141,8 +212,9 @@ def test_component_term_loadings_clip_and_product():
 def test_top_terms_by_loading_nonzero_and_deterministic_ties():
     vocab = np.array(["b", "a", "c", "d"])
     loadings = np.array([[1.0, 1.0, 0.5, -2.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    # largest first whatever the sign (nilearn's example takes argsort(...)[-3:]); zeros never shown
-    assert terms.top_terms(loadings, vocab, 3) == [[("a", 1.0), ("b", 1.0), ("c", 0.5)], [("a", -1.0)], []]
+    # largest positive first (nilearn's example takes argsort(...)[-3:]); zero or negative never shown: a
+    # component whose loadings are all negative gets no label, not its least used terms
+    assert terms.top_terms(loadings, vocab, 3) == [[("a", 1.0), ("b", 1.0), ("c", 0.5)], [], []]
     assert terms.top_terms(np.zeros((2, 0)), np.array([], dtype=str), 3) == [[], []]
 
 
@@ -210,7 +282,7 @@ def test_image_term_weights_neurosynth_clips_negatives(ns_server, tmp_path):
     tw = terms.image_term_weights(
         [11, 12],
         meta_path(tmp_path / "img"),
-        {"terms": "neurosynth", "neurosynth_url": ns_server.url + "decode/"},
+        {**defaults("ica"), "terms": "neurosynth", "neurosynth_url": ns_server.url + "decode/"},
         client_factory=lambda: client_for(ns_server),
     )
     assert tw.source == "neurosynth" and tw.fallback is None and tw.warnings == []
@@ -229,9 +301,9 @@ def test_neurosynth_down_falls_back_to_metadata(ns_server, tmp_path, caplog, fau
         tw = terms.image_term_weights(
             ids,
             meta_path(tmp_path / "img"),
-            {"terms": "neurosynth", "neurosynth_url": ns_server.url + "decode/"},
+            {**defaults("ica"), "terms": "neurosynth", "neurosynth_url": ns_server.url + "decode/"},
             client_factory=lambda: client_for(ns_server),
-            log=log,
+            logger=log,
         )
     assert tw.source == "metadata" and tw.requested == "neurosynth"
     assert tw.fallback.startswith("Neurosynth is down (3 failed requests")
@@ -246,7 +318,7 @@ def test_neurosynth_down_falls_back_to_metadata(ns_server, tmp_path, caplog, fau
 
 def test_neurosynth_without_client_or_words(tmp_path):
     write_metadata(tmp_path, {1: {"name": "motor"}})
-    cfg = {"terms": "neurosynth"}
+    cfg = {**defaults("ica"), "terms": "neurosynth"}
     tw = terms.image_term_weights([1], meta_path(tmp_path), cfg, client_factory=None)
     assert tw.source == "metadata" and "no client available" in tw.fallback
 
@@ -259,4 +331,4 @@ def test_neurosynth_without_client_or_words(tmp_path):
         and tw.warnings[0] == "neurosynth client could not be created: no network config"
     )
     with pytest.raises(ValueError, match="ica.terms"):
-        terms.image_term_weights([1], meta_path(tmp_path), {"terms": "words"})
+        terms.image_term_weights([1], meta_path(tmp_path), {**defaults("ica"), "terms": "words"})

@@ -6,7 +6,11 @@ def _ica_component_label(terms_tsv, k):
     """Report label of component ``k``: "ICk: its top terms" (read from terms.tsv at report time)."""
     try:
         with open(terms_tsv, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh, delimiter="\t") if r["component"] == str(k)]
+            rows = [
+                r
+                for r in csv.DictReader(fh, delimiter="\t")
+                if r["component"] == str(k)
+            ]
     except (OSError, KeyError):
         rows = []
     rows.sort(key=lambda r: int(r.get("rank") or 0))
