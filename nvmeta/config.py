@@ -129,6 +129,7 @@ def normalize_analysis(analysis: dict) -> dict:
     analysis.setdefault("max_images", None)
     analysis.setdefault("meta", None)
     analysis.setdefault("ica", None)
+    analysis.setdefault("cbma", None)
     return analysis
 
 
