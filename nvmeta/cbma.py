@@ -620,6 +620,9 @@ def _plot(z_img: nib.Nifti1Image, z_sig_img: nib.Nifti1Image, out_png: Path, tit
             display_mode="z",
             cut_coords=[-20, -8, 4, 16, 28, 40, 52, 64],
             threshold=1.96,
+            cmap="hot",
+            symmetric_cbar=False,
+            vmin=0,
             title=title,
             figure=fig,
         )
@@ -663,9 +666,9 @@ CLUSTER_MATCH_COLUMNS = [
     "cbma_y",
     "cbma_z",
     "ibma_voxels",
-    "ibma_x",
-    "ibma_y",
-    "ibma_z",
+    "ibma_peak_x",
+    "ibma_peak_y",
+    "ibma_peak_z",
     "n_both",
     "peak_distance_mm",
 ]
@@ -683,6 +686,14 @@ def _peak_xyz(values: np.ndarray, labels: np.ndarray, k: int, affine: np.ndarray
     best = idx[np.argmax(values.ravel()[idx])]
     ijk = np.array(np.unravel_index(best, labels.shape), dtype=float)
     return affine[:3, :3] @ ijk + affine[:3, 3]
+
+
+def _local_maxima(values: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Voxels of ``found`` not exceeded by any of their 26 neighbours (a boolean map)."""
+    from scipy import ndimage
+
+    v = np.where(found, values, -np.inf)
+    return found & (v >= ndimage.maximum_filter(v, size=3, mode="constant", cval=-np.inf))
 
 
 def overlap(
@@ -703,8 +714,11 @@ def overlap(
     template mask. Dice = ``2 |A ∩ B| / (|A| + |B|)`` (empty when both are empty).
 
     Clusters (face-connected) are matched CBMA -> IBMA: each CBMA cluster's match is the IBMA
-    cluster sharing most voxels with it (none when it shares none); the peak distance is
-    between the CBMA cluster's maximum z and the IBMA cluster's maximum (signed) z, in mm.
+    cluster sharing most voxels with it (none when it shares none). The peak distance is from
+    the CBMA cluster's maximum z to the nearest local maximum of the IBMA (signed) z in the
+    matched cluster (a voxel no 26-neighbour exceeds), in mm: IBMA clusters of many maps are
+    often one large cluster spanning several regions, whose single maximum says nothing about
+    a given CBMA cluster.
 
     Parameters
     ----------
@@ -752,6 +766,7 @@ def overlap(
     rows, match_rows = [], []
     for iname, (iz, imask) in ibma.items():
         ilab, _ = _components(imask)
+        imax = _local_maxima(iz, imask)
         for (cname, level), (cz, cmask) in cbma.items():
             n_i, n_c = int(imask.sum()), int(cmask.sum())
             n_both = int((imask & cmask).sum())
@@ -772,22 +787,24 @@ def overlap(
                     "cbma_y": cxyz[1],
                     "cbma_z": cxyz[2],
                     "ibma_voxels": None,
-                    "ibma_x": None,
-                    "ibma_y": None,
-                    "ibma_z": None,
+                    "ibma_peak_x": None,
+                    "ibma_peak_y": None,
+                    "ibma_peak_z": None,
                     "n_both": int(shared.size),
                     "peak_distance_mm": None,
                 }
                 if shared.size:
                     best = int(np.bincount(shared).argmax())
-                    ixyz = _peak_xyz(iz, ilab, best, affine)
+                    cand = np.argwhere(imax & (ilab == best)).astype(float)
+                    cand_xyz = cand @ affine[:3, :3].T + affine[:3, 3]
+                    ixyz = cand_xyz[np.argmin(np.linalg.norm(cand_xyz - cxyz, axis=1))]
                     dist = float(np.linalg.norm(cxyz - ixyz))
                     dists.append(dist)
                     row.update(
                         ibma_voxels=int((ilab == best).sum()),
-                        ibma_x=ixyz[0],
-                        ibma_y=ixyz[1],
-                        ibma_z=ixyz[2],
+                        ibma_peak_x=ixyz[0],
+                        ibma_peak_y=ixyz[1],
+                        ibma_peak_z=ixyz[2],
                         peak_distance_mm=round(dist, 3),
                     )
                 match_rows.append(row)
