@@ -399,7 +399,8 @@ def _estimator(method: str, cfg: dict, n_cores: int):
 def significant_mask(logp: np.ndarray, alpha: float) -> np.ndarray:
     """Voxels whose NiMARE FWE ``-log10(p)`` map says ``p < alpha`` (NaN = not significant)."""
     logp = np.nan_to_num(np.asarray(logp, dtype=np.float64), nan=0.0)
-    return logp > -math.log10(alpha)
+    # The maps are float32: p = alpha exactly (e.g. the floor 1/n_iters) must not pass as p < alpha.
+    return logp > -math.log10(alpha) + 1e-6
 
 
 def _save(img: nib.Nifti1Image, dest: Path) -> None:
@@ -506,6 +507,14 @@ def _run_cbma(method, peaks_tsv, mask_img, cfg, outdir, n_cores, log) -> dict:
         msg = (
             f"{method}: only {len(exps)} experiment(s) (cbma.study={cfg['study']}); CBMA results "
             "with fewer than ~17 experiments can be driven by one experiment (Eickhoff et al. 2016)"
+        )
+        notes.append(msg)
+        log.warning(msg)
+    if int(cfg["n_iters"]) * float(cfg["cluster_threshold"]) <= 1:
+        msg = (
+            f"{method}: cbma.n_iters={cfg['n_iters']} is too small for FWE p < cluster_threshold="
+            f"{cfg['cluster_threshold']}: the smallest Monte-Carlo p is 1/n_iters, so nothing can be "
+            "significant (use n_iters >= 5000 for a real run)"
         )
         notes.append(msg)
         log.warning(msg)

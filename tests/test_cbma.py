@@ -37,7 +37,7 @@ def planted(tmp_path_factory, mask_img):
     """20 planted maps (one collection each, study = image), their peaks, and ALE/MKDA/KDA runs."""
     root = tmp_path_factory.mktemp("planted") / "results"
     qc_tsv = write_planted(root, mask_img, n_images=20)
-    cfg = {**defaults("cbma"), "n_iters": 10, "study": "image", "methods": ["ale", "mkda", "kda"]}
+    cfg = {**defaults("cbma"), "n_iters": 40, "study": "image", "methods": ["ale", "mkda", "kda"]}
     adir = qc_tsv.parent
     peaks = cbma.peaks_table(
         qc_tsv,
@@ -81,16 +81,16 @@ def test_peaks_at_planted_foci(planted):
         assert set(group["collection_id"]) == {500 + image_id - 1000}
 
 
-def test_peaks_equal_nilearn_full_volume(planted, mask_img):
+def test_peaks_equal_nilearn_full_volume():
     """Per-cluster cropping gives nilearn's own full-volume table (coordinates, values, sizes)."""
     from nilearn.reporting import get_clusters_table
-
-    rng = np.random.default_rng(3)
     from scipy import ndimage
 
-    noise = ndimage.gaussian_filter(rng.standard_normal(mask_img.shape), 2.0)
+    rng = np.random.default_rng(3)
+    noise = ndimage.gaussian_filter(rng.standard_normal((40, 44, 36)), 2.0)
     z = (noise / noise.std() * 1.6).astype(np.float32)  # smooth noise: many clusters, sub-peaks
-    img = nib.Nifti1Image(z, mask_img.affine)
+    affine = np.array([[-2.0, 0, 0, 40], [0, 2, 0, -50], [0, 0, 2, -20], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(z, affine)
     cfg = {**defaults("cbma"), "min_cluster_voxels": 5}
     ours = cbma.extract_peaks(img, cfg)
     ref = get_clusters_table(
@@ -170,13 +170,23 @@ def test_cbma_maxima_at_planted_foci(planted, method):
     aff = stat_img.affine
     ijk = np.indices(stat.shape).reshape(3, -1)
     xyz = ((aff[:3, :3] @ ijk).T + aff[:3, 3]).reshape(*stat.shape, 3)
-    # the global maximum, and the maximum near each focus, are at a planted focus
-    top = np.unravel_index(np.argmax(stat), stat.shape)
-    assert min(_dist(xyz[top], f) for f in FOCI) <= VOXEL * np.sqrt(3)
+
+    # The global maximum, and the maximum near each focus, are at a planted focus. MKDA/KDA
+    # densities are plateaus (sum of 10 mm spheres): the centre of the voxels at the maximum is.
+    def centre_of_max(sel):
+        vals = np.where(sel, stat, -np.inf)
+        top = vals >= vals.max() - 1e-6 * abs(vals.max())
+        return xyz[top].mean(axis=0)
+
+    from scipy import ndimage
+
+    top = stat >= stat.max() * (1 - 1e-6)
+    labels, n_top = ndimage.label(top)
+    for k in range(1, n_top + 1):  # every component of the global maximum is at a focus
+        assert min(_dist(xyz[labels == k].mean(axis=0), f) for f in FOCI) <= VOXEL * np.sqrt(3)
     for focus in FOCI:
         near = np.linalg.norm(xyz - np.array(focus), axis=-1) <= 12
-        idx = np.unravel_index(np.argmax(np.where(near, stat, -np.inf)), stat.shape)
-        assert _dist(xyz[idx], focus) <= VOXEL * np.sqrt(3), (method, focus, xyz[idx])
+        assert _dist(centre_of_max(near), focus) <= VOXEL * np.sqrt(3), (method, focus, centre_of_max(near))
     summary = json.loads((d / "summary.json").read_text())
     assert summary["n_experiments"] == 20 and summary["n_foci"] == 60
     assert summary["n_significant_cluster_fwe"] > 0
@@ -210,6 +220,9 @@ def test_ale_without_sample_size_is_left_out(tmp_path, mask_img):
     assert s["n_experiments"] == 2
     assert any("images [1001]" in w for w in s["warnings"])
     assert any("fewer than ~17" in w for w in s["warnings"])
+    # 5 iterations: the smallest Monte-Carlo p is 0.2, so nothing is significant, and it says so
+    assert any("n_iters=5 is too small" in w for w in s["warnings"])
+    assert s["n_significant_cluster_fwe"] == 0
 
 
 def test_cbma_with_no_peak_says_why(tmp_path, mask_img):
