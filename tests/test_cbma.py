@@ -404,3 +404,33 @@ def test_nimare_reads_the_export_and_agrees(planted, mask_img, tmp_path):
     common = np.all(np.isfinite(zs), axis=0) & np.isfinite(z_ni)
     assert common.sum() > 100_000
     np.testing.assert_allclose(z_ni[common], z_nv[common], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------
+
+
+def test_cbma_config_block(tmp_path):
+    import yaml
+
+    from nvmeta.config import SCHEMA_PATH, check_config
+    from nvmeta.errors import ConfigError
+
+    node = yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["cbma"]
+    for key, sub in node["properties"].items():  # every key has a description and a default
+        assert sub.get("description") and "default" in sub, key
+    snapshot = Path(__file__).parent / "data" / "snapshot"
+
+    def config(cbma_block):
+        return {
+            "neurovault": {"url": str(snapshot)},
+            "analyses": {"a": {"image_ids": [1], "cbma": cbma_block}},
+        }
+
+    cfg = check_config(config({}), SCHEMA_PATH)
+    assert cfg["analyses"]["a"]["cbma"] == defaults("cbma")
+    with pytest.raises(ConfigError, match=r"analyses\.a\.cbma\.methods\.0"):
+        check_config(config({"methods": ["sdm"]}), SCHEMA_PATH)
+    with pytest.raises(ConfigError, match=r"analyses\.a\.cbma\.n_iter: unknown key"):
+        check_config(config({"n_iter": 10}), SCHEMA_PATH)
