@@ -264,6 +264,9 @@ def peaks_table(
     import nilearn.reporting  # noqa: F401 - imported before the heap is frozen (see _frozen_gc)
     import pandas as pd
 
+    from nvmeta.download import remove_stale_temps
+
+    remove_stale_temps(out_tsv)  # temporaries of a killed earlier attempt
     log = log or logger
     rows = read_included(qc_tsv)
     parts = []
@@ -476,9 +479,13 @@ def _run_cbma(method, peaks_tsv, mask_img, cfg, outdir, n_cores, log) -> dict:
     import pandas as pd
     from nimare.correct import FWECorrector
 
+    from nvmeta.download import remove_stale_temps
+
     t0 = time.perf_counter()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    names = [f"{m}.nii.gz" for m in BASE_MAPS + FWE_MAPS] + ["clusters.tsv", "z.png", "summary.json"]
+    remove_stale_temps(*(outdir / n for n in names))  # temporaries of a killed earlier attempt
     peaks = pd.read_csv(peaks_tsv, sep="\t")
     sign = str(cfg["sign"])
     exps = _experiments(peaks, str(cfg["study"]), sign)
@@ -754,6 +761,9 @@ def overlap(
     """
     import pandas as pd
 
+    from nvmeta.download import remove_stale_temps
+
+    remove_stale_temps(*(p for p in (out_tsv, out_clusters_tsv, out_png) if p is not None))
     log = log or logger
     mask = np.asarray(mask_img.dataobj) > 0
     affine = mask_img.affine

@@ -261,6 +261,9 @@ def export(
     tuple
         ``(studyset dict, nimare.dataset.Dataset)``.
     """
+    from nvmeta.download import remove_stale_temps
+
+    remove_stale_temps(out_json, out_pkl)  # temporaries of a killed earlier attempt
     log = log or logger
     studyset = build_studyset(qc_tsv, peaks_tsv, results_dir, analysis)
     dset = studyset_to_dataset(studyset, mask_img, results_dir)

@@ -434,3 +434,21 @@ def test_cbma_config_block(tmp_path):
         check_config(config({"methods": ["sdm"]}), SCHEMA_PATH)
     with pytest.raises(ConfigError, match=r"analyses\.a\.cbma\.n_iter: unknown key"):
         check_config(config({"n_iter": 10}), SCHEMA_PATH)
+
+
+def test_stale_temporaries_are_swept(tmp_path, mask_img):
+    """A killed earlier attempt's .part files next to the outputs are removed by the next one."""
+    qc_tsv = write_planted(tmp_path / "results", mask_img, n_images=1)
+    out = qc_tsv.parent / "cbma" / "peaks.tsv"
+    out.parent.mkdir(parents=True)
+    stale = out.parent / ".peaks.tsv.abcd1234.part.tsv"
+    stale.write_text("partial")
+    images = tmp_path / "results" / "images"
+    cbma.peaks_table(
+        qc_tsv,
+        lambda i: images / str(i) / "zmap.nii.gz",
+        lambda i: images / str(i) / "qc.json",
+        defaults("cbma"),
+        out,
+    )
+    assert not stale.exists() and len(pd.read_csv(out, sep="\t")) == 4
