@@ -75,9 +75,9 @@ rule cbma_peaks:
         "../../envs/nvmeta.yaml"
     threads: 1
     resources:
-        # one map at a time
+        # one map at a time (~0.2 GB measured); 0.2-6 s per map (real maps vs smooth noise)
         mem_mb=1500,
-        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 200,
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 10,
     params:
         cbma=cbma_peak_params,
     script:
@@ -111,10 +111,14 @@ rule cbma:
         "../../envs/nvmeta.yaml"
     threads: 2
     resources:
-        # NiMARE holds a few voxel-sized maps per Monte-Carlo worker plus the experiments'
-        # sparse kernel maps.
-        mem_mb=lambda wildcards, threads: 2000 + 1000 * threads,
-        runtime=lambda wildcards: 10 + cbma_config(wildcards)["n_iters"] // 100,
+        # Measured (BENCHMARKS.md, n_cores=1): ~0.6 GB at 21 experiments, 4.9 GB at 1,000
+        # (NiMARE's own footprint, ~4.4 MB per experiment); scaled by the Monte-Carlo workers.
+        mem_mb=lambda wildcards, threads: 1500 + 5 * n_selected(wildcards) * threads,
+        # measured ~0.4 s per Monte-Carlo iteration at 21 experiments, 2.7 s at 1,000
+        runtime=lambda wildcards: 10
+        + int(
+            cbma_config(wildcards)["n_iters"] * (1 + n_selected(wildcards) / 100) / 200
+        ),
     params:
         cbma=cbma_run_params,
     script:
