@@ -88,6 +88,8 @@ rule cbma:
     input:
         peaks=f"{ANALYSIS}/cbma/peaks.tsv",
         mask=TEMPLATE_MASK,
+        # not read: their number sizes the job (resources), known once the query has run
+        qcjson=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
     output:
         maps=[f"{ANALYSIS}/cbma/{{cbma_method}}/{name}.nii.gz" for name in CBMA_MAPS],
         clusters=report(
@@ -112,13 +114,11 @@ rule cbma:
     threads: 2
     resources:
         # Measured (BENCHMARKS.md, n_cores=1): ~0.6 GB at 21 experiments, 4.9 GB at 1,000
-        # (NiMARE's own footprint, ~4.4 MB per experiment); scaled by the Monte-Carlo workers.
-        mem_mb=lambda wildcards, threads: 1500 + 5 * n_selected(wildcards) * threads,
+        # (NiMARE's own footprint, ~4.4 MB per experiment), x2 for the Monte-Carlo workers.
+        mem_mb=lambda wildcards, input: 1500 + 10 * len(input.qcjson),
         # measured ~0.4 s per Monte-Carlo iteration at 21 experiments, 2.7 s at 1,000
-        runtime=lambda wildcards: 10
-        + int(
-            cbma_config(wildcards)["n_iters"] * (1 + n_selected(wildcards) / 100) / 200
-        ),
+        runtime=lambda wildcards, input: 10
+        + int(cbma_config(wildcards)["n_iters"] * (1 + len(input.qcjson) / 100) / 200),
     params:
         cbma=cbma_run_params,
     script:
