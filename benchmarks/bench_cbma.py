@@ -152,7 +152,9 @@ def _run(work: Path, body: str, **fmt) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--maps", type=int, default=40)
-    parser.add_argument("--baseline-maps", type=int, default=3, help="maps of the nilearn full-volume baseline")
+    parser.add_argument(
+        "--baseline-maps", type=int, default=3, help="maps of the nilearn full-volume baseline"
+    )
     parser.add_argument("--experiments", type=int, default=1000)
     parser.add_argument("--small", type=int, default=21, help="experiments of the nvmeta-vs-hand run")
     parser.add_argument("--n-iters", type=int, default=20)
