@@ -198,4 +198,6 @@ def all_outputs(wildcards):
             out += meta_outputs(analysis)
         if spec["ica"] is not None:
             out += ica_outputs(analysis)
+        if spec.get("cbma") is not None:
+            out += cbma_outputs(analysis)  # workflow/rules/cbma.smk
     return out

@@ -1,0 +1,194 @@
+# Fan-in 3: coordinate-based meta-analysis (NiMARE) of peaks extracted from the included z-maps,
+# compared with the image-based one, and the analysis exported as a NiMARE studyset/Dataset.
+# Outputs: results/analyses/{a}/cbma/peaks.tsv, cbma/{cbma_method}/, overlap.tsv, nimare/.
+
+CBMA_METHODS = ["ale", "mkda", "kda"]
+# Keys of the cbma block the peak extraction depends on (changing n_iters keeps the peaks).
+CBMA_PEAK_KEYS = ["peak_threshold", "peak_distance", "min_cluster_voxels"]
+# NiMARE's FWE map names (nvmeta.cbma.FWE_MAPS) and the uncorrected maps written next to them.
+CBMA_MAPS = [
+    "z",
+    "stat",
+    "p",
+    "z_desc-size_level-cluster_corr-FWE_method-montecarlo",
+    "logp_desc-size_level-cluster_corr-FWE_method-montecarlo",
+    "z_desc-mass_level-cluster_corr-FWE_method-montecarlo",
+    "logp_desc-mass_level-cluster_corr-FWE_method-montecarlo",
+    "z_level-voxel_corr-FWE_method-montecarlo",
+    "logp_level-voxel_corr-FWE_method-montecarlo",
+]
+
+
+wildcard_constraints:
+    cbma_method="|".join(CBMA_METHODS),
+
+
+def cbma_config(wildcards):
+    return config["analyses"][wildcards.analysis]["cbma"]
+
+
+def cbma_peak_params(wildcards):
+    cbma = cbma_config(wildcards)
+    return {k: cbma[k] for k in CBMA_PEAK_KEYS}
+
+
+def cbma_run_params(wildcards):
+    cbma = cbma_config(wildcards)
+    return {k: v for k, v in cbma.items() if k not in CBMA_PEAK_KEYS + ["methods"]}
+
+
+def cbma_outputs(analysis):
+    """Everything the cbma block of an analysis produces (for all_outputs)."""
+    spec = config["analyses"][analysis]
+    d = f"{RESULTS}/analyses/{analysis}"
+    out = [
+        f"{d}/cbma/peaks.tsv",
+        f"{d}/nimare/studyset.json",
+        f"{d}/nimare/dataset.pkl.gz",
+    ]
+    for method in spec["cbma"]["methods"]:
+        out += [
+            f"{d}/cbma/{method}/{name}"
+            for name in ("z.nii.gz", "clusters.tsv", "z.png", "summary.json")
+        ]
+    if spec["meta"] is not None:
+        out += [f"{d}/overlap.tsv", f"{d}/figures/ibma_vs_cbma.png"]
+    return out
+
+
+rule cbma_peaks:
+    input:
+        qc=f"{ANALYSIS}/qc.tsv",
+        zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        qcjson=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
+    output:
+        report(
+            f"{ANALYSIS}/cbma/peaks.tsv",
+            caption="../report/cbma_peaks.rst",
+            category="{analysis}",
+            subcategory="IBMA vs CBMA",
+            labels={"result": "extracted peaks", "method": "all maps"},
+        ),
+    log:
+        f"{LOGS}/cbma/{{analysis}}_peaks.log",
+    conda:
+        "../../envs/nvmeta.yaml"
+    threads: 1
+    resources:
+        # one map at a time (~0.2 GB measured); 0.2-6 s per map (real maps vs smooth noise)
+        mem_mb=1500,
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 10,
+    params:
+        cbma=cbma_peak_params,
+    script:
+        "../../scripts/cbma_peaks.py"
+
+
+rule cbma:
+    input:
+        peaks=f"{ANALYSIS}/cbma/peaks.tsv",
+        mask=TEMPLATE_MASK,
+        # not read: their number sizes the job (resources), known once the query has run
+        qcjson=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
+    output:
+        maps=[f"{ANALYSIS}/cbma/{{cbma_method}}/{name}.nii.gz" for name in CBMA_MAPS],
+        clusters=report(
+            f"{ANALYSIS}/cbma/{{cbma_method}}/clusters.tsv",
+            caption="../report/cbma_clusters.rst",
+            category="{analysis}",
+            subcategory="IBMA vs CBMA",
+            labels={"result": "CBMA cluster table", "method": "{cbma_method}"},
+        ),
+        png=report(
+            f"{ANALYSIS}/cbma/{{cbma_method}}/z.png",
+            caption="../report/cbma_z.rst",
+            category="{analysis}",
+            subcategory="IBMA vs CBMA",
+            labels={"result": "CBMA z mosaic", "method": "{cbma_method}"},
+        ),
+        summary=f"{ANALYSIS}/cbma/{{cbma_method}}/summary.json",
+    log:
+        f"{LOGS}/cbma/{{analysis}}_{{cbma_method}}.log",
+    conda:
+        "../../envs/nvmeta.yaml"
+    threads: 2
+    resources:
+        # Measured (BENCHMARKS.md, n_cores=1): ~0.6 GB at 21 experiments, 4.9 GB at 1,000
+        # (NiMARE's own footprint, ~4.4 MB per experiment), x2 for the Monte-Carlo workers.
+        mem_mb=lambda wildcards, input: 1500 + 10 * len(input.qcjson),
+        # measured ~0.4 s per Monte-Carlo iteration at 21 experiments, 2.7 s at 1,000
+        runtime=lambda wildcards, input: 10
+        + int(cbma_config(wildcards)["n_iters"] * (1 + len(input.qcjson) / 100) / 200),
+    params:
+        cbma=cbma_run_params,
+    script:
+        "../../scripts/cbma.py"
+
+
+rule cbma_overlap:
+    input:
+        ibma=lambda wildcards: expand(
+            f"{RESULTS}/analyses/{{analysis}}/meta/{{method}}/z_fdr.nii.gz",
+            analysis=wildcards.analysis,
+            method=config["analyses"][wildcards.analysis]["meta"]["methods"],
+        ),
+        cbma=lambda wildcards: expand(
+            f"{RESULTS}/analyses/{{analysis}}/cbma/{{cbma_method}}/{{name}}.nii.gz",
+            analysis=wildcards.analysis,
+            cbma_method=cbma_config(wildcards)["methods"],
+            name=CBMA_MAPS,
+        ),
+        mask=TEMPLATE_MASK,
+    output:
+        table=report(
+            f"{ANALYSIS}/overlap.tsv",
+            caption="../report/cbma_overlap.rst",
+            category="{analysis}",
+            subcategory="IBMA vs CBMA",
+            labels={"result": "IBMA vs CBMA overlap", "method": "all methods"},
+        ),
+        clusters=f"{ANALYSIS}/overlap_clusters.tsv",
+        png=report(
+            f"{ANALYSIS}/figures/ibma_vs_cbma.png",
+            caption="../report/cbma_overlap.rst",
+            category="{analysis}",
+            subcategory="IBMA vs CBMA",
+            labels={"result": "IBMA vs CBMA figure", "method": "all methods"},
+        ),
+    log:
+        f"{LOGS}/cbma/{{analysis}}_overlap.log",
+    conda:
+        "../../envs/nvmeta.yaml"
+    resources:
+        mem_mb=2000,
+    params:
+        cbma=cbma_config,
+        ibma_methods=lambda wildcards: config["analyses"][wildcards.analysis]["meta"][
+            "methods"
+        ],
+        cbma_methods=lambda wildcards: cbma_config(wildcards)["methods"],
+    script:
+        "../../scripts/cbma_overlap.py"
+
+
+rule nimare_export:
+    input:
+        qc=f"{ANALYSIS}/qc.tsv",
+        peaks=f"{ANALYSIS}/cbma/peaks.tsv",
+        zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        qcjson=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
+        metadata=per_image(f"{RESULTS}/images/{{image_id}}/metadata.json"),
+        mask=TEMPLATE_MASK,
+    output:
+        studyset=f"{ANALYSIS}/nimare/studyset.json",
+        dataset=f"{ANALYSIS}/nimare/dataset.pkl.gz",
+    log:
+        f"{LOGS}/cbma/{{analysis}}_nimare_export.log",
+    conda:
+        "../../envs/nvmeta.yaml"
+    resources:
+        mem_mb=lambda wildcards, input: 1500 + len(input.zmaps) // 2,
+    params:
+        analysis=lambda wildcards: wildcards.analysis,
+    script:
+        "../../scripts/nimare_export.py"
