@@ -73,21 +73,7 @@ def _key_reads() -> dict[str, set[str]]:
     return reads
 
 
-#: Read by the code but not yet in the schema on this branch; the query helper adds it (issue 10).
-PENDING = {"download_attempts"}
-
-
-@pytest.mark.parametrize(
-    "key",
-    [
-        pytest.param(
-            k, marks=pytest.mark.xfail(strict=False, reason="added to the schema in the query branch")
-        )
-        if k in PENDING
-        else k
-        for k in sorted(_key_reads())
-    ],
-)
+@pytest.mark.parametrize("key", sorted(_key_reads()))
 def test_every_config_key_the_code_reads_is_in_the_schema(key):
     assert key in SCHEMA_KEYS, (
         f"{key!r} is read by {sorted(_key_reads()[key])} but absent from the schema: add it there"
@@ -118,7 +104,6 @@ def _module_defaults() -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=False, reason="passes once the module owners' branches are merged")
 def test_no_module_holds_its_own_defaults():
     """Config defaults live in the schema only: ``nvmeta.config.defaults(block)`` hands them out."""
     found = _module_defaults()
@@ -137,16 +122,6 @@ def test_defaults_scan_sees_a_defaults_dict(tmp_path, monkeypatch):
 
 
 OUTSIDE = re.compile(r"\.\./shared|/work/shared|contracts\.md")
-#: Files of other helpers still pointing at ../shared sample data (reported to their owners).
-ELSEWHERE = {
-    "tests/test_zmap.py",
-    "tests/test_meta.py",
-    "benchmarks/bench_meta.py",
-    "benchmarks/bench_per_image.py",
-    "nvmeta/meta.py",
-}
-
-
 def _outside_refs() -> dict[str, list[str]]:
     out = {}
     for path in _tracked():
@@ -169,18 +144,11 @@ def _outside_refs() -> dict[str, list[str]]:
 
 def test_nothing_refers_to_files_outside_the_repository():
     refs = _outside_refs()
-    assert set(refs) <= ELSEWHERE, {k: v for k, v in refs.items() if k not in ELSEWHERE}
+    assert not refs, refs
     for doc in re.findall(
         r"docs/[\w.-]+\.md", "".join(p.read_text() for p in _tracked("nvmeta", "README.md"))
     ):
         assert (REPO / doc).is_file(), doc
-
-
-@pytest.mark.xfail(
-    strict=False, reason="passes once the zmap/meta owners read the sample maps from tests/data"
-)
-def test_no_file_refers_outside_the_repository():
-    assert not _outside_refs()
 
 
 def test_install_brings_what_snakemake_report_needs():
