@@ -201,3 +201,37 @@ def all_outputs(wildcards):
         if spec.get("cbma") is not None:
             out += cbma_outputs(analysis)  # workflow/rules/cbma.smk
     return out
+
+
+# --- cbma (workflow/rules/cbma.smk) ---
+def cbma_config(wildcards):
+    return config["analyses"][wildcards.analysis]["cbma"]
+
+
+def cbma_peak_params(wildcards):
+    cbma = cbma_config(wildcards)
+    return {k: cbma[k] for k in CBMA_PEAK_KEYS}
+
+
+def cbma_run_params(wildcards):
+    cbma = cbma_config(wildcards)
+    return {k: v for k, v in cbma.items() if k not in CBMA_PEAK_KEYS + ["methods"]}
+
+
+def cbma_outputs(analysis):
+    """Everything the cbma block of an analysis produces (for all_outputs)."""
+    spec = config["analyses"][analysis]
+    d = f"{RESULTS}/analyses/{analysis}"
+    out = [
+        f"{d}/cbma/peaks.tsv",
+        f"{d}/nimare/studyset.json",
+        f"{d}/nimare/dataset.pkl.gz",
+    ]
+    for method in spec["cbma"]["methods"]:
+        out += [
+            f"{d}/cbma/{method}/{name}"
+            for name in ("z.nii.gz", "clusters.tsv", "z.png", "summary.json")
+        ]
+    if spec["meta"] is not None:
+        out += [f"{d}/overlap.tsv", f"{d}/figures/ibma_vs_cbma.png"]
+    return out
