@@ -1,4 +1,4 @@
-"""Rule meta: one meta-analysis method over an analysis' included z-maps."""
+"""Rule meta: one meta-analysis method over an analysis' included maps."""
 
 from pathlib import Path
 
@@ -7,14 +7,25 @@ from nvmeta.meta import run_method
 from nvmeta.template import load_mask
 
 log = job_logger("nvmeta.meta", snakemake.log[0])
-images = Path(snakemake.input.qc).parents[2] / "images"
-cfg = dict(snakemake.params.meta, threads=snakemake.threads)
+
+
+def by_image(paths):
+    """image id -> path, for the per-image inputs as the rule declares them (results/images/{id}/...)."""
+    return {int(Path(p).parent.name): Path(p) for p in paths}
+
+
+zmaps = by_image(snakemake.input.zmaps)
+qcs = by_image(snakemake.input.qcs)
+gs, vargs = by_image(snakemake.input.get("g", [])), by_image(snakemake.input.get("varg", []))
 run_method(
     snakemake.wildcards.method,
     snakemake.input.qc,
-    lambda image_id: images / str(image_id) / "zmap.nii.gz",
+    zmaps.__getitem__,
     load_mask(snakemake.input.mask),
-    cfg,
+    snakemake.params.meta,
     Path(snakemake.output.z).parent,
     log,
+    n_jobs=snakemake.threads,
+    qc_json_for=qcs.__getitem__,
+    effect_paths_for=lambda i: (gs[i], vargs[i]),
 )

@@ -5,10 +5,13 @@ rule meta:
     input:
         qc=f"{ANALYSIS}/qc.tsv",
         zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        # qc.json holds each image's one resolved sample size (n), read by the weighting methods
+        qcs=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
         mask=TEMPLATE_MASK,
     output:
         z=f"{ANALYSIS}/meta/{{method}}/z.nii.gz",
         p=f"{ANALYSIS}/meta/{{method}}/p.nii.gz",
+        logp=f"{ANALYSIS}/meta/{{method}}/logp.nii.gz",
         k=f"{ANALYSIS}/meta/{{method}}/k.nii.gz",
         q=f"{ANALYSIS}/meta/{{method}}/q.nii.gz",
         z_fdr=f"{ANALYSIS}/meta/{{method}}/z_fdr.nii.gz",
