@@ -47,6 +47,7 @@ def zmap_job(image_id: str, input: Any, output: Any, log: Any, conversion: dict)
             conversion,
             output.zmap,
             output.qc,
+            (output.g, output.varg) if "g" in output.keys() else None,
         )
         logger.info("image %s: %s %s", image_id, qc["status"], qc.get("reason") or "")
     return qc

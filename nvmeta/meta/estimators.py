@@ -121,6 +121,8 @@ class Estimator:
         Threads the rule gave the job.
     log : logging.Logger, optional
         Defaults to the module logger.
+    workdir : Path, optional
+        The job's output directory (for temporaries, swept by :func:`nvmeta.meta.outputs.sweep`).
     """
 
     #: Registry name (``meta.methods`` value).
@@ -134,14 +136,20 @@ class Estimator:
     #: Summary label of the per-map step of ``combine_within: collection``.
     combine_label: ClassVar[str] = "Stouffer-combined"
 
-    def __init__(self, cfg: dict, n_jobs: int = 1, log: logging.Logger | None = None) -> None:
+    def __init__(
+        self, cfg: dict, n_jobs: int = 1, log: logging.Logger | None = None, workdir: Path | None = None
+    ) -> None:
         self.cfg = cfg
+        self.workdir = workdir  # where the job may keep temporaries (its output directory)
         self.two_sided = bool(cfg["two_sided"])
         self.n_jobs = int(n_jobs)
         self.log = log or logger
 
     def fit(self, source: Source, k_min: int) -> Fit:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what ``fit`` kept for later diagnostics (temporaries)."""
 
 
 class _Accumulator:

@@ -136,3 +136,78 @@ def plot_z(z_img, out_png: Path, cfg: dict, title: str) -> None:
         display.close()
     finally:
         plt.close(fig)
+
+
+def cluster_labels(thr: np.ndarray, mask: np.ndarray, affine: np.ndarray, min_voxels: int = 0):
+    """Clusters of a thresholded mask-voxel vector (0 / NaN = not significant).
+
+    Face-connected components (6-neighbourhood, :func:`scipy.ndimage.label`), positive and
+    negative values separately, clusters under ``min_voxels`` dropped, numbered 1, 2, ... by
+    decreasing size.
+
+    Returns
+    -------
+    labels : ndarray of int, (n_vox,)
+        Cluster number per mask voxel (0 = none).
+    info : dict
+        ``number -> {"size", "x", "y", "z", "peak"}`` (peak |value| and its mm coordinates).
+    """
+    from scipy import ndimage
+
+    vol = np.zeros(mask.shape)
+    vol[mask] = np.nan_to_num(thr, nan=0.0)
+    comps = []
+    for sign in (1.0, -1.0):
+        lab, n = ndimage.label(vol * sign > 0)
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        for c in range(1, n + 1):
+            if sizes[c] >= max(int(min_voxels), 1):
+                comps.append((int(sizes[c]), sign, lab == c))
+    comps.sort(key=lambda t: -t[0])
+    labels3 = np.zeros(mask.shape, dtype=np.int32)
+    info = {}
+    for number, (size, _sign, sel) in enumerate(comps, start=1):
+        labels3[sel] = number
+        vals = np.where(sel, np.abs(vol), -1.0)
+        ijk = np.unravel_index(int(np.argmax(vals)), mask.shape)
+        xyz = affine[:3, :3] @ np.asarray(ijk, dtype=float) + affine[:3, 3]
+        info[number] = {"size": size, "x": float(xyz[0]), "y": float(xyz[1]), "z": float(xyz[2]),
+                        "peak": float(vol[ijk])}  # fmt: skip
+    return labels3[mask], info
+
+
+def plot_effect(g_img, i2_img, out_png: Path, cfg: dict, title: str) -> None:
+    """Pooled g mosaic (colour bar in g units) with the I² mosaic (0–100 %) beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    g = np.asarray(g_img.dataobj, dtype=np.float32)
+    i2 = np.asarray(i2_img.dataobj, dtype=np.float32) * 100.0
+    finite = np.isfinite(g)
+    gmax = float(np.nanpercentile(np.abs(g[finite]), 99.5)) if finite.any() else 1.0
+    gmax = gmax if gmax > 0 else 1.0
+    cuts = list(cfg["cut_coords"])
+    fig = plt.figure(figsize=(14, 5.6))
+    try:
+        top = fig.add_axes([0.0, 0.5, 1.0, 0.5])
+        bottom = fig.add_axes([0.0, 0.0, 1.0, 0.5])
+        d1 = plotting.plot_stat_map(
+            nib.Nifti1Image(np.nan_to_num(g, nan=0.0), g_img.affine), display_mode="z", cut_coords=cuts,
+            vmax=gmax, threshold=0.0, title=f"{title} (colour bar: g)", figure=fig, axes=top,
+        )  # fmt: skip
+        d2 = plotting.plot_stat_map(
+            nib.Nifti1Image(np.nan_to_num(i2, nan=0.0), i2_img.affine), display_mode="z", cut_coords=cuts,
+            vmin=0.0, vmax=100.0, cmap="viridis", symmetric_cbar=False, threshold=0.0,
+            title="I² heterogeneity (colour bar: %)", figure=fig, axes=bottom,
+        )  # fmt: skip
+        with atomic_path(out_png) as tmp:
+            fig.savefig(str(tmp), dpi=100)
+        d1.close()
+        d2.close()
+    finally:
+        plt.close(fig)

@@ -15,6 +15,7 @@ import numpy as np
 from nvmeta.io import write_json, write_tsv
 from nvmeta.meta import outputs
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
+from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS
 from nvmeta.meta.estimators import get_estimator
 from nvmeta.meta.units import Source, mask_data, plan_units, read_included, resolved_n
 
@@ -92,10 +93,6 @@ def run_method(
     outdir.mkdir(parents=True, exist_ok=True)
     outputs.sweep(outdir)
     mask_img, mask = mask_data(mask_img)
-    affine = mask_img.affine
-    n_vox = int(mask.sum())
-    alpha = float(cfg["alpha"])
-    two_sided = bool(cfg["two_sided"])
     if qc_json_for is None:
         qc_json_for = lambda i: Path(zmap_path_for(i)).with_name("qc.json")  # noqa: E731
     if effect_paths_for is None:
@@ -104,7 +101,21 @@ def run_method(
             Path(zmap_path_for(i)).with_name("varg.nii.gz"),
         )
 
-    estimator = est_cls(cfg, n_jobs=n_jobs, log=log)
+    estimator = est_cls(cfg, n_jobs=n_jobs, log=log, workdir=outdir)
+    try:
+        return _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for,
+                    mask_img, mask, cfg, outdir, log, n_jobs, t0)  # fmt: skip
+    finally:
+        estimator.close()
+
+
+def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for, mask_img, mask, cfg,
+         outdir, log, n_jobs, t0) -> dict:  # fmt: skip
+    est_cls = type(estimator)
+    affine = mask_img.affine
+    n_vox = int(mask.sum())
+    alpha = float(cfg["alpha"])
+    two_sided = bool(cfg["two_sided"])
     rows = read_included(qc_tsv)
     plan = plan_units(
         rows,
@@ -203,6 +214,9 @@ def run_method(
         summary["n_significant_fwe"] = int(sig_fwe.sum())
         summary["n_clusters_fwe"] = outputs.n_clusters(table_fwe)
 
+    if est_cls.needs == "effect":
+        _effect_outputs(estimator, fit, z, z_fdr, reported, plan, mask, affine, cfg, outdir, summary, log)
+
     title = f"{method}: {plan.n_maps} maps" + (f" / {n_units} collections" if n_units != plan.n_maps else "")
     with outputs.frozen_gc():
         outputs.plot_z(outputs.to_img(z, mask, affine), outdir / "z.png", cfg, title)
@@ -214,3 +228,39 @@ def run_method(
         f"{summary['n_significant_bonferroni']} Bonferroni-significant"
     )
     return summary
+
+
+def _effect_outputs(
+    estimator, fit, z, z_fdr, reported, plan, mask, affine, cfg, outdir, summary, log
+) -> None:
+    """Effect-size methods: jackknife.tsv per FDR cluster and the g / I² figure."""
+    import pandas as pd
+
+    columns = ["cluster", "peak_x", "peak_y", "peak_z", "size_voxels", "unit", "image_ids", "collection_id",
+               "z_mean_without", "share"]  # fmt: skip
+    rows: list[dict] = []
+    n_units = len(plan.units)
+    if not cfg["jackknife"]:
+        summary["jackknife"] = "off (meta.jackknife: false)"
+    elif n_units > JACKKNIFE_MAX_UNITS:
+        msg = f"{estimator.name}: jackknife skipped ({n_units} units > {JACKKNIFE_MAX_UNITS})"
+        summary["warnings"].append(msg)
+        summary["jackknife"] = msg
+        log.warning(msg)
+    else:
+        labels, info = outputs.cluster_labels(z_fdr, mask, affine, int(cfg["min_cluster_voxels"]))
+        for row in estimator.jackknife(labels, z, plan, plan.collections):
+            c = info[row["cluster"]]
+            rows.append(
+                {**row, "peak_x": c["x"], "peak_y": c["y"], "peak_z": c["z"], "size_voxels": c["size"]}
+            )
+        summary["jackknife"] = f"{len(info)} cluster(s) x {n_units} units"
+    write_tsv(outdir / "jackknife.tsv", pd.DataFrame(rows, columns=columns))
+    with outputs.frozen_gc():
+        outputs.plot_effect(
+            outputs.to_img(np.where(reported, fit.maps["est"], np.nan), mask, affine),
+            outputs.to_img(np.where(reported, fit.maps["I2"], np.nan), mask, affine),
+            outdir / "est.png",
+            cfg,
+            f"{estimator.name}: pooled Hedges' g, {plan.n_maps} maps",
+        )
