@@ -4,19 +4,15 @@ from pathlib import Path
 
 from nvmeta.logs import job_logger
 from nvmeta.meta import run_method
+from nvmeta.meta.units import paths_by_image
 from nvmeta.template import load_mask
 
 log = job_logger("nvmeta.meta", snakemake.log[0])
 
 
-def by_image(paths):
-    """image id -> path, for the per-image inputs as the rule declares them (results/images/{id}/...)."""
-    return {int(Path(p).parent.name): Path(p) for p in paths}
-
-
-zmaps = by_image(snakemake.input.zmaps)
-qcs = by_image(snakemake.input.qcs)
-gs, vargs = by_image(snakemake.input.get("g", [])), by_image(snakemake.input.get("varg", []))
+zmaps = paths_by_image(snakemake.input.zmaps)
+qcs = paths_by_image(snakemake.input.qcs)
+gs, vargs = paths_by_image(snakemake.input.get("g", [])), paths_by_image(snakemake.input.get("varg", []))
 run_method(
     snakemake.wildcards.method,
     snakemake.input.qc,

@@ -276,3 +276,16 @@ class Source:
                 g = np.where(c > 0, sg / c, np.nan)
                 v = np.where(c > 0, sv / c, np.nan)
             yield unit, g, v
+
+
+def paths_by_image(paths) -> dict[int, Path]:
+    """``image id -> path`` for a rule's per-image input list (``results/images/{id}/<file>``).
+
+    The rule scripts take per-image paths as the rule declares them (``snakemake.input``), never
+    rebuilt from another path; the id is the name of the file's directory.
+    """
+    out = {}
+    for p in paths:
+        p = Path(p)
+        out[int(p.parent.name)] = p
+    return out
