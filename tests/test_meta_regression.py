@@ -4,6 +4,7 @@
 fixed synthetic study (partial coverage, two collections, varied n, a negative and a null region)
 with the code before the split (commit 6d83cfc, ``nvmeta/meta.py``), by running
 ``python tests/test_meta_regression.py`` there. The test recomputes them with today's code.
+Cluster tables are compared on their pre-issue-14 columns except the (renumbered) cluster id.
 ``p.nii.gz`` is float64 since issue 10 item 9: it is compared after the same float32 cast the old
 file had, so the values are unchanged where float32 could hold them.
 """
@@ -21,6 +22,7 @@ import pandas as pd
 import pytest
 
 AFFINE = np.array([[3.0, 0, 0, -24], [0, 3.0, 0, -30], [0, 0, 3.0, -18], [0, 0, 0, 1]])
+OLD_CLUSTER_COLUMNS = ["X", "Y", "Z", "Peak Stat", "Cluster Size (mm3)", "Cluster Size (voxels)"]
 METHODS = ["stouffer", "weighted_stouffer", "fisher", "ttest", "permutation"]
 CASES = [(m, cw, ts) for m in METHODS for cw in ("none", "collection") for ts in (True, False)]
 
@@ -63,10 +65,20 @@ def digest(out: Path) -> dict:
                 arr = arr.astype(np.float32)
             d[f.name] = hashlib.sha256(arr.tobytes()).hexdigest()[:20] + ":" + str(arr.dtype)
         elif f.suffix == ".tsv":
-            d[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:20]
+            # the columns the tables had before issue 14 (which renumbered clusters without gaps and
+            # added the cluster-forming threshold and connectivity columns)
+            t = pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)
+            t = t[[c for c in OLD_CLUSTER_COLUMNS if c in t.columns]]
+            d[f.name] = hashlib.sha256(t.to_csv(sep="\t", index=False).encode()).hexdigest()[:20]
         elif f.name == "summary.json":
             s = json.loads(f.read_text())
-            for k in ("seconds", "seconds_estimation", "n_jobs"):
+            for k in (
+                "seconds",
+                "seconds_estimation",
+                "n_jobs",
+                "cluster_threshold_z",
+                "cluster_connectivity",
+            ):
                 s.pop(k, None)
             d[f.name] = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:20]
     return d
@@ -84,8 +96,8 @@ def run_case(root: Path, method: str, cw: str, ts: bool) -> dict:
 
 EXPECTED: dict[str, dict[str, str]] = {
     "fisher/collection/False": {
-        "clusters.tsv": "1158606d2714a4971373",
-        "clusters_bonf.tsv": "0e5e3f996f4ec73987c6",
+        "clusters.tsv": "32789c6df9fdaf8bebc2",
+        "clusters_bonf.tsv": "036f05261174e800d0b4",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "a9909c646c2c22a91280:float32",
         "q.nii.gz": "6e24146d21977fd82907:float32",
@@ -95,8 +107,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "38d81426dcc503b3a9fd:float32",
     },
     "fisher/collection/True": {
-        "clusters.tsv": "6dfe630b0333c1633261",
-        "clusters_bonf.tsv": "5b94aff6c67f0aa79eb9",
+        "clusters.tsv": "3f11cd96750b534117d5",
+        "clusters_bonf.tsv": "54e9aecb2159d47bb109",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "b900c8fe09568df628fa:float32",
         "q.nii.gz": "daddc03f2820aedf2e8f:float32",
@@ -106,8 +118,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "3317af1ff54d675a3bab:float32",
     },
     "fisher/none/False": {
-        "clusters.tsv": "0b244525b06a5fd77277",
-        "clusters_bonf.tsv": "0276fd9df0849d6acf78",
+        "clusters.tsv": "598cd4a6628b2e205d7e",
+        "clusters_bonf.tsv": "d09f03306bbd44993248",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "4eb8cd49a9f84e33ca6d:float32",
         "q.nii.gz": "da538143f5af0510793a:float32",
@@ -117,8 +129,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "e0fd13272cde07068f0d:float32",
     },
     "fisher/none/True": {
-        "clusters.tsv": "1c2384999ecec42ad748",
-        "clusters_bonf.tsv": "f530bf2e27f277c21f64",
+        "clusters.tsv": "a81d4594cc77eec2487c",
+        "clusters_bonf.tsv": "7e49358c438300ce8783",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "1a980841180e19cd21cc:float32",
         "q.nii.gz": "fc85a2e1f34e0e3c1a00:float32",
@@ -128,9 +140,9 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "bbf1081dce4105c41a8d:float32",
     },
     "permutation/collection/False": {
-        "clusters.tsv": "e650b8e583cacc9bccf3",
-        "clusters_bonf.tsv": "e650b8e583cacc9bccf3",
-        "clusters_fwe.tsv": "e650b8e583cacc9bccf3",
+        "clusters.tsv": "e71a93f90e7a6b205468",
+        "clusters_bonf.tsv": "e71a93f90e7a6b205468",
+        "clusters_fwe.tsv": "e71a93f90e7a6b205468",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "1dfbeccfc0d8247cd589:float32",
         "p_fwe.nii.gz": "1021829ca8cb7e4dedf1:float32",
@@ -142,9 +154,9 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fwe.nii.gz": "35567e5a1dda946ef7b7:float32",
     },
     "permutation/collection/True": {
-        "clusters.tsv": "e650b8e583cacc9bccf3",
-        "clusters_bonf.tsv": "e650b8e583cacc9bccf3",
-        "clusters_fwe.tsv": "e650b8e583cacc9bccf3",
+        "clusters.tsv": "e71a93f90e7a6b205468",
+        "clusters_bonf.tsv": "e71a93f90e7a6b205468",
+        "clusters_fwe.tsv": "e71a93f90e7a6b205468",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "5a2cfae78919f61d8651:float32",
         "p_fwe.nii.gz": "3e2daba67fef75f17400:float32",
@@ -156,9 +168,9 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fwe.nii.gz": "35567e5a1dda946ef7b7:float32",
     },
     "permutation/none/False": {
-        "clusters.tsv": "1e3579af91f72c073b29",
-        "clusters_bonf.tsv": "2da122a02c573d412e47",
-        "clusters_fwe.tsv": "e650b8e583cacc9bccf3",
+        "clusters.tsv": "206206131de9a4fdfd2b",
+        "clusters_bonf.tsv": "66abb1ecc864a3c3ee94",
+        "clusters_fwe.tsv": "e71a93f90e7a6b205468",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "e90324976a1aad9e7442:float32",
         "p_fwe.nii.gz": "7ccbc9e05e4d601c2feb:float32",
@@ -170,9 +182,9 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fwe.nii.gz": "29c35f32df5a7253f111:float32",
     },
     "permutation/none/True": {
-        "clusters.tsv": "1a7d18e4afd193f8cbbf",
-        "clusters_bonf.tsv": "ea0c2f29550cf53635c9",
-        "clusters_fwe.tsv": "e650b8e583cacc9bccf3",
+        "clusters.tsv": "310d5cb0b2827c06e1d9",
+        "clusters_bonf.tsv": "60915f5d42318dbf124b",
+        "clusters_fwe.tsv": "e71a93f90e7a6b205468",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "0798d8dc02bc8205e635:float32",
         "p_fwe.nii.gz": "c618ebc84d4088caf496:float32",
@@ -184,8 +196,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fwe.nii.gz": "cd990dbae612127032d0:float32",
     },
     "stouffer/collection/False": {
-        "clusters.tsv": "2043bcf9f9445ed710fa",
-        "clusters_bonf.tsv": "a1d2b5e37fb8d0297150",
+        "clusters.tsv": "f1c4fb800628ba8832c1",
+        "clusters_bonf.tsv": "c0a7527f3b7c9f275bdf",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "f1c780b833d183225ac4:float32",
         "q.nii.gz": "030d87bc64500eea2a7d:float32",
@@ -195,8 +207,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "cad3533c7664b28f7648:float32",
     },
     "stouffer/collection/True": {
-        "clusters.tsv": "3dea1d4f1148dda80cc9",
-        "clusters_bonf.tsv": "602ea35754b8e8a09710",
+        "clusters.tsv": "9f76856135270bcef2c8",
+        "clusters_bonf.tsv": "c82fe37cee72f2031b31",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "778477d191d48ee469b7:float32",
         "q.nii.gz": "aa8a071c78fac961640e:float32",
@@ -206,8 +218,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "bb4550a73c7323696f61:float32",
     },
     "stouffer/none/False": {
-        "clusters.tsv": "b8f31374788ac750570b",
-        "clusters_bonf.tsv": "e46f25ece619883355ce",
+        "clusters.tsv": "1511aba542f79dd11ff6",
+        "clusters_bonf.tsv": "a00fa7fe00a220e40b5c",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "87f01523e29f35632611:float32",
         "q.nii.gz": "0cf9d6229299ecb3d905:float32",
@@ -217,8 +229,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "de24e153a07507fba3fb:float32",
     },
     "stouffer/none/True": {
-        "clusters.tsv": "e18a19051cd4c5b5a1d7",
-        "clusters_bonf.tsv": "94ef5dd051a059bf2c79",
+        "clusters.tsv": "2a184408fb439466d4d6",
+        "clusters_bonf.tsv": "927b2526b7bf61b1dd60",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "0555843f8c9514de0e3c:float32",
         "q.nii.gz": "02c296cb41a30657f3a8:float32",
@@ -228,8 +240,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "98b6a091c63b2cc31001:float32",
     },
     "ttest/collection/False": {
-        "clusters.tsv": "e650b8e583cacc9bccf3",
-        "clusters_bonf.tsv": "e650b8e583cacc9bccf3",
+        "clusters.tsv": "e71a93f90e7a6b205468",
+        "clusters_bonf.tsv": "e71a93f90e7a6b205468",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "da22462d40610a76767a:float32",
         "q.nii.gz": "31cdda032f9b4ec8e37d:float32",
@@ -239,8 +251,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "35567e5a1dda946ef7b7:float32",
     },
     "ttest/collection/True": {
-        "clusters.tsv": "e650b8e583cacc9bccf3",
-        "clusters_bonf.tsv": "e650b8e583cacc9bccf3",
+        "clusters.tsv": "e71a93f90e7a6b205468",
+        "clusters_bonf.tsv": "e71a93f90e7a6b205468",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "86178a3fcda15cd9b569:float32",
         "q.nii.gz": "0c73b5e72aae74922890:float32",
@@ -250,8 +262,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "35567e5a1dda946ef7b7:float32",
     },
     "ttest/none/False": {
-        "clusters.tsv": "ac1d3fd1f6ae33ea5d15",
-        "clusters_bonf.tsv": "b98e14510b37567804e3",
+        "clusters.tsv": "f734d6ae903df028ed21",
+        "clusters_bonf.tsv": "80f5e5aba536406ffe3d",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "f4441ef25f8071c7c050:float32",
         "q.nii.gz": "8b036594254afb0b5b03:float32",
@@ -261,8 +273,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "c242b5d648510d6a6c80:float32",
     },
     "ttest/none/True": {
-        "clusters.tsv": "2b354200a9b0e22fc3a5",
-        "clusters_bonf.tsv": "e650b8e583cacc9bccf3",
+        "clusters.tsv": "89998321e2033d51d432",
+        "clusters_bonf.tsv": "e71a93f90e7a6b205468",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "8c2f9c891184f33f5a74:float32",
         "q.nii.gz": "7d70944ccd04470aba86:float32",
@@ -272,8 +284,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "3a683e8e2ae3f9ffa2e4:float32",
     },
     "weighted_stouffer/collection/False": {
-        "clusters.tsv": "2043bcf9f9445ed710fa",
-        "clusters_bonf.tsv": "a1d2b5e37fb8d0297150",
+        "clusters.tsv": "f1c4fb800628ba8832c1",
+        "clusters_bonf.tsv": "c0a7527f3b7c9f275bdf",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "f1c780b833d183225ac4:float32",
         "q.nii.gz": "030d87bc64500eea2a7d:float32",
@@ -283,8 +295,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "cad3533c7664b28f7648:float32",
     },
     "weighted_stouffer/collection/True": {
-        "clusters.tsv": "3dea1d4f1148dda80cc9",
-        "clusters_bonf.tsv": "602ea35754b8e8a09710",
+        "clusters.tsv": "9f76856135270bcef2c8",
+        "clusters_bonf.tsv": "c82fe37cee72f2031b31",
         "k.nii.gz": "7a947fe265e5050a3d9c:int16",
         "p.nii.gz": "778477d191d48ee469b7:float32",
         "q.nii.gz": "aa8a071c78fac961640e:float32",
@@ -294,8 +306,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "bb4550a73c7323696f61:float32",
     },
     "weighted_stouffer/none/False": {
-        "clusters.tsv": "c09c13d0bc83d9489a86",
-        "clusters_bonf.tsv": "f00b9d23d01fba68a64c",
+        "clusters.tsv": "d06b67d64c37d64422ac",
+        "clusters_bonf.tsv": "0c69368343d14db8e8b1",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "7ec941dd192c9ef205af:float32",
         "q.nii.gz": "15b9921b02eed799ee16:float32",
@@ -305,8 +317,8 @@ EXPECTED: dict[str, dict[str, str]] = {
         "z_fdr.nii.gz": "fe9a0b3b2e0f45f75721:float32",
     },
     "weighted_stouffer/none/True": {
-        "clusters.tsv": "72cd5d14ce33ab1b898a",
-        "clusters_bonf.tsv": "2fca0fc39cd5aa7b60e6",
+        "clusters.tsv": "18e44701717a0f6ff46b",
+        "clusters_bonf.tsv": "397ae4db8ac01da1fbd7",
         "k.nii.gz": "41f50c2709b6cf41c4b5:int16",
         "p.nii.gz": "de2f9a75f035a8308553:float32",
         "q.nii.gz": "7885e371f0f00bef7d99:float32",

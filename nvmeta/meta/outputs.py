@@ -73,16 +73,26 @@ def save_img(img: nib.Nifti1Image, dest: Path) -> None:
         nib.save(img, tmp)
 
 
-_CLUSTER_COLUMNS = ["Cluster ID", "X", "Y", "Z", "Peak Stat", "Cluster Size (mm3)", "Cluster Size (voxels)"]
+_CLUSTER_COLUMNS = [
+    "Cluster ID", "X", "Y", "Z", "Peak Stat", "Cluster Size (mm3)", "Cluster Size (voxels)",
+    "Cluster-forming threshold", "Connectivity",
+]  # fmt: skip
+#: nilearn's get_clusters_table labels with scipy's 3-D rank-1 structure (6-connectivity).
+CONNECTIVITY = "faces (6-connected)"
 
 
-def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels: int = 0):
+def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels: int = 0, forming: str = ""):
     """Cluster table of a thresholded map (0 or NaN = not significant).
 
     nilearn's :func:`~nilearn.reporting.get_clusters_table` (peaks and sub-peaks at least
     8 mm apart, MNI mm coordinates of the grid's affine, face-connected clusters) plus a
-    cluster size in voxels. Empty (header only) when no voxel survives.
+    cluster size in voxels, the cluster-forming threshold (``forming``) and the connectivity.
+    Clusters are numbered 1, 2, ... without gaps (nilearn numbers before dropping the clusters
+    under ``min_voxels``); sub-peaks keep their letter (``3a``). Empty (header only) when no
+    voxel survives.
     """
+    import re
+
     import pandas as pd
     from nilearn.reporting import get_clusters_table
 
@@ -101,6 +111,18 @@ def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels
     vox_mm3 = float(abs(np.linalg.det(thresholded_img.affine[:3, :3])))
     sizes = pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce")
     table["Cluster Size (voxels)"] = (sizes / vox_mm3).round().astype("Int64")
+    renumber: dict[str, int] = {}
+    ids = []
+    for cid in table["Cluster ID"].astype(str):
+        m = re.fullmatch(r"(\d+)([a-z]*)", cid)
+        if m is None:  # not nilearn's format: leave it
+            ids.append(cid)
+            continue
+        new = renumber.setdefault(m.group(1), len(renumber) + 1)
+        ids.append(f"{new}{m.group(2)}")
+    table["Cluster ID"] = ids
+    table["Cluster-forming threshold"] = forming
+    table["Connectivity"] = CONNECTIVITY
     return table[[c for c in _CLUSTER_COLUMNS if c in table.columns]]
 
 
@@ -111,8 +133,12 @@ def n_clusters(table) -> int:
     return int(pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce").notna().sum()) if len(table) else 0
 
 
-def plot_z(z_img, out_png: Path, cfg: dict, title: str) -> None:
-    """The z mosaic (nilearn ``plot_stat_map``, axial cuts of ``cut_coords``)."""
+def plot_z(z_img, out_png: Path, cfg: dict, title: str, empty_note: str | None = None) -> None:
+    """The z mosaic (nilearn ``plot_stat_map``, axial cuts of ``cut_coords``), colour bar labelled z.
+
+    When no voxel is non-zero, ``empty_note`` (e.g. "no voxel survives FDR q < 0.05") is written
+    across the figure instead of leaving an empty brain to be read as a result.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -120,6 +146,7 @@ def plot_z(z_img, out_png: Path, cfg: dict, title: str) -> None:
     from nilearn import plotting
 
     data = np.nan_to_num(np.asarray(z_img.dataobj, dtype=np.float32), nan=0.0)
+    empty = not np.any(np.abs(data) >= float(cfg["threshold"]))
     fig = plt.figure(figsize=(14, 3))
     try:
         display = plotting.plot_stat_map(
@@ -127,10 +154,16 @@ def plot_z(z_img, out_png: Path, cfg: dict, title: str) -> None:
             display_mode="z",
             threshold=cfg["threshold"],
             cut_coords=list(cfg["cut_coords"]),
-            vmax=cfg["vmax"],
+            vmax=cfg["vmax"] if not empty else (cfg["vmax"] or float(cfg["threshold"]) + 1.0),
             title=title,
             figure=fig,
+            colorbar=not empty,
         )
+        if empty:
+            fig.text(0.5, 0.45, empty_note or "no voxel to show", ha="center", va="center", fontsize=18,
+                     color="black", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.3"})  # fmt: skip
+        else:
+            fig.text(0.985, 0.5, "z", ha="center", va="center", fontsize=13)
         with atomic_path(out_png) as tmp:
             display.savefig(str(tmp), dpi=100)
         display.close()
@@ -199,11 +232,12 @@ def plot_effect(g_img, i2_img, out_png: Path, cfg: dict, title: str) -> None:
         d1 = plotting.plot_stat_map(
             nib.Nifti1Image(np.nan_to_num(g, nan=0.0), g_img.affine), display_mode="z", cut_coords=cuts,
             vmax=gmax, threshold=0.0, title=f"{title} (colour bar: g)", figure=fig, axes=top,
+            cbar_tick_format="%.2g",
         )  # fmt: skip
         d2 = plotting.plot_stat_map(
             nib.Nifti1Image(np.nan_to_num(i2, nan=0.0), i2_img.affine), display_mode="z", cut_coords=cuts,
             vmin=0.0, vmax=100.0, cmap="viridis", symmetric_cbar=False, threshold=0.0,
-            title="I² heterogeneity (colour bar: %)", figure=fig, axes=bottom,
+            title="I² heterogeneity (colour bar: %)", figure=fig, axes=bottom, cbar_tick_format="%.0f",
         )  # fmt: skip
         with atomic_path(out_png) as tmp:
             fig.savefig(str(tmp), dpi=100)

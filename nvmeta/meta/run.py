@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from nvmeta.io import write_json, write_tsv
 from nvmeta.meta import outputs
@@ -20,6 +21,15 @@ from nvmeta.meta.estimators import get_estimator
 from nvmeta.meta.units import Source, mask_data, plan_units, read_included, resolved_n
 
 logger = logging.getLogger(__name__)
+
+#: Figure titles.
+LABELS = {
+    "stouffer": "Stouffer", "weighted_stouffer": "Weighted Stouffer", "fisher": "Fisher", "ttest": "t-test",
+    "permutation": "Permutation t-test", "dersimonian_laird": "DerSimonian-Laird", "hedges": "Hedges RE",
+    "fixed_effects_hedges": "Fixed-effects Hedges", "median": "Median g", "trimmed_mean": "Trimmed mean g",
+}  # fmt: skip
+#: A cluster larger than this fraction of the reported voxels is reported with a warning.
+HUGE_CLUSTER_FRACTION = 0.25
 
 
 def _complete(cfg: dict | None) -> dict:
@@ -171,15 +181,40 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
     kdtype = np.int16 if n_units < 32000 else np.int32
     save(k, "k", fill=0, dtype=kdtype)
     save(q, "q")
-    z_fdr_img = save(z_fdr, "z_fdr")
-    z_bonf_img = save(z_bonf, "z_bonf")
+    save(z_fdr, "z_fdr")
+    save(z_bonf, "z_bonf")
     for name, values in fit.maps.items():
         save(np.where(reported, values, np.nan), name)
-    with outputs.frozen_gc():
-        table = outputs.clusters_table(z_fdr_img, two_sided, cfg["min_cluster_voxels"])
-        table_bonf = outputs.clusters_table(z_bonf_img, two_sided, cfg["min_cluster_voxels"])
-    write_tsv(outdir / "clusters.tsv", table)
-    write_tsv(outdir / "clusters_bonf.tsv", table_bonf)
+    czt = cfg["cluster_threshold_z"]
+
+    def tabulate(zthr: np.ndarray, label: str, name: str):
+        """Cluster table of a thresholded map (stricter with meta.cluster_threshold_z), written."""
+        if czt is not None:
+            zthr = np.where(
+                np.abs(np.nan_to_num(zthr)) >= float(czt), zthr, np.where(np.isnan(zthr), np.nan, 0.0)
+            )
+            forming = f"{label} and |z| >= {float(czt):g} (meta.cluster_threshold_z)"
+        else:
+            nz = np.abs(zthr[np.nan_to_num(zthr) != 0])
+            forming = f"{label} (|z| >= {float(nz.min()):.3f})" if nz.size else label
+        with outputs.frozen_gc():
+            table = outputs.clusters_table(outputs.to_img(zthr, mask, affine), two_sided,
+                                           cfg["min_cluster_voxels"], forming)  # fmt: skip
+        write_tsv(outdir / name, table)
+        sizes = pd.to_numeric(table["Cluster Size (voxels)"], errors="coerce") if len(table) else None
+        if sizes is not None and n_rep and sizes.max() > HUGE_CLUSTER_FRACTION * n_rep:
+            msg = (
+                f"{method}: {name} has a cluster of {int(sizes.max())} voxels, "
+                f"{100 * sizes.max() / n_rep:.0f}% of the reported voxels ({label}): it says little about where "
+                "the effect is; set meta.cluster_threshold_z (e.g. 5) for a stricter cluster-forming threshold"
+            )
+            notes.append(msg)
+            log.warning(msg)
+        return table, zthr
+
+    q_txt = f"q < {alpha:g}"
+    table, z_fdr_clusters = tabulate(z_fdr, f"FDR {q_txt}", "clusters.tsv")
+    table_bonf, _ = tabulate(z_bonf, f"Bonferroni p < {alpha:g}/{n_rep}", "clusters_bonf.tsv")
 
     summary: dict[str, Any] = {
         "method": method,
@@ -200,6 +235,8 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         "warnings": notes,
         "fdr_min_abs_z": float(np.min(np.abs(z[sig_fdr]))) if sig_fdr.any() else None,
         "n_jobs": int(n_jobs),
+        "cluster_threshold_z": czt,
+        "cluster_connectivity": outputs.CONNECTIVITY,
     }
     summary.update(fit.summary)
     if fit.p_fwe is not None:
@@ -207,19 +244,26 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         sig_fwe = FWECorrector(alpha, two_sided).transform(z, p_fwe, reported).significant
         z_fwe = np.where(reported, np.where(sig_fwe, z, 0.0), np.nan)
         save(p_fwe, "p_fwe")
-        z_fwe_img = save(z_fwe, "z_fwe")
-        with outputs.frozen_gc():
-            table_fwe = outputs.clusters_table(z_fwe_img, two_sided, cfg["min_cluster_voxels"])
-        write_tsv(outdir / "clusters_fwe.tsv", table_fwe)
+        save(z_fwe, "z_fwe")
+        table_fwe, _ = tabulate(z_fwe, f"FWE p < {alpha:g} (permutation)", "clusters_fwe.tsv")
         summary["n_significant_fwe"] = int(sig_fwe.sum())
         summary["n_clusters_fwe"] = outputs.n_clusters(table_fwe)
 
     if est_cls.needs == "effect":
-        _effect_outputs(estimator, fit, z, z_fdr, reported, plan, mask, affine, cfg, outdir, summary, log)
+        _effect_outputs(
+            estimator, fit, z, z_fdr_clusters, reported, plan, mask, affine, cfg, outdir, summary, log
+        )
 
-    title = f"{method}: {plan.n_maps} maps" + (f" / {n_units} collections" if n_units != plan.n_maps else "")
+    # The mosaic shows what survives the method's correction (FDR; permutation: its FWE map)
+    if fit.p_fwe is not None:
+        shown, corr = z_fwe, f"FWE p < {alpha:g}"
+    else:
+        shown, corr = z_fdr, f"FDR {q_txt}"
+    units = f"{plan.n_maps} maps" + (f" in {n_units} collections" if n_units != plan.n_maps else "")
+    title = f"{LABELS.get(method, method)}, {units}, {corr}, |z| >= {float(cfg['threshold']):g} shown"
     with outputs.frozen_gc():
-        outputs.plot_z(outputs.to_img(z, mask, affine), outdir / "z.png", cfg, title)
+        outputs.plot_z(outputs.to_img(shown, mask, affine), outdir / "z.png", cfg, title,
+                       empty_note=f"no voxel survives {corr} with |z| >= {float(cfg['threshold']):g}")  # fmt: skip
     summary["seconds_estimation"] = round(t_est, 3)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(outdir / "summary.json", summary)

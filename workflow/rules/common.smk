@@ -44,6 +44,7 @@ META_COMMON_KEYS = [
     "cut_coords",
     "vmax",
     "min_cluster_voxels",
+    "cluster_threshold_z",
 ]
 META_PERM_KEYS = ["n_perm", "random_state"]
 META_EFFECT_KEYS = ["trim", "jackknife"]
