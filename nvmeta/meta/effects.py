@@ -127,9 +127,8 @@ def pool(method: str, y: np.ndarray, v: np.ndarray, trim: float = 0.2) -> dict[s
         out["tau2"] = np.where(k >= 1, tau2, np.nan)
     elif method == "median":
         yy = np.where(ok, y, np.nan)
-        with warnings_off():
-            est = np.nanmedian(yy, axis=0)
-            mad = np.nanmedian(np.abs(yy - est), axis=0)
+        est = _colmedian(yy, k)
+        mad = _colmedian(np.abs(yy - est), k)
         with np.errstate(divide="ignore", invalid="ignore"):
             se = np.sqrt(math.pi / (2.0 * kf)) * _MAD_SCALE * mad
     elif method == "trimmed_mean":
@@ -139,6 +138,21 @@ def pool(method: str, y: np.ndarray, v: np.ndarray, trim: float = 0.2) -> dict[s
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(se > 0, est / se, np.nan)
     out.update(est=est, se=se, z=z)
+    return out
+
+
+def _colmedian(ys: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Median of each column over its ``k`` finite values (NaN = no data), by one sort.
+
+    Equal to :func:`numpy.nanmedian` (the tests compare), which falls back on a per-column Python
+    loop when some values are NaN and was the slowest step of the median method.
+    """
+    s = np.sort(ys, axis=0)  # NaN last
+    cols = np.arange(s.shape[1])
+    lo = s[np.clip((k - 1) // 2, 0, s.shape[0] - 1), cols]
+    hi = s[np.clip(k // 2, 0, s.shape[0] - 1), cols]
+    out = 0.5 * (lo + hi)
+    out[k < 1] = np.nan
     return out
 
 
@@ -260,35 +274,51 @@ class _EffectEstimator(Estimator):
             (the mean over the cluster's voxels of ``1 − z_without / z_full``, as NiMARE).
         """
         stack = self._stack
-        rows = []
+        rows: list[dict] = []
         ids = np.flatnonzero(labels > 0)
         if ids.size == 0:
             return rows
-        lab = labels[ids]
-        y = stack.arr[0][:, ids].astype(np.float64)
-        v = stack.arr[1][:, ids].astype(np.float64)
-        zf = z_full[ids]
-        clusters = np.unique(lab)
+        n_cl = int(labels.max())
+        n_u = len(plan.units)
+        sum_z = np.zeros((n_u, n_cl + 1))  # per unit and cluster: sum of z without the unit
+        n_z = np.zeros((n_u, n_cl + 1))
+        sum_share = np.zeros((n_u, n_cl + 1))
+        size = np.bincount(labels[ids], minlength=n_cl + 1).astype(float)
+        step = _chunk_size(n_u)  # voxel chunks: memory O(k x chunk), as the fit
+        for a in range(0, ids.size, step):
+            sel = ids[a : a + step]
+            lab = labels[sel]
+            y = stack.arr[0][:, sel].astype(np.float64)
+            v = stack.arr[1][:, sel].astype(np.float64)
+            zf = z_full[sel]
+            for i in range(n_u):
+                keep = y[i].copy()
+                y[i] = np.nan
+                zw = pool(self.name, y, v, float(self.cfg["trim"]))["z"]
+                y[i] = keep
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    prop = np.nan_to_num(zw / zf)  # as NiMARE: NaN ratios count as 0
+                fin = np.isfinite(zw)
+                sum_z[i] += np.bincount(lab[fin], weights=zw[fin], minlength=n_cl + 1)
+                n_z[i] += np.bincount(lab[fin], minlength=n_cl + 1)
+                sum_share[i] += np.bincount(lab, weights=1.0 - prop, minlength=n_cl + 1)
         for i, unit in enumerate(plan.units):
-            yi = y.copy()
-            yi[i] = np.nan
-            zw = pool(self.name, yi, v, float(self.cfg["trim"]))["z"]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                prop = np.nan_to_num(zw / zf)
             cid = {collections.get(j) for j in unit.image_ids}
             cid_s = ";".join(str(int(c)) for c in sorted(c for c in cid if c is not None and np.isfinite(c)))
-            for c in clusters:
-                sel = lab == c
+            for c in range(1, n_cl + 1):
+                if size[c] == 0:
+                    continue
                 rows.append(
                     {
-                        "cluster": int(c),
+                        "cluster": c,
                         "unit": unit.label,
                         "image_ids": ";".join(str(j) for j in unit.image_ids),
                         "collection_id": cid_s,
-                        "z_mean_without": float(np.nanmean(zw[sel])),
-                        "share": float(np.mean(1.0 - prop[sel])),
+                        "z_mean_without": float(sum_z[i, c] / n_z[i, c]) if n_z[i, c] else float("nan"),
+                        "share": float(sum_share[i, c] / size[c]),
                     }
                 )
+        rows.sort(key=lambda r: r["cluster"])
         return rows
 
 
