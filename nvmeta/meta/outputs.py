@@ -163,7 +163,7 @@ def plot_z(z_img, out_png: Path, cfg: dict, title: str, empty_note: str | None =
             fig.text(0.5, 0.45, empty_note or "no voxel to show", ha="center", va="center", fontsize=18,
                      color="black", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.3"})  # fmt: skip
         else:
-            fig.text(0.985, 0.5, "z", ha="center", va="center", fontsize=13)
+            fig.text(0.945, 0.5, "z score", ha="center", va="center", rotation=90, fontsize=11)
         with atomic_path(out_png) as tmp:
             display.savefig(str(tmp), dpi=100)
         display.close()
