@@ -188,6 +188,42 @@ def warnings_off():
         yield
 
 
+def jackknife_rows(labels, ids, z_full, plan, collections, units, z_without) -> list[dict]:
+    """Rows of ``jackknife.tsv`` from ``z_without(i, unit, data) -> z over ids`` for each unit.
+
+    Per cluster and unit: the cluster's mean z with the unit left out and the unit's share, the
+    mean over the cluster's voxels of ``1 − z_without / z_full`` (NaN ratios count as 0), as
+    NiMARE's ``Jackknife``.
+    """
+    rows: list[dict] = []
+    if ids.size == 0:
+        return rows
+    lab = labels[ids]
+    n_cl = int(lab.max())
+    size = np.bincount(lab, minlength=n_cl + 1).astype(float)
+    zf = z_full[ids]
+    for i, unit, data in units:
+        zw = z_without(i, unit, data)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prop = np.nan_to_num(zw / zf)
+        fin = np.isfinite(zw)
+        sum_z = np.bincount(lab[fin], weights=zw[fin], minlength=n_cl + 1)
+        n_z = np.bincount(lab[fin], minlength=n_cl + 1)
+        share = np.bincount(lab, weights=1.0 - prop, minlength=n_cl + 1)
+        cid = {collections.get(j) for j in unit.image_ids}
+        cid_s = ";".join(str(int(c)) for c in sorted(c for c in cid if c is not None and np.isfinite(c)))
+        for c in range(1, n_cl + 1):
+            if size[c]:
+                rows.append({
+                    "cluster": c, "unit": unit.label, "image_ids": ";".join(str(j) for j in unit.image_ids),
+                    "collection_id": cid_s,
+                    "z_mean_without": float(sum_z[c] / n_z[c]) if n_z[c] else float("nan"),
+                    "share": float(share[c] / size[c]),
+                })  # fmt: skip
+    rows.sort(key=lambda r: r["cluster"])
+    return rows
+
+
 class _Stack:
     """The units' g and var(g) as a float32 (2, k, n_vox) memory map in a temporary file."""
 
@@ -274,52 +310,31 @@ class _EffectEstimator(Estimator):
             (the mean over the cluster's voxels of ``1 − z_without / z_full``, as NiMARE).
         """
         stack = self._stack
-        rows: list[dict] = []
         ids = np.flatnonzero(labels > 0)
-        if ids.size == 0:
-            return rows
-        n_cl = int(labels.max())
-        n_u = len(plan.units)
-        sum_z = np.zeros((n_u, n_cl + 1))  # per unit and cluster: sum of z without the unit
-        n_z = np.zeros((n_u, n_cl + 1))
-        sum_share = np.zeros((n_u, n_cl + 1))
-        size = np.bincount(labels[ids], minlength=n_cl + 1).astype(float)
-        step = _chunk_size(n_u)  # voxel chunks: memory O(k x chunk), as the fit
+        step = _chunk_size(len(plan.units))  # voxel chunks: memory O(k x chunk), as the fit
+        trim = float(self.cfg["trim"])
+
+        # chunks outer, units inner: the stack is read once; the leave-one-out z are kept as
+        # float32 (units x cluster voxels)
+        zw_all = np.empty((len(plan.units), ids.size), np.float32)
         for a in range(0, ids.size, step):
             sel = ids[a : a + step]
-            lab = labels[sel]
             y = stack.arr[0][:, sel].astype(np.float64)
             v = stack.arr[1][:, sel].astype(np.float64)
-            zf = z_full[sel]
-            for i in range(n_u):
+            for i in range(len(plan.units)):
                 keep = y[i].copy()
                 y[i] = np.nan
-                zw = pool(self.name, y, v, float(self.cfg["trim"]))["z"]
+                zw_all[i, a : a + step] = pool(self.name, y, v, trim)["z"]
                 y[i] = keep
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    prop = np.nan_to_num(zw / zf)  # as NiMARE: NaN ratios count as 0
-                fin = np.isfinite(zw)
-                sum_z[i] += np.bincount(lab[fin], weights=zw[fin], minlength=n_cl + 1)
-                n_z[i] += np.bincount(lab[fin], minlength=n_cl + 1)
-                sum_share[i] += np.bincount(lab, weights=1.0 - prop, minlength=n_cl + 1)
-        for i, unit in enumerate(plan.units):
-            cid = {collections.get(j) for j in unit.image_ids}
-            cid_s = ";".join(str(int(c)) for c in sorted(c for c in cid if c is not None and np.isfinite(c)))
-            for c in range(1, n_cl + 1):
-                if size[c] == 0:
-                    continue
-                rows.append(
-                    {
-                        "cluster": c,
-                        "unit": unit.label,
-                        "image_ids": ";".join(str(j) for j in unit.image_ids),
-                        "collection_id": cid_s,
-                        "z_mean_without": float(sum_z[i, c] / n_z[i, c]) if n_z[i, c] else float("nan"),
-                        "share": float(sum_share[i, c] / size[c]),
-                    }
-                )
-        rows.sort(key=lambda r: r["cluster"])
-        return rows
+
+        def units():
+            for i, unit in enumerate(plan.units):
+                yield i, unit, None
+
+        def z_without(i, unit, _):
+            return zw_all[i].astype(np.float64)
+
+        return jackknife_rows(labels, ids, z_full, plan, collections, units(), z_without)
 
 
 class FixedEffectsHedges(_EffectEstimator):

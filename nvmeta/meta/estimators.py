@@ -187,6 +187,17 @@ class _StoufferSums(_Accumulator):
             z = np.where(self.k > 0, self.swz / np.sqrt(self.sw2), np.nan)
         return z, logp_from_z(z, self.two_sided)
 
+    def without(self, ids, z, n):
+        out = _StoufferSums(len(ids), self.two_sided, self.weighted)
+        ok = ~np.isnan(z)
+        w = math.sqrt(n) if self.weighted else 1.0
+        out.swz, out.sw2, out.k = (
+            self.swz[ids] - np.where(ok, w * z, 0.0),
+            self.sw2[ids] - ok * w * w,
+            self.k[ids] - ok,
+        )
+        return out
+
 
 class _FisherSums(_Accumulator):
     def __init__(self, n_vox: int, two_sided: bool):
@@ -218,6 +229,15 @@ class _FisherSums(_Accumulator):
         z[has] = zz
         logp[has] = lp
         return z, logp
+
+    def without(self, ids, z, n):
+        out = _FisherSums(len(ids), self.two_sided)
+        ok = ~np.isnan(z)
+        zo = np.where(ok, z, 0.0)
+        out.slp_pos = self.slp_pos[ids] - np.where(ok, special.log_ndtr(-zo), 0.0)
+        out.slp_neg = self.slp_neg[ids] - np.where(ok, special.log_ndtr(zo), 0.0)
+        out.k = self.k[ids] - ok
+        return out
 
 
 class _TTestSums(_Accumulator):
@@ -253,6 +273,19 @@ class _TTestSums(_Accumulator):
         z[ok] = t_to_z(t, kk - 1.0)
         return z, logp_from_z(z, self.two_sided)
 
+    def without(self, ids, z, n):
+        """Welford step backwards: remove one value from the running mean and M2."""
+        out = _TTestSums(len(ids), self.two_sided)
+        ok = ~np.isnan(z)
+        k, mean, m2 = self.k[ids], self.mean[ids], self.m2[ids]
+        k1 = k - ok
+        x = np.where(ok, z, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean1 = np.where(ok, np.where(k1 > 0, (k * mean - x) / np.maximum(k1, 1), 0.0), mean)
+        out.k, out.mean = k1, mean1
+        out.m2 = np.maximum(0.0, np.where(ok, m2 - (x - mean) * (x - mean1), m2))
+        return out
+
 
 class _StreamingZ(Estimator):
     """A z-based estimator that streams over the units with an accumulator."""
@@ -262,6 +295,7 @@ class _StreamingZ(Estimator):
 
     def fit(self, source: Source, k_min: int) -> Fit:
         acc = self.accumulator(source.n_vox)
+        self._acc, self._source = acc, source
         for i, (unit, zvec) in enumerate(source.iter_z()):
             acc.add(zvec, unit.n)
             if (i + 1) % 100 == 0:
@@ -269,6 +303,19 @@ class _StreamingZ(Estimator):
         z, logp = acc.finish()
         reported = (acc.k >= k_min) & np.isfinite(z)
         return Fit(z=z, logp=logp, k=acc.k, reported=reported, notes=list(acc.warnings))
+
+    def jackknife(self, labels: np.ndarray, z_full: np.ndarray, plan, collections: dict) -> list[dict]:
+        """Leave-one-out per cluster from the running sums: each unit is read once more and its
+        contribution removed (NiMARE's Jackknife; rows as :meth:`nvmeta.meta.effects`'s)."""
+        from nvmeta.meta.effects import jackknife_rows
+
+        ids = np.flatnonzero(labels > 0)
+
+        def z_without(i, unit, zvec):
+            return self._acc.without(ids, zvec[ids], unit.n).finish()[0]
+
+        return jackknife_rows(labels, ids, z_full, plan, collections,
+                              ((i, u, z) for i, (u, z) in enumerate(self._source.iter_z())), z_without)  # fmt: skip
 
 
 class Stouffer(_StreamingZ):

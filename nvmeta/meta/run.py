@@ -249,10 +249,16 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         summary["n_significant_fwe"] = int(sig_fwe.sum())
         summary["n_clusters_fwe"] = outputs.n_clusters(table_fwe)
 
+    _jackknife(estimator, z, z_fdr_clusters, plan, mask, affine, cfg, outdir, summary, log)
     if est_cls.needs == "effect":
-        _effect_outputs(
-            estimator, fit, z, z_fdr_clusters, reported, plan, mask, affine, cfg, outdir, summary, log
-        )
+        with outputs.frozen_gc():
+            outputs.plot_effect(
+                outputs.to_img(np.where(reported, fit.maps["est"], np.nan), mask, affine),
+                outputs.to_img(np.where(reported, fit.maps["I2"], np.nan), mask, affine),
+                outdir / "est.png",
+                cfg,
+                f"{LABELS.get(method, method)}: pooled Hedges' g (unthresholded), {plan.n_maps} maps",
+            )
 
     # The mosaic shows what survives the method's correction (FDR; permutation: its FWE map)
     if fit.p_fwe is not None:
@@ -274,17 +280,15 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
     return summary
 
 
-def _effect_outputs(
-    estimator, fit, z, z_fdr, reported, plan, mask, affine, cfg, outdir, summary, log
-) -> None:
-    """Effect-size methods: jackknife.tsv per FDR cluster and the g / I² figure."""
-    import pandas as pd
-
+def _jackknife(estimator, z, z_fdr, plan, mask, affine, cfg, outdir, summary, log) -> None:
+    """jackknife.tsv: leave-one-out per FDR cluster (every method but permutation)."""
     columns = ["cluster", "peak_x", "peak_y", "peak_z", "size_voxels", "unit", "image_ids", "collection_id",
                "z_mean_without", "share"]  # fmt: skip
     rows: list[dict] = []
     n_units = len(plan.units)
-    if not cfg["jackknife"]:
+    if not hasattr(estimator, "jackknife"):
+        summary["jackknife"] = f"not available for {estimator.name} (it would need one refit per map)"
+    elif not cfg["jackknife"]:
         summary["jackknife"] = "off (meta.jackknife: false)"
     elif n_units > JACKKNIFE_MAX_UNITS:
         msg = f"{estimator.name}: jackknife skipped ({n_units} units > {JACKKNIFE_MAX_UNITS})"
@@ -300,11 +304,3 @@ def _effect_outputs(
             )
         summary["jackknife"] = f"{len(info)} cluster(s) x {n_units} units"
     write_tsv(outdir / "jackknife.tsv", pd.DataFrame(rows, columns=columns))
-    with outputs.frozen_gc():
-        outputs.plot_effect(
-            outputs.to_img(np.where(reported, fit.maps["est"], np.nan), mask, affine),
-            outputs.to_img(np.where(reported, fit.maps["I2"], np.nan), mask, affine),
-            outdir / "est.png",
-            cfg,
-            f"{estimator.name}: pooled Hedges' g, {plan.n_maps} maps",
-        )

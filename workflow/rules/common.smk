@@ -45,9 +45,10 @@ META_COMMON_KEYS = [
     "vmax",
     "min_cluster_voxels",
     "cluster_threshold_z",
+    "jackknife",
 ]
 META_PERM_KEYS = ["n_perm", "random_state"]
-META_EFFECT_KEYS = ["trim", "jackknife"]
+META_EFFECT_KEYS = ["trim"]
 
 
 wildcard_constraints:
@@ -161,9 +162,14 @@ def meta_outputs(analysis):
     out = [f"{RESULTS}/analyses/{analysis}/figures/inputs_glass_brain.png"]
     for method in meta["methods"]:
         d = f"{RESULTS}/analyses/{analysis}/meta/{method}"
-        out += [f"{d}/z.nii.gz", f"{d}/clusters.tsv", f"{d}/z.png"]
+        out += [
+            f"{d}/z.nii.gz",
+            f"{d}/clusters.tsv",
+            f"{d}/z.png",
+            f"{d}/jackknife.tsv",
+        ]
         if method in EFFECT_METHODS:
-            out += [f"{d}/est.nii.gz", f"{d}/est.png", f"{d}/jackknife.tsv"]
+            out += [f"{d}/est.nii.gz", f"{d}/est.png"]
     if len(meta["methods"]) > 1:
         out.append(f"{RESULTS}/analyses/{analysis}/meta/sensitivity.tsv")
     return out

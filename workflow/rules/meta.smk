@@ -32,6 +32,13 @@ rule meta:
             subcategory="Meta-analysis",
             labels={"result": "z mosaic", "method": "{method}"},
         ),
+        jackknife=report(
+            f"{ANALYSIS}/meta/{{method}}/jackknife.tsv",
+            caption="../report/meta_jackknife.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"result": "jackknife", "method": "{method}"},
+        ),
     log:
         f"{LOGS}/meta/{{analysis}}_{{method}}.log",
     wildcard_constraints:
