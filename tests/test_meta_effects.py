@@ -409,3 +409,23 @@ def test_combine_within_collection_averages_g(tmp_path, caplog):
     # off (the default): the collection's two maps count twice, and the summary says so
     summary, _ = st.run("fixed_effects_hedges", outname="none")
     assert any("collection 100 contributes 2 maps" in w for w in summary["warnings"])
+
+
+def test_robust_methods_need_five_maps_at_a_voxel(tmp_path):
+    """Two near-equal g values give MAD ~ 0 and z in the thousands: not reported below 5 maps."""
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(12)
+    edge = np.arange(st.n_vox) < 40  # only 2 of the 6 maps cover these voxels
+    for i in range(6):
+        t = rng.normal(size=st.n_vox) + 3.0
+        if i >= 2:
+            t[edge] = np.nan
+        else:
+            t[edge] = 3.0 + 1e-4 * i  # near-identical values where only two maps have data
+        st.add_t(i + 1, t, 30)
+    for method in ("median", "trimmed_mean"):
+        summary, out = st.run(method)
+        z, k = st.vec(out, "z"), st.vec(out, "k")
+        assert np.isnan(z[edge]).all() and (k[edge] == 2).all()
+        assert np.isfinite(z[~edge]).all() and np.nanmax(np.abs(z)) < 100
+        assert summary["min_maps_effective"] == 5

@@ -58,6 +58,10 @@ CHUNK_BYTES = 256 * 2**20
 JACKKNIFE_MAX_UNITS = 300
 
 _MAD_SCALE = 1.4826
+#: The robust estimators' variances come from the spread of the g values themselves (MAD,
+#: winsorised variance): with 2-4 maps at a voxel two near-equal values give a near-zero se and an
+#: absurd z (seen at the edge of the demo's coverage: z = 4250 from 2 maps), so they need 5 maps.
+ROBUST_MIN_K = 5
 
 
 def _chunk_size(k: int) -> int:
@@ -363,14 +367,14 @@ class Median(_EffectEstimator):
     __doc__ = "Median of Hedges' g with a MAD-based variance (robust; Peraza et al. 2025)."
     name = "median"
     family = "robust"
-    min_k = 2
+    min_k = ROBUST_MIN_K
 
 
 class TrimmedMean(_EffectEstimator):
     __doc__ = "γ-trimmed mean of Hedges' g with the winsorised variance (robust; Peraza et al. 2025)."
     name = "trimmed_mean"
     family = "robust"
-    min_k = 2
+    min_k = ROBUST_MIN_K
 
 
 EFFECT_ESTIMATORS = (FixedEffectsHedges, DerSimonianLaird, Hedges, Median, TrimmedMean)
