@@ -78,6 +78,7 @@ def digest(out: Path) -> dict:
                 "n_jobs",
                 "cluster_threshold_z",
                 "cluster_connectivity",
+                "jackknife",
             ):
                 s.pop(k, None)
             d[f.name] = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:20]

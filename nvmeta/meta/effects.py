@@ -33,8 +33,11 @@ Every method reports ``est`` (pooled g), ``se``, ``z = est / se`` with its log-s
 assumes τ² = 0) and the robust estimators (which do not use the variances) the DL moment τ², as a
 heterogeneity descriptor next to their Q and I² (both from the fixed-effect fit).
 
-Memory: the units' g and var(g) are streamed once from their files into a float32 stack on disk
-(a temporary next to the outputs, swept if the job is killed), then pooled in voxel chunks whose
+Memory and passes: the maps' files are read once; while they are read, the fixed-effect and moment
+sums are accumulated per voxel (memory O(voxels)) and g / var(g) are appended to a float32 stack on
+disk (a temporary next to the outputs, swept if the job is killed). ``fixed_effects_hedges`` needs
+nothing more; the random-effects methods need one more pass, over the stack, for their
+``1 / (v + τ²)`` weights; the robust methods and the jackknife read the stack in voxel chunks whose
 size follows the number of maps (about :data:`CHUNK_BYTES` of arrays in memory).
 """
 
@@ -229,19 +232,36 @@ def jackknife_rows(labels, ids, z_full, plan, collections, units, z_without) -> 
 
 
 class _Stack:
-    """The units' g and var(g) as a float32 (2, k, n_vox) memory map in a temporary file."""
+    """The units' g and var(g), float32, in a temporary file of shape (k, 2, n_vox).
+
+    Written row by row with plain file writes and read back in voxel chunks through a short-lived
+    memory map (:meth:`take`), so the job's resident memory stays O(k × chunk), not O(k × voxels).
+    """
 
     def __init__(self, outdir: Path, k: int, n_vox: int):
         # named like nvmeta.io.atomic_path's temporaries of est.nii.gz, so outputs.sweep removes it
         fd, name = tempfile.mkstemp(prefix=".est.nii.gz.", suffix=".part.stack", dir=outdir)
-        os.close(fd)
+        self.fh = os.fdopen(fd, "wb")
         self.path = Path(name)
         self.k, self.n_vox = k, n_vox
-        shape = (2, max(k, 1), max(n_vox, 1))
-        self.arr = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=shape)
+
+    def append(self, g: np.ndarray, v: np.ndarray) -> None:
+        self.fh.write(np.asarray(g, np.float32).tobytes())
+        self.fh.write(np.asarray(v, np.float32).tobytes())
+
+    def take(self, sel) -> tuple[np.ndarray, np.ndarray]:
+        """``(y, v)`` float64 arrays (k × len(sel)) of the voxels ``sel`` (a slice or index array)."""
+        if not self.fh.closed:
+            self.fh.close()
+        mm = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.k, 2, self.n_vox))
+        try:
+            return mm[:, 0, sel].astype(np.float64), mm[:, 1, sel].astype(np.float64)
+        finally:
+            del mm
 
     def close(self) -> None:
-        del self.arr
+        if not self.fh.closed:
+            self.fh.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -257,22 +277,54 @@ class _EffectEstimator(Estimator):
         n_units, n_vox = source.n_units, source.n_vox
         stack = _Stack(Path(self.workdir or tempfile.gettempdir()), n_units, n_vox)
         self._stack, self._source = stack, source
+        # pass 1 (the files, once): the stack, and the fixed-effect and moment sums per voxel
+        sums = {n: np.zeros(n_vox) for n in ("w", "wy", "wyy", "ww", "y", "yy", "v")}
+        k = np.zeros(n_vox, dtype=np.int64)
         for i, (_unit, g, v) in enumerate(source.iter_effects()):
-            stack.arr[0, i] = g
-            stack.arr[1, i] = v
+            stack.append(g, v)
+            ok = np.isfinite(g) & np.isfinite(v) & (v > 0)
+            gi, vi = g[ok], v[ok]
+            w = 1.0 / vi
+            k[ok] += 1
+            for name, val in (("w", w), ("wy", w * gi), ("wyy", w * gi * gi), ("ww", w * w), ("y", gi),
+                              ("yy", gi * gi), ("v", vi)):  # fmt: skip
+                sums[name][ok] += val
             if (i + 1) % 100 == 0:
                 self.log.info(f"{self.name}: {i + 1}/{n_units} maps read")
-        names = ["est", "se", "z", "tau2", "Q", "I2"]
-        res = {n: np.full(n_vox, np.nan) for n in names}
-        k = np.zeros(n_vox, dtype=np.int64)
-        step = _chunk_size(n_units)
-        for a in range(0, n_vox if n_units else 0, step):
-            b = min(n_vox, a + step)
-            out = pool(self.name, stack.arr[0, :, a:b].astype(np.float64),
-                       stack.arr[1, :, a:b].astype(np.float64), float(self.cfg["trim"]))  # fmt: skip
-            for n in names:
-                res[n][a:b] = out[n]
-            k[a:b] = out["k"]
+        kf = k.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            est_fe = sums["wy"] / sums["w"]
+            q = np.maximum(0.0, sums["wyy"] - sums["wy"] * est_fe)
+            c = sums["w"] - sums["ww"] / sums["w"]
+            tau2_dl = np.where(k >= 2, np.maximum(0.0, (q - (kf - 1.0)) / c), 0.0)
+            i2 = np.where(q > 0, np.maximum(0.0, (q - (kf - 1.0)) / q), 0.0)
+            s2 = (sums["yy"] - sums["y"] ** 2 / kf) / (kf - 1.0)
+            tau2_he = np.where(k >= 2, np.maximum(0.0, s2 - sums["v"] / kf), 0.0)
+        none = k < 1
+        res = {"est": est_fe, "se": None, "z": None, "tau2": tau2_dl, "Q": q, "I2": i2}
+        if self.name == "fixed_effects_hedges":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                res["se"] = 1.0 / np.sqrt(sums["w"])
+        else:
+            res["est"], res["se"] = np.full(n_vox, np.nan), np.full(n_vox, np.nan)
+            if self.name == "hedges":
+                res["tau2"] = tau2_he
+            tau2 = res["tau2"]
+            step = _chunk_size(n_units)
+            # pass 2 (the stack, in voxel chunks): random-effects weights, or the robust estimates
+            for a in range(0, n_vox if n_units else 0, step):
+                b = min(n_vox, a + step)
+                y, v = stack.take(slice(a, b))
+                if self.random_effects:
+                    ok = np.isfinite(y) & np.isfinite(v) & (v > 0)
+                    res["est"][a:b], res["se"][a:b] = _random(y, v, ok, tau2[a:b])
+                else:
+                    out = pool(self.name, y, v, float(self.cfg["trim"]))
+                    res["est"][a:b], res["se"][a:b] = out["est"], out["se"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            res["z"] = np.where(res["se"] > 0, res["est"] / res["se"], np.nan)
+        for name in res:
+            res[name] = np.where(none, np.nan, res[name])
         z = res.pop("z")
         logp = logp_from_z(z, self.two_sided)
         reported = (k >= k_min) & np.isfinite(z)
@@ -323,8 +375,7 @@ class _EffectEstimator(Estimator):
         zw_all = np.empty((len(plan.units), ids.size), np.float32)
         for a in range(0, ids.size, step):
             sel = ids[a : a + step]
-            y = stack.arr[0][:, sel].astype(np.float64)
-            v = stack.arr[1][:, sel].astype(np.float64)
+            y, v = stack.take(sel)
             for i in range(len(plan.units)):
                 keep = y[i].copy()
                 y[i] = np.nan
