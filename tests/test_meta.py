@@ -479,7 +479,8 @@ def test_excluded_rows_ignored_and_bad_grid(study, tmp_path, caplog):
     np.testing.assert_allclose(study.vec(out, "z"), 3 / math.sqrt(2), atol=1e-6)
     # the module logger (nvmeta.meta.run) reaches the package logger the job's log file hangs on
     assert any(
-        r.name == "nvmeta.meta.run" and "stouffer: 2 maps in 2 units" in r.getMessage() for r in caplog.records
+        r.name == "nvmeta.meta.run" and "stouffer: 2 maps in 2 units" in r.getMessage()
+        for r in caplog.records
     )
     # a map off the template grid is an error, not a silent resample
     bad = nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), AFFINE)
@@ -647,7 +648,14 @@ def test_too_few_maps_reports_nothing_instead_of_failing(tmp_path, method, n_inc
     cols = ["image_id", "collection_id", "number_of_subjects", "status"]
     pd.DataFrame(rows, columns=cols).to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
     out = tmp_path / "out"
-    run_method(method, tmp_path / "qc.tsv", lambda i: tmp_path / f"z{i}.nii.gz", mask, {"n_perm": 20, "cut_coords": [1, 2, 3]}, out)
+    run_method(
+        method,
+        tmp_path / "qc.tsv",
+        lambda i: tmp_path / f"z{i}.nii.gz",
+        mask,
+        {"n_perm": 20, "cut_coords": [1, 2, 3]},
+        out,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_voxels_reported"] == 0
     assert any("nothing reported" in w for w in summary["warnings"]), summary["warnings"]

@@ -116,7 +116,7 @@ rule meta_effect:
         "../../envs/nvmeta.yaml"
     threads: 1
     resources:
-        # g / var(g) go to a float32 stack on disk; pooling works in voxel chunks of ~256 MB
+        # g / var(g) go to a float32 stack on disk; pooling works in voxel chunks of ~192 MB
         # (nvmeta.meta.effects.CHUNK_BYTES); the jackknife holds the cluster voxels of every map.
         mem_mb=lambda wildcards, input: 2500 + len(input.zmaps) // 2,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
