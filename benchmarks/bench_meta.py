@@ -23,6 +23,15 @@ read off. The two z maps are compared (max |Δz|) as a sanity check.
 Usage::
 
     /work/venv/bin/python benchmarks/bench_meta.py [--n-synthetic 1000] [--workdir DIR] [--keep]
+
+Effect-size fan-in (issue 11), ``--effect N``: N synthetic one-sample t maps (cycled from a pool
+of ``--pool`` distinct maps, so that writing the inputs stays cheap; every map is still read and
+decoded from its own file path), each with its z-map, g and var(g) files as the z-map job writes
+them. Side by side, each in a fresh subprocess: nvmeta ``dersimonian_laird`` (all outputs incl.
+the jackknife), nvmeta ``stouffer`` (all outputs) and NiMARE's ``FixedEffectsHedges`` (t maps +
+sample sizes, Wald z; ``--no-nimare`` skips it)::
+
+    python benchmarks/bench_meta.py --effect 1000 --pool 50
 """
 
 from __future__ import annotations
@@ -199,18 +208,167 @@ def _run_worker(kind: str, data: Path, out: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def prepare_effect(d: Path, n_maps: int, pool: int, seed: int = 0) -> None:
+    """Pool of one-sample t maps (+ z, g, var g, qc.json) and a qc.tsv of n_maps rows cycling over it."""
+    import nibabel as nib
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    from nvmeta.effectsize import write_effect_maps
+    from nvmeta.stats import t_to_z
+    from nvmeta.template import load_mask
+
+    if (d / "qc.tsv").is_file() and len(list(d.glob("pool/*/g.nii.gz"))) == pool:
+        rows = sum(1 for _ in open(d / "qc.tsv")) - 1
+        if rows == n_maps:
+            return
+    mask_img = load_mask("mni152_2mm")
+    mask = np.asarray(mask_img.dataobj) > 0
+    rng = np.random.default_rng(seed)
+    ijk = np.indices(mask.shape, dtype=np.float32)
+    centre = np.array([30, 60, 40], dtype=np.float32)[:, None, None, None]
+    blob = np.exp(-np.sum((ijk - centre) ** 2, axis=0) / (2 * 6.0**2)).astype(np.float32)
+    sizes = []
+    t0 = time.perf_counter()
+    for j in range(pool):
+        n = int(rng.integers(15, 60))
+        sizes.append(n)
+        noise = gaussian_filter(rng.standard_normal(mask.shape, dtype=np.float32), 2.0)
+        noise /= noise[mask].std()
+        t = np.where(mask, noise + rng.uniform(0.3, 0.7) * np.sqrt(n) * blob, np.nan).astype(np.float32)
+        pd_ = d / "pool" / str(j)
+        pd_.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(t, mask_img.affine), pd_ / "t.nii.gz")
+        z = np.where(mask, t_to_z(t.astype(np.float64), n - 1.0), np.nan).astype(np.float32)
+        nib.save(nib.Nifti1Image(z, mask_img.affine), pd_ / "zmap.nii.gz")
+        qc = {"n": n, "df": n - 1.0, "image_id": j, "collection_id": j}
+        write_effect_maps(z, qc, {}, {}, mask_img, pd_ / "g.nii.gz", pd_ / "varg.nii.gz")
+        (pd_ / "qc.json").write_text(json.dumps(qc))
+    rows = [
+        {
+            "image_id": i + 1,
+            "collection_id": i + 1,
+            "number_of_subjects": sizes[i % pool],
+            "status": "included",
+        }
+        for i in range(n_maps)
+    ]
+    _write_qc(d, rows)
+    (d / "pool.json").write_text(json.dumps({"pool": pool}))
+    print(f"  wrote a pool of {pool} maps (t, z, g, var g) in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def worker_effect(kind: str, data: Path, out: Path) -> dict:
+    import numpy as np
+
+    pool = json.loads((data / "pool.json").read_text())["pool"]
+    base = _rss_mb()
+    if kind in ("nvmeta_dl", "nvmeta_stouffer"):
+        from nvmeta.meta import run_method
+        from nvmeta.template import load_mask
+
+        mask_img = load_mask("mni152_2mm")
+        base = _rss_mb()
+        method = "dersimonian_laird" if kind == "nvmeta_dl" else "stouffer"
+        d = lambda i: data / "pool" / str((i - 1) % pool)  # noqa: E731
+        t0 = time.perf_counter()
+        s = run_method(
+            method, data / "qc.tsv", lambda i: d(i) / "zmap.nii.gz", mask_img, {}, out, None,
+            qc_json_for=lambda i: d(i) / "qc.json",
+            effect_paths_for=lambda i: (d(i) / "g.nii.gz", d(i) / "varg.nii.gz"),
+        )  # fmt: skip
+        return {"seconds": time.perf_counter() - t0, "seconds_estimation": s["seconds_estimation"],
+                "peak_rss_mb": _rss_mb(), "baseline_rss_mb": base, "n_maps": s["k_maps"]}  # fmt: skip
+    import warnings
+
+    import pandas as pd
+    from nimare.dataset import Dataset
+    from nimare.meta.ibma import FixedEffectsHedges
+
+    from nvmeta.template import load_mask
+
+    mask_img = load_mask("mni152_2mm")
+    rows = pd.read_csv(data / "qc.tsv", sep="\t")
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    source = {
+        f"study-{r.image_id}": {
+            "contrasts": {"1": {
+                "images": {"t": str((data / "pool" / str((r.image_id - 1) % pool) / "t.nii.gz").resolve())},
+                "metadata": {"sample_sizes": [int(r.number_of_subjects)]},
+            }}
+        }
+        for r in rows.itertuples()
+    }  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dset = Dataset(source, target="mni152_2mm", mask=mask_img)
+        res = FixedEffectsHedges(small_sample_correction="wald").fit(dset)
+    wall = time.perf_counter() - t0
+    z = np.asarray(res.get_map("z").dataobj, dtype=np.float64)
+    return {
+        "seconds": wall,
+        "peak_rss_mb": _rss_mb(),
+        "baseline_rss_mb": base,
+        "finite_z": int(np.isfinite(z).sum()),
+    }
+
+
+def main_effect(args) -> None:
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="nvmeta_bench_effect_"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"effect{args.effect}"
+    print(f"work dir: {work}  (cpus: {os.cpu_count()})\npreparing data ...", flush=True)
+    prepare_effect(data, args.effect, args.pool)
+    kinds = ["nvmeta_stouffer", "nvmeta_dl"] + ([] if args.no_nimare else ["nimare_feh"])
+    res = {}
+    try:
+        for kind in kinds:
+            print(f"[{kind}] ...", flush=True)
+            res[kind] = _run_worker(kind, data, work / f"out_{kind}")
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    st = res["nvmeta_stouffer"]
+    print(
+        f"\n{'run':<34}{'maps':>6}{'wall s':>9}{'est. s':>9}{'peak MB':>9}{'vs Stouffer':>13}{'mem vs Stouffer':>17}"
+    )
+    for kind, r in res.items():
+        label = {"nvmeta_stouffer": "nvmeta stouffer (all outputs)", "nvmeta_dl": "nvmeta dersimonian_laird (all)",
+                 "nimare_feh": "NiMARE FixedEffectsHedges (z, p)"}[kind]  # fmt: skip
+        est = r.get("seconds_estimation")
+        print(
+            f"{label:<34}{args.effect:>6}{r['seconds']:>9.1f}{(est if est is not None else float('nan')):>9.1f}"
+            f"{r['peak_rss_mb']:>9.0f}{r['seconds'] / st['seconds']:>12.2f}x{r['peak_rss_mb'] / st['peak_rss_mb']:>16.2f}x"
+        )
+    if "nimare_feh" in res:
+        r = res["nimare_feh"]
+        print(f"\nNiMARE FixedEffectsHedges / nvmeta DL: time {r['seconds'] / res['nvmeta_dl']['seconds']:.2f}x, "
+              f"peak memory {r['peak_rss_mb'] / res['nvmeta_dl']['peak_rss_mb']:.2f}x")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-synthetic", type=int, default=1000)
     ap.add_argument("--workdir", type=Path, default=None, help="where the maps go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--worker", choices=["nvmeta", "nimare", "nimare_frozen_gc"], help=argparse.SUPPRESS)
+    ap.add_argument("--effect", type=int, default=0, help="effect-size fan-in benchmark on N maps (issue 11)")
+    ap.add_argument("--pool", type=int, default=50, help="distinct synthetic maps behind --effect")
+    ap.add_argument("--no-nimare", action="store_true", help="--effect: skip NiMARE FixedEffectsHedges")
+    ap.add_argument(
+        "--worker",
+        choices=["nvmeta", "nimare", "nimare_frozen_gc", "nvmeta_dl", "nvmeta_stouffer", "nimare_feh"],
+        help=argparse.SUPPRESS,
+    )
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.worker in ("nvmeta_dl", "nvmeta_stouffer", "nimare_feh"):
+            print(json.dumps(worker_effect(args.worker, args.data, args.out)))
+            return
         if args.worker == "nvmeta":
             res = worker_nvmeta(args.data, args.out)
         else:
@@ -218,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(res))
         return
 
+    if args.effect:
+        main_effect(args)
+        return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="nvmeta_bench_meta_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir: {work}  (cpus: {os.cpu_count()})", flush=True)

@@ -50,6 +50,7 @@ def zmap_job(  # noqa: A002
             output.zmap,
             output.qc,
             limits,
+            (output.g, output.varg) if "g" in output.keys() else None,
         )
         logger.info("image %s: %s %s", image_id, qc["status"], qc.get("reason") or "")
     return qc

@@ -246,6 +246,7 @@ def make_zmap(
     out_zmap: str | os.PathLike,
     out_qc: str | os.PathLike,
     limits: Mapping[str, Any] | None = None,
+    out_effects: tuple[str | os.PathLike, str | os.PathLike] | None = None,
 ) -> dict:
     """Turn one downloaded image into a z-map on the template grid and write its qc.json.
 
@@ -263,6 +264,9 @@ def make_zmap(
         Outputs, written atomically. An excluded image gets an all-NaN z-map.
     limits : mapping, optional
         The per-image plausibility keys of ``config["qc"]`` (:data:`LIMIT_KEYS`); None: the schema defaults.
+    out_effects : (path-like, path-like), optional
+        ``g.nii.gz`` and ``varg.nii.gz``: Hedges' g and its variance on the template grid, from the
+        z-map and the resolved n / df (:func:`nvmeta.effectsize.write_effect_maps`).
 
     Returns
     -------
@@ -300,6 +304,7 @@ def make_zmap(
         "resample_method": None,
     }
     zmap = None
+    meta: dict = {}
     try:
         try:
             meta = read_json(metadata_path)
@@ -385,6 +390,11 @@ def make_zmap(
     if zmap is None:
         zmap = np.full(mask_img.shape[:3], np.nan, dtype=np.float32)
     _write_nifti(zmap, mask_img, out_zmap)
+    if out_effects is not None:
+        from nvmeta.effectsize import write_effect_maps
+
+        included = qc["status"] == "included"
+        write_effect_maps(zmap if included else None, qc, meta, conversion, mask_img, *out_effects)
     write_json(out_qc, qc)
     return qc
 

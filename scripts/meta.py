@@ -1,20 +1,27 @@
-"""Rule meta: one meta-analysis method over an analysis' included z-maps."""
+"""Rule meta: one meta-analysis method over an analysis' included maps."""
 
 from pathlib import Path
 
 from nvmeta.logs import job_logger
 from nvmeta.meta import run_method
+from nvmeta.meta.units import paths_by_image
 from nvmeta.template import load_mask
 
 log = job_logger("nvmeta.meta", snakemake.log[0])
-images = Path(snakemake.input.qc).parents[2] / "images"
-cfg = dict(snakemake.params.meta, threads=snakemake.threads)
+
+
+zmaps = paths_by_image(snakemake.input.zmaps)
+qcs = paths_by_image(snakemake.input.qcs)
+gs, vargs = paths_by_image(snakemake.input.get("g", [])), paths_by_image(snakemake.input.get("varg", []))
 run_method(
     snakemake.wildcards.method,
     snakemake.input.qc,
-    lambda image_id: images / str(image_id) / "zmap.nii.gz",
+    zmaps.__getitem__,
     load_mask(snakemake.input.mask),
-    cfg,
+    snakemake.params.meta,
     Path(snakemake.output.z).parent,
     log,
+    n_jobs=snakemake.threads,
+    qc_json_for=qcs.__getitem__,
+    effect_paths_for=lambda i: (gs[i], vargs[i]),
 )

@@ -57,7 +57,11 @@ class Study:
     def add(self, image_id, vec, collection_id=None, n=20, status="included"):
         data = np.full(self.mask.shape, np.nan, np.float32)
         data[self.mask] = np.asarray(vec, dtype=np.float32)
+        self.path(image_id).parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(data, self.mask_img.affine), self.path(image_id))
+        # the one resolved sample size of the image (contract C3), as the z-map job writes it
+        qc_n = n if n is not None and np.isfinite(n) and n > 0 else None
+        (self.path(image_id).with_name("qc.json")).write_text(json.dumps({"image_id": image_id, "n": qc_n}))
         self.rows.append(
             {
                 "image_id": image_id,
@@ -71,7 +75,7 @@ class Study:
         )
 
     def path(self, image_id) -> Path:
-        return self.root / "maps" / f"{image_id}.nii.gz"
+        return self.root / "maps" / str(image_id) / "zmap.nii.gz"
 
     @property
     def qc(self) -> Path:
@@ -345,7 +349,7 @@ def test_permutation_memory_guard(study, monkeypatch):
     for i, z in enumerate(random_maps(rng, 4, study.n_vox)):
         study.add(i + 1, z)
     need = meta.permutation_memory_bytes(4, study.n_vox, 1)
-    monkeypatch.setattr(meta, "available_memory_bytes", lambda: need // 2)
+    monkeypatch.setattr(meta.estimators, "available_memory_bytes", lambda: need // 2)
     with pytest.raises(MemoryError, match=r"'permutation' needs the 4 maps x \d+ voxels matrix"):
         study.run("permutation", {"n_perm": 10})
     assert not (study.root / "out" / "permutation" / "z.nii.gz").exists()
@@ -406,6 +410,8 @@ def test_clusters_table_planted_blob(tmp_path):
         "Peak Stat",
         "Cluster Size (mm3)",
         "Cluster Size (voxels)",
+        "Cluster-forming threshold",
+        "Connectivity",
     ]
     first = table.iloc[0]
     expected_xyz = AFFINE[:3, :3] @ centre + AFFINE[:3, 3]
@@ -447,7 +453,8 @@ def test_combine_within_collection_by_hand(study, caplog):
     assert z[0] == pytest.approx((1.0 + 3.0) / math.sqrt(2), abs=1e-6)
     assert s_col["k_units"] == 2 and s_col["k_maps"] == 3
     assert np.all(study.vec(out, "k") == 2)
-    assert not s_col["warnings"]
+    # no dependence warning (constant maps make one brain-wide cluster: that warning is expected)
+    assert [w for w in s_col["warnings"] if "of the reported voxels" not in w] == []
     # none: every map counts, and the repeated collection is reported
     with caplog.at_level(logging.WARNING):
         s_none = run_method(
@@ -458,26 +465,30 @@ def test_combine_within_collection_by_hand(study, caplog):
     assert "collection 10 contributes 2 maps" in caplog.text
 
 
-def test_excluded_rows_ignored_and_bad_grid(study, tmp_path):
+def test_excluded_rows_ignored_and_bad_grid(study, tmp_path, caplog):
     n = study.n_vox
     study.add(1, np.full(n, 1.0))
     study.add(2, np.full(n, 2.0))
     study.add(3, np.full(n, 50.0), status="excluded")
-    log = tmp_path / "meta.log"
-    summary = run_method(
-        "stouffer", study.qc, study.path, study.mask_img, {}, tmp_path / "out" / "stouffer", log
-    )
+    with caplog.at_level(logging.INFO, logger="nvmeta.meta"):
+        summary = run_method(
+            "stouffer", study.qc, study.path, study.mask_img, {}, tmp_path / "out" / "stouffer"
+        )
     out = tmp_path / "out" / "stouffer"
     assert summary["k_maps"] == 2
     np.testing.assert_allclose(study.vec(out, "z"), 3 / math.sqrt(2), atol=1e-6)
-    assert "stouffer: 2 maps in 2 units" in log.read_text()  # a path is a log file
+    # the module logger (nvmeta.meta.run) reaches the package logger the job's log file hangs on
+    assert any(
+        r.name == "nvmeta.meta.run" and "stouffer: 2 maps in 2 units" in r.getMessage()
+        for r in caplog.records
+    )
     # a map off the template grid is an error, not a silent resample
     bad = nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), AFFINE)
     nib.save(bad, study.path(2))
     with pytest.raises(ValueError, match="template grid"):
         study.run("stouffer", outname="bad")
     with pytest.raises(ValueError, match="unknown meta method"):
-        study.run("median")
+        study.run("no_such_method")
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,11 +643,19 @@ def test_too_few_maps_reports_nothing_instead_of_failing(tmp_path, method, n_inc
     mask = nib.Nifti1Image(np.ones((6, 6, 6), np.uint8), np.eye(4))
     z = np.random.default_rng(1).normal(size=(6, 6, 6)).astype(np.float32)
     nib.save(nib.Nifti1Image(z, np.eye(4)), tmp_path / "z1.nii.gz")
+    (tmp_path / "qc.json").write_text(json.dumps({"n": 10}))  # resolved n, next to the z-map
     rows = [dict(image_id=1, collection_id=1, number_of_subjects=10, status="included")][:n_included]
     cols = ["image_id", "collection_id", "number_of_subjects", "status"]
     pd.DataFrame(rows, columns=cols).to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
     out = tmp_path / "out"
-    run_method(method, tmp_path / "qc.tsv", lambda i: tmp_path / f"z{i}.nii.gz", mask, {"n_perm": 20, "cut_coords": [1, 2, 3]}, out)
+    run_method(
+        method,
+        tmp_path / "qc.tsv",
+        lambda i: tmp_path / f"z{i}.nii.gz",
+        mask,
+        {"n_perm": 20, "cut_coords": [1, 2, 3]},
+        out,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_voxels_reported"] == 0
     assert any("nothing reported" in w for w in summary["warnings"]), summary["warnings"]

@@ -16,6 +16,26 @@ ANALYSIS = f"{RESULTS}/analyses/{{analysis}}"
 LOGS = f"{RESULTS}/logs"
 TEMPLATE_MASK = f"{RESULTS}/template/mask.nii.gz"
 METHODS = ["stouffer", "weighted_stouffer", "fisher", "ttest", "permutation"]
+Z_METHODS = list(METHODS)
+# Methods pooling per-image effect sizes (nvmeta.meta.effects): they read g / var(g) maps.
+EFFECT_METHODS = [
+    "dersimonian_laird",
+    "hedges",
+    "fixed_effects_hedges",
+    "median",
+    "trimmed_mean",
+]
+METHODS += EFFECT_METHODS
+# The z-map job writes g / var(g) only when some analysis pools effect sizes (they cost a z -> t
+# inversion per image); adding such a method therefore reruns the z-map jobs once.
+EFFECT_OUTPUTS = (
+    {"g": f"{IMAGES}/g.nii.gz", "varg": f"{IMAGES}/varg.nii.gz"}
+    if any(
+        set((spec.get("meta") or {}).get("methods", [])) & set(EFFECT_METHODS)
+        for spec in config["analyses"].values()
+    )
+    else {}
+)
 # Parameters of the meta block each method depends on (so that e.g. n_perm only reruns permutation).
 META_COMMON_KEYS = [
     "min_maps",
@@ -27,8 +47,11 @@ META_COMMON_KEYS = [
     "cut_coords",
     "vmax",
     "min_cluster_voxels",
+    "cluster_threshold_z",
+    "jackknife",
 ]
 META_PERM_KEYS = ["n_perm", "random_state"]
+META_EFFECT_KEYS = ["trim"]
 
 
 wildcard_constraints:
@@ -156,6 +179,8 @@ def conversion_params(wildcards):
         "n_images": pick(conv["n_images"], image_id),
         "df_collections": pick(conv["df_collections"], cid) if cid else {},
         "n_collections": pick(conv["n_collections"], cid) if cid else {},
+        "design_images": pick(conv["design_images"], image_id),
+        "design_collections": pick(conv["design_collections"], cid) if cid else {},
     }
 
 
@@ -165,6 +190,8 @@ def meta_params(wildcards):
     keys = META_COMMON_KEYS + (
         META_PERM_KEYS if wildcards.method == "permutation" else []
     )
+    if wildcards.method in EFFECT_METHODS:
+        keys = keys + META_EFFECT_KEYS
     return {k: meta[k] for k in keys}
 
 
@@ -173,7 +200,14 @@ def meta_outputs(analysis):
     out = [f"{RESULTS}/analyses/{analysis}/figures/inputs_glass_brain.png"]
     for method in meta["methods"]:
         d = f"{RESULTS}/analyses/{analysis}/meta/{method}"
-        out += [f"{d}/z.nii.gz", f"{d}/clusters.tsv", f"{d}/z.png"]
+        out += [
+            f"{d}/z.nii.gz",
+            f"{d}/clusters.tsv",
+            f"{d}/z.png",
+            f"{d}/jackknife.tsv",
+        ]
+        if method in EFFECT_METHODS:
+            out += [f"{d}/est.nii.gz", f"{d}/est.png"]
     if len(meta["methods"]) > 1:
         out.append(f"{RESULTS}/analyses/{analysis}/meta/sensitivity.tsv")
     return out

@@ -1,14 +1,18 @@
-# Fan-in 1: image-based meta-analysis of an analysis' included z-maps, one job per method.
+# Fan-in 1: image-based meta-analysis of an analysis' included maps, one job per method:
+# rule meta for the z methods, rule meta_effect for the effect-size methods (pooled Hedges' g).
 
 
 rule meta:
     input:
         qc=f"{ANALYSIS}/qc.tsv",
         zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        # qc.json holds each image's one resolved sample size (n), read by the weighting methods
+        qcs=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
         mask=TEMPLATE_MASK,
     output:
         z=f"{ANALYSIS}/meta/{{method}}/z.nii.gz",
         p=f"{ANALYSIS}/meta/{{method}}/p.nii.gz",
+        logp=f"{ANALYSIS}/meta/{{method}}/logp.nii.gz",
         k=f"{ANALYSIS}/meta/{{method}}/k.nii.gz",
         q=f"{ANALYSIS}/meta/{{method}}/q.nii.gz",
         z_fdr=f"{ANALYSIS}/meta/{{method}}/z_fdr.nii.gz",
@@ -28,8 +32,17 @@ rule meta:
             subcategory="Meta-analysis",
             labels={"result": "z mosaic", "method": "{method}"},
         ),
+        jackknife=report(
+            f"{ANALYSIS}/meta/{{method}}/jackknife.tsv",
+            caption="../report/meta_jackknife.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"result": "jackknife", "method": "{method}"},
+        ),
     log:
         f"{LOGS}/meta/{{analysis}}_{{method}}.log",
+    wildcard_constraints:
+        method="|".join(Z_METHODS),
     conda:
         "../../envs/nvmeta.yaml"
     threads: lambda wildcards: 2 if wildcards.method == "permutation" else 1
@@ -39,6 +52,74 @@ rule meta:
         + (len(input.zmaps) * 1 if wildcards.method == "permutation" else 0),
         runtime=lambda wildcards, input: 10
         + len(input.zmaps) // (20 if wildcards.method == "permutation" else 200),
+    params:
+        meta=meta_params,
+    script:
+        "../../scripts/meta.py"
+
+
+rule meta_effect:
+    input:
+        qc=f"{ANALYSIS}/qc.tsv",
+        zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        qcs=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
+        g=per_image(f"{RESULTS}/images/{{image_id}}/g.nii.gz"),
+        varg=per_image(f"{RESULTS}/images/{{image_id}}/varg.nii.gz"),
+        mask=TEMPLATE_MASK,
+    output:
+        z=f"{ANALYSIS}/meta/{{method}}/z.nii.gz",
+        p=f"{ANALYSIS}/meta/{{method}}/p.nii.gz",
+        logp=f"{ANALYSIS}/meta/{{method}}/logp.nii.gz",
+        k=f"{ANALYSIS}/meta/{{method}}/k.nii.gz",
+        q=f"{ANALYSIS}/meta/{{method}}/q.nii.gz",
+        z_fdr=f"{ANALYSIS}/meta/{{method}}/z_fdr.nii.gz",
+        z_bonf=f"{ANALYSIS}/meta/{{method}}/z_bonf.nii.gz",
+        est=f"{ANALYSIS}/meta/{{method}}/est.nii.gz",
+        se=f"{ANALYSIS}/meta/{{method}}/se.nii.gz",
+        tau2=f"{ANALYSIS}/meta/{{method}}/tau2.nii.gz",
+        Q=f"{ANALYSIS}/meta/{{method}}/Q.nii.gz",
+        I2=f"{ANALYSIS}/meta/{{method}}/I2.nii.gz",
+        summary=f"{ANALYSIS}/meta/{{method}}/summary.json",
+        clusters=report(
+            f"{ANALYSIS}/meta/{{method}}/clusters.tsv",
+            caption="../report/clusters.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"result": "cluster table", "method": "{method}"},
+        ),
+        jackknife=report(
+            f"{ANALYSIS}/meta/{{method}}/jackknife.tsv",
+            caption="../report/meta_jackknife.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"result": "jackknife", "method": "{method}"},
+        ),
+        png=report(
+            f"{ANALYSIS}/meta/{{method}}/z.png",
+            caption="../report/meta_z.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"result": "z mosaic", "method": "{method}"},
+        ),
+        est_png=report(
+            f"{ANALYSIS}/meta/{{method}}/est.png",
+            caption="../report/meta_effect.rst",
+            category="{analysis}",
+            subcategory="Meta-analysis",
+            labels={"result": "effect size and I2", "method": "{method}"},
+        ),
+    log:
+        f"{LOGS}/meta/{{analysis}}_{{method}}.log",
+    wildcard_constraints:
+        method="|".join(EFFECT_METHODS),
+    conda:
+        "../../envs/nvmeta.yaml"
+    threads: 1
+    resources:
+        # g / var(g) go to a float32 stack on disk; pooling works in voxel chunks of ~192 MB
+        # (nvmeta.meta.effects.CHUNK_BYTES); the jackknife holds the cluster voxels of every map.
+        mem_mb=lambda wildcards, input: 2500 + len(input.zmaps) // 2,
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:
         meta=meta_params,
     script:

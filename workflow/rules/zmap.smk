@@ -1,5 +1,6 @@
 # Per image: t -> z with recorded degrees of freedom, resampled and masked onto the template
-# grid (NaN = no data), plus qc.json. One lean job per image.
+# grid (NaN = no data), plus qc.json; and Hedges' g / var(g) maps (nvmeta.effectsize) when an
+# analysis pools effect sizes (EFFECT_OUTPUTS, common.smk). One lean job per image.
 
 from nvmeta.zmap import LIMIT_KEYS as ZMAP_LIMIT_KEYS
 
@@ -9,6 +10,7 @@ rule zmap:
         metadata=f"{IMAGES}/metadata.json",
         mask=TEMPLATE_MASK,
     output:
+        **EFFECT_OUTPUTS,
         zmap=f"{IMAGES}/zmap.nii.gz",
         qc=f"{IMAGES}/qc.json",
     log:

@@ -1,0 +1,247 @@
+"""Writing a method's outputs: maps (``.nii.gz``), cluster tables, the figure and ``summary.json``.
+
+Every file is written through :func:`nvmeta.io.atomic_path` (a partial file never appears at an
+output path); :func:`sweep` removes the temporaries a killed earlier attempt of the same job left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from nvmeta.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+#: Every file name a method may write into ``meta/{method}/`` (the sweep covers them all).
+OUTPUT_NAMES = (
+    "z.nii.gz", "p.nii.gz", "logp.nii.gz", "k.nii.gz", "q.nii.gz", "z_fdr.nii.gz", "z_bonf.nii.gz",
+    "p_fwe.nii.gz", "z_fwe.nii.gz", "est.nii.gz", "se.nii.gz", "tau2.nii.gz", "Q.nii.gz", "I2.nii.gz",
+    "clusters.tsv", "clusters_bonf.tsv", "clusters_fwe.tsv", "jackknife.tsv", "z.png", "summary.json",
+)  # fmt: skip
+
+
+def sweep(outdir: Path) -> list[Path]:
+    """Remove stale temporaries (``.{name}.*.part*``) of this method's outputs in ``outdir``."""
+    from nvmeta.download import remove_stale_temps
+
+    removed = remove_stale_temps(*(outdir / name for name in OUTPUT_NAMES))
+    if removed:
+        logger.info("removed %d stale temporary file(s) of an interrupted run: %s",
+                    len(removed), ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Freeze the current heap for the garbage collector while nilearn runs.
+
+    nilearn calls ``gc.collect()`` for every image it loads (``safe_get_data``); a full
+    collection walks every live object (~0.2–0.5 s in a process that imported nilearn,
+    matplotlib, scipy, pandas, more in a test session), which dominated the time of the
+    cluster tables and figures. Objects alive before the block are moved to the permanent
+    generation (``gc.freeze``) and given back afterwards (``gc.unfreeze``); objects created
+    inside are still collected.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def to_img(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, fill: float = np.nan, dtype=np.float32):
+    """A mask-voxel vector as a template-grid image (``fill`` outside the mask)."""
+    out = np.full(mask.shape, fill, dtype=dtype)
+    out[mask] = values.astype(dtype)
+    img = nib.Nifti1Image(out, affine)
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def save_img(img: nib.Nifti1Image, dest: Path) -> None:
+    """Save atomically."""
+    with atomic_path(dest) as tmp:
+        nib.save(img, tmp)
+
+
+_CLUSTER_COLUMNS = [
+    "Cluster ID", "X", "Y", "Z", "Peak Stat", "Cluster Size (mm3)", "Cluster Size (voxels)",
+    "Cluster-forming threshold", "Connectivity",
+]  # fmt: skip
+#: nilearn's get_clusters_table labels with scipy's 3-D rank-1 structure (6-connectivity).
+CONNECTIVITY = "faces (6-connected)"
+
+
+def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels: int = 0, forming: str = ""):
+    """Cluster table of a thresholded map (0 or NaN = not significant).
+
+    nilearn's :func:`~nilearn.reporting.get_clusters_table` (peaks and sub-peaks at least
+    8 mm apart, MNI mm coordinates of the grid's affine, face-connected clusters) plus a
+    cluster size in voxels, the cluster-forming threshold (``forming``) and the connectivity.
+    Clusters are numbered 1, 2, ... without gaps (nilearn numbers before dropping the clusters
+    under ``min_voxels``); sub-peaks keep their letter (``3a``). Empty (header only) when no
+    voxel survives.
+    """
+    import re
+
+    import pandas as pd
+    from nilearn.reporting import get_clusters_table
+
+    data = np.nan_to_num(np.asarray(thresholded_img.dataobj, dtype=np.float64), nan=0.0)
+    nz = np.abs(data[data != 0])
+    if nz.size == 0:
+        return pd.DataFrame(columns=_CLUSTER_COLUMNS)
+    img = nib.Nifti1Image(data.astype(np.float32), thresholded_img.affine)
+    thr = float(nz.min()) * (1 - 1e-6)
+    with warnings.catch_warnings():
+        # two-sided tables warn when one sign has no cluster: not worth a warning here
+        warnings.filterwarnings("ignore", message="No clusters found", category=UserWarning)
+        table = get_clusters_table(
+            img, stat_threshold=thr, cluster_threshold=int(min_voxels), two_sided=two_sided
+        )
+    vox_mm3 = float(abs(np.linalg.det(thresholded_img.affine[:3, :3])))
+    sizes = pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce")
+    table["Cluster Size (voxels)"] = (sizes / vox_mm3).round().astype("Int64")
+    renumber: dict[str, int] = {}
+    ids = []
+    for cid in table["Cluster ID"].astype(str):
+        m = re.fullmatch(r"(\d+)([a-z]*)", cid)
+        if m is None:  # not nilearn's format: leave it
+            ids.append(cid)
+            continue
+        new = renumber.setdefault(m.group(1), len(renumber) + 1)
+        ids.append(f"{new}{m.group(2)}")
+    table["Cluster ID"] = ids
+    table["Cluster-forming threshold"] = forming
+    table["Connectivity"] = CONNECTIVITY
+    return table[[c for c in _CLUSTER_COLUMNS if c in table.columns]]
+
+
+def n_clusters(table) -> int:
+    """Clusters in a table (sub-peak rows have an empty cluster size)."""
+    import pandas as pd
+
+    return int(pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce").notna().sum()) if len(table) else 0
+
+
+def plot_z(z_img, out_png: Path, cfg: dict, title: str, empty_note: str | None = None) -> None:
+    """The z mosaic (nilearn ``plot_stat_map``, axial cuts of ``cut_coords``), colour bar labelled z.
+
+    When no voxel is non-zero, ``empty_note`` (e.g. "no voxel survives FDR q < 0.05") is written
+    across the figure instead of leaving an empty brain to be read as a result.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    data = np.nan_to_num(np.asarray(z_img.dataobj, dtype=np.float32), nan=0.0)
+    empty = not np.any(np.abs(data) >= float(cfg["threshold"]))
+    fig = plt.figure(figsize=(14, 3))
+    try:
+        display = plotting.plot_stat_map(
+            nib.Nifti1Image(data, z_img.affine),
+            display_mode="z",
+            threshold=cfg["threshold"],
+            cut_coords=list(cfg["cut_coords"]),
+            vmax=cfg["vmax"] if not empty else (cfg["vmax"] or float(cfg["threshold"]) + 1.0),
+            title=title,
+            figure=fig,
+            colorbar=not empty,
+        )
+        if empty:
+            fig.text(0.5, 0.45, empty_note or "no voxel to show", ha="center", va="center", fontsize=18,
+                     color="black", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.3"})  # fmt: skip
+        else:
+            fig.text(0.945, 0.5, "z score", ha="center", va="center", rotation=90, fontsize=11)
+        with atomic_path(out_png) as tmp:
+            display.savefig(str(tmp), dpi=100)
+        display.close()
+    finally:
+        plt.close(fig)
+
+
+def cluster_labels(thr: np.ndarray, mask: np.ndarray, affine: np.ndarray, min_voxels: int = 0):
+    """Clusters of a thresholded mask-voxel vector (0 / NaN = not significant).
+
+    Face-connected components (6-neighbourhood, :func:`scipy.ndimage.label`), positive and
+    negative values separately, clusters under ``min_voxels`` dropped, numbered 1, 2, ... by
+    decreasing size.
+
+    Returns
+    -------
+    labels : ndarray of int, (n_vox,)
+        Cluster number per mask voxel (0 = none).
+    info : dict
+        ``number -> {"size", "x", "y", "z", "peak"}`` (peak |value| and its mm coordinates).
+    """
+    from scipy import ndimage
+
+    vol = np.zeros(mask.shape)
+    vol[mask] = np.nan_to_num(thr, nan=0.0)
+    comps = []
+    for sign in (1.0, -1.0):
+        lab, n = ndimage.label(vol * sign > 0)
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        for c in range(1, n + 1):
+            if sizes[c] >= max(int(min_voxels), 1):
+                comps.append((int(sizes[c]), sign, lab == c))
+    comps.sort(key=lambda t: -t[0])
+    labels3 = np.zeros(mask.shape, dtype=np.int32)
+    info = {}
+    for number, (size, _sign, sel) in enumerate(comps, start=1):
+        labels3[sel] = number
+        vals = np.where(sel, np.abs(vol), -1.0)
+        ijk = np.unravel_index(int(np.argmax(vals)), mask.shape)
+        xyz = affine[:3, :3] @ np.asarray(ijk, dtype=float) + affine[:3, 3]
+        info[number] = {"size": size, "x": float(xyz[0]), "y": float(xyz[1]), "z": float(xyz[2]),
+                        "peak": float(vol[ijk])}  # fmt: skip
+    return labels3[mask], info
+
+
+def plot_effect(g_img, i2_img, out_png: Path, cfg: dict, title: str) -> None:
+    """Pooled g mosaic (colour bar in g units) with the I² mosaic (0–100 %) beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    g = np.asarray(g_img.dataobj, dtype=np.float32)
+    i2 = np.asarray(i2_img.dataobj, dtype=np.float32) * 100.0
+    finite = np.isfinite(g)
+    gmax = float(np.nanpercentile(np.abs(g[finite]), 99.5)) if finite.any() else 1.0
+    gmax = gmax if gmax > 0 else 1.0
+    cuts = list(cfg["cut_coords"])
+    fig = plt.figure(figsize=(14, 5.6))
+    try:
+        top = fig.add_axes([0.0, 0.5, 1.0, 0.5])
+        bottom = fig.add_axes([0.0, 0.0, 1.0, 0.5])
+        d1 = plotting.plot_stat_map(
+            nib.Nifti1Image(np.nan_to_num(g, nan=0.0), g_img.affine), display_mode="z", cut_coords=cuts,
+            vmax=gmax, threshold=0.0, title=f"{title} (colour bar: g)", figure=fig, axes=top,
+            cbar_tick_format="%.2g",
+        )  # fmt: skip
+        d2 = plotting.plot_stat_map(
+            nib.Nifti1Image(np.nan_to_num(i2, nan=0.0), i2_img.affine), display_mode="z", cut_coords=cuts,
+            vmin=0.0, vmax=100.0, cmap="viridis", symmetric_cbar=False, threshold=0.0,
+            title="I² heterogeneity (colour bar: %)", figure=fig, axes=bottom, cbar_tick_format="%.0f",
+        )  # fmt: skip
+        with atomic_path(out_png) as tmp:
+            fig.savefig(str(tmp), dpi=100)
+        d1.close()
+        d2.close()
+    finally:
+        plt.close(fig)

@@ -1,0 +1,431 @@
+"""Effect sizes (nvmeta.effectsize) and the effect-size meta-analysis methods (nvmeta.meta.effects).
+
+References: NiMARE's ``nimare.transforms`` (t -> d -> g, var g; z -> t) and ``FixedEffectsHedges``,
+PyMARE's ``DerSimonianLaird`` / ``Hedges`` (Wald inference, the textbook form), an independent
+per-voxel DerSimonian–Laird written here, numpy / scipy robust statistics, a 3-study example
+computed by hand, and planted truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from nvmeta.effectsize import hedges_j, one_sample, two_sample, write_effect_maps, z_to_t
+from nvmeta.meta import run_method
+from nvmeta.meta.effects import pool
+from nvmeta.stats import t_to_z
+
+AFFINE = np.array([[3.0, 0, 0, -15], [0, 3.0, 0, -15], [0, 0, 3.0, -9], [0, 0, 0, 1]])
+SHAPE = (10, 10, 6)
+
+
+def small_mask() -> nib.Nifti1Image:
+    m = np.zeros(SHAPE, np.uint8)
+    m[1:-1, 1:-1, 1:-1] = 1
+    return nib.Nifti1Image(m, AFFINE)
+
+
+class EffectStudy:
+    """Per image: zmap.nii.gz, g.nii.gz, varg.nii.gz, qc.json (as the z-map job writes them); qc.tsv."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.mask_img = small_mask()
+        self.mask = np.asarray(self.mask_img.dataobj) > 0
+        self.rows: list[dict] = []
+
+    @property
+    def n_vox(self) -> int:
+        return int(self.mask.sum())
+
+    def add_t(self, image_id: int, t: np.ndarray, n: int, collection_id: int | None = None) -> None:
+        """One one-sample t map (mask-voxel vector) with sample size n: z with df = n - 1, g, var g."""
+        d = self.root / "images" / str(image_id)
+        d.mkdir(parents=True, exist_ok=True)
+        z = np.full(SHAPE, np.nan, np.float32)
+        z[self.mask] = t_to_z(np.asarray(t, np.float64), n - 1.0)
+        nib.save(nib.Nifti1Image(z, AFFINE), d / "zmap.nii.gz")
+        qc = {"image_id": image_id, "collection_id": collection_id or image_id, "n": n, "df": n - 1.0}
+        write_effect_maps(z, qc, {}, {}, self.mask_img, d / "g.nii.gz", d / "varg.nii.gz")
+        (d / "qc.json").write_text(json.dumps(qc))
+        self.rows.append(
+            {"image_id": image_id, "collection_id": collection_id or image_id, "number_of_subjects": n,
+             "status": "included"}
+        )  # fmt: skip
+
+    def path(self, image_id: int) -> Path:
+        return self.root / "images" / str(image_id) / "zmap.nii.gz"
+
+    def run(self, method: str, cfg: dict | None = None, outname: str | None = None, rows=None):
+        qc = self.root / f"qc_{outname or method}.tsv"
+        pd.DataFrame(self.rows if rows is None else rows).to_csv(qc, sep="\t", index=False)
+        out = self.root / "out" / (outname or method)
+        cfg = {"cut_coords": [0, 3], "threshold": 2.0, **(cfg or {})}
+        return run_method(method, qc, self.path, self.mask_img, cfg, out), out
+
+    def vec(self, out: Path, name: str) -> np.ndarray:
+        return np.asarray(nib.load(out / f"{name}.nii.gz").dataobj, dtype=np.float64)[self.mask]
+
+
+# ---------------------------------------------------------------------------------------
+# per-image effect sizes
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [5, 12, 20, 57, 400])
+def test_one_sample_matches_nimare_transforms(n):
+    from nimare.transforms import d_to_g, t_to_d
+
+    t = np.array([-12.0, -3.1, -0.4, 0.0, 0.7, 2.5, 6.0, 15.0])
+    d, g, v = one_sample(t, n)
+    d_ref = t_to_d(t, n)
+    g_ref, v_ref = d_to_g(d_ref, n, return_variance=True)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-12)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+    assert np.all(v > 0)
+    # J by hand: n = 20 -> 1 - 3 / 75 = 0.96
+    assert float(hedges_j(19)) == pytest.approx(0.96, abs=1e-15)
+
+
+def test_two_sample_by_hand():
+    # t = 3, n1 = 10, n2 = 15: d = 3 * sqrt(1/10 + 1/15) = 3 * sqrt(1/6); df = 23, J = 1 - 3/91
+    d, g, v = two_sample(3.0, 10, 15)
+    assert float(d) == pytest.approx(3.0 / math.sqrt(6.0), rel=1e-14)
+    j = 1.0 - 3.0 / 91.0
+    assert float(g) == pytest.approx(j * 3.0 / math.sqrt(6.0), rel=1e-14)
+    assert float(v) == pytest.approx(j**2 * (25.0 / 150.0 + 1.5 / 50.0), rel=1e-14)
+
+
+@pytest.mark.parametrize("df", [3.0, 9.0, 19.0, 120.0, 1e4])
+def test_z_to_t_inverts_t_to_z(df):
+    t = np.array([-60.0, -9.0, -2.0, -1e-6, 0.0, 0.5, 3.0, 25.0, 200.0])
+    back = z_to_t(t_to_z(t, df), df)
+    np.testing.assert_allclose(back, t, rtol=1e-9, atol=1e-12)
+    assert np.isnan(z_to_t(np.array([np.nan]), df)).all()
+
+
+def test_z_to_t_matches_nimare_where_it_is_exact():
+    from nimare.transforms import z_to_t as nimare_z_to_t
+
+    z = np.linspace(-8.0, 8.0, 33)
+    for df in (4.0, 19.0, 200.0):
+        np.testing.assert_allclose(z_to_t(z, df), nimare_z_to_t(z, df), rtol=1e-6, atol=1e-9)
+
+
+def _zmap_job(tmp_path, record, t, conversion):
+    from nvmeta.zmap import make_zmap
+
+    mask_img = small_mask()
+    d = tmp_path / "images" / str(record["id"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metadata.json").write_text(json.dumps(record))
+    data = np.zeros(SHAPE, np.float32)
+    data[np.asarray(mask_img.dataobj) > 0] = t
+    nib.save(nib.Nifti1Image(data, AFFINE), d / "map.nii.gz")
+    qc = make_zmap(
+        d / "metadata.json", d / "map.nii.gz", mask_img, conversion, d / "zmap.nii.gz", d / "qc.json",
+        (d / "g.nii.gz", d / "varg.nii.gz"),
+    )  # fmt: skip
+    m = np.asarray(mask_img.dataobj) > 0
+    g = np.asarray(nib.load(d / "g.nii.gz").dataobj, np.float64)[m]
+    v = np.asarray(nib.load(d / "varg.nii.gz").dataobj, np.float64)[m]
+    return qc, g, v
+
+
+def _record(image_id=5, n=20, map_type="T map", **kw):
+    rec = {"id": image_id, "collection_id": 77, "map_type": map_type, "number_of_subjects": n,
+           "statistic_parameters": None, "nvmeta": {"status": "ok"}}  # fmt: skip
+    rec.update(kw)
+    return rec
+
+
+def test_zmap_job_writes_g_and_var_g(tmp_path):
+    n_vox = int((np.asarray(small_mask().dataobj) > 0).sum())
+    t = np.linspace(-6, 9, n_vox).astype(np.float32)
+    t[t == 0] = 0.01
+    # the record says n = 0 (NIDM), conversion.n_images gives 20: d = t / sqrt(20), df = 19
+    qc, g, v = _zmap_job(tmp_path, _record(n=0), t, {"df": "n-1", "n_images": {"5": 20}})
+    assert qc["status"] == "included" and qc["n"] == 20 and qc["df"] == 19.0
+    assert qc["design"] == "one_sample" and qc["effect_size"] == "ok"
+    _, g_ref, v_ref = one_sample(t.astype(np.float64), 20)
+    np.testing.assert_allclose(g, g_ref, rtol=2e-6)  # t recovered from the float32 z-map
+    np.testing.assert_allclose(v, v_ref, rtol=2e-6)
+    # a z map: t recovered with the image's df (statistic_parameters = 30), n = 32
+    z = t_to_z(t.astype(np.float64), 30.0).astype(np.float32)
+    qc, g, _ = _zmap_job(tmp_path, _record(6, n=32, map_type="Z map", statistic_parameters=30), z, {})
+    assert qc["effect_size"] == "ok"
+    np.testing.assert_allclose(g, one_sample(z_to_t(z.astype(np.float64), 30.0), 32)[1], rtol=2e-6)
+    np.testing.assert_allclose(g, one_sample(t.astype(np.float64), 32)[1], rtol=1e-5)
+    # a declared two-sample design uses both group sizes
+    conv = {"design_images": {"7": {"design": "two_sample", "n1": 12, "n2": 14}}}
+    qc, g, v = _zmap_job(tmp_path, _record(7, n=26), t, conv)
+    assert qc["design"] == "two_sample"
+    np.testing.assert_allclose(g, two_sample(t.astype(np.float64), 12, 14)[1], rtol=2e-6)
+    # no sample size at all: all-NaN effect maps and the reason in qc.json
+    qc, g, v = _zmap_job(tmp_path, _record(8, n=None), t, {"df_images": {"8": 10}})
+    assert qc["status"] == "included" and "no sample size" in qc["effect_size"]
+    assert np.isnan(g).all() and np.isnan(v).all()
+
+
+# ---------------------------------------------------------------------------------------
+# pooling: references
+# ---------------------------------------------------------------------------------------
+
+
+def _textbook_dl(y: np.ndarray, v: np.ndarray):
+    """DerSimonian & Laird (1986), one voxel at a time, plain Python floats."""
+    est, tau2s, zs, qs, i2s = [], [], [], [], []
+    for j in range(y.shape[1]):
+        yy, vv = list(y[:, j]), list(v[:, j])
+        w = [1.0 / x for x in vv]
+        sw = sum(w)
+        fe = sum(wi * yi for wi, yi in zip(w, yy, strict=True)) / sw
+        q = sum(wi * (yi - fe) ** 2 for wi, yi in zip(w, yy, strict=True))
+        c = sw - sum(wi * wi for wi in w) / sw
+        tau2 = max(0.0, (q - (len(yy) - 1)) / c)
+        ws = [1.0 / (x + tau2) for x in vv]
+        mu = sum(wi * yi for wi, yi in zip(ws, yy, strict=True)) / sum(ws)
+        est.append(mu)
+        tau2s.append(tau2)
+        zs.append(mu * math.sqrt(sum(ws)))
+        qs.append(q)
+        i2s.append(max(0.0, (q - (len(yy) - 1)) / q))
+    return tuple(np.array(a) for a in (est, tau2s, zs, qs, i2s))
+
+
+def test_dersimonian_laird_matches_textbook_and_pymare():
+    from pymare.estimators import DerSimonianLaird, Hedges
+
+    rng = np.random.default_rng(11)
+    k, n = 9, 300
+    v = rng.uniform(0.02, 0.2, size=(k, n))
+    y = 0.4 + rng.normal(size=(k, n)) * np.sqrt(v + rng.uniform(0, 0.15, size=n))
+    out = pool("dersimonian_laird", y, v)
+    est, tau2, z, q, i2 = _textbook_dl(y, v)
+    for got, ref in ((out["est"], est), (out["tau2"], tau2), (out["z"], z), (out["Q"], q), (out["I2"], i2)):
+        np.testing.assert_allclose(got, ref, rtol=1e-10)
+    assert (tau2 > 0).any() and (tau2 == 0).any()  # both branches of max(0, .) exercised
+    # PyMARE, Wald inference (its default adds the Knapp-Hartung correction, not DL's textbook z)
+    res = DerSimonianLaird(small_sample_correction="wald").fit(y=y, v=v, X=np.ones((k, 1))).summary()
+    fe = res.get_fe_stats()
+    np.testing.assert_allclose(out["est"], np.ravel(fe["est"]), rtol=1e-6)
+    np.testing.assert_allclose(out["tau2"], np.ravel(res.tau2), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(out["z"], np.ravel(fe["z"]), rtol=1e-6)
+    # Hedges' tau2 estimator against PyMARE's Hedges
+    out_h = pool("hedges", y, v)
+    res_h = Hedges(small_sample_correction="wald").fit(y=y, v=v, X=np.ones((k, 1))).summary()
+    np.testing.assert_allclose(out_h["tau2"], np.ravel(res_h.tau2), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(out_h["est"], np.ravel(res_h.get_fe_stats()["est"]), rtol=1e-6)
+    np.testing.assert_allclose(out_h["z"], np.ravel(res_h.get_fe_stats()["z"]), rtol=1e-6)
+
+
+def test_q_and_i2_three_studies_by_hand():
+    # y = 0.2, 0.5, 0.9; v = 0.04, 0.02, 0.05 -> w = 25, 50, 20, sum w = 95
+    # est_FE = (5 + 25 + 18) / 95 = 48/95
+    # Q = 25 (0.2 - 48/95)^2 + 50 (0.5 - 48/95)^2 + 20 (0.9 - 48/95)^2 = 10.35 - 48^2/95 = 10.35 - 24.2526... = 491/90.25...
+    #   exactly: sum w y^2 = 1 + 12.5 + 16.2 = 29.7; Q = 29.7 - 48^2/95 = 29.7 - 2304/95 = 517.5/95 = 5.447368421
+    # I2 = (Q - 2) / Q = 327.5/517.5 = 0.632850242; C = 95 - (625 + 2500 + 400)/95 = 5500/95
+    # tau2_DL = (Q - 2) / C = (327.5/95) / (5500/95) = 327.5/5500 = 0.0595454545
+    y = np.array([[0.2], [0.5], [0.9]])
+    v = np.array([[0.04], [0.02], [0.05]])
+    out = pool("dersimonian_laird", y, v)
+    assert out["Q"][0] == pytest.approx(517.5 / 95, rel=1e-12)
+    assert out["I2"][0] == pytest.approx(327.5 / 517.5, rel=1e-12)
+    assert out["tau2"][0] == pytest.approx(327.5 / 5500, rel=1e-12)
+    assert int(out["k"][0]) == 3
+    fe = pool("fixed_effects_hedges", y, v)
+    assert fe["est"][0] == pytest.approx(48 / 95, rel=1e-12)
+    assert fe["se"][0] == pytest.approx(1 / math.sqrt(95), rel=1e-12)
+
+
+def test_robust_estimators_match_numpy_and_scipy():
+    rng = np.random.default_rng(3)
+    k, n = 11, 200
+    y = rng.standard_t(3, size=(k, n)) * 0.3 + 0.5
+    v = np.full((k, n), 0.05)
+    y[:4, :50] = np.nan  # partial coverage: 7 maps in the first 50 voxels
+    med = pool("median", y, v)
+    tm = pool("trimmed_mean", y, v, trim=0.2)
+    for j in range(n):
+        col = y[:, j][np.isfinite(y[:, j])]
+        kk = col.size
+        assert med["est"][j] == pytest.approx(np.median(col), rel=1e-12)
+        mad = stats.median_abs_deviation(col, scale="normal")
+        assert med["se"][j] == pytest.approx(
+            math.sqrt(math.pi / (2 * kk)) * mad, rel=1e-3
+        )  # 1.4826 vs 1/Φ⁻¹(3/4)
+        assert tm["est"][j] == pytest.approx(stats.trim_mean(col, 0.2), rel=1e-12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            se_ref = stats.mstats.trimmed_stde(col, limits=(0.2, 0.2))
+        assert tm["se"][j] == pytest.approx(float(se_ref), rel=1e-10)
+        assert int(med["k"][j]) == kk
+
+
+# ---------------------------------------------------------------------------------------
+# whole method runs
+# ---------------------------------------------------------------------------------------
+
+
+def test_fixed_effects_hedges_matches_nimare(tmp_path):
+    from nimare.dataset import Dataset
+    from nimare.meta.ibma import FixedEffectsHedges
+
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(8)
+    ns = [14, 20, 25, 33, 41, 18]
+    tpaths = {}
+    for i, n in enumerate(ns):
+        t = rng.normal(size=st.n_vox) + 0.6 * math.sqrt(n) * (np.arange(st.n_vox) % 3 == 0)
+        st.add_t(i + 1, t, n)
+        vol = np.zeros(SHAPE, np.float32)
+        vol[st.mask] = t
+        tpaths[i + 1] = tmp_path / f"t{i + 1}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, AFFINE), tpaths[i + 1])
+    summary, out = st.run("fixed_effects_hedges")
+    source = {
+        f"s{i}": {
+            "contrasts": {"1": {"images": {"t": str(tpaths[i])}, "metadata": {"sample_sizes": [ns[i - 1]]}}}
+        }
+        for i in tpaths
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dset = Dataset(source, target=None, mask=st.mask_img)
+        res = FixedEffectsHedges(small_sample_correction="wald").fit(dset)
+    z_ref = np.asarray(res.get_map("z").dataobj, np.float64)[st.mask]
+    est_ref = np.asarray(res.get_map("est").dataobj, np.float64)[st.mask]
+    np.testing.assert_allclose(st.vec(out, "z"), z_ref, atol=1e-4)
+    np.testing.assert_allclose(st.vec(out, "est"), est_ref, atol=1e-5)
+    assert summary["k_maps"] == 6 and summary["n_voxels_reported"] == st.n_vox
+
+
+def _planted(st: EffectStudy, rng, k: int, tau: float, delta: float = 0.5):
+    """k one-sample studies: true standardised effect delta_i ~ N(delta, tau^2) in the signal voxels."""
+    signal = np.arange(st.n_vox) % 2 == 0
+    for i in range(k):
+        n = int(rng.integers(20, 60))
+        di = delta + tau * rng.normal()
+        # one-sample t with noncentrality di * sqrt(n): (Z + di sqrt n) / sqrt(chi2_{n-1} / (n - 1))
+        ncp = np.where(signal, di * math.sqrt(n), 0.0)
+        t = (rng.normal(size=st.n_vox) + ncp) / np.sqrt(rng.chisquare(n - 1, size=st.n_vox) / (n - 1))
+        st.add_t(i + 1, t, n)
+    return signal
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.35])
+def test_planted_truth_dl_recovers_d_and_heterogeneity(tmp_path, tau):
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(2026 + int(tau * 100))
+    signal = _planted(st, rng, k=30, tau=tau)
+    summary, out = st.run("dersimonian_laird")
+    est, se = st.vec(out, "est"), st.vec(out, "se")
+    tau2, i2 = st.vec(out, "tau2"), st.vec(out, "I2")
+    covered = np.abs(est[signal] - 0.5) <= 1.96 * se[signal]
+    assert covered.mean() >= 0.9, covered.mean()
+    assert np.median(est[~signal]) == pytest.approx(0.0, abs=0.02)
+    if tau == 0:
+        assert np.median(tau2[signal]) < 0.005 and np.median(i2[signal]) < 0.2
+    else:
+        assert np.median(tau2[signal]) == pytest.approx(tau**2, rel=0.35)
+        assert np.median(i2[signal]) > 0.6
+        assert np.median(tau2[~signal]) < 0.005  # no heterogeneity where every study has 0
+    assert summary["n_significant_fdr"] > 0.9 * signal.sum()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("fixed_effects_hedges", 10.0), ("dersimonian_laird", 10.0), ("stouffer", 10.0), ("fisher", 10.0),
+     ("median", 1.0), ("ttest", 1.0)],
+)  # fmt: skip
+def test_jackknife_names_the_study_a_cluster_rests_on(tmp_path, method, extra):
+    """Map 3 carries most of a blob (large ``extra``): it has the largest share; and each
+    ``z_mean_without`` equals a direct refit without that map, for effect-size and z methods."""
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(4)
+    blob = np.zeros(SHAPE, bool)
+    blob[2:5, 2:5, 2:4] = True
+    b = blob[st.mask]
+    for i in range(6):
+        t = rng.normal(size=st.n_vox) * 0.3 + np.where(b, 3.0 + (extra if i == 2 else 0.0), 0.0)
+        st.add_t(i + 1, t, 25)
+    summary, out = st.run(method, {"min_cluster_voxels": 5})
+    jk = pd.read_csv(out / "jackknife.tsv", sep="\t", dtype={"image_ids": str})
+    assert list(jk.columns) == ["cluster", "peak_x", "peak_y", "peak_z", "size_voxels", "unit", "image_ids",
+                                "collection_id", "z_mean_without", "share"]  # fmt: skip
+    c1 = jk[jk.cluster == 1]
+    assert len(c1) == 6 and int(c1.size_voxels.iloc[0]) >= b.sum()
+    if extra > 1:  # robust methods and the t-test are not driven by one map: no such claim there
+        # the most influential map (|share| largest): positive for FE / Stouffer / Fisher; for DL
+        # negative (the outlier inflates tau2, so leaving it out *raises* z)
+        top = c1.loc[c1.share.abs().idxmax()]
+        assert top["image_ids"] == "3"
+        assert (top["share"] < 0) == (method == "dersimonian_laird")
+    # z with image 3 left out, against a direct refit without it
+    rows = [r for r in st.rows if r["image_id"] != 3]
+    _, out3 = st.run(method, {"min_cluster_voxels": 5}, outname="without3", rows=rows)
+    z_wo = st.vec(out3, "z")
+    labels = np.asarray(nib.load(out / "z_fdr.nii.gz").dataobj)[st.mask] != 0
+    from nvmeta.meta.outputs import cluster_labels
+
+    lab, _ = cluster_labels(st.vec(out, "z_fdr"), st.mask, AFFINE, 5)
+    assert labels[lab == 1].all()
+    ref = float(np.mean(z_wo[lab == 1]))
+    got = float(c1[c1.image_ids == "3"].z_mean_without.iloc[0])
+    assert got == pytest.approx(ref, rel=1e-6)
+
+
+def test_combine_within_collection_averages_g(tmp_path, caplog):
+    import logging
+
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(9)
+    ts = [rng.normal(size=st.n_vox) + 2.0 for _ in range(4)]
+    for i, t in enumerate(ts):
+        st.add_t(i + 1, t, 20, collection_id=100 if i < 2 else 200 + i)
+    with caplog.at_level(logging.INFO, logger="nvmeta.meta"):
+        summary, out = st.run("fixed_effects_hedges", {"combine_within": "collection"})
+    assert "averaged (mean g)" in caplog.text and summary["k_units"] == 3
+
+    def load(i, name):
+        return np.asarray(nib.load(st.path(i).with_name(name)).dataobj, np.float64)[st.mask]
+
+    g = [load(i, "g.nii.gz") for i in range(1, 5)]
+    v = [load(i, "varg.nii.gz") for i in range(1, 5)]
+    # the collection's unit: mean g, mean var g (conservative: the maps share their subjects)
+    ref = pool("fixed_effects_hedges", np.stack([(g[0] + g[1]) / 2, g[2], g[3]]),
+               np.stack([(v[0] + v[1]) / 2, v[2], v[3]]))  # fmt: skip
+    np.testing.assert_allclose(st.vec(out, "est"), ref["est"], rtol=1e-5)
+    # off (the default): the collection's two maps count twice, and the summary says so
+    summary, _ = st.run("fixed_effects_hedges", outname="none")
+    assert any("collection 100 contributes 2 maps" in w for w in summary["warnings"])
+
+
+def test_robust_methods_need_five_maps_at_a_voxel(tmp_path):
+    """Two near-equal g values give MAD ~ 0 and z in the thousands: not reported below 5 maps."""
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(12)
+    edge = np.arange(st.n_vox) < 40  # only 2 of the 6 maps cover these voxels
+    for i in range(6):
+        t = rng.normal(size=st.n_vox) + 3.0
+        if i >= 2:
+            t[edge] = np.nan
+        else:
+            t[edge] = 3.0 + 1e-4 * i  # near-identical values where only two maps have data
+        st.add_t(i + 1, t, 30)
+    for method in ("median", "trimmed_mean"):
+        summary, out = st.run(method)
+        z, k = st.vec(out, "z"), st.vec(out, "k")
+        assert np.isnan(z[edge]).all() and (k[edge] == 2).all()
+        assert np.isfinite(z[~edge]).all() and np.nanmax(np.abs(z)) < 100
+        assert summary["min_maps_effective"] == 5
