@@ -47,7 +47,21 @@ import tempfile
 import time
 from pathlib import Path
 
-PAIN_DIR = Path("/work/shared/neurovault-sample/pain21_collection1425")
+#: The 21 pain t-maps of the bundled demo snapshot (records 990001-990021 hold their sample sizes).
+SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "snapshot"
+
+
+def pain_maps() -> list[tuple[Path, int]]:
+    """(t-map path, number of subjects) of the snapshot's 21 pain maps, in pain_01..pain_21 order."""
+    import json as _json
+
+    out = []
+    for rec_path in sorted((SNAPSHOT_DIR / "api" / "images").glob("9900[0-2][0-9].json")):
+        rec = _json.loads(rec_path.read_text())
+        if rec.get("collection_id") == 1425 and "pain_" in rec["file"]:
+            rel = rec["file"].split("/media/", 1)[1]
+            out.append((SNAPSHOT_DIR / "media" / rel, int(rec["number_of_subjects"])))
+    return sorted(out, key=lambda item: str(item[0]))
 
 
 def _rss_mb() -> float:
@@ -78,8 +92,7 @@ def prepare_pain(d: Path) -> None:
     mask_img = load_mask("mni152_2mm")
     mask = np.asarray(mask_img.dataobj) > 0
     rows = []
-    for i, f in enumerate(sorted(PAIN_DIR.glob("pain_*_tstat_derived.nii.gz"))):
-        n = json.loads(f.with_name(f.name.replace(".nii.gz", ".json")).read_text())["number_of_subjects"]
+    for i, (f, n) in enumerate(pain_maps()):
         img = nib.load(f)
         t = np.asarray(img.dataobj, dtype=np.float64)
         z = t_to_z(t, n - 1).astype(np.float32)

@@ -23,7 +23,21 @@ from scipy import stats
 from nvmeta import meta
 from nvmeta.meta import combine, frozen_gc, log_chi2_sf_even, run_method, sensitivity
 
-PAIN_DIR = Path("/work/shared/neurovault-sample/pain21_collection1425")
+#: The 21 pain t-maps of the bundled demo snapshot (records 990001-990021 hold their sample sizes).
+SNAPSHOT_DIR = Path(__file__).parent / "data" / "snapshot"
+
+
+def pain_maps() -> list[tuple[Path, int]]:
+    """(t-map path, number of subjects) of the snapshot's 21 pain maps, in pain_01..pain_21 order."""
+    import json as _json
+
+    out = []
+    for rec_path in sorted((SNAPSHOT_DIR / "api" / "images").glob("9900[0-2][0-9].json")):
+        rec = _json.loads(rec_path.read_text())
+        if rec.get("collection_id") == 1425 and "pain_" in rec["file"]:
+            rel = rec["file"].split("/media/", 1)[1]
+            out.append((SNAPSHOT_DIR / "media" / rel, int(rec["number_of_subjects"])))
+    return sorted(out, key=lambda item: str(item[0]))
 
 AFFINE = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -24], [0, 0, 2.0, -16], [0, 0, 0, 1]])
 
@@ -578,15 +592,12 @@ def pain_study(tmp_path_factory):
     from nvmeta.stats import t_to_z
     from nvmeta.template import load_mask
 
-    files = sorted(PAIN_DIR.glob("pain_*_tstat_derived.nii.gz"))
-    if len(files) != 21:
-        pytest.skip("pain21 sample data not available")
+    files = pain_maps()
+    assert len(files) == 21, files
     mask_img = load_mask("mni152_2mm")
     root = tmp_path_factory.mktemp("pain")
     st = Study(root, mask_img)
-    for i, f in enumerate(files):
-        sidecar = json.loads(f.with_name(f.name.replace(".nii.gz", ".json")).read_text())
-        n = sidecar["number_of_subjects"]
+    for i, (f, n) in enumerate(files):
         img = nib.load(f)
         assert img.shape == (91, 109, 91)  # LAS 2 mm grid: differs from nilearn's mask grid
         t = np.asarray(img.dataobj, dtype=np.float64)

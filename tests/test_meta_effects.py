@@ -134,7 +134,7 @@ def _zmap_job(tmp_path, record, t, conversion):
     nib.save(nib.Nifti1Image(data, AFFINE), d / "map.nii.gz")
     qc = make_zmap(
         d / "metadata.json", d / "map.nii.gz", mask_img, conversion, d / "zmap.nii.gz", d / "qc.json",
-        (d / "g.nii.gz", d / "varg.nii.gz"),
+        out_effects=(d / "g.nii.gz", d / "varg.nii.gz"),
     )  # fmt: skip
     m = np.asarray(mask_img.dataobj) > 0
     g = np.asarray(nib.load(d / "g.nii.gz").dataobj, np.float64)[m]
