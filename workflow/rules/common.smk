@@ -132,7 +132,17 @@ def n_selected(wildcards):
 
 def meta_outputs(analysis):
     meta = config["analyses"][analysis]["meta"]
-    out = [f"{RESULTS}/analyses/{analysis}/figures/inputs_glass_brain.png"]
+    fig = f"{RESULTS}/analyses/{analysis}/figures"
+    out = [
+        f"{fig}/{name}"
+        for name in (
+            "inputs.tsv",
+            "inputs_mean_z.png",
+            "inputs_coverage.png",
+            "inputs_correlation.png",
+            "inputs_glass_brain.png",
+        )
+    ]
     for method in meta["methods"]:
         d = f"{RESULTS}/analyses/{analysis}/meta/{method}"
         out += [f"{d}/z.nii.gz", f"{d}/clusters.tsv", f"{d}/z.png"]
