@@ -21,8 +21,8 @@ Two comparisons, both with downloads cached:
   same nvmeta set-up; wall time and **peak memory** of both sides.
 
 Peak memory: the sum of the resident set sizes of the whole process tree (Snakemake and its script
-jobs; the recipe's one process), sampled every 50 ms with psutil; the largest single process
-(``getrusage`` of the children) is printed as well.
+jobs; the recipe's one process), sampled every 50 ms with psutil; the peak of the largest single
+process is printed as well.
 
 Where nvmeta's time goes: per rule, the sum of its jobs' durations, from the timestamps Snakemake prints
 before each job's start and after its end (one-second resolution: sums over many jobs are unbiased,
@@ -109,7 +109,7 @@ class PeakRSS:
     """Sample the summed RSS of a process and all its descendants every ``interval`` s (psutil)."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval, self.peak = pid, interval, 0
+        self.pid, self.interval, self.peak, self.single = pid, interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -129,24 +129,24 @@ class PeakRSS:
                 break
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                total += rss
+                self.single = max(self.single, rss)
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
+        """(peak summed RSS, peak RSS of the largest single process), bytes."""
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peak, self.single
 
 
 def run_measured(cmd: list[str], cwd: Path) -> tuple[float, int, int, str]:
-    """Run ``cmd``; return (wall s, peak summed tree RSS bytes, max single-process RSS bytes, output)."""
-    import resource
-
+    """Run ``cmd``; return (wall s, peak summed tree RSS, peak largest-process RSS (bytes), output)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -154,12 +154,10 @@ def run_measured(cmd: list[str], cwd: Path) -> tuple[float, int, int, str]:
     sampler = PeakRSS(proc.pid)
     out, _ = proc.communicate()
     secs = time.perf_counter() - t0
-    peak = sampler.stop()
-    single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peak, single = sampler.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-5000:]}")
-    # ru_maxrss of the children is a running maximum: only meaningful when this run raised it
-    return secs, peak, single if single > before * 1024 else 0, out
+    return secs, peak, single, out
 
 
 _STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")

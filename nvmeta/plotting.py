@@ -206,8 +206,9 @@ INPUT_TABLE_COLUMNS = [
 #: At most this many values (maps x voxels, float32: 80 MB) are held for the correlation matrix;
 #: beyond it the correlations use a regular subsample of the mask's voxels (said on the figure).
 CORR_VALUE_BUDGET = 20_000_000
-#: Axial cuts (mm) of the mean z and coverage mosaics: evenly spaced through the brain.
-INPUT_CUTS = (-40, -24, -8, 8, 24, 40, 56, 70)
+#: Axial cuts of the mean z and coverage mosaics: this many, evenly spaced between the 5th and
+#: 95th percentiles of the template mask's z coordinates (MNI 2 mm: -44 ... 66 mm).
+N_INPUT_CUTS = 8
 
 
 @dataclass
@@ -465,7 +466,7 @@ def plot_mean_z(
     display = plotting.plot_stat_map(
         _nan_to_zero(img),
         display_mode="z",
-        cut_coords=list(INPUT_CUTS),
+        cut_coords=input_cuts(mask_img),
         figure=fig,
         cmap="cold_hot",
         vmax=max(vmax, 1e-3),
@@ -485,6 +486,16 @@ def _label_colorbar(cbar, text: str) -> None:
     """Label a nilearn display's colour bar on its left side (the right edge of the figure clips)."""
     cbar.ax.yaxis.set_label_position("left")
     cbar.ax.set_ylabel(text, fontsize=10)
+
+
+def input_cuts(mask_img: Any, n: int = N_INPUT_CUTS) -> list[float]:
+    """``n`` axial cut coordinates (mm) through the template mask (see :data:`N_INPUT_CUTS`)."""
+    import numpy as np
+
+    ijk = np.argwhere(np.asarray(mask_img.dataobj) > 0)
+    z = ijk @ mask_img.affine[2, :3] + mask_img.affine[2, 3]
+    lo, hi = np.percentile(z, [5, 95])
+    return [float(round(c)) for c in np.linspace(lo, hi, n)]
 
 
 def _nan_to_zero(img):
@@ -514,7 +525,7 @@ def plot_coverage(
     display = plotting.plot_stat_map(
         img,
         display_mode="z",
-        cut_coords=list(INPUT_CUTS),
+        cut_coords=input_cuts(mask_img),
         figure=fig,
         cmap="viridis",
         threshold=0.5,

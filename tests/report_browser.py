@@ -270,7 +270,9 @@ _PROBE_JS = r"""
       downloads: root ? Array.from(root.querySelectorAll("a[download]")).map(function (a) {
         return a.getAttribute("download"); }) : [],
       images: root ? Array.from(root.querySelectorAll("img")).map(function (i) {
-        return {width: i.naturalWidth, height: i.naturalHeight, embedded: i.src.indexOf("data:") === 0}; }) : []};
+        return {width: i.naturalWidth, height: i.naturalHeight, embedded: i.src.indexOf("data:") === 0}; }) : [],
+      iframes: root ? Array.from(root.querySelectorAll("iframe")).map(function (f) {
+        return {embedded: f.src.indexOf("data:") === 0, length: f.src.length}; }) : []};
     // Where the content pane's content starts once scrolled to the top: negative = cut off out of reach.
     var pane = root ? root.querySelector("div.h-screen.overflow-auto") : null;
     if (pane && pane.firstElementChild) {
@@ -298,6 +300,8 @@ _PROBE_JS = r"""
     var r = results[path];
     if (r.mime_type && r.mime_type.indexOf("image/") === 0) {
       app.setView({navbarMode: "resultinfo", content: "img", contentPath: r.data_uri, resultPath: path});
+    } else if (r.mime_type === "text/html") {
+      app.setView({navbarMode: "resultinfo", content: "html", contentPath: r.data_uri, resultPath: path});
     } else {
       app.showResultInfo(path);
     }
@@ -333,6 +337,8 @@ _PROBE_JS = r"""
         var r = results[hit];
         if (r.mime_type && r.mime_type.indexOf("image/") === 0) {
           app.setView({content: "img", contentPath: r.data_uri, resultPath: hit});
+        } else if (r.mime_type === "text/html") {
+          app.setView({content: "html", contentPath: r.data_uri, resultPath: hit});
         }
       });
     }
@@ -406,7 +412,7 @@ def screenshot_view(
     size: tuple[int, int] = (1400, 1000),
 ) -> dict:
     """Screenshot of the report with ``category``/``subcategory`` open in the navigation and, if
-    given, the image result named ``result`` (a file name such as ``z.png``, or the end of its path such as
+    given, the image or HTML result named ``result`` (a file name such as ``z.png``, or the end of its path such as
     ``stouffer/z.png``) shown in the content pane."""
     view = {"category": category, "subcategory": subcategory, "result": result}
     with tempfile.TemporaryDirectory(prefix="nvmeta-view-") as tmp:

@@ -166,6 +166,7 @@ def all_outputs(wildcards):
     for analysis, spec in config["analyses"].items():
         d = f"{RESULTS}/analyses/{analysis}"
         out += [f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"]
+        out.append(f"{d}/overview.html")
         if spec["meta"] is not None:
             out += meta_outputs(analysis)
         if spec["ica"] is not None:
