@@ -254,12 +254,13 @@ def _even_pick(n: int, k: int):
 
 
 def _prefetch(func: Callable, items: Sequence, workers: int):
-    """``func(item)`` for each item, in order, computed ahead by ``workers`` threads (at most
-    ``2 * workers`` results held: reading gzipped NIfTIs releases the GIL)."""
+    """``func(item)`` for each item, in order, computed ahead by ``workers`` threads while the caller
+    consumes (at most ``2 * workers`` results held; zlib decompression releases the GIL); serial when
+    ``workers < 1``."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    if workers <= 1:
+    if workers < 1:
         yield from map(func, items)
         return
     with ThreadPoolExecutor(workers) as pool:

@@ -220,6 +220,8 @@ def test_every_analysis_and_result_is_in_the_app(probe, report):
         if v["mime"].startswith("image/"):
             shown = [i for i in v["images"] if i["embedded"] and i["width"] > 100]
             assert shown and (shown[-1]["width"], shown[-1]["height"]) == png_size(wf / v["path"]), v
+        elif v["mime"] == "text/html":  # shown in the content pane (an iframe of the embedded page)
+            assert any(f["embedded"] for f in v["iframes"]), v["path"]
         else:
             assert v["name"] in v["downloads"], v["path"]
 

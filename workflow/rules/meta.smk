@@ -115,7 +115,7 @@ rule input_figures:
         f"{LOGS}/figures/{{analysis}}_inputs.log",
     conda:
         "../../envs/nvmeta.yaml"
-    threads: 2
+    threads: 1
     resources:
         # O(voxels) + the correlation matrix's sampled voxels (<= 80 MB) + O(maps^2)
         mem_mb=lambda wildcards, input: 1500
