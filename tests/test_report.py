@@ -380,10 +380,11 @@ def test_inputs_table_matches_the_zmaps(report):
         inc = qc["status"] == "included"
         assert table["included"].tolist() == inc.tolist()
         assert table.loc[~inc, "reason"].tolist() == qc.loc[~inc, "reason"].tolist()
-        assert table.loc[~inc, "reason"].str.len().gt(0).all() and table.loc[inc, "reason"].isna().all()
+        assert table.loc[inc, "reason"].isna().all()
+        assert all(isinstance(r, str) and r for r in table.loc[~inc, "reason"])
         assert table["collection_id"].tolist() == sel["collection_id"].tolist()
         ids = table.loc[inc, "image_id"].tolist()
-        assert len(ids) >= 2, name
+        assert len(ids) >= (6 if name == "pain" else 1), name
         mask, z = _mask_and_zmaps(wf, ids)
         by_id = table.set_index("image_id")
         for i in ids:
@@ -395,7 +396,10 @@ def test_inputs_table_matches_the_zmaps(report):
                 if o != i:
                     both = np.isfinite(v) & np.isfinite(z[o])
                     others.append(np.corrcoef(v[both], z[o][both])[0, 1])
-            assert by_id.loc[i, "mean_r"] == pytest.approx(np.mean(others), abs=1e-6), (name, i)
+            if others:
+                assert by_id.loc[i, "mean_r"] == pytest.approx(np.mean(others), abs=1e-6), (name, i)
+            else:  # the only included map: no other map to correlate with
+                assert pd.isna(by_id.loc[i, "mean_r"]), (name, i)
         for i in table["image_id"]:
             n = json.loads((wf / f"results/images/{i}/qc.json").read_text())["n"]
             got = by_id.loc[i, "n"]
