@@ -143,7 +143,10 @@ def analysis_summary(
         alpha = s.get("alpha", 0.05)
         n_fdr = s.get("n_significant_fdr")
         n_mask = s.get("n_voxels_mask")
-        sentence = f"The {_plural(int(k), 'map')}{per} were combined voxel by voxel with {text}."
+        if method == next(iter(meta)):
+            sentence = f"The {_plural(int(k), 'map')}{per} were combined voxel by voxel with {text}."
+        else:
+            sentence = f"Combined with {text} instead:"
         if n_fdr is None:
             sentence += " No FDR result was recorded."
         elif n_fdr == 0:
