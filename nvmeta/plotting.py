@@ -533,6 +533,7 @@ def plot_coverage(
         vmin=0,
         vmax=n,
         symmetric_cbar=False,
+        cbar_tick_format="%d",
         colorbar=True,
         black_bg=False,
         annotate=True,
