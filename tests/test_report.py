@@ -6,10 +6,11 @@ then ``python -m snakemake --report report.html --configfile test.yaml`` in it, 
 would. The report is opened in chromium (installed with apt-get when missing and root; skipped with
 the reason only when it cannot be had) and checked for: no request leaving the file, every analysis in
 the rendered navigation, every expected result under it (overview page, funnel, QC, selection, input
-figures and per-map table,
-each method's z mosaic and cluster table, sensitivity, each ICA component figure labelled with its
-terms, term and stability tables) with its caption, images that decode at their true size, a workflow
-description whose top is reachable, and screenshots that are not blank.
+figures and per-map table, each method's z mosaic and cluster table, sensitivity, each ICA component
+figure labelled with its terms, term and stability tables) with its caption, images that decode at
+their true size, a workflow description whose top is reachable, navigation text with a contrast of at
+least 7:1 in every view (and the stock stylesheet failing that check), the overview page's numbers and
+the inputs' per-map table against the run's own files and z-maps, and screenshots that are not blank.
 
 Set ``NVMETA_REPORT_SHOTS=<dir>`` to keep the screenshots.
 """
