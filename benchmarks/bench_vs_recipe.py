@@ -21,7 +21,7 @@ Two comparisons, both with downloads cached:
   same nvmeta set-up; wall time and **peak memory** of both sides.
 
 Peak memory: the sum of the resident set sizes of the whole process tree (Snakemake and its script
-jobs; the recipe's one process), sampled every 50 ms with psutil; the peak of the largest single
+jobs; the recipe's one process), sampled every 50 ms with psutil (installed with Snakemake, which depends on it); the peak of the largest single
 process is printed as well.
 
 Where nvmeta's time goes: per rule, the sum of its jobs' durations, from the timestamps Snakemake prints
