@@ -37,6 +37,7 @@ include: "workflow/rules/zmap.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/meta.smk"
 include: "workflow/rules/ica.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/cbma.smk"
 
 

@@ -17,7 +17,7 @@ run() {
     "$PYTHON" -u "$@" 2>&1 | tee "$OUT/$name.txt"
 }
 
-run e2e_pain benchmarks/bench_e2e_pain.py --repeat 2
+run vs_recipe benchmarks/bench_vs_recipe.py
 run per_image_snakemake benchmarks/bench_per_image_snakemake.py --n-images 100 --cores 1 2
 run per_image benchmarks/bench_per_image.py --repeat 5
 run downloads benchmarks/bench_downloads.py --n-images 200 --latency 0.1

@@ -1,12 +1,18 @@
-"""Rule input_figures: glass brains of every included z-map of an analysis."""
+"""Rule input_figures: mean z, coverage, correlation matrix, per-map table and (few maps) glass brains."""
 
 from pathlib import Path
 
 from nvmeta.logs import job_logger
-from nvmeta.plotting import glass_brain_grid, inputs_from_qc
+from nvmeta.plotting import input_figures
 
 log = job_logger("nvmeta.figures", snakemake.log[0])
-images = Path(snakemake.input.qc).parents[2] / "images"
-items = inputs_from_qc(snakemake.input.qc, lambda image_id: images / str(image_id) / "zmap.nii.gz")
-glass_brain_grid(items, snakemake.output[0], suptitle=f"{snakemake.wildcards.analysis}: {len(items)} input z-maps")
-log.info("%d included maps drawn", len(items))
+input_figures(
+    snakemake.input.qc,
+    Path(snakemake.input.qc).parents[2] / "images",
+    snakemake.input.mask,
+    dict(snakemake.output.items()),
+    snakemake.params.figures,
+    snakemake.wildcards.analysis,
+    threads=snakemake.threads,
+    logger=log,
+)

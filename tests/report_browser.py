@@ -257,6 +257,54 @@ def visible_text(html_text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Colour contrast (WCAG 2)
+
+
+def parse_css_color(text: str) -> tuple[float, float, float, float]:
+    """``rgb(r, g, b)`` / ``rgba(r, g, b, a)`` (as ``getComputedStyle`` returns them) -> (r, g, b, a)."""
+    m = re.fullmatch(r"\s*rgba?\(([^)]*)\)\s*", text)
+    if not m:
+        raise ValueError(f"not an rgb()/rgba() colour: {text!r}")
+    parts = [float(x) for x in re.split(r"[,\s/]+", m.group(1).strip()) if x]
+    return (*parts[:3], parts[3] if len(parts) > 3 else 1.0)
+
+
+def composite(layers: list[str], base: tuple[float, float, float] = (255.0, 255.0, 255.0)):
+    """The opaque colour seen through ``layers`` (outermost first) over ``base`` (the white page)."""
+    out = base
+    for layer in layers:
+        r, g, b, a = parse_css_color(layer)
+        out = tuple(a * c + (1 - a) * o for c, o in zip((r, g, b), out, strict=True))
+    return out
+
+
+def relative_luminance(rgb: tuple[float, float, float]) -> float:
+    def lin(c: float) -> float:
+        c /= 255.0
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(fg: tuple[float, float, float], bg: tuple[float, float, float]) -> float:
+    """WCAG 2 contrast ratio (1 to 21) of two opaque colours."""
+    hi, lo = sorted((relative_luminance(fg), relative_luminance(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def nav_contrasts(view: dict) -> list[tuple[str, float]]:
+    """(text, contrast ratio) of every text in the navigation of a probed view (text colour composited
+    over its backgrounds, those over the white page)."""
+    out = []
+    for t in view.get("nav_text", []):
+        bg = composite(list(reversed(t["backgrounds"])))
+        fg = composite([t["color"]], base=bg)
+        out.append((t["text"], contrast_ratio(fg, bg)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Walking the report app
 
 _PROBE_JS = r"""
@@ -270,7 +318,9 @@ _PROBE_JS = r"""
       downloads: root ? Array.from(root.querySelectorAll("a[download]")).map(function (a) {
         return a.getAttribute("download"); }) : [],
       images: root ? Array.from(root.querySelectorAll("img")).map(function (i) {
-        return {width: i.naturalWidth, height: i.naturalHeight, embedded: i.src.indexOf("data:") === 0}; }) : []};
+        return {width: i.naturalWidth, height: i.naturalHeight, embedded: i.src.indexOf("data:") === 0}; }) : [],
+      iframes: root ? Array.from(root.querySelectorAll("iframe")).map(function (f) {
+        return {embedded: f.src.indexOf("data:") === 0, length: f.src.length}; }) : []};
     // Where the content pane's content starts once scrolled to the top: negative = cut off out of reach.
     var pane = root ? root.querySelector("div.h-screen.overflow-auto") : null;
     if (pane && pane.firstElementChild) {
@@ -279,6 +329,23 @@ _PROBE_JS = r"""
       var a = pane.getBoundingClientRect(), b = pane.firstElementChild.getBoundingClientRect();
       view.content_offset = {top: b.top - a.top, left: b.left - a.left, pane_height: pane.clientHeight,
                              content_height: b.height};
+    }
+    // Text colours in the navigation, each with the backgrounds behind it (innermost first, up to the
+    // nav itself), so that the reader's contrast can be computed.
+    var nav = root ? root.querySelector("nav") : null;
+    if (nav) {
+      view.nav_text = [];
+      Array.from(nav.querySelectorAll("*")).forEach(function (el) {
+        var own = Array.from(el.childNodes).filter(function (n) {
+          return n.nodeType === 3 && n.textContent.trim(); }).map(function (n) { return n.textContent.trim(); });
+        if (!own.length || el.offsetParent === null) { return; }
+        var bgs = [];
+        for (var a = el; a; a = a.parentElement) {
+          bgs.push(getComputedStyle(a).backgroundColor);
+          if (a === nav) { break; }
+        }
+        view.nav_text.push({text: own.join(" ").slice(0, 40), color: getComputedStyle(el).color, backgrounds: bgs});
+      });
     }
     for (var k in extra) { view[k] = extra[k]; }
     out.views.push(view);
@@ -298,6 +365,8 @@ _PROBE_JS = r"""
     var r = results[path];
     if (r.mime_type && r.mime_type.indexOf("image/") === 0) {
       app.setView({navbarMode: "resultinfo", content: "img", contentPath: r.data_uri, resultPath: path});
+    } else if (r.mime_type === "text/html") {
+      app.setView({navbarMode: "resultinfo", content: "html", contentPath: r.data_uri, resultPath: path});
     } else {
       app.showResultInfo(path);
     }
@@ -333,6 +402,8 @@ _PROBE_JS = r"""
         var r = results[hit];
         if (r.mime_type && r.mime_type.indexOf("image/") === 0) {
           app.setView({content: "img", contentPath: r.data_uri, resultPath: hit});
+        } else if (r.mime_type === "text/html") {
+          app.setView({content: "html", contentPath: r.data_uri, resultPath: hit});
         }
       });
     }
@@ -406,7 +477,7 @@ def screenshot_view(
     size: tuple[int, int] = (1400, 1000),
 ) -> dict:
     """Screenshot of the report with ``category``/``subcategory`` open in the navigation and, if
-    given, the image result named ``result`` (a file name such as ``z.png``, or the end of its path such as
+    given, the image or HTML result named ``result`` (a file name such as ``z.png``, or the end of its path such as
     ``stouffer/z.png``) shown in the content pane."""
     view = {"category": category, "subcategory": subcategory, "result": result}
     with tempfile.TemporaryDirectory(prefix="nvmeta-view-") as tmp:

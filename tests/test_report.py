@@ -5,10 +5,12 @@ the edge cases, Stouffer; a reduced ``pain``: 6 maps, Stouffer + Fisher, a 2-com
 then ``python -m snakemake --report report.html --configfile test.yaml`` in it, exactly as a user
 would. The report is opened in chromium (installed with apt-get when missing and root; skipped with
 the reason only when it cannot be had) and checked for: no request leaving the file, every analysis in
-the rendered navigation, every expected result under it (funnel, QC, selection, input glass brains,
-each method's z mosaic and cluster table, sensitivity, each ICA component figure labelled with its
-terms, term and stability tables) with its caption, images that decode at their true size, a workflow
-description whose top is reachable, and screenshots that are not blank.
+the rendered navigation, every expected result under it (overview page, funnel, QC, selection, input
+figures and per-map table, each method's z mosaic and cluster table, sensitivity, each ICA component
+figure labelled with its terms, term and stability tables) with its caption, images that decode at
+their true size, a workflow description whose top is reachable, navigation text with a contrast of at
+least 7:1 in every view (and the stock stylesheet failing that check), the overview page's numbers and
+the inputs' per-map table against the run's own files and z-maps, and screenshots that are not blank.
 
 Set ``NVMETA_REPORT_SHOTS=<dir>`` to keep the screenshots.
 """
@@ -53,7 +55,17 @@ def expected_results() -> dict[str, dict[str, set[str]]]:
         d = f"results/analyses/{name}"
         subs = {
             "Selection and QC": {f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"},
-            "Inputs": {f"{d}/figures/inputs_glass_brain.png"},
+            "Analysis overview": {f"{d}/overview.html"},
+            "Inputs": {
+                f"{d}/figures/{f}"
+                for f in (
+                    "inputs.tsv",
+                    "inputs_mean_z.png",
+                    "inputs_coverage.png",
+                    "inputs_correlation.png",
+                    "inputs_glass_brain.png",
+                )
+            },
         }
         methods = spec["meta"]["methods"]
         meta = {f"{d}/meta/{m}/{f}" for m in methods for f in ("z.png", "clusters.tsv")}
@@ -209,6 +221,8 @@ def test_every_analysis_and_result_is_in_the_app(probe, report):
         if v["mime"].startswith("image/"):
             shown = [i for i in v["images"] if i["embedded"] and i["width"] > 100]
             assert shown and (shown[-1]["width"], shown[-1]["height"]) == png_size(wf / v["path"]), v
+        elif v["mime"] == "text/html":  # shown in the content pane (an iframe of the embedded page)
+            assert any(f["embedded"] for f in v["iframes"]), v["path"]
         else:
             assert v["name"] in v["downloads"], v["path"]
 
@@ -279,3 +293,189 @@ def test_screenshots(chrome, report, shots_dir):
     _not_blank(view)
     keep_shot(view)
     print(f"screenshots: {landing} {view}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readable navigation, the overview page, the inputs' per-map table
+
+MIN_NAV_CONTRAST = 7.0  # WCAG 2 AAA for normal text
+
+
+def test_navigation_text_is_readable(probe):
+    """Every text in the navigation, in every view, against what is behind it: contrast >= 7:1."""
+    seen = [(v["kind"], v.get("path"), text, c) for v in probe["views"] for text, c in rb.nav_contrasts(v)]
+    assert len(seen) > 100, "no navigation text found: the check would be vacuous"
+    low = [s for s in seen if s[3] < MIN_NAV_CONTRAST]
+    assert low == [], low[:10]
+    # captions (shown in the navigation next to a result) are among the texts checked
+    assert any(t.startswith("Funnel of analysis") for _, _, t, _ in seen)
+
+
+def test_stock_navigation_fails_the_contrast_check(chrome, report, tmp_path):
+    """Negative control: the same report without workflow/report/style.css (an empty stylesheet
+    replaces the profile's) has navigation text under 7:1 (Snakemake's translucent slate panel)."""
+    wf = report[0]
+    empty = tmp_path / "empty.css"
+    empty.write_text("")
+    proc = subprocess.run(
+        [
+            *SNAKEMAKE,
+            "--report",
+            "stock.html",
+            "--report-stylesheet",
+            str(empty),
+            "--configfile",
+            "test.yaml",
+        ],
+        cwd=wf,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "nvmeta's stylesheet" not in (wf / "stock.html").read_text(encoding="utf-8")
+    assert "nvmeta's stylesheet" in report[1].read_text(encoding="utf-8")
+    stock = rb.probe_report(chrome, wf / "stock.html")
+    worst = min(c for v in stock["views"] for _, c in rb.nav_contrasts(v))
+    assert worst < MIN_NAV_CONTRAST
+
+
+def test_contrast_ratio_reference_values():
+    # WCAG 2 reference points: black on white 21:1, white on white 1:1, #777 on white ~4.48:1
+    assert rb.contrast_ratio((0, 0, 0), (255, 255, 255)) == pytest.approx(21.0)
+    assert rb.contrast_ratio((255, 255, 255), (255, 255, 255)) == pytest.approx(1.0)
+    assert rb.contrast_ratio((119, 119, 119), (255, 255, 255)) == pytest.approx(4.478, abs=1e-3)
+    # 70 % slate-900 over white, as Snakemake's navigation panel
+    assert rb.composite(["rgba(15, 23, 42, 0.7)"]) == pytest.approx((87.0, 92.6, 105.9), abs=0.01)
+
+
+def _mask_and_zmaps(wf, ids):
+    import nibabel as nib
+    import numpy as np
+
+    mask = np.asarray(nib.load(wf / "results/template/mask.nii.gz").dataobj) > 0
+    return mask, {
+        i: np.asarray(nib.load(wf / f"results/images/{i}/zmap.nii.gz").dataobj, dtype=np.float64)[mask]
+        for i in ids
+    }
+
+
+def test_inputs_table_matches_the_zmaps(report):
+    """figures/inputs.tsv against numpy on the z-maps, qc.tsv, qc.json and selection.tsv."""
+    import json
+
+    import numpy as np
+
+    from nvmeta.plotting import INPUT_TABLE_COLUMNS
+
+    wf = report[0]
+    for name in CONFIG["analyses"]:
+        d = wf / "results/analyses" / name
+        table = pd.read_csv(d / "figures/inputs.tsv", sep="\t", keep_default_na=False, na_values=[""])
+        qc = pd.read_csv(d / "qc.tsv", sep="\t", keep_default_na=False, na_values=[""])
+        sel = pd.read_csv(d / "selection.tsv", sep="\t")
+        assert list(table.columns) == INPUT_TABLE_COLUMNS
+        assert table["image_id"].tolist() == qc["image_id"].tolist() == sel["image_id"].tolist()
+        inc = qc["status"] == "included"
+        assert table["included"].tolist() == inc.tolist()
+        assert table.loc[~inc, "reason"].tolist() == qc.loc[~inc, "reason"].tolist()
+        assert table.loc[inc, "reason"].isna().all()
+        assert all(isinstance(r, str) and r for r in table.loc[~inc, "reason"])
+        assert table["collection_id"].tolist() == sel["collection_id"].tolist()
+        ids = table.loc[inc, "image_id"].tolist()
+        assert len(ids) >= (6 if name == "pain" else 1), name
+        mask, z = _mask_and_zmaps(wf, ids)
+        by_id = table.set_index("image_id")
+        for i in ids:
+            v = z[i]
+            assert by_id.loc[i, "max_abs_z"] == pytest.approx(np.nanmax(np.abs(v)), rel=1e-5), (name, i)
+            assert by_id.loc[i, "coverage"] == pytest.approx(np.isfinite(v).mean(), abs=2e-6), (name, i)
+            others = []
+            for o in ids:
+                if o != i:
+                    both = np.isfinite(v) & np.isfinite(z[o])
+                    others.append(np.corrcoef(v[both], z[o][both])[0, 1])
+            if others:
+                assert by_id.loc[i, "mean_r"] == pytest.approx(np.mean(others), abs=1e-6), (name, i)
+            else:  # the only included map: no other map to correlate with
+                assert pd.isna(by_id.loc[i, "mean_r"]), (name, i)
+        for i in table["image_id"]:
+            n = json.loads((wf / f"results/images/{i}/qc.json").read_text())["n"]
+            got = by_id.loc[i, "n"]
+            assert (pd.isna(got) and n is None) or got == n, (name, i)
+        # the pain maps' n is their number of subjects (no override in this config)
+        if name == "pain":
+            assert (
+                by_id.loc[ids, "n"].tolist()
+                == sel.set_index("image_id").loc[ids, "number_of_subjects"].tolist()
+            )
+            assert (
+                by_id.loc[ids, "contrast"] == sel.set_index("image_id").loc[ids, "contrast_definition"]
+            ).all()
+
+
+def test_overview_page_states_the_funnel_and_results(report, probe):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    wf = report[0]
+    by_path = {v["path"]: v for v in probe["views"] if v["kind"] == "result"}
+    for name, spec in CONFIG["analyses"].items():
+        d = wf / "results/analyses" / name
+        page = (d / "overview.html").read_text(encoding="utf-8")
+        assert rb.external_references(page) == []
+        text = " ".join(rb.visible_text(page))
+        funnel = pd.read_csv(d / "funnel.tsv", sep="\t", keep_default_na=False)
+        chain = " → ".join(f"{int(r['count']):,} {r['stage']}" for r in funnel.to_dict("records"))
+        assert chain in text, (chain, text[:500])
+        selected, included = int(funnel["count"].iloc[0]), int(funnel["count"].iloc[-1])
+        assert f"{selected:,} images selected, {included:,} included" in text
+        if selected > included:
+            qc = pd.read_csv(d / "qc.tsv", sep="\t", keep_default_na=False)
+            for reason in qc.loc[qc["status"] != "included", "reason"].unique()[:3]:
+                assert reason in text, reason
+        for method in spec["meta"]["methods"]:
+            s = json.loads((d / f"meta/{method}/summary.json").read_text())
+            if s["n_significant_fdr"]:
+                assert f"{s['n_significant_fdr']:,} voxels survived" in text, method
+                img = nib.load(d / f"meta/{method}/z_fdr.nii.gz")
+                data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
+                ijk = np.unravel_index(np.argmax(np.abs(data)), data.shape)
+                x, y, zz = nib.affines.apply_affine(img.affine, ijk)
+                assert f"z = {data[ijk]:.1f} at MNI ({x:.0f}, {y:.0f}, {zz:.0f}) mm" in text, method
+            else:
+                assert "No voxel survived" in text
+        # key figures embedded: each method's mosaic, the mean z and coverage maps
+        assert page.count('<img src="data:image/png;base64,') == len(spec["meta"]["methods"]) + 2 + min(
+            4, (spec.get("ica") or {}).get("n_components", 0)
+        )
+        # in the app: the first subcategory of the analysis, shown in the content pane
+        v = by_path[f"results/analyses/{name}/overview.html"]
+        assert v["subcategory"] == "Analysis overview"
+        assert any(f["embedded"] and f["length"] > 10_000 for f in v["iframes"]), v["iframes"]
+    cat = next(x for x in probe["views"] if x["kind"] == "category" and x["category"] == "pain")
+    subs = [line for line in cat["text"].split("\n") if line in expected_results()["pain"]]
+    assert subs[0] == "Analysis overview", subs
+
+
+def test_screenshots_of_the_overview_and_inputs(chrome, report, shots_dir):
+    wf, html, _ = report
+    for sub, result in (("Analysis overview", "overview.html"), ("Inputs", "inputs_correlation.png")):
+        png = shots_dir / f"report_pain_{sub.replace(' ', '_')}.png"
+        probe = rb.screenshot_view(chrome, html, png, "pain", sub, result)
+        assert probe["errors"] == []
+        final = probe["views"][-1]
+        if result.endswith(".png"):
+            assert any(
+                i["embedded"]
+                and (i["width"], i["height"]) == png_size(wf / f"results/analyses/pain/figures/{result}")
+                for i in final["images"]
+            )
+        else:
+            assert any(f["embedded"] for f in final["iframes"])
+        _not_blank(png)
+        keep_shot(png)

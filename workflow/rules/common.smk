@@ -197,7 +197,17 @@ def meta_params(wildcards):
 
 def meta_outputs(analysis):
     meta = config["analyses"][analysis]["meta"]
-    out = [f"{RESULTS}/analyses/{analysis}/figures/inputs_glass_brain.png"]
+    fig = f"{RESULTS}/analyses/{analysis}/figures"
+    out = [
+        f"{fig}/{name}"
+        for name in (
+            "inputs.tsv",
+            "inputs_mean_z.png",
+            "inputs_coverage.png",
+            "inputs_correlation.png",
+            "inputs_glass_brain.png",
+        )
+    ]
     for method in meta["methods"]:
         d = f"{RESULTS}/analyses/{analysis}/meta/{method}"
         out += [
@@ -228,6 +238,7 @@ def all_outputs(wildcards):
     for analysis, spec in config["analyses"].items():
         d = f"{RESULTS}/analyses/{analysis}"
         out += [f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"]
+        out.append(f"{d}/overview.html")
         if spec["meta"] is not None:
             out += meta_outputs(analysis)
         if spec["ica"] is not None:

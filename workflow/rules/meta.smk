@@ -154,8 +154,38 @@ rule input_figures:
     input:
         qc=f"{ANALYSIS}/qc.tsv",
         zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        qcjson=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
+        mask=TEMPLATE_MASK,
     output:
-        report(
+        table=report(
+            f"{ANALYSIS}/figures/inputs.tsv",
+            caption="../report/inputs_table.rst",
+            category="{analysis}",
+            subcategory="Inputs",
+            labels={"result": "per-map table"},
+        ),
+        mean_z=report(
+            f"{ANALYSIS}/figures/inputs_mean_z.png",
+            caption="../report/inputs_mean_z.rst",
+            category="{analysis}",
+            subcategory="Inputs",
+            labels={"result": "mean z map"},
+        ),
+        coverage=report(
+            f"{ANALYSIS}/figures/inputs_coverage.png",
+            caption="../report/inputs_coverage.rst",
+            category="{analysis}",
+            subcategory="Inputs",
+            labels={"result": "coverage map"},
+        ),
+        correlation=report(
+            f"{ANALYSIS}/figures/inputs_correlation.png",
+            caption="../report/inputs_correlation.rst",
+            category="{analysis}",
+            subcategory="Inputs",
+            labels={"result": "correlation matrix"},
+        ),
+        glass=report(
             f"{ANALYSIS}/figures/inputs_glass_brain.png",
             caption="../report/inputs.rst",
             category="{analysis}",
@@ -166,7 +196,15 @@ rule input_figures:
         f"{LOGS}/figures/{{analysis}}_inputs.log",
     conda:
         "../../envs/nvmeta.yaml"
+    threads: 1
     resources:
-        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 20,
+        # O(voxels) + the correlation matrix's sampled voxels (<= 80 MB) + O(maps^2)
+        mem_mb=lambda wildcards, input: 1500
+        + min(len(input.zmaps), config["figures"]["correlation_max_maps"]) ** 2
+        * 40
+        // 2**20,
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
+    params:
+        figures=config["figures"],
     script:
         "../../scripts/input_figures.py"
