@@ -22,7 +22,9 @@ def make_workdir(tmp: Path, config: dict, snapshot: Path | None = None) -> Path:
     return wf
 
 
-def run_snakemake(wf: Path, *args: str, configfile: str = "test.yaml", check: bool = True, timeout: float = 1500):
+def run_snakemake(
+    wf: Path, *args: str, configfile: str = "test.yaml", check: bool = True, timeout: float = 1500
+):
     """Run snakemake in ``wf``; return the CompletedProcess (stdout+stderr merged in .stdout)."""
     cmd = [*SNAKEMAKE, "--cores", "2", "--configfile", configfile, *args]
     env = dict(os.environ, PYTHONWARNINGS="ignore")

@@ -39,6 +39,7 @@ def pain_maps() -> list[tuple[Path, int]]:
             out.append((SNAPSHOT_DIR / "media" / rel, int(rec["number_of_subjects"])))
     return sorted(out, key=lambda item: str(item[0]))
 
+
 AFFINE = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -24], [0, 0, 2.0, -16], [0, 0, 0, 1]])
 
 

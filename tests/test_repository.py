@@ -122,6 +122,8 @@ def test_defaults_scan_sees_a_defaults_dict(tmp_path, monkeypatch):
 
 
 OUTSIDE = re.compile(r"\.\./shared|/work/shared|contracts\.md")
+
+
 def _outside_refs() -> dict[str, list[str]]:
     out = {}
     for path in _tracked():

@@ -214,7 +214,9 @@ def main(sample: Path) -> None:
         1615: dict(name="motor lips test maps", DOI=None, description="NeuroVault test maps (motor task)."),
         1616: dict(name="saccade AFNI example", DOI=None, description="AFNI 3dttest++ output, 5-D."),
         1617: dict(name="SPM box example", DOI=None, description="SPM Analyze output (n-back task)."),
-        658: dict(name="button press example", DOI=None, description="Motor task, left vs right button press."),
+        658: dict(
+            name="button press example", DOI=None, description="Motor task, left vs right button press."
+        ),
     }
     for cid, fields in collections.items():
         n = sum(1 for rec, _ in images if rec["collection_id"] == cid)
@@ -232,7 +234,11 @@ def main(sample: Path) -> None:
             d.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, d)
             manifest.append(
-                {"image_id": rec["id"], "path": f"media/{rel}", "md5": hashlib.md5(src.read_bytes()).hexdigest()}
+                {
+                    "image_id": rec["id"],
+                    "path": f"media/{rel}",
+                    "md5": hashlib.md5(src.read_bytes()).hexdigest(),
+                }
             )
     (OUT / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"wrote {len(images)} images, {len(collections)} collections to {OUT}")
