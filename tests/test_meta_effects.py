@@ -346,7 +346,7 @@ def test_planted_truth_dl_recovers_d_and_heterogeneity(tmp_path, tau):
 @pytest.mark.parametrize(
     ("method", "extra"),
     [("fixed_effects_hedges", 10.0), ("dersimonian_laird", 10.0), ("stouffer", 10.0), ("fisher", 10.0),
-     ("median", 1.0), ("ttest", 1.0)],
+     ("median", 1.0), ("ttest", 1.0), ("permutation", 1.0)],
 )  # fmt: skip
 def test_jackknife_names_the_study_a_cluster_rests_on(tmp_path, method, extra):
     """Map 3 carries most of a blob (large ``extra``): it has the largest share; and each

@@ -452,6 +452,7 @@ class Permutation(Estimator):
                 p_fwe=nan.copy(), summary=summary,
             )  # fmt: skip
         z, k, full, p_fwe, notes = self._permute(source)
+        self._source, self._full = source, full
         logp = np.full(n_vox, np.nan)
         logp[full] = logp_from_z(z[full], self.two_sided)
         # (permuted_ols gives NaN t where the maps have no variance, e.g. 2 identical units)
@@ -519,6 +520,19 @@ class Permutation(Estimator):
         p_fwe = np.full(n_vox, np.nan)
         p_fwe[full] = p_fwe_full
         return z, k, full, p_fwe, notes
+
+    def jackknife(self, labels: np.ndarray, z_full: np.ndarray, plan, collections: dict) -> list[dict]:
+        """Leave-one-out per cluster of the parametric z (no permutations needed).
+
+        ``z`` of this method is ``t_to_z`` of the one-sample t on the voxels where every unit has
+        data, i.e. the ``ttest`` estimator there; so leaving a map out is exactly a ``ttest`` refit
+        without it, done from the running sums as :meth:`_StreamingZ.jackknife` does. The FWE
+        p-values are not refitted (that would need ``n_perm`` permutations per map).
+        """
+        ttest = TTest(self.cfg, self.n_jobs, self.log, self.workdir)
+        # clusters can only lie where permutation reports, i.e. on complete-data voxels
+        ttest.fit(self._source, 2)
+        return ttest.jackknife(labels, z_full, plan, collections)
 
 
 #: Method name -> estimator class (``meta.methods``). Effect-size estimators register in

@@ -281,7 +281,7 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
 
 
 def _jackknife(estimator, z, z_fdr, plan, mask, affine, cfg, outdir, summary, log) -> None:
-    """jackknife.tsv: leave-one-out per FDR cluster (every method but permutation)."""
+    """jackknife.tsv: leave-one-out per FDR cluster (every method)."""
     columns = ["cluster", "peak_x", "peak_y", "peak_z", "size_voxels", "unit", "image_ids", "collection_id",
                "z_mean_without", "share"]  # fmt: skip
     rows: list[dict] = []
