@@ -22,23 +22,7 @@ from scipy import stats
 
 from nvmeta import meta
 from nvmeta.meta import combine, frozen_gc, log_chi2_sf_even, run_method, sensitivity
-
-#: The 21 pain t-maps of the bundled demo snapshot (records 990001-990021 hold their sample sizes).
-SNAPSHOT_DIR = Path(__file__).parent / "data" / "snapshot"
-
-
-def pain_maps() -> list[tuple[Path, int]]:
-    """(t-map path, number of subjects) of the snapshot's 21 pain maps, in pain_01..pain_21 order."""
-    import json as _json
-
-    out = []
-    for rec_path in sorted((SNAPSHOT_DIR / "api" / "images").glob("9900[0-2][0-9].json")):
-        rec = _json.loads(rec_path.read_text())
-        if rec.get("collection_id") == 1425 and "pain_" in rec["file"]:
-            rel = rec["file"].split("/media/", 1)[1]
-            out.append((SNAPSHOT_DIR / "media" / rel, int(rec["number_of_subjects"])))
-    return sorted(out, key=lambda item: str(item[0]))
-
+from nvmeta.testing import demo_pain_maps as pain_maps
 
 AFFINE = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -24], [0, 0, 2.0, -16], [0, 0, 0, 1]])
 

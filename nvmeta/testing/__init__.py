@@ -74,3 +74,21 @@ def collection_record(template: dict, collection_id: int, **fields: Any) -> dict
     )
     rec.update(fields)
     return rec
+
+
+def demo_pain_maps(snapshot: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
+    """(t-map path, number of subjects) of the 21 pain maps of the bundled demo snapshot.
+
+    Records 990001-990021 of ``tests/data/snapshot`` (collection 1425) hold the sample sizes;
+    the list is in file order (pain_01 ... pain_21).
+    """
+    from nvmeta.testing.workdir import REPO
+
+    root = Path(snapshot) if snapshot is not None else REPO / "tests" / "data" / "snapshot"
+    out = []
+    for rec_path in sorted((root / "api" / "images").glob("9900[0-2][0-9].json")):
+        rec = json.loads(rec_path.read_text())
+        if rec.get("collection_id") == 1425 and "pain_" in rec["file"]:
+            rel = rec["file"].split("/media/", 1)[1]
+            out.append((root / "media" / rel, int(rec["number_of_subjects"])))
+    return sorted(out, key=lambda item: str(item[0]))
