@@ -68,7 +68,7 @@ def expected_results() -> dict[str, dict[str, set[str]]]:
             },
         }
         methods = spec["meta"]["methods"]
-        meta = {f"{d}/meta/{m}/{f}" for m in methods for f in ("z.png", "clusters.tsv")}
+        meta = {f"{d}/meta/{m}/{f}" for m in methods for f in ("z.png", "clusters.tsv", "jackknife.tsv")}
         if len(methods) > 1:
             meta.add(f"{d}/meta/sensitivity.tsv")
         subs["Meta-analysis"] = meta

@@ -351,4 +351,5 @@ def test_cluster_outputs_equal_local_outputs(slurm_run, local_run):
     assert sum(key.endswith("/zmap.nii.gz") for key in local) == 10
     differ = sorted(key for key in local if local[key] != on_cluster[key])
     assert not differ, f"cluster outputs differ from the local run's: {differ}"
-    assert sum(key.endswith(".png") for key in local) == 5  # 2 input mosaics, 3 z mosaics
+    # per analysis 4 input figures (mean z, coverage, correlation, glass brains); 3 z mosaics
+    assert sum(key.endswith(".png") for key in local) == 11
