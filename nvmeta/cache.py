@@ -9,6 +9,7 @@ is on disk). The query then runs against the records saved by earlier downloads
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -66,5 +67,14 @@ def query_client(nv_cfg: dict, results_dir: str | os.PathLike, log=None, analysi
         image_fields, collection_fields = dump_fields(analysis_cfg or {})
         return DumpSource(nv_cfg["dump"], media_base(nv_cfg["url"]), image_fields, collection_fields, log=log)
     if nv_cfg["mode"] == "offline" and nv_cfg["url"].startswith(("http://", "https://")):
+        if analysis_cfg is not None and not (
+            analysis_cfg.get("image_ids") or analysis_cfg.get("collection_ids")
+        ):
+            (log or logging.getLogger(__name__)).warning(
+                "neurovault.mode is offline: the filters select among the images already downloaded "
+                "to %s only, not among everything on %s",
+                Path(results_dir) / "images",
+                nv_cfg["url"],
+            )
         return offline_client(results_dir, nv_cfg)
     return make_client(nv_cfg, log=log)

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from nvmeta.rule_inputs import path_lookup
+
 __all__ = [
     "DataMatrix",
     "TMP_PREFIX",
@@ -721,29 +723,6 @@ def decompose(
 # ----------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------
-
-
-def path_lookup(paths: Iterable[str | os.PathLike], what: str = "inputs") -> Callable[[int], Path]:
-    """``image_id -> Path`` over the per-image paths a rule declares (``results/images/{id}/<file>``).
-
-    The rule script passes ``snakemake.input.zmaps`` etc. as the rule declares them instead of rebuilding
-    paths from a results directory. An image asked for that is not among ``paths`` is a clear error (the
-    qc table and the rule's inputs disagree) rather than a file silently read from elsewhere.
-    """
-    table: dict[int, Path] = {}
-    for p in paths:
-        p = Path(p)
-        table[int(p.parent.name)] = p
-
-    def lookup(image_id: int) -> Path:
-        try:
-            return table[int(image_id)]
-        except KeyError:
-            raise ValueError(
-                f"image {image_id} is included in qc.tsv but is not among the rule's {what} inputs"
-            ) from None
-
-    return lookup
 
 
 def _included_ids(qc_tsv: str | os.PathLike) -> list[int]:

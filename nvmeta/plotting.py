@@ -599,7 +599,8 @@ def _message_figure(out_png: Path, text: str, dpi: int = 100) -> Path:
 
 def input_figures(
     qc_tsv: str | os.PathLike,
-    images_dir: str | os.PathLike,
+    zmap_of: Callable[[int], Path],
+    qc_of: Callable[[int], Path],
     mask_path: str | os.PathLike,
     out: dict[str, str | os.PathLike],
     cfg: dict,
@@ -613,8 +614,9 @@ def input_figures(
     ----------
     qc_tsv : path-like
         The analysis' QC table.
-    images_dir : path-like
-        ``results/images`` (``{id}/zmap.nii.gz`` and ``{id}/qc.json`` under it).
+    zmap_of, qc_of : callable
+        ``image_id -> path`` of the image's z-map and qc.json, over the rule's declared inputs
+        (:func:`nvmeta.rule_inputs.path_lookup`).
     mask_path : path-like
         The template mask.
     out : dict
@@ -638,15 +640,14 @@ def input_figures(
     from nvmeta.io import write_tsv
 
     log = logger or _LOGGER
-    images_dir = Path(images_dir)
     mask_img = nib.load(mask_path)
     importlib.import_module("nilearn.plotting")
     from nvmeta.meta import frozen_gc
 
     s = input_summary(
         qc_tsv,
-        lambda i: images_dir / str(i) / "zmap.nii.gz",
-        lambda i: images_dir / str(i) / "qc.json",
+        zmap_of,
+        qc_of,
         mask_img,
         max_corr_maps=int(cfg["correlation_max_maps"]),
         threads=threads,
@@ -689,7 +690,7 @@ def input_figures(
         )
     cap = int(cfg["glass_brain_max_maps"])
     if n <= cap:
-        items = inputs_from_qc(qc_tsv, lambda i: images_dir / str(i) / "zmap.nii.gz")
+        items = inputs_from_qc(qc_tsv, zmap_of)
         glass_brain_grid(
             items, out["glass"], suptitle=f"{analysis}: {n} input z-map{'s' * (n != 1)} (|z| > 3)"
         )

@@ -689,6 +689,13 @@ def _run_terms(
         len(sel.records),
         f" (max_images={sel.max_images} reached)" if sel.full else "",
     )
+    if sel.full:
+        # a capped selection is a smaller analysis than the filters describe: say so loudly
+        log.warning(
+            "selection stopped at max_images=%d: more images may pass the filters; raise "
+            "analyses.<name>.max_images to select them (nilearn's default cap is 100)",
+            sel.max_images,
+        )
     funnel.check_fields()
 
 

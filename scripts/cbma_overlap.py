@@ -7,10 +7,12 @@ from nvmeta.logs import job_logger
 from nvmeta.template import load_mask
 
 log = job_logger("nvmeta.cbma", snakemake.log[0])
-analysis_dir = Path(snakemake.output.table).parent
+# each method's directory, from the maps the rule declares (meta/{m}/z_fdr.nii.gz, cbma/{m}/*.nii.gz)
+ibma_dirs = {Path(p).parent.name: Path(p).parent for p in snakemake.input.ibma}
+cbma_dirs = {Path(p).parent.name: Path(p).parent for p in snakemake.input.cbma}
 overlap(
-    {m: analysis_dir / "meta" / m for m in snakemake.params.ibma_methods},
-    {m: analysis_dir / "cbma" / m for m in snakemake.params.cbma_methods},
+    {m: ibma_dirs[m] for m in snakemake.params.ibma_methods},
+    {m: cbma_dirs[m] for m in snakemake.params.cbma_methods},
     load_mask(snakemake.input.mask),
     snakemake.params.cbma,
     snakemake.output.table,

@@ -1,14 +1,14 @@
 """Rule input_figures: mean z, coverage, correlation matrix, per-map table and (few maps) glass brains."""
 
-from pathlib import Path
-
 from nvmeta.logs import job_logger
 from nvmeta.plotting import input_figures
+from nvmeta.rule_inputs import path_lookup
 
 log = job_logger("nvmeta.figures", snakemake.log[0])
 input_figures(
     snakemake.input.qc,
-    Path(snakemake.input.qc).parents[2] / "images",
+    path_lookup(snakemake.input.zmaps, "zmaps"),
+    path_lookup(snakemake.input.qcjson, "qcjson"),
     snakemake.input.mask,
     dict(snakemake.output.items()),
     snakemake.params.figures,

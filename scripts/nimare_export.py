@@ -1,7 +1,5 @@
 """Rule nimare_export: the analysis as a NIMADS studyset and a NiMARE Dataset."""
 
-from pathlib import Path
-
 from nvmeta.logs import job_logger
 from nvmeta.nimare_export import export
 from nvmeta.template import load_mask
@@ -10,7 +8,7 @@ log = job_logger("nvmeta.nimare_export", snakemake.log[0])
 export(
     snakemake.input.qc,
     snakemake.input.peaks,
-    Path(snakemake.input.qc).parents[2],
+    snakemake.params.results,
     snakemake.params.analysis,
     load_mask(snakemake.input.mask),
     snakemake.output.studyset,

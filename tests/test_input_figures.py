@@ -19,6 +19,7 @@ import pytest
 
 from nvmeta.config import defaults
 from nvmeta.plotting import INPUT_TABLE_COLUMNS, input_figures, input_summary
+from nvmeta.rule_inputs import path_lookup
 
 SHAPE = (14, 16, 14)
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
@@ -193,7 +194,10 @@ def test_input_figures_write_every_file(tmp_path, cap):
         "glass": tmp_path / "fig" / "inputs_glass_brain.png",
     }
     cfg = {**defaults("figures"), "glass_brain_max_maps": cap}
-    s = input_figures(tmp_path / "qc.tsv", tmp_path / "images", tmp_path / "mask.nii.gz", out, cfg, "toy")
+    images = tmp_path / "images"
+    zmaps = path_lookup(sorted(images.glob("*/zmap.nii.gz")), "zmaps")
+    qcs = path_lookup(sorted(images.glob("*/qc.json")), "qcjson")
+    s = input_figures(tmp_path / "qc.tsv", zmaps, qcs, tmp_path / "mask.nii.gz", out, cfg, "toy")
     table = pd.read_csv(out["table"], sep="\t", keep_default_na=False, na_values=[""])
     assert list(table.columns) == INPUT_TABLE_COLUMNS and len(table) == 8
     assert table["included"].tolist() == s.table["included"].tolist()

@@ -286,9 +286,7 @@ def _jackknife(estimator, z, z_fdr, plan, mask, affine, cfg, outdir, summary, lo
                "z_mean_without", "share"]  # fmt: skip
     rows: list[dict] = []
     n_units = len(plan.units)
-    if not hasattr(estimator, "jackknife"):
-        summary["jackknife"] = f"not available for {estimator.name} (it would need one refit per map)"
-    elif not cfg["jackknife"]:
+    if not cfg["jackknife"]:
         summary["jackknife"] = "off (meta.jackknife: false)"
     elif n_units > JACKKNIFE_MAX_UNITS:
         msg = f"{estimator.name}: jackknife skipped ({n_units} units > {JACKKNIFE_MAX_UNITS})"

@@ -157,5 +157,7 @@ rule nimare_export:
         mem_mb=lambda wildcards, input: 1500 + len(input.zmaps) // 2,
     params:
         analysis=lambda wildcards: wildcards.analysis,
+        # the results root: the export's image paths are relative to it
+        results=RESULTS,
     script:
         "../../scripts/nimare_export.py"
