@@ -157,7 +157,7 @@ rule nimare_export:
         mem_mb=lambda wildcards, input: 1500 + len(input.zmaps) // 2,
     params:
         analysis=lambda wildcards: wildcards.analysis,
-        # the results root: the export's image paths are relative to it
-        results=RESULTS,
+        # the results root (the qc table's results/analyses/{a}/ prefix): export paths are relative to it
+        results=lambda wildcards, input: input.qc.split("/analyses/", 1)[0],
     script:
         "../../scripts/nimare_export.py"
