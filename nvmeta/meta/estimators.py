@@ -436,6 +436,7 @@ class Permutation(Estimator):
     min_k = 2
 
     def fit(self, source: Source, k_min: int) -> Fit:
+        self._source = source  # for jackknife
         n_units, n_vox = source.n_units, source.n_vox
         summary = {
             "n_perm": int(self.cfg["n_perm"]),
@@ -452,7 +453,6 @@ class Permutation(Estimator):
                 p_fwe=nan.copy(), summary=summary,
             )  # fmt: skip
         z, k, full, p_fwe, notes = self._permute(source)
-        self._source, self._full = source, full
         logp = np.full(n_vox, np.nan)
         logp[full] = logp_from_z(z[full], self.two_sided)
         # (permuted_ols gives NaN t where the maps have no variance, e.g. 2 identical units)
