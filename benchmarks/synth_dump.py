@@ -33,14 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TABLE_FILES = {
-    "collection": "statmaps_collection.csv",
-    "item": "statmaps_basecollectionitem.csv",
-    "image": "statmaps_image.csv",
-    "statmap": "statmaps_statisticmap.csv",
-    "task": "statmaps_cognitiveatlastask.csv",
-    "contrast": "statmaps_cognitiveatlascontrast.csv",
-}
+from nvmeta.neurovault.dump import TABLES as TABLE_FILES  # the export's file names, one source
 
 MAP_CODES = ["T", "Z", "U", "F", "P", "Other", "R", "A", "Pa", "V", "X2", "IP", "M"]
 MAP_P = [0.45, 0.18, 0.025, 0.03, 0.02, 0.25, 0.02, 0.005, 0.005, 0.0001, 0.005, 0.003, 0.0069]
