@@ -418,6 +418,30 @@ def resolve_sample_size(
     return SampleSize(n, n_source, None, None, MISSING_SAMPLE_SIZE)
 
 
+def unused_df_override(
+    record: Mapping[str, Any], conversion: Mapping[str, Any] | None, size: SampleSize
+) -> str | None:
+    """Why a ``conversion.df_images`` / ``df_collections`` value set for this image was not used, or None.
+
+    Overrides come last in the df order (:func:`resolve_sample_size`): a record whose
+    ``statistic_parameters`` or sample size gives a df ignores them. That is by design, but a config
+    value that has no effect must be said (the z-map job logs it as a warning and qc.json keeps it).
+    """
+    if conversion is None or size.df is None or size.df_source in ("override_image", "override_collection"):
+        return None
+    for mapping_key, key in (
+        ("df_images", record.get("id", record.get("image_id"))),
+        ("df_collections", record.get("collection_id")),
+    ):
+        value = _lookup(conversion.get(mapping_key), key)
+        if value is not None:
+            return (
+                f"conversion.{mapping_key}[{key}] = {value} not used: df = {size.df:g} from {size.df_source} "
+                "comes first (the overrides apply only to images whose record gives no df or sample size)"
+            )
+    return None
+
+
 def resolve_df(
     record: Mapping[str, Any], conversion: Mapping[str, Any] | None
 ) -> tuple[float | None, str | None, str | None]:

@@ -316,7 +316,7 @@ def make_zmap(
             qc["image_id"] = _int_or_none(Path(metadata_path).parent.name)
         qc["collection_id"] = _int_or_none(meta.get("collection_id"))
         map_type = qc["map_type"] = meta.get("map_type")
-        from nvmeta.stats import resolve_sample_size
+        from nvmeta.stats import resolve_sample_size, unused_df_override
 
         # n and df resolved once, here; qc.json carries them to every consumer (weights, effect sizes, QC).
         size = resolve_sample_size(meta, conversion, max_n=limits["max_n"], need_df=map_type == T_MAP)
@@ -327,6 +327,10 @@ def make_zmap(
             if size.df is None:
                 raise Excluded(size.reason or "missing sample size")
             qc["df"], qc["df_source"] = size.df, size.df_source
+            ignored = unused_df_override(meta, conversion, size)
+            if ignored:
+                qc["ignored_override"] = ignored
+                logger.warning("image %s: %s", qc["image_id"], ignored)
         elif map_type == Z_MAP:
             qc["df_source"] = "z map"
             if size.reason:

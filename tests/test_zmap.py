@@ -645,3 +645,25 @@ def test_large_allowed_map_stays_within_declared_memory(tmp_path):
     max_vox = defaults("qc")["max_map_mb"] * 1e6 / 4
     fixed = small["peak"]  # interpreter, imports, mask and a 1M-voxel map
     assert fixed + 18 * max_vox / 1e6 <= mem_mb
+
+
+def test_df_override_that_has_no_effect_is_said(tmp_path, caplog):
+    """A conversion.df_images value for an image whose record gives a sample size is not used (the
+    n rule comes first): the job says so in its log and in qc.json instead of ignoring it silently."""
+    import logging
+
+    t = t_data(11)
+    conv = {"df": "n-2", "df_images": {"7": 5}}
+    with caplog.at_level(logging.WARNING, logger="nvmeta.zmap"):
+        qc, z = run(tmp_path, record(n=20), nib.Nifti1Image(t, T_AFF), conversion=conv)
+    assert qc["status"] == "included" and (qc["df"], qc["df_source"]) == (18.0, "n-2")
+    assert "conversion.df_images[7] = 5 not used" in qc["ignored_override"]
+    assert any("df_images[7] = 5 not used" in r.getMessage() for r in caplog.records)
+    # used when the record has no sample size: nothing to say
+    qc2, _ = run(
+        tmp_path,
+        record(image_id=8, n=None),
+        nib.Nifti1Image(t, T_AFF),
+        conversion={"df": "n-2", "df_images": {"8": 5}},
+    )
+    assert (qc2["df"], qc2["df_source"]) == (5.0, "override_image") and "ignored_override" not in qc2
