@@ -13,7 +13,7 @@ Two comparisons, both with downloads cached:
 - **pain**: the 21 demo pain maps (collection 1425 of the bundled snapshot ``tests/data/snapshot``),
   ``meta: {methods: [stouffer]}`` with every other key at its schema default, no ICA. A first, untimed
   run downloads everything; before each timed run every output except the downloads
-  (``results/images/*/metadata*.json`` + the map files) and the query's ``selection.tsv`` is deleted
+  (``results/images/*/metadata*.json`` + the map files) and the query's outputs (``selection.tsv``, ``query_funnel.json``) is deleted
   (template mask, z-maps, qc.json, QC, meta, figures), and ``python -m snakemake --cores 2`` is timed
   (interpreter start-up and DAG building included).
 - **synth**: ``--n-images`` (default 400) synthetic maps from ``benchmarks/synth_snapshot.py --n-images 400
@@ -218,7 +218,7 @@ def clean_outputs(wf: Path) -> None:
     shutil.rmtree(res / "template", ignore_errors=True)
     for a in (res / "analyses").iterdir():
         for f in a.iterdir():
-            if f.name != "selection.tsv":
+            if f.name not in ("selection.tsv", "query_funnel.json"):  # the query's outputs
                 f.unlink() if f.is_file() else shutil.rmtree(f)
     shutil.rmtree(res / "logs", ignore_errors=True)
 

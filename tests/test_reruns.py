@@ -179,3 +179,24 @@ def test_e_unreadable_selection_never_blocks_its_query(setup):
     assert ran(proc.stdout, "query") == [{"analysis": "A"}]
     ids = [line.split("\t", 1)[0] for line in sel.read_text().splitlines()[1:]]
     assert ids == [str(i) for i in A_IDS[1:]] and media == 0
+
+
+def test_f_selection_without_its_funnel_is_queried_again(setup):
+    """A selection.tsv without the query_funnel.json beside it (an older nvmeta's results, or the
+    funnel deleted) left the query checkpoint incomplete but not rerun: the QC job then started
+    with unresolved inputs and failed (``invalid literal for int()``). Now the query runs again."""
+    srv, wf, cfg = setup
+    rerun(srv, wf, cfg)  # the module's config again (test_e edited it)
+    analysis = wf / "results/analyses/A"
+    good = (analysis / "selection.tsv").read_text()
+    (analysis / "query_funnel.json").unlink()
+    for name in ("qc.tsv", "funnel.tsv"):
+        (analysis / name).unlink()
+    proc, _, media = rerun(srv, wf, cfg)
+    assert "invalid literal" not in proc.stdout and "Traceback" not in proc.stdout
+    assert "has no query_funnel.json beside it" in proc.stdout
+    assert ran(proc.stdout, "query") == [{"analysis": "A"}]
+    assert ran(proc.stdout, "qc") == [{"analysis": "A"}]
+    assert (analysis / "query_funnel.json").is_file() and (analysis / "qc.tsv").is_file()
+    assert _without_source((analysis / "selection.tsv").read_text()) == _without_source(good)
+    assert media == 0

@@ -112,6 +112,16 @@ def _sweep_unreadable_selections():
                 f"{analysis!r} runs again."
             )
             path.unlink()
+            continue
+        # A checkpoint with one of its outputs missing is neither rerun nor complete for
+        # Snakemake: the jobs after it would start with unresolved inputs. A selection
+        # without its funnel (an older nvmeta's, or the funnel deleted) is queried anew.
+        if not path.with_name("query_funnel.json").is_file():
+            logger.warning(
+                f"{path} has no query_funnel.json beside it; removed, the query of "
+                f"analysis {analysis!r} runs again."
+            )
+            path.unlink()
 
 
 _sweep_unreadable_selections()
