@@ -428,6 +428,7 @@ class _Selection:
         self.log = log
         self.collections: dict[int, dict[str, Any]] = {}  # records of the collections listed
         self.missing: dict[int, str] = {}  # explicit image id -> why its record could not be had
+        self.collections_left_out = False  # collections not examined because the cap was reached
 
     @property
     def full(self) -> bool:
@@ -514,6 +515,7 @@ def _fetch_collections(
     missing = _missing_errors()
     for cid in ids:
         if sel.full:
+            sel.collections_left_out = True
             return
         try:
             col = client.collection(cid)
@@ -558,8 +560,10 @@ def _run_explicit(
         sel.max_images,
     )
     record_errors = _record_errors()
+    truncated = False  # something explicit was left out because of max_images
     for image_id in image_ids:
         if sel.full:
+            truncated = image_id not in sel.seen
             break
         try:
             rec = client.image(image_id)
@@ -588,7 +592,7 @@ def _run_explicit(
         sel.add(rec, None)
     names: dict[int, str | None] = {}
     for col in _fetch_collections(client, collection_ids, log, sel):
-        if sel.full:
+        if sel.full:  # (not reached: _fetch_collections stops first)
             break
         cid = col["id"]
         names[cid] = col.get("name")
@@ -601,6 +605,7 @@ def _run_explicit(
         added = 0
         for rec in images:
             if sel.full:
+                truncated = truncated or any(r["id"] not in sel.seen for r in images)
                 break
             added += sel.add(rec, col.get("name"))
         log.info(
@@ -615,7 +620,7 @@ def _run_explicit(
     for rec in sel.records:
         if rec.get("collection_name") is None and names.get(rec.get("collection_id")) is not None:
             rec["collection_name"] = names[rec["collection_id"]]
-    if sel.full:
+    if truncated or sel.collections_left_out:
         log.warning("max_images=%s reached: explicit selection truncated", sel.max_images)
 
 

@@ -664,3 +664,20 @@ def test_workflow_fails_on_misspelled_field_and_empty_selection(tmp_path):
     assert "analyses.none: the query selected no image" in out and "rejected by image_terms.map_type" in out
     assert not any((wf / "results/analyses" / a / "selection.tsv").exists() for a in analyses)
     assert not (wf / "results/images").exists()
+
+
+def test_explicit_selection_of_exactly_max_images_is_not_called_truncated(caplog):
+    """Exactly max_images explicit ids (or a collection of exactly that size) select everything
+    asked for: no "truncated" warning (it used to be printed whenever the cap was reached)."""
+    client = _big_client(n_collections=2, per_collection=10)
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        records = run_query(client, {"image_ids": [1003, 2004], "max_images": 2}, LOG)
+        assert ids(records) == [1003, 2004]
+        records = run_query(client, {"collection_ids": [1], "max_images": 10}, LOG)
+        assert ids(records) == [1000 + i for i in range(10)]
+        records = run_query(client, {"image_ids": [1003, 1003], "max_images": 1}, LOG)
+        assert ids(records) == [1003]
+    assert "truncated" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="test_query"):
+        run_query(client, {"image_ids": [1003, 2004, 2005], "max_images": 2}, LOG)
+    assert "max_images=2 reached: explicit selection truncated" in caplog.text
