@@ -414,3 +414,72 @@ def test_download_reuses_the_record_the_query_kept(fixture_server, res):
     fixture_server.reset_log()
     assert fetch(client, ids[1], res)["status"] == "ok"
     assert f"/api/images/{ids[1]}/" in fixture_server.requests
+
+
+@pytest.mark.e2e
+def test_workflow_downloads_cost_one_request_per_file(tmp_path):
+    """Issue 12, end to end (snakemake on a copy of the workflow, a few collections, selection by
+    terms): the query costs its listing pages (collections, then one per collection), the downloads
+    exactly one request per file and nothing else (records and collection records are the query's);
+    ``neurovault.mode: overwrite`` asks for every record again."""
+    import yaml
+    from conftest import API_RESPONSES, nifti_bytes
+    from helpers import make_workdir, run_snakemake
+
+    from nvmeta.testing import collection_record, image_record, load_recorded
+
+    img_t = load_recorded(API_RESPONSES / "read_image.json")
+    col_t = load_recorded(API_RESPONSES / "read_collection.json")
+    cids = [41, 42, 43]
+    records, files, served = [], {}, {}
+    for k, cid in enumerate(cids):
+        for j in range(3):
+            iid = 4100 + 10 * k + j
+            served[iid] = nifti_bytes(shape=(3, 3, 3), seed=iid)
+            files[f"media/images/{cid}/m{iid}.nii.gz"] = served[iid]
+            map_type = "T map" if (cid, j) == (43, 2) else "Z map"  # one listed image the terms reject
+            records.append(
+                image_record(img_t, iid, cid, f"m{iid}.nii.gz", file_size=len(served[iid]), map_type=map_type)
+            )
+    root = write_snapshot(
+        tmp_path / "snap",
+        records,
+        [collection_record(col_t, c, name=f"c{c}", number_of_images=3) for c in cids],
+        files,
+    )
+    selected = sorted(r["id"] for r in records if r["map_type"] == "Z map")
+    targets = [f"results/images/{i}/metadata.json" for i in selected]
+    with FixtureServer(root) as srv:
+        cfg = {
+            "neurovault": fast_config(srv.url),
+            "analyses": {"a": {"image_terms": {"map_type": "Z map"}}},
+        }
+        wf = make_workdir(tmp_path, cfg)
+        run_snakemake(wf, "--keep-going", "results/analyses/a/selection.tsv", timeout=600)
+        listings = sorted(p.split("?")[0] for p in srv.requests)
+        assert listings == ["/api/collections/", *(f"/api/collections/{c}/images/" for c in cids)]
+        sel = (wf / "results/analyses/a/selection.tsv").read_text().splitlines()[1:]
+        assert sorted(int(line.split("\t", 1)[0]) for line in sel) == selected
+
+        srv.reset_log()
+        run_snakemake(wf, "--keep-going", *targets, timeout=600)
+        media = {iid: f"/media/images/{iid // 10 % 10 + 41}/m{iid}.nii.gz" for iid in selected}
+        assert sorted(srv.requests) == sorted(media.values())  # one request per file, nothing else
+        for iid in selected:
+            m = json.loads((wf / f"results/images/{iid}/metadata.json").read_text())
+            assert m["nvmeta"]["status"] == "ok" and m["nvmeta"]["md5"] == md5(served[iid])
+            assert m["nvmeta"]["record_source"]["kept_by"] == "query"
+            assert m["nvmeta"]["collection"]["id"] == m["collection_id"]
+
+        # overwrite: each download asks for its record (and collection record) again, then the file
+        cfg["neurovault"]["mode"] = "overwrite"
+        (wf / "test.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        srv.reset_log()
+        run_snakemake(wf, "--forcerun", "download", *targets, timeout=600)
+        for iid in selected:
+            assert srv.count(f"^/api/images/{iid}/$") == 1 and srv.count(f"^{media[iid]}$") == 1
+            m = json.loads((wf / f"results/images/{iid}/metadata.json").read_text())
+            assert m["nvmeta"]["record_source"]["request"] == f"images/{iid}/"
+        others = [p for p in srv.requests if not p.startswith(("/api/images/", "/media/"))]
+        assert others and all(p in {f"/api/collections/{c}/" for c in cids} for p in others)
+        assert len(srv.requests) == 2 * len(selected) + len(others)
