@@ -168,8 +168,8 @@ def extract_peaks(z_img: nib.Nifti1Image, cfg: dict) -> Any:
         rows). Empty when no cluster passes.
     """
     import pandas as pd
-    from nilearn.reporting import get_clusters_table
-    from scipy import ndimage
+
+    from nvmeta.clusters import peaks_table
 
     cols = ["sign", "peak", "x", "y", "z", "z_value", "cluster_voxels"]
     data = np.asarray(z_img.dataobj, dtype=np.float32)
@@ -178,58 +178,27 @@ def extract_peaks(z_img: nib.Nifti1Image, cfg: dict) -> Any:
     # NaN means "no data": it can never pass a threshold, so it is excluded (0 is below it).
     data = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
     thr = np.float32(cfg["peak_threshold"])
-    # nilearn keeps values > threshold; the rule here is |z| >= threshold.
-    below = float(np.nextafter(thr, np.float32(0)))
-    affine = z_img.affine
-    struct = ndimage.generate_binary_structure(3, 1)  # face connectivity, as nilearn
-    rows = []
-    for sign, label in ((1.0, "positive"), (-1.0, "negative")):
-        signed = data * np.float32(sign)
-        labels, n = ndimage.label(signed >= thr, structure=struct)
-        if n == 0:
-            continue
-        sizes = np.bincount(labels.ravel())[1:]
-        found = []
-        for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if sizes[k - 1] < int(cfg["min_cluster_voxels"]):
-                continue
-            # get_clusters_table works on the full volume once per cluster (center of mass,
-            # maximum filters): on one cluster's bounding box it gives the same peaks in a
-            # fraction of the time (measured: ~2 s -> ~0.05 s per map on the MNI 2 mm grid).
-            sl = tuple(
-                slice(max(s.start - 1, 0), min(s.stop + 1, dim))
-                for s, dim in zip(sl, labels.shape, strict=True)
-            )
-            sub = np.where(labels[sl] == k, signed[sl], np.float32(0)).astype(np.float32)
-            sub_affine = affine.copy()
-            sub_affine[:3, 3] = affine[:3, :3] @ np.array([s.start for s in sl], dtype=float) + affine[:3, 3]
-            table = get_clusters_table(
-                nib.Nifti1Image(sub, sub_affine),
-                stat_threshold=below,
-                cluster_threshold=0,
-                two_sided=False,
-                min_distance=float(cfg["peak_distance"]),
-            )
-            found.append((float(table["Peak Stat"].iloc[0]), int(sizes[k - 1]), table))
-        # clusters numbered by decreasing peak, as nilearn (positive first, then negative)
-        found.sort(key=lambda item: -item[0])
-        offset = len(rows and {r["cluster"] for r in rows})
-        for c, (_, size, table) in enumerate(found, start=offset + 1):
-            for j, t in enumerate(table.itertuples(index=False)):
-                rows.append(
-                    {
-                        "cluster": c,
-                        "sign": label,
-                        "peak": f"{c}" if j == 0 else f"{c}{chr(ord('a') + j - 1)}",
-                        "x": float(t.X),
-                        "y": float(t.Y),
-                        "z": float(t.Z),
-                        "z_value": sign * float(t[4]),
-                        "cluster_voxels": size,
-                    }
-                )
-    out = pd.DataFrame(rows, columns=["cluster", *cols])
-    return out[cols]
+    # get_clusters_table works on the full volume once per cluster (center of mass, maximum
+    # filters): peaks_table calls it on each cluster's bounding box, which gives the same
+    # peaks in a fraction of the time (measured: ~2 s -> ~0.05 s per map on the MNI 2 mm grid).
+    # The rule here is |z| >= threshold (nilearn keeps values > threshold).
+    table = peaks_table(data, z_img.affine, lambda signed: signed >= thr,
+                        min_voxels=int(cfg["min_cluster_voxels"]), min_distance=float(cfg["peak_distance"]))  # fmt: skip
+    if table.empty:
+        return pd.DataFrame(columns=cols)
+    z_value = table["Peak Stat"].astype(np.float64)
+    return pd.DataFrame(
+        {
+            "sign": np.where(z_value > 0, "positive", "negative"),
+            "peak": table["Cluster ID"],
+            "x": table["X"].astype(np.float64),
+            "y": table["Y"].astype(np.float64),
+            "z": table["Z"].astype(np.float64),
+            "z_value": z_value,
+            # the size of the peak's cluster on its sub-peak rows too
+            "cluster_voxels": table["Cluster Size (voxels)"].ffill().astype(np.int64),
+        }
+    )[cols]
 
 
 def peaks_table(
@@ -604,20 +573,18 @@ def _run_cbma(method, peaks_tsv, mask_img, cfg, outdir, n_cores, log) -> dict:
 
 
 def _clusters_table(z_sig_img: nib.Nifti1Image) -> Any:
-    """nilearn's cluster table of a thresholded (0 = not significant) positive map."""
-    import pandas as pd
-    from nilearn.reporting import get_clusters_table
+    """nilearn's cluster table of a thresholded (0 = not significant) positive map.
 
-    data = np.asarray(z_sig_img.dataobj, dtype=np.float64)
-    pos = data[data > 0]
-    if pos.size == 0:
-        return pd.DataFrame(columns=_CLUSTER_COLUMNS)
-    thr = float(pos.min()) * (1 - 1e-6)
-    table = get_clusters_table(z_sig_img, stat_threshold=thr, two_sided=False)
-    vox_mm3 = float(abs(np.linalg.det(z_sig_img.affine[:3, :3])))
-    sizes = pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce")
-    table["Cluster Size (voxels)"] = (sizes / vox_mm3).round().astype("Int64")
-    return table[_CLUSTER_COLUMNS]
+    Computed cluster by cluster (:func:`nvmeta.clusters.peaks_table`, nilearn's rows).
+    """
+    import pandas as pd
+
+    from nvmeta.clusters import peaks_table
+
+    table = peaks_table(
+        np.asarray(z_sig_img.dataobj), z_sig_img.affine, lambda signed: signed > 0, signs=(1.0,)
+    )
+    return table[_CLUSTER_COLUMNS] if len(table) else pd.DataFrame(columns=_CLUSTER_COLUMNS)
 
 
 def _plot(z_img: nib.Nifti1Image, z_sig_img: nib.Nifti1Image, out_png: Path, title: str) -> None:

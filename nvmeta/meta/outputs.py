@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,7 +76,7 @@ _CLUSTER_COLUMNS = [
     "Cluster ID", "X", "Y", "Z", "Peak Stat", "Cluster Size (mm3)", "Cluster Size (voxels)",
     "Cluster-forming threshold", "Connectivity",
 ]  # fmt: skip
-#: nilearn's get_clusters_table labels with scipy's 3-D rank-1 structure (6-connectivity).
+#: nilearn's get_clusters_table (and nvmeta.clusters) label with scipy's 3-D rank-1 structure.
 CONNECTIVITY = "faces (6-connected)"
 
 
@@ -85,45 +84,28 @@ def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels
     """Cluster table of a thresholded map (0 or NaN = not significant).
 
     nilearn's :func:`~nilearn.reporting.get_clusters_table` (peaks and sub-peaks at least
-    8 mm apart, MNI mm coordinates of the grid's affine, face-connected clusters) plus a
-    cluster size in voxels, the cluster-forming threshold (``forming``) and the connectivity.
-    Clusters are numbered 1, 2, ... without gaps (nilearn numbers before dropping the clusters
-    under ``min_voxels``); sub-peaks keep their letter (``3a``). Empty (header only) when no
-    voxel survives.
+    8 mm apart, MNI mm coordinates of the grid's affine, face-connected clusters, clusters
+    under ``min_voxels`` left out), computed cluster by cluster (:func:`nvmeta.clusters.peaks_table`:
+    the same rows, without nilearn's whole-volume pass per cluster), plus a cluster size in
+    voxels, the cluster-forming threshold (``forming``) and the connectivity. Clusters are
+    numbered 1, 2, ... without gaps (positive ones first, then negative ones, each by
+    decreasing ``|peak|``); sub-peaks carry their cluster's number and a letter (``3a``).
+    Empty (header only) when no voxel survives.
     """
-    import re
-
     import pandas as pd
-    from nilearn.reporting import get_clusters_table
 
-    data = np.nan_to_num(np.asarray(thresholded_img.dataobj, dtype=np.float64), nan=0.0)
-    nz = np.abs(data[data != 0])
-    if nz.size == 0:
+    from nvmeta.clusters import peaks_table
+
+    data = np.asarray(thresholded_img.dataobj, dtype=np.float64).astype(np.float32)
+    # every non-zero voxel of its sign forms the clusters (the map is thresholded already;
+    # NaN counts as 0)
+    table = peaks_table(data, thresholded_img.affine, lambda signed: signed > 0,
+                        signs=(1.0, -1.0) if two_sided else (1.0,), min_voxels=int(min_voxels))  # fmt: skip
+    if table.empty:
         return pd.DataFrame(columns=_CLUSTER_COLUMNS)
-    img = nib.Nifti1Image(data.astype(np.float32), thresholded_img.affine)
-    thr = float(nz.min()) * (1 - 1e-6)
-    with warnings.catch_warnings():
-        # two-sided tables warn when one sign has no cluster: not worth a warning here
-        warnings.filterwarnings("ignore", message="No clusters found", category=UserWarning)
-        table = get_clusters_table(
-            img, stat_threshold=thr, cluster_threshold=int(min_voxels), two_sided=two_sided
-        )
-    vox_mm3 = float(abs(np.linalg.det(thresholded_img.affine[:3, :3])))
-    sizes = pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce")
-    table["Cluster Size (voxels)"] = (sizes / vox_mm3).round().astype("Int64")
-    renumber: dict[str, int] = {}
-    ids = []
-    for cid in table["Cluster ID"].astype(str):
-        m = re.fullmatch(r"(\d+)([a-z]*)", cid)
-        if m is None:  # not nilearn's format: leave it
-            ids.append(cid)
-            continue
-        new = renumber.setdefault(m.group(1), len(renumber) + 1)
-        ids.append(f"{new}{m.group(2)}")
-    table["Cluster ID"] = ids
     table["Cluster-forming threshold"] = forming
     table["Connectivity"] = CONNECTIVITY
-    return table[[c for c in _CLUSTER_COLUMNS if c in table.columns]]
+    return table[_CLUSTER_COLUMNS]
 
 
 def n_clusters(table) -> int:
