@@ -210,3 +210,33 @@ def test_glass_brain_grid_equals_one_figure_per_map(zmap_paths, tmp_path, monkey
         m.setattr(plotting._ReusedGlassBrain, "render", fails)
         assert np.array_equal(_grid(items, tmp_path / "fails.png"), slow)
     assert "reused glass-brain display failed" in caplog.text and len(calls) == 4
+
+
+def test_grid_layout_equals_plain_matplotlib(tmp_path, monkeypatch):
+    """The grid around the panels (axes, titles, suptitle) equals the plain recipe: axes
+    switched off (their axis objects left visible), imshow, set_title; synthetic panels."""
+    rng = np.random.default_rng(3)
+    labels = ["901: gjpq (descenders) " * 3, "902: (no contrast)", "903: ÄÖ x", "904: y", "905: _"]
+    panels = [(lab, rng.integers(0, 256, size=(200, 520, 4), dtype=np.uint8)) for lab in labels]
+    for _, rgba in panels:
+        rgba[..., 3] = 255
+    monkeypatch.setattr(plotting, "_glass_rasters", lambda *a: panels)
+    items = [(901 + i, None, "unused") for i in range(5)]
+    got = _grid(items, tmp_path / "grid.png")
+
+    ncols, nrows, panel_w, panel_h, pad, head = 3, 2, 5.2, 2.0, 0.35, 0.5
+    fig_w, fig_h = ncols * panel_w, nrows * (panel_h + pad) + head
+    fig = plt.figure(figsize=(fig_w, fig_h), facecolor="white")
+    for i, (label, rgba) in enumerate(panels):
+        row, col = divmod(i, ncols)
+        bottom = fig_h - head - (row + 1) * (panel_h + pad)
+        ax = fig.add_axes((col / ncols, bottom / fig_h, 1 / ncols, panel_h / fig_h))
+        ax.imshow(rgba, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(label, fontsize=9, pad=2)
+    fig.suptitle("test grid", y=1 - 0.2 * head / fig_h, va="top", fontsize=12)
+    fig.savefig(tmp_path / "ref.png", dpi=DPI, facecolor="white")
+    plt.close(fig)
+    ref = mpimg.imread(tmp_path / "ref.png")
+    assert got.shape == ref.shape == (520, 1560, 4)
+    assert np.array_equal(got, ref)
