@@ -44,12 +44,10 @@ def grid_shape(n: int) -> tuple[int, int, str]:
     return ncols, nrows, mode
 
 
-def _panel(item, mode: str, panel_w: float, panel_h: float, dpi: int, threshold: float, width_chars: int):
-    """Render one glass brain in its own figure; return ``(title, RGBA array)``."""
-    import matplotlib.pyplot as plt
+def _panel_input(item, threshold: float, width_chars: int):
+    """Title, finite float32 image (NaN -> 0) and symmetric colour limit of one z-map."""
     import nibabel as nib
     import numpy as np
-    from nilearn import plotting
 
     image_id, title, path = item
     contrast = str(title).strip() if title is not None and str(title).strip() not in ("", "nan") else ""
@@ -60,25 +58,322 @@ def _panel(item, mode: str, panel_w: float, panel_h: float, dpi: int, threshold:
     vmax = float(np.max(np.abs(data[finite]))) if finite.any() else 1.0
     vmax = max(vmax, threshold + 1e-3, 1e-3)
     img = nib.Nifti1Image(np.where(finite, data, 0).astype(np.float32), img.affine)
-    pfig = plt.figure(figsize=(panel_w, panel_h), dpi=dpi, facecolor="white")
+    return label, img, vmax
+
+
+def _glass_kwargs(mode: str, threshold: float) -> dict:
+    """The ``plot_glass_brain`` arguments of every panel (the map and its colour limits aside)."""
+    return {
+        "display_mode": mode,
+        "threshold": threshold,
+        "plot_abs": False,
+        "colorbar": mode == "ortho",
+        "cmap": "cold_hot",
+        "annotate": False,
+        "black_bg": False,
+    }
+
+
+def _panel_figure(panel_w: float, panel_h: float, dpi: int):
+    """The white figure of one glass-brain panel."""
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=(panel_w, panel_h), dpi=dpi, facecolor="white")
+
+
+def _rgba(fig):
+    """Draw ``fig`` (Agg) and return a copy of its RGBA pixels."""
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+
+def _plot_glass(fig, img, vmax: float, mode: str, threshold: float):
+    """``plot_glass_brain`` of one map into ``fig``; return the display."""
+    from nilearn import plotting
+
+    return plotting.plot_glass_brain(img, figure=fig, vmin=-vmax, vmax=vmax, **_glass_kwargs(mode, threshold))
+
+
+def _panel(img, vmax: float, mode: str, panel_w: float, panel_h: float, dpi: int, threshold: float):
+    """One glass brain drawn by ``plot_glass_brain`` in its own figure, as an RGBA array."""
+    import matplotlib.pyplot as plt
+
+    pfig = _panel_figure(panel_w, panel_h, dpi)
     try:
-        plotting.plot_glass_brain(
-            img,
-            display_mode=mode,
-            figure=pfig,
-            threshold=threshold,
-            plot_abs=False,
-            colorbar=mode == "ortho",
-            cmap="cold_hot",
-            vmin=-vmax,
-            vmax=vmax,
-            annotate=False,
-            black_bg=False,
-        )
-        pfig.canvas.draw()
-        return label, np.asarray(pfig.canvas.buffer_rgba()).copy()
+        _plot_glass(pfig, img, vmax, mode, threshold)
+        return _rgba(pfig)
     finally:
         plt.close(pfig)
+
+
+def _schematic_as_collection(ax) -> bool:
+    """Replace the brain schematic's path patches on ``ax`` by one PathCollection drawn alike.
+
+    nilearn's schematic is ~260 ``PathPatch`` per view; matplotlib's per-artist drawing
+    overhead (a graphics context and a transform chain each) is ~1/3 of a reused panel.
+    One ``PathCollection`` with the same paths, edge colours (alpha included), line
+    widths, transform, join and cap style, clipped to the Axes box as the patches are
+    (``add_patch`` and ``add_collection`` both clip to the Axes background rectangle),
+    makes the same Agg calls path by path, in the same order and z-order. Done only
+    when the patches are all that is plotted on ``ax`` and share those properties;
+    returns whether it was done (the pixels are checked by :func:`_first_panel`).
+    """
+    from matplotlib.collections import PathCollection
+    from matplotlib.patches import PathPatch
+
+    patches = list(ax.patches)
+    others = (ax.images, ax.lines, ax.collections, ax.texts, ax.artists, ax.tables, ax.child_axes)
+    if not patches or any(len(a) for a in others):
+        return False
+    first = patches[0]
+    for p in patches:
+        if (
+            type(p) is not PathPatch
+            or p.get_transform() is not first.get_transform()
+            or p.get_facecolor()[3] != 0
+            or p.get_linestyle() != "solid"
+            or p.get_hatch()
+            or p.get_sketch_params() is not None
+            or p.get_path_effects()
+            or not p.get_visible()
+            or not p.get_clip_on()
+            or p.get_clip_path() is not None
+            or p.get_clip_box() is None
+            or p.get_clip_box().bounds != ax.bbox.bounds
+            or (p.get_joinstyle(), p.get_capstyle(), p.get_antialiased(), p.get_zorder())
+            != (first.get_joinstyle(), first.get_capstyle(), first.get_antialiased(), first.get_zorder())
+        ):
+            return False
+    collection = PathCollection(
+        [p.get_path() for p in patches],
+        edgecolors=[p.get_edgecolor() for p in patches],
+        linewidths=[p.get_linewidth() for p in patches],
+        facecolors="none",
+        transform=first.get_transform(),
+        joinstyle=first.get_joinstyle(),
+        capstyle=first.get_capstyle(),
+        antialiaseds=first.get_antialiased(),
+        zorder=first.get_zorder(),
+    )
+    for p in patches:
+        p.remove()
+    ax.add_collection(collection, autolim=False)  # clipped to ax.patch, as add_patch does
+    return True
+
+
+class _ReusedGlassBrain:
+    """One nilearn glass-brain display whose overlay is swapped map after map.
+
+    ``plot_glass_brain`` builds a new display for every map, and with it nilearn's brain
+    schematic: ~260 matplotlib patches per view whose ``Axes.add_patch`` (data-limit
+    updates) costs most of a panel. Here the first map is drawn by ``plot_glass_brain``
+    (its pixels: :attr:`first`); :meth:`make_reusable` then removes its overlay (the
+    schematic and the axes layout do not depend on the map) and records that state, and
+    :meth:`render` does for each map what ``plot_glass_brain`` does after building the
+    display: ``display.add_overlay`` with the map's colour limits, then removes what the
+    overlay added so that the next map starts from the same state; the schematic is drawn
+    by one collection per view (:func:`_schematic_as_collection`). :func:`_first_panel`
+    checks :meth:`render` of the first map against :attr:`first` pixel for pixel, and
+    :func:`_glass_rasters` falls back to ``plot_glass_brain`` per map on any difference.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        The first map (finite values).
+    vmax : float
+        Its colour limit.
+    mode : {"ortho", "z"}
+        nilearn ``display_mode``.
+    panel_w, panel_h : float
+        Figure size in inches.
+    dpi : int
+        Figure resolution.
+    threshold : float
+        |z| below which voxels are not drawn.
+    """
+
+    def __init__(
+        self, img, vmax: float, mode: str, panel_w: float, panel_h: float, dpi: int, threshold: float
+    ):
+        self.mode = mode
+        self.threshold = threshold
+        self.fig = _panel_figure(panel_w, panel_h, dpi)
+        try:
+            self.display = _plot_glass(self.fig, img, vmax, mode, threshold)
+            self.first = _rgba(self.fig)
+        except BaseException:
+            self.close()
+            raise
+
+    def make_reusable(self) -> None:
+        """Remove the first map's overlay, draw the schematic as one collection per view, record the state.
+
+        Raises
+        ------
+        RuntimeError
+            If the display does not hold what nilearn 0.13's ``plot_glass_brain`` adds:
+            one image and one set of object bounds per view on top of the schematic's.
+        """
+        views = self.display.axes.values()
+        # BaseAxes._object_bounds (private): the schematic's bounds, then those of each
+        # overlay (its supra-threshold voxels), which set the view limits and, through the
+        # display's axes locator, the widths of the views. Cut back to the schematic's
+        # after each map so that one map's extent (voxels outside the schematic) does not
+        # change the next panels; nilearn has no public way to drop bounds.
+        if any(len(dax.ax.images) != 1 or len(getattr(dax, "_object_bounds", ())) != 2 for dax in views):
+            raise RuntimeError("unexpected glass-brain display: not one overlay image and bounds per view")
+        keep = [self.display.frame_axes, *(dax.ax for dax in views)]
+        for ax in list(self.fig.axes):
+            if ax not in keep:
+                ax.remove()  # the colour bar's axes
+        for dax in views:
+            dax.ax.images[0].remove()
+            del dax._object_bounds[1:]
+            dax.ax.axis(dax.get_object_bounds())  # the limits nilearn set from the schematic
+            _schematic_as_collection(dax.ax)
+        self._clear_colorbar_flag()
+        self._axes = list(self.fig.axes)
+        self._children = {id(ax): list(ax.get_children()) for ax in self._axes}
+        self._limits = {id(ax): (ax.get_xlim(), ax.get_ylim()) for ax in self._axes}
+        self._bounds = {key: list(dax._object_bounds) for key, dax in self.display.axes.items()}
+
+    def _clear_colorbar_flag(self) -> None:
+        """Mark the display as without colour bar, as before any overlay."""
+        # BaseSlicer._colorbar (private): add_overlay refuses a second colour bar and the
+        # axes locator leaves room for one while it is set; no public way to clear it
+        if not hasattr(self.display, "_colorbar"):
+            raise RuntimeError("nilearn display without _colorbar")
+        self.display._colorbar = False
+
+    def render(self, img, vmax: float):
+        """Draw one map; return the RGBA array of ``plot_glass_brain(img, vmin=-vmax, vmax=vmax, ...)``.
+
+        Parameters
+        ----------
+        img : nibabel.Nifti1Image
+            3D map with finite values.
+        vmax : float
+            Colour limit (the colour bar spans ``-vmax`` to ``vmax``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(height, width, 4)`` uint8 pixels of the figure.
+        """
+        from nilearn.image import check_niimg_3d
+
+        kw = _glass_kwargs(self.mode, self.threshold)
+        # what plot_glass_brain passes to add_overlay: with vmin == -vmax its colour-bar
+        # range is (vmin, vmax) (nilearn.plotting._utils.get_colorbar_and_data_ranges),
+        # the overlay is resampled continuously and shown with nearest interpolation, the
+        # tick format and transparency are add_overlay's defaults
+        try:
+            self.display.add_overlay(
+                check_niimg_3d(img, dtype="auto"),
+                threshold=self.threshold,
+                colorbar=kw["colorbar"],
+                cmap=kw["cmap"],
+                vmin=-vmax,
+                vmax=vmax,
+                cbar_vmin=-vmax,
+                cbar_vmax=vmax,
+                interpolation="nearest",
+                resampling_interpolation="continuous",
+            )
+            return _rgba(self.fig)
+        finally:
+            self._reset()
+
+    def _reset(self) -> None:
+        """Remove what the last overlay added (images, colour-bar axes, bounds, limits)."""
+        for ax in list(self.fig.axes):
+            if ax not in self._axes:
+                ax.remove()  # the colour bar's axes
+        for ax in self._axes:
+            kept = {id(a) for a in self._children[id(ax)]}
+            for artist in ax.get_children():
+                if id(artist) not in kept:
+                    artist.remove()
+            xlim, ylim = self._limits[id(ax)]
+            ax.set_xlim(xlim)
+            ax.set_ylim(ylim)
+        for key, dax in self.display.axes.items():
+            dax._object_bounds[:] = self._bounds[key]  # private, see make_reusable
+        self._clear_colorbar_flag()
+        if list(self.fig.axes) != self._axes or any(
+            list(ax.get_children()) != self._children[id(ax)] for ax in self._axes
+        ):
+            raise RuntimeError("the glass-brain display could not be reset to its state without overlay")
+
+    def close(self) -> None:
+        """Close the figure."""
+        import matplotlib.pyplot as plt
+
+        plt.close(self.fig)
+
+
+def _first_panel(img, vmax: float, args: tuple):
+    """The first map's ``plot_glass_brain`` RGBA and a :class:`_ReusedGlassBrain` drawing it alike, or None (logged)."""
+    import gc
+
+    import numpy as np
+
+    reused = _ReusedGlassBrain(img, vmax, *args)
+    try:
+        reused.make_reusable()
+        if np.array_equal(reused.render(img, vmax), reused.first):
+            # its ~800 schematic artists, walked by each gc.collect() that nilearn runs per
+            # map, join the frozen heap (given back when _glass_rasters' frozen_gc ends)
+            gc.freeze()
+            return reused.first, reused
+        logger.warning("glass brain on a reused display differs from plot_glass_brain's: one figure per map")
+    except Exception:  # whatever fails here, plot_glass_brain per map still works
+        logger.warning("reused glass-brain display failed: one figure per map", exc_info=True)
+    reused.close()
+    return reused.first, None
+
+
+def _glass_rasters(
+    items, mode: str, panel_w: float, panel_h: float, dpi: int, threshold: float, width_chars: int
+):
+    """``(title, RGBA array)`` of every map's glass brain, drawn on one reused display.
+
+    The first map is drawn by ``plot_glass_brain`` and again on the same display made
+    reusable (:class:`_ReusedGlassBrain`); the other maps are drawn on that display if the
+    two are equal pixel for pixel, else (another nilearn or matplotlib) or if the reused
+    display fails, each map by ``plot_glass_brain`` in its own figure as before, with a
+    warning. Maps are read one at a time; the heap is frozen for the garbage collector
+    while they are drawn (nilearn runs ``gc.collect()`` for every image it reads).
+    """
+    from nvmeta.meta import frozen_gc
+
+    args = (mode, panel_w, panel_h, dpi, threshold)
+    out = []
+    reused = None
+    with frozen_gc():
+        try:
+            for k, item in enumerate(items):
+                label, img, vmax = _panel_input(item, threshold, width_chars)
+                rgba = None
+                if reused is not None:
+                    try:
+                        rgba = reused.render(img, vmax)
+                    except Exception:  # fall back as for a pixel difference
+                        logger.warning("reused glass-brain display failed: one figure per map", exc_info=True)
+                        reused.close()
+                        reused = None
+                if rgba is None:
+                    if k == 0 and len(items) > 1:
+                        rgba, reused = _first_panel(img, vmax, args)
+                    else:
+                        rgba = _panel(img, vmax, *args)
+                out.append((label, rgba))
+        finally:
+            if reused is not None:
+                reused.close()
+    return out
 
 
 def glass_brain_grid(
@@ -138,14 +433,11 @@ def glass_brain_grid(
     fontsize = 9 if mode == "ortho" else 7
     # nilearn runs gc.collect() several times per plot: ~0.5 s each with the objects that
     # nilearn/matplotlib/scipy keep alive, and growing with every panel's artists if they
-    # all live in one figure. So each glass brain is drawn in its own small figure (closed
-    # at once) and pasted into the grid as an image, with the heap that exists before the
-    # loop (imports included) frozen so that those collections stay cheap.
+    # all live in one figure. So the glass brains are drawn in a small figure of their own
+    # (one display reused for all maps, see _glass_rasters) and pasted into the grid as
+    # images, with the heap frozen while they are drawn so that those collections stay cheap.
     importlib.import_module("nilearn.plotting")
-    from nvmeta.meta import frozen_gc
-
-    with frozen_gc():
-        panels = [_panel(item, mode, panel_w, panel_h, dpi, threshold, width_chars) for item in items]
+    panels = _glass_rasters(items, mode, panel_w, panel_h, dpi, threshold, width_chars)
     head = 0.5
     fig_w = ncols * panel_w
     fig_h = nrows * (panel_h + title_pad) + head
@@ -157,6 +449,10 @@ def glass_brain_grid(
             ax = fig.add_axes((col / ncols, bottom / fig_h, 1 / ncols, panel_h / fig_h))
             ax.imshow(rgba, interpolation="nearest")
             ax.set_axis_off()
+            # not drawn either way (axis off), but a visible y axis has its ticks laid out
+            # for every title placement (~1/5 of the grid's drawing); same pixels
+            ax.xaxis.set_visible(False)
+            ax.yaxis.set_visible(False)
             ax.set_title(label, fontsize=fontsize, pad=2)
         fig.suptitle(
             suptitle or f"{n} input z-map{'s' if n != 1 else ''} (|z| > {threshold:g})",
