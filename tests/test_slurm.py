@@ -1,7 +1,9 @@
 """SLURM, for real: a small demo run through snakemake-executor-plugin-slurm on a single-node
 cluster started by the test (Debian's slurm-wlm + munge, installed when missing; see
 tests/slurm_cluster.py), checked job by job against SLURM's own records, and output by output
-against a local run of the same config.
+against a local run of the same config. The z-map jobs go in batches (Snakemake job groups, the
+default of profiles/slurm): N of them must reach SLURM as exactly ceil(N / size) submissions, each
+z-map run once, in a fresh run and in a rerun.
 
 Needs root (to install the packages and start the daemons); skipped, with the reason, only where
 the packages cannot be installed.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -38,6 +41,7 @@ CONFIG = {
         },
     },
 }
+IMAGE_IDS = sorted({*CONFIG["analyses"]["pain"]["image_ids"], *DEMO["analyses"]["edge"]["image_ids"]})
 # Rules the workflow runs on the submit host (downloads and the query), never through sbatch.
 LOCAL_RULES = {"download", "query"}
 # The rules that do the work; each of their jobs must go through sbatch.
@@ -46,6 +50,11 @@ CLUSTER_RULES = {"zmap", "qc", "meta", "meta_sensitivity", "input_figures"}
 EXPECTED_CLUSTER_JOBS = collections.Counter(
     {"zmap": 10, "qc": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2}
 )
+# The z-map jobs go in batches: Snakemake group "zmaps" of at most BATCH z-maps (profiles/slurm-test).
+TEST_PROFILE = yaml.safe_load((REPO / "profiles/slurm-test/config.yaml").read_text())
+BATCH = int(dict(item.split("=", 1) for item in TEST_PROFILE["group-components"])["zmaps"])
+# Minutes of wall time per z-map (set-resources); a batch asks the sum.
+ZMAP_MINUTES = 3
 # profiles/slurm-test differs from profiles/slurm only in these keys.
 TEST_ONLY_KEYS = {
     "jobs",
@@ -54,6 +63,7 @@ TEST_ONLY_KEYS = {
     "slurm-status-command",
     "slurm-keep-successful-logs",
     "default-resources",
+    "group-components",
 }
 RUN_TIMEOUT = 600
 # Extra snakemake arguments for both runs (debugging aid, e.g. ["--omit-from", "input_figures"]).
@@ -185,11 +195,22 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def run_on_cluster(wf: Path, cluster: SlurmCluster) -> tuple[int, str, float]:
-    """Run the workflow with the SLURM test profile; kill its process group if it hangs."""
-    cmd = [*SNAKEMAKE, "--workflow-profile", "profiles/slurm-test", "--configfile", "test.yaml", *EXTRA_ARGS]
+def run_on_cluster(
+    wf: Path, cluster: SlurmCluster, *args: str, log_name: str = "slurm_run.log"
+) -> tuple[int, str, float]:
+    """Run the workflow with the SLURM test profile (its output in ``wf/log_name``); kill its
+    process group if it hangs."""
+    cmd = [
+        *SNAKEMAKE,
+        "--workflow-profile",
+        "profiles/slurm-test",
+        "--configfile",
+        "test.yaml",
+        *EXTRA_ARGS,
+        *args,
+    ]
     env = cluster.env(dict(os.environ, PYTHONWARNINGS="ignore"))
-    log = wf / "slurm_run.log"
+    log = wf / log_name
     start = time.monotonic()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
@@ -249,19 +270,133 @@ def main_log(log: str) -> str:
 
 
 def snakemake_jobs(log: str) -> tuple[collections.Counter, collections.Counter]:
-    """Jobs Snakemake started, per rule: (non-local, local), from its job headers."""
+    """Jobs Snakemake started, per rule: (non-local, local), from its job headers (a group job's
+    members are indented under their group's header, see :func:`group_jobs`)."""
     log = main_log(log)
     remote = collections.Counter(re.findall(r"^(?:rule|checkpoint) (\S+):$", log, flags=re.M))
     local = collections.Counter(re.findall(r"^local(?:rule|checkpoint) (\S+):$", log, flags=re.M))
     return remote, local
 
 
-def plugin_submissions(log: str) -> dict[str, str]:
-    """SLURM job id -> plugin log path, from the plugin's "submitted" lines."""
+def group_jobs(log: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Group jobs Snakemake started: (group, [(rule, wildcards), ...]) from each "Group job" header
+    and the indented job headers under it."""
+    groups = []
+    members = None
+    rule = None
+    for line in main_log(log).splitlines():
+        header = re.match(r"^\[.*\] Group job (\S+) \(jobs in lexicogr\. order\):$", line)
+        if header:
+            members = []
+            groups.append((header.group(1), members))
+            continue
+        if members is None:
+            continue
+        if line and not line[0].isspace():
+            members = None
+            continue
+        if m := re.match(r"^    (?:local)?rule (\S+):$", line):
+            rule = m.group(1)
+        elif m := re.match(r"^        wildcards: (.*)$", line):
+            members.append((rule, m.group(1)))
+    return groups
+
+
+def plugin_submissions(log: str) -> dict[str, tuple[str, str]]:
+    """SLURM job id -> (Snakemake job id, plugin log path), from the plugin's "submitted" lines
+    (a group job's id is a UUID)."""
     found = re.findall(
-        r"^Job \d+ has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$", log, flags=re.M
+        r"^Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$", main_log(log), flags=re.M
     )
-    return dict(found)
+    return {slurm_id: (job_id, path) for job_id, slurm_id, path in found}
+
+
+def executed_in(job_log: str) -> list[tuple[str, str]]:
+    """(rule, wildcards) of every job that ran inside one SLURM job, from its log: the job-step
+    executor starts one nested Snakemake per job with srun, which reports it as a local rule; the
+    job-step executor's own count of steps done closes the log."""
+    found = re.findall(r"^localrule (\S+):\n(?:    .*\n)*?    wildcards: (.*)$", job_log, flags=re.M)
+    assert f"{len(found)} of {len(found)} steps (100%) done" in job_log, job_log[-3000:]
+    return found
+
+
+def batch_sizes(n: int) -> list[int]:
+    """Sizes of the batches of n z-map jobs: full ones of BATCH, then the rest (sorted)."""
+    return sorted([BATCH] * (n // BATCH) + ([n % BATCH] if n % BATCH else []))
+
+
+def check_submissions(run: dict, expected: collections.Counter, zmap_ids: list[int]) -> dict:
+    """Every non-local job of ``run`` went through sbatch, the z-maps in batches: ceil(N / BATCH)
+    submissions for N z-map jobs, each z-map run exactly once. Checked in Snakemake's log, SLURM's
+    records (squeue, slurmctld's log, the job-completion log) and each SLURM job's own log.
+
+    Returns SLURM job id -> the (rule, wildcards) that ran in it."""
+    log = run["log"]
+    remote, local = snakemake_jobs(log)
+    assert not set(local) & CLUSTER_RULES, local
+    assert not set(remote) & LOCAL_RULES, remote
+    # Snakemake: the z-map jobs only inside group jobs "zmaps", in batches of at most BATCH
+    groups = group_jobs(log)
+    assert "zmap" not in remote, remote
+    assert {name for name, _ in groups} == {"zmaps"}, groups
+    members = [wc for _, jobs in groups for rule, wc in jobs]
+    assert all(rule == "zmap" for _, jobs in groups for rule, _ in jobs), groups
+    assert sorted(members) == sorted(f"image_id={i}" for i in zmap_ids), members
+    n_batches = math.ceil(len(zmap_ids) / BATCH)
+    assert sorted(len(jobs) for _, jobs in groups) == batch_sizes(len(zmap_ids)), groups
+    assert remote + collections.Counter(zmap=len(zmap_ids)) == expected, remote
+
+    run_id = re.search(r"^SLURM run ID: (\S+)$", log, flags=re.M).group(1)
+    submitted = plugin_submissions(log)
+    # the plugin: one submission per non-local job, one per batch
+    assert len(submitted) == sum(remote.values()) + n_batches, submitted
+
+    # squeue (the controller's record): one job per submission, named with the run id, its comment
+    # naming the rule (rule_zmaps_zmap: group zmaps of rule zmap), all COMPLETED, in the test partition
+    ours = [job for job in run["squeue"] if job["name"] == run_id]
+    assert {job["jobid"] for job in ours} == set(submitted)
+    assert all(job["state"] == "COMPLETED" and job["partition"] == "debug" for job in ours), ours
+    rules = {job["jobid"]: re.match(r"rule_(.+?)(_wildcards_.*)?$", job["comment"]).group(1) for job in ours}
+    assert collections.Counter(rules.values()) == remote + collections.Counter(zmaps_zmap=n_batches)
+    # slurmctld's log: each arrived as an sbatch submission (_slurm_rpc_submit_batch_job); that the
+    # run made no other one is the squeue check above (every job named with the run id is one of these)
+    assert set(submitted) <= set(run["submitted"])
+    # the job-completion log (independent of squeue): each finished with exit code 0 on the node
+    done = {row["JobId"]: row for row in run["jobcomp"] if row.get("Name") == run_id}
+    assert set(done) == set(submitted)
+    assert all(row["JobState"] == "COMPLETED" and row["ExitCode"] == "0:0" for row in done.values())
+    assert all(row["NodeList"] == "localhost" for row in done.values())
+
+    # each SLURM job's own log (kept by the test profile): what ran inside that allocation
+    ran = {
+        slurm_id: executed_in(Path(path).read_text(errors="replace"))
+        for slurm_id, (_, path) in submitted.items()
+    }
+    for slurm_id, jobs in ran.items():
+        assert "--executor slurm-jobstep" in Path(submitted[slurm_id][1]).read_text(errors="replace")
+        if rules[slurm_id] == "zmaps_zmap":
+            assert 1 <= len(jobs) <= BATCH and {rule for rule, _ in jobs} == {"zmap"}, jobs
+        else:
+            assert len(jobs) == 1 and jobs[0][0] == rules[slurm_id], jobs
+    # no job ran twice: every z-map in exactly one batch, once
+    zmaps_run = [wc for jobs in ran.values() for rule, wc in jobs if rule == "zmap"]
+    assert sorted(zmaps_run) == sorted(f"image_id={i}" for i in zmap_ids), zmaps_run
+    all_run = [job for jobs in ran.values() for job in jobs]
+    assert len(all_run) == len(set(all_run)), all_run
+
+    # resources that reached sbatch (--mem, --time, --cpus-per-task) at attempt 1: the profile's
+    # set-resources; a batch asks one z-map's memory and CPU (its z-maps run one at a time) and the
+    # sum of their wall times
+    memory = {"zmaps_zmap": "1500M", "meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M"}
+    qc_memory = {"edge": "1012M", "pain": "1008M"}  # 1000 + 2 per map
+    for job in ours:
+        rule = rules[job["jobid"]]
+        expected_mem = qc_memory[job["comment"].rsplit("_", 1)[1]] if rule == "qc" else memory[rule]
+        assert job["memory"] == expected_mem, job
+        minutes = ZMAP_MINUTES * len(ran[job["jobid"]]) if rule == "zmaps_zmap" else 10
+        assert job["time_limit"] == f"{minutes}:00", job
+        assert job["cpus"] == "1", job
+    return ran
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,19 +405,26 @@ def plugin_submissions(log: str) -> dict[str, str]:
 def test_slurm_test_profile_is_the_users_profile():
     """profiles/slurm-test is profiles/slurm plus test settings only, so the test runs the users' profile."""
     users = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
-    test = yaml.safe_load((REPO / "profiles/slurm-test/config.yaml").read_text())
+    test = TEST_PROFILE
     assert users["executor"] == "slurm"
     for key in ("retries", "jobs", "default-resources", "set-resources"):
         assert key in users, key
     defaults = dict(item.split("=", 1) for item in users["default-resources"])
     assert {"mem_mb", "runtime"} <= set(defaults)
     assert {"zmap", "qc", "meta", "meta_sensitivity", "input_figures"} <= set(users["set-resources"])
+    # batches of z-map jobs by default: group "zmaps" of the documented size, one z-map at a time
+    assert users["groups"] == ["zmap=zmaps"]
+    assert users["group-components"] == ["zmaps=50"]
+    assert users["resources"] == ["batch_slots=1"] and users["set-resource-scopes"] == ["batch_slots=local"]
+    assert users["set-resources"]["zmap"]["batch_slots"] == 1
+    assert users["set-resources"]["zmap"]["runtime"] == f"{ZMAP_MINUTES} * attempt"
     for key in set(users) | set(test):
         if key not in TEST_ONLY_KEYS:
             assert users.get(key) == test.get(key), key
     test_defaults = dict(item.split("=", 1) for item in test["default-resources"])
     assert test_defaults.pop("slurm_partition") == "debug"
     assert test_defaults == defaults
+    assert 1 < BATCH < len(IMAGE_IDS) and len(IMAGE_IDS) % BATCH, "the test needs full and partial batches"
     # every line of the users' profile is commented: each setting has a comment line right above it
     lines = (REPO / "profiles/slurm/config.yaml").read_text().splitlines()
     for i, line in enumerate(lines):
@@ -290,50 +432,48 @@ def test_slurm_test_profile_is_the_users_profile():
             assert i > 0 and lines[i - 1].lstrip().startswith("#"), f"uncommented line {i + 1}: {line}"
 
 
+@pytest.mark.e2e
+def test_batches_in_a_dry_run(tmp_path):
+    """Without a cluster: once the queries have run, a dry run with the SLURM test profile plans the
+    10 z-map jobs as ceil(10 / BATCH) group jobs, each z-map in one of them.
+
+    Snakemake 9.27.1 on its own plans z-maps in two groups each and groups above the size (seen:
+    groups of 2, 4 and 10 for the 10 z-maps): it forms its groups twice when checkpoint outputs
+    exist at start (nvmeta/snakemake_groups.py)."""
+    wf = make_workdir(tmp_path, CONFIG, snapshot=SNAPSHOT)
+    targets = [f"results/analyses/{a}/selection.tsv" for a in CONFIG["analyses"]]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    subprocess.run(
+        [*SNAKEMAKE, *targets, "--cores", "1", "--configfile", "test.yaml"],
+        cwd=wf,
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=RUN_TIMEOUT,
+    )
+    dry = subprocess.run(
+        [*SNAKEMAKE, "-n", "--workflow-profile", "profiles/slurm-test", "--configfile", "test.yaml"],
+        cwd=wf,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=RUN_TIMEOUT,
+    )
+    assert dry.returncode == 0, dry.stdout[-6000:]
+    groups = group_jobs(dry.stdout)
+    assert sorted(len(jobs) for _, jobs in groups) == batch_sizes(len(IMAGE_IDS)), groups
+    members = sorted(wc for _, jobs in groups for _, wc in jobs)
+    assert members == sorted(f"image_id={i}" for i in IMAGE_IDS), members
+    assert "zmap" not in snakemake_jobs(dry.stdout)[0]
+
+
 @pytest.mark.slurm
 def test_every_job_went_through_sbatch(slurm_run):
-    log = slurm_run["log"]
-    remote, local = snakemake_jobs(log)
+    _, local = snakemake_jobs(slurm_run["log"])
     # the workflow's local rules ran here, everything else on the cluster
     assert local["download"] == 10 and local["query"] == 2, local
-    assert not set(local) & CLUSTER_RULES, local
-    assert not set(remote) & LOCAL_RULES, remote
-    assert remote == EXPECTED_CLUSTER_JOBS, remote
-    n_remote = sum(remote.values())
-
-    run_id = re.search(r"^SLURM run ID: (\S+)$", log, flags=re.M).group(1)
-    submitted = plugin_submissions(log)
-    assert len(submitted) == n_remote
-
-    # squeue (the controller's record): one job per non-local Snakemake job, named with the run id,
-    # its comment naming the rule, all COMPLETED, in the test partition
-    ours = [job for job in slurm_run["squeue"] if job["name"] == run_id]
-    assert {job["jobid"] for job in ours} == set(submitted)
-    assert all(job["state"] == "COMPLETED" and job["partition"] == "debug" for job in ours), ours
-    rules = {job["jobid"]: re.match(r"rule_(.+?)(_wildcards_.*)?$", job["comment"]).group(1) for job in ours}
-    assert collections.Counter(rules.values()) == remote
-    # the profile's per-rule set-resources reached sbatch (--mem, --time) at attempt 1
-    memory = {"zmap": "1500M", "meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M"}
-    qc_memory = {"edge": "1012M", "pain": "1008M"}  # 1000 + 2 per map
-    for job in ours:
-        rule = rules[job["jobid"]]
-        expected = qc_memory[job["comment"].rsplit("_", 1)[1]] if rule == "qc" else memory[rule]
-        assert job["memory"] == expected, job
-        assert job["time_limit"] == "10:00", job
-
-    # slurmctld's log: each of these jobs arrived as an sbatch submission (_slurm_rpc_submit_batch_job)
-    assert set(submitted) <= set(slurm_run["submitted"])
-    # the job-completion log (independent of squeue): each finished with exit code 0 on the node
-    done = {row["JobId"]: row for row in slurm_run["jobcomp"] if row.get("Name") == run_id}
-    assert set(done) == set(submitted)
-    assert all(row["JobState"] == "COMPLETED" and row["ExitCode"] == "0:0" for row in done.values())
-    assert all(row["NodeList"] == "localhost" for row in done.values())
-
-    # each job's own log (kept by the test profile): Snakemake ran that one job inside the allocation
-    for path in submitted.values():
-        text = Path(path).read_text(errors="replace")
-        assert "--executor slurm-jobstep" in text, path
-        assert "1 of 1 steps (100%) done" in text, path
+    check_submissions(slurm_run, EXPECTED_CLUSTER_JOBS, IMAGE_IDS)
 
 
 @pytest.mark.slurm
@@ -353,3 +493,35 @@ def test_cluster_outputs_equal_local_outputs(slurm_run, local_run):
     assert not differ, f"cluster outputs differ from the local run's: {differ}"
     # per analysis 4 input figures (mean z, coverage, correlation, glass brains); 3 z mosaics
     assert sum(key.endswith(".png") for key in local) == 11
+
+
+@pytest.mark.slurm
+def test_rerun_on_cluster_batches_what_is_missing(slurm_run, local_run, cluster):
+    """A rerun (the queries' outputs there at start, where Snakemake alone re-forms its groups
+    wrongly): six z-maps forced again are redone in ceil(6 / BATCH) batches, each once, the other
+    four not at all, and the outputs are still those of the local run."""
+    wf = slurm_run["wf"]
+    redone = [*CONFIG["analyses"]["pain"]["image_ids"], 990031, 990032]
+    forced = [f"results/images/{image_id}/zmap.nii.gz" for image_id in redone]
+    before = {job["jobid"] for job in cluster.jobs()}
+    code, text, elapsed = run_on_cluster(wf, cluster, "--forcerun", *forced, log_name="slurm_rerun.log")
+    print(f"rerun on SLURM: {elapsed:.1f} s")
+    assert code == 0, f"the rerun on SLURM failed ({code}):\n{text[-8000:]}\n{cluster.logs()}"
+    rerun = {
+        "log": text,
+        "squeue": [job for job in cluster.jobs() if job["jobid"] not in before],
+        "jobcomp": [row for row in cluster.completed_jobs() if row.get("JobId") not in before],
+        "submitted": cluster.submissions(),
+    }
+    _, local = snakemake_jobs(text)
+    assert not set(local) & LOCAL_RULES, local  # nothing downloaded or queried again
+    # and the fan-ins that read them: both QC tables, the three meta-analyses, the sensitivity
+    # table and both input figures
+    expected = collections.Counter(
+        {"zmap": len(redone), "qc": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2}
+    )
+    check_submissions(rerun, expected, sorted(redone))
+    local = compared_files(finish_local_run(local_run))
+    on_cluster = compared_files(wf)
+    differ = sorted(key for key in local if local[key] != on_cluster.get(key))
+    assert not differ, f"rerun outputs differ from the local run's: {differ}"

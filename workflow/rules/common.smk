@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 from nvmeta.query import analysis_query_spec
+from nvmeta.snakemake_groups import batches_requested, install as install_stable_groups
 
 RESULTS = "results"
 IMAGES = f"{RESULTS}/images/{{image_id}}"
@@ -126,9 +127,24 @@ def _sweep_unreadable_selections():
 
 _sweep_unreadable_selections()
 
+# Per-image jobs batched into group jobs (groups + group-components, profiles/slurm): Snakemake 9
+# re-forms the batches wrongly around checkpoints; nvmeta/snakemake_groups.py says why and
+# replaces that one step (a no-op without group-components, i.e. in local runs).
+install_stable_groups()
+
 
 def selection(analysis):
-    """(image_id, collection_id) pairs of an analysis, once its query checkpoint has run."""
+    """(image_id, collection_id) pairs of an analysis, once its query checkpoint has run.
+
+    With batches (group-components, profiles/slurm), once *every* analysis' query has run: no
+    per-image job then enters the DAG before all of them are known, so the z-map jobs are cut
+    into batches once, over all images (N jobs, ceil(N / size) submissions), and no batch is
+    already running when a later query adds images. Only the order changes (the downloads wait
+    for the last query); no job's input does, so switching profiles reruns nothing.
+    """
+    if batches_requested(workflow):
+        for other in config["analyses"]:
+            checkpoints.query.get(analysis=other)
     path = checkpoints.query.get(analysis=analysis).output[0]
     try:
         return _read_selection(path, os.stat(path).st_mtime_ns)
