@@ -52,6 +52,7 @@ class Snapshot:
         self._images: dict[int, dict] | None = None
         self._collections: dict[int, dict] | None = None
         self._private: set[int] | None = None
+        self._by_collection: dict[Any, list[dict]] | None = None
 
     # -- loading ---------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -126,7 +127,19 @@ class Snapshot:
         return [r for c, r in sorted(self._cols.items()) if include_private or not self.is_private(c)]
 
     def _collection_image_refs(self, cid: int) -> list[dict]:
-        return [r for i, r in sorted(self._imgs.items()) if r.get("collection_id") == int(cid)]
+        # Indexed once: scanning (and sorting) every image per listed collection made a terms query
+        # over a snapshot O(images x collections), 11.5 s of its 17.5 s at 10,000 images.
+        if self._by_collection is None:
+            by_collection: dict[Any, list[dict]] = {}
+            for _, r in sorted(self._imgs.items()):
+                try:  # keyed by the raw value: a lookup by int(cid) matches what == int(cid) matched
+                    by_collection.setdefault(r.get("collection_id"), []).append(r)
+                except TypeError:
+                    continue  # unhashable: equal to no int
+            with self._lock:
+                if self._by_collection is None:
+                    self._by_collection = by_collection
+        return list(self._by_collection.get(int(cid), []))
 
     def neurosynth(self, image_id: int) -> dict | None:
         """Neurosynth decode reply for an image, or None when absent."""

@@ -71,6 +71,19 @@ def test_snapshot_reader(tiny_snapshot):
     assert snap.media_collection("/media/images/11/zstat1.nii.gz") == 11
 
 
+def test_collection_images_are_a_scan_of_every_image(tiny_snapshot):
+    """The per-collection index (built on first use) lists what filtering every image by its
+    ``collection_id`` lists, sorted by id, private collection and unknown ids included."""
+    snap = Snapshot(tiny_snapshot.root)
+    every = snap.images(include_private=True)
+    for cid in (11, 12, 13, 999):
+        assert snap.collection_images(cid) == [r for r in every if r.get("collection_id") == cid]
+    snap.collection_images(13).clear()  # a copy: the index is unchanged
+    assert [r["id"] for r in snap.collection_images(13)] == tiny_snapshot.ids["many"]
+    status, page = api_get(snap, "collections/13/images/", {"limit": "2", "offset": "1"})
+    assert status == 200 and [r["id"] for r in page["results"]] == tiny_snapshot.ids["many"][1:3]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
