@@ -32,6 +32,18 @@ __all__ = ["glass_brain_grid", "grid_shape", "input_figures", "input_summary", "
 ORTHO_MAX = 24
 
 
+def _savefig(fig: Any, path: str | os.PathLike, dpi: int) -> None:
+    """Save ``fig`` at its own size (white background), whatever the process' rcParams say.
+
+    Importing NiMARE sets matplotlib's ``savefig.bbox`` to "tight" for the whole process, which
+    crops every later figure to its content: the PNG would then depend on what else was imported.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context({"savefig.bbox": "standard"}):
+        fig.savefig(path, dpi=dpi, facecolor="white")
+
+
 def grid_shape(n: int) -> tuple[int, int, str]:
     """Columns, rows and nilearn ``display_mode`` of the panel grid for ``n`` maps."""
     if n <= ORTHO_MAX:
@@ -422,7 +434,7 @@ def glass_brain_grid(
         fig = plt.figure(figsize=(6, 2))
         fig.text(0.5, 0.5, "no included z-map", ha="center", va="center", fontsize=14)
         with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, dpi=dpi)
+            _savefig(fig, tmp, dpi)
         plt.close(fig)
         return out_png
 
@@ -461,7 +473,7 @@ def glass_brain_grid(
             fontsize=12,
         )
         with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, dpi=dpi, facecolor="white")
+            _savefig(fig, tmp, dpi)
     finally:
         plt.close(fig)
     return out_png
@@ -743,7 +755,7 @@ def _save(display_or_fig, out_png: Path, dpi: int) -> None:
     fig = getattr(display_or_fig, "frame_axes", None)
     fig = fig.figure if fig is not None else display_or_fig
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=dpi, facecolor="white")
+        _savefig(fig, tmp, dpi)
     plt.close(fig)
 
 

@@ -28,6 +28,17 @@ from nvmeta.testing import demo_pain_maps  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:empty mask:UserWarning")
 
 THRESHOLD = 3.0
+
+
+@pytest.fixture(autouse=True)
+def _rc_as_after_importing_nimare():
+    """Every test here runs with the rcParams NiMARE's import leaves behind (``savefig.bbox:
+    tight``), as in a process that imported it: the grid must keep its designed size anyway
+    (the full suite failed on that, after tests/test_cbma.py had imported NiMARE)."""
+    with matplotlib.rc_context({"savefig.bbox": "tight", "savefig.dpi": 100.0}):
+        yield
+
+
 PANEL = {"ortho": (5.2, 2.0), "z": (2.0, 2.4)}  # glass_brain_grid's panel sizes (inches)
 DPI = 100
 
@@ -235,7 +246,8 @@ def test_grid_layout_equals_plain_matplotlib(tmp_path, monkeypatch):
         ax.set_axis_off()
         ax.set_title(label, fontsize=9, pad=2)
     fig.suptitle("test grid", y=1 - 0.2 * head / fig_h, va="top", fontsize=12)
-    fig.savefig(tmp_path / "ref.png", dpi=DPI, facecolor="white")
+    with matplotlib.rc_context({"savefig.bbox": "standard"}):  # the figure as laid out
+        fig.savefig(tmp_path / "ref.png", dpi=DPI, facecolor="white")
     plt.close(fig)
     ref = mpimg.imread(tmp_path / "ref.png")
     assert got.shape == ref.shape == (520, 1560, 4)
