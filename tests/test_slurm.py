@@ -280,7 +280,11 @@ def snakemake_jobs(log: str) -> tuple[collections.Counter, collections.Counter]:
 
 def group_jobs(log: str) -> list[tuple[str, list[tuple[str, str]]]]:
     """Group jobs Snakemake started: (group, [(rule, wildcards), ...]) from each "Group job" header
-    and the indented job headers under it."""
+    and the indented job headers under it.
+
+    Only group members are printed indented (``    rule zmap:``); other threads' lines (the
+    plugin's "No SLURM account given ...") can land between a header and its members, so a
+    non-indented line does not end the listing: the next header does."""
     groups = []
     members = None
     rule = None
@@ -291,9 +295,6 @@ def group_jobs(log: str) -> list[tuple[str, list[tuple[str, str]]]]:
             groups.append((header.group(1), members))
             continue
         if members is None:
-            continue
-        if line and not line[0].isspace():
-            members = None
             continue
         if m := re.match(r"^    (?:local)?rule (\S+):$", line):
             rule = m.group(1)
