@@ -28,6 +28,12 @@ def _quiet_interrupt_in_script_jobs() -> None:
             previous(exc_type, exc, tb)
 
     sys.excepthook = hook
+    # After Ctrl-C, Snakemake's job pool may still start a job it had already scheduled: that
+    # process missed the SIGINT, so Snakemake would wait for it and let it print to the terminal
+    # below the "interrupted" line. The interrupted Snakemake process marks its environment
+    # (nvmeta.logs.quiet_interrupt), which such a late job inherits: it stops here, silently.
+    if os.environ.get("NVMETA_INTERRUPTED"):
+        sys.exit(130)
 
 
 _quiet_interrupt_in_script_jobs()

@@ -143,7 +143,7 @@ def quiet_interrupt(message: str = INTERRUPTED) -> None:
     logger for the rest of the run, and then raises :class:`KeyboardInterrupt` as Python's default
     handler would, so that Snakemake still stops its jobs, marks them incomplete and releases its
     lock. Script jobs stop quietly too: :func:`job_logger` logs their interruption to the job log
-    only.
+    only; a script job started after the interruption exits at ``import nvmeta``.
     """
     import signal
 
@@ -155,6 +155,8 @@ def quiet_interrupt(message: str = INTERRUPTED) -> None:
         if not state["done"]:
             state["done"] = True
             print(message, file=sys.stderr, flush=True)
+            # Jobs Snakemake starts from now on inherit this and stop at once (see nvmeta/__init__.py).
+            os.environ["NVMETA_INTERRUPTED"] = "1"
             logging.getLogger("snakemake.logging").addFilter(lambda record: False)
         raise KeyboardInterrupt
 

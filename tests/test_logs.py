@@ -79,3 +79,41 @@ def test_ctrl_c_in_a_script_job_leaves_no_traceback(tmp_path, as_script_job):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert proc.returncode != 0
     assert ("Traceback" in proc.stderr) is not as_script_job, proc.stderr
+
+
+def test_a_script_job_started_after_ctrl_c_stops_at_once(tmp_path):
+    """Snakemake's pool can still launch a job it had scheduled when Ctrl-C arrived; that process
+    missed the SIGINT. The interrupted Snakemake process marks its environment, and a job it
+    starts afterwards exits at ``import nvmeta`` without running or printing anything (CI saw
+    such a meta job log to the terminal below the "interrupted" line)."""
+    import os
+    import textwrap
+
+    parent = textwrap.dedent(
+        """
+        import os, signal, subprocess, sys, time
+        from nvmeta.logs import quiet_interrupt
+        quiet_interrupt()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        job = subprocess.run([sys.executable, sys.argv[1]], capture_output=True, text=True)
+        print(os.environ.get("NVMETA_INTERRUPTED"), job.returncode, repr(job.stdout + job.stderr))
+        """
+    )
+    folder = tmp_path / ".snakemake/scripts"
+    folder.mkdir(parents=True)
+    script = folder / "tmpabc.meta.py"
+    script.write_text("import nvmeta\nprint('the job ran')\n")
+    env = {k: v for k, v in os.environ.items() if k != "NVMETA_INTERRUPTED"}
+    proc = subprocess.run(
+        [sys.executable, "-c", parent, str(script)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "130", "''"], proc.stdout
+    assert proc.stderr.strip().startswith("nvmeta: interrupted (Ctrl-C).")
+    # Without the mark the same job runs.
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert ran.returncode == 0 and ran.stdout == "the job ran\n"
