@@ -1,10 +1,17 @@
-"""Per-image job bodies, called from the rules' ``run:`` blocks.
+"""Job bodies called from the rules' ``run:`` blocks: the per-image jobs and two light fan-ins.
 
 Per-image jobs run thousands of times. Started as ``script:`` jobs, each would pay for a Python
 start-up, Snakemake's script preamble and numpy/scipy/nibabel imports (about 1 s) on top of
 about 0.1-0.3 s of real work. The default and SLURM profiles set ``force-use-threads``, so
 ``run:`` jobs execute in a thread of the Snakemake process where those modules are already
 imported; on a cluster they run inside the submitted job as usual.
+
+The per-analysis QC table and overview page are on every run's critical path (between the last
+z-map and the meta-analysis, and after the last figure) and need nothing beyond numpy and
+pandas: as script jobs they spent 0.4-0.5 s of their 0.4-0.7 s starting Python (pain-21,
+BENCHMARKS.md, issue 14). They run in-process too, and echo their records to the terminal as a
+script job does (``job_log(..., echo=True)``). Their cost: Ctrl-C stops them only when they
+finish (they take seconds; the heavy fan-ins, meta, figures and ICA, stay script jobs).
 """
 
 from __future__ import annotations
@@ -54,3 +61,45 @@ def zmap_job(  # noqa: A002
         )
         logger.info("image %s: %s %s", image_id, qc["status"], qc.get("reason") or "")
     return qc
+
+
+def qc_job(analysis: str, input: Any, output: Any, log: Any, qc_cfg: dict) -> None:  # noqa: A002
+    """Rule ``qc``: an analysis' QC table and funnel (:func:`nvmeta.qc.write_qc`)."""
+    from nvmeta.qc import write_qc
+    from nvmeta.template import load_mask
+
+    # results/images/{id}/ of every selected image, as the rule declares its inputs
+    image_dirs = {int(Path(p).parent.name): Path(p).parent for p in input.qc}
+    with job_log(f"nvmeta.qc.{analysis}", log[0], echo=True) as logger:
+        write_qc(
+            input.selection,
+            image_dirs.__getitem__,
+            qc_cfg,
+            output.qc,
+            output.funnel,
+            logger=logger,
+            mask_img=load_mask(os.fspath(input.mask)),
+        )
+
+
+def overview_job(analysis: str, input: Any, output: Any, log: Any, methods: list[str]) -> None:  # noqa: A002
+    """Rule ``overview``: an analysis' first page in the report (:func:`nvmeta.overview.write_overview`)."""
+    from nvmeta.overview import write_overview
+
+    meta_dirs = {m: Path(p).parent for m, p in zip(methods, input.get("summaries", []), strict=True)}
+    figures = []
+    if "mean_z" in input.keys():
+        figures.append((input.mean_z, "Mean z of the included maps (per voxel, over the maps with data)."))
+        figures.append((input.coverage, "Coverage: how many included maps have data at each voxel."))
+    with job_log(f"nvmeta.overview.{analysis}", log[0], echo=True) as logger:
+        write_overview(
+            output[0],
+            analysis,
+            input.funnel,
+            input.qc,
+            meta_dirs=meta_dirs,
+            figures=figures,
+            ica_terms_tsv=input.get("ica_terms"),
+            ica_figures=input.get("ica_png", []),
+            logger=logger,
+        )

@@ -102,30 +102,39 @@ class job_log:  # noqa: N801 - used as a context manager, reads like a function
     """Context manager: logging of one per-image job running in a thread of the Snakemake process.
 
     Attaches a handler on ``path`` to the ``nvmeta`` logger that accepts only records from the
-    current thread, yields logger ``name``, and on exit logs an escaping exception (with its
-    traceback) to the file, closes it and forgets the logger (thousands of jobs per run).
+    current thread (with ``echo``, a second one writing them to stderr in one-line form, as
+    :func:`job_logger` does for script jobs), yields logger ``name``, and on exit logs an escaping
+    exception (with its traceback) to the file, closes it and forgets the logger (thousands of
+    jobs per run).
     """
 
-    def __init__(self, name: str, path: str | os.PathLike | None) -> None:
+    def __init__(self, name: str, path: str | os.PathLike | None, echo: bool = False) -> None:
         self.name = name
         self.path = path
-        self.handler: logging.Handler | None = None
+        self.echo = echo
+        self.handlers: list[logging.Handler] = []
 
     def __enter__(self) -> logging.Logger:
         self.logger = logging.getLogger(self.name)
+        ident = threading.get_ident()
         if self.path is not None:
-            ident = threading.get_ident()
-            self.handler = _file_handler(self.path)
-            self.handler.addFilter(lambda record: record.thread == ident)
-            _root().addHandler(self.handler)
+            self.handlers.append(_file_handler(self.path))
+        if self.echo:  # as a script job's records reach the terminal (job_logger)
+            stream = logging.StreamHandler(sys.stderr)
+            stream.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+            self.handlers.append(stream)
+        for handler in self.handlers:
+            handler.addFilter(lambda record: record.thread == ident)
+            _root().addHandler(handler)
         return self.logger
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
             self.logger.error("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
-        if self.handler is not None:
-            logging.getLogger(ROOT).removeHandler(self.handler)
-            self.handler.close()
+        for handler in self.handlers:
+            logging.getLogger(ROOT).removeHandler(handler)
+            handler.close()
+        self.handlers = []
         logging.Logger.manager.loggerDict.pop(self.name, None)
 
 

@@ -117,3 +117,28 @@ def test_a_script_job_started_after_ctrl_c_stops_at_once(tmp_path):
     # Without the mark the same job runs.
     ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert ran.returncode == 0 and ran.stdout == "the job ran\n"
+
+
+def test_job_log_echo_writes_this_threads_records_to_stderr_in_one_line(tmp_path, capsys):
+    """``job_log(..., echo=True)`` (in-process QC and overview jobs): the job's records reach the
+    terminal as a script job's do, tracebacks only to the file, another thread's never."""
+    def other() -> None:  # another job's thread, logging while this job runs
+        logging.getLogger("nvmeta.zmap").warning("another job's line")
+
+    with pytest.raises(OSError), job_log("nvmeta.qc.A", tmp_path / "qc.log", echo=True) as log:
+        log.info("QC: 3 selected, 3 included")
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        logging.getLogger("nvmeta.qc").warning("a module's warning")
+        raise OSError("disk full")
+    logging.getLogger("nvmeta.zmap").warning("after the job")
+    err = capsys.readouterr().err.splitlines()
+    assert [x.split(" ", 2)[2] for x in err] == [
+        "INFO QC: 3 selected, 3 included",
+        "WARNING a module's warning",
+        "ERROR OSError: disk full",
+    ]
+    text = (tmp_path / "qc.log").read_text()
+    assert "Traceback (most recent call last)" in text and "another job" not in text
+    assert not logging.getLogger("nvmeta").handlers

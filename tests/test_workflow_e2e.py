@@ -131,6 +131,24 @@ def test_demo_pain_all_included_with_df(demo_run):
     assert funnel["count"].tolist()[0] == 22 and funnel["count"].tolist()[-1] == 21
 
 
+def test_in_process_qc_and_overview_log_to_their_file_and_the_terminal(demo_run):
+    """QC and overview run in threads of the Snakemake process (nvmeta/jobs.py), beside other
+    analyses' jobs: each job's records reach its own log file and, as a script job's do, the
+    terminal once; nothing of another job lands in its log."""
+    wf, proc = demo_run
+    for analysis, n_sel, n_inc in (("pain", 22, 21),):
+        line = f"QC: {n_sel} selected, {n_inc} included"
+        qc_log = (wf / f"results/logs/qc/{analysis}.log").read_text().splitlines()
+        assert [x for x in qc_log if line in x] and all(" INFO " in x or " WARNING " in x for x in qc_log)
+        assert not [x for x in qc_log if "image " in x and ("included" in x or "excluded" in x)]  # zmap lines
+        assert proc.stdout.count(line) == 1
+    for analysis in DEMO["analyses"]:
+        text = (wf / f"results/logs/report/{analysis}_overview.log").read_text()
+        assert f"overview of {analysis} written" in text
+        assert text.count(" INFO ") == 1, text
+        assert proc.stdout.count(f"overview of {analysis} written") == 1
+
+
 def test_demo_fan_in_outputs_exist(demo_run):
     wf, _ = demo_run
     a = wf / "results/analyses/pain"

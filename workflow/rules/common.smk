@@ -12,6 +12,7 @@ from snakemake.logging import logger
 
 from nvmeta.query import analysis_query_spec
 from nvmeta.snakemake_groups import batches_requested, install as install_stable_groups
+from nvmeta.snakemake_timers import cancel_scheduler_timers
 
 # Snakemake keeps its whole DAG in this process: two jobs per image with their files, and fan-ins
 # listing every image; 3.3 million objects tracked by the garbage collector at 20,000 images, 8
@@ -29,6 +30,17 @@ gc.set_threshold(100_000, 10, 10)
 #   s); the exit handlers registered before this one (Snakemake's, logging's flush and close)
 #   still run after it.
 atexit.register(gc.freeze)
+
+
+# When the run is over, Snakemake's scheduler still has a one-second rate-limit timer pending that
+# the interpreter would wait for (nvmeta/snakemake_timers.py): every run ended 1 s late.
+onsuccess:
+    cancel_scheduler_timers()
+
+
+onerror:
+    cancel_scheduler_timers()
+
 
 RESULTS = "results"
 IMAGES = f"{RESULTS}/images/{{image_id}}"

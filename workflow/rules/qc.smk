@@ -32,5 +32,8 @@ rule qc:
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:
         qc=config["qc"],
-    script:
-        "../../scripts/qc.py"
+    run:
+        # In-process (see nvmeta/jobs.py): this short fan-in is on every run's critical path.
+        from nvmeta.jobs import qc_job
+
+        qc_job(wildcards.analysis, input, output, log, params.qc)

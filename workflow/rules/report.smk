@@ -25,5 +25,8 @@ rule overview:
         methods=lambda wildcards: (
             config["analyses"][wildcards.analysis]["meta"] or {}
         ).get("methods", []),
-    script:
-        "../../scripts/overview.py"
+    run:
+        # In-process (see nvmeta/jobs.py): the last job of every run, light (HTML from tables).
+        from nvmeta.jobs import overview_job
+
+        overview_job(wildcards.analysis, input, output, log, params.methods)
