@@ -122,6 +122,7 @@ def test_a_script_job_started_after_ctrl_c_stops_at_once(tmp_path):
 def test_job_log_echo_writes_this_threads_records_to_stderr_in_one_line(tmp_path, capsys):
     """``job_log(..., echo=True)`` (in-process QC and overview jobs): the job's records reach the
     terminal as a script job's do, tracebacks only to the file, another thread's never."""
+
     def other() -> None:  # another job's thread, logging while this job runs
         logging.getLogger("nvmeta.zmap").warning("another job's line")
 
