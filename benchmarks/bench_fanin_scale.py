@@ -73,6 +73,12 @@ def declared_mem_mb(fanin: str, n: int) -> int:
         effect = fanin in METHODS[METHODS.index("dersimonian_laird") :]
         text, rule = (rules / "meta.smk").read_text(), "meta_effect" if effect else "meta"
     start = text.index(f"rule {rule}:") if rule != "ica" else 0
+    if re.match(r".*?mem_mb=meta_mem_mb,", text[start:], re.S):  # the z methods (common.smk)
+        from nvmeta.meta.estimators import permutation_memory_bytes
+
+        if fanin != "permutation":
+            return 2000
+        return 2000 + permutation_memory_bytes(n, 235_375, 2) // 2**20
     m = re.search(r"mem_mb=(lambda wildcards, input:.*?),\n\s+runtime=", text[start:], re.S)
     expr = m.group(1)
 

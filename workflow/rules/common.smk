@@ -339,6 +339,38 @@ def cbma_outputs(analysis):
     return out
 
 
+# --- meta job memory (workflow/rules/meta.smk) ---
+#: Voxels of the default template (MNI152 2 mm brain mask): what meta_mem_mb assumes while the
+#: template job has not yet written the mask (Snakemake evaluates resources again once a job's
+#: inputs exist, before it runs or is submitted).
+MNI152_2MM_VOXELS = 235_375
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_voxels(path, mtime_ns):
+    import nibabel as nib
+    import numpy as np
+
+    return int(np.count_nonzero(np.asarray(nib.load(path).dataobj)))
+
+
+def meta_mem_mb(wildcards, input, threads):
+    """``mem_mb`` of a z-method meta job. Streaming methods: 2 GB whatever the number of maps.
+    Permutation: 2 GB plus the peak that :func:`nvmeta.meta.estimators.permutation_memory_bytes`
+    estimates for these maps on this mask with the job's threads, the same estimate with which
+    the job refuses to start on a machine that has less (measured: BENCHMARKS.md, issue 12).
+    """
+    if wildcards.method != "permutation":
+        return 2000
+    from nvmeta.meta.estimators import permutation_memory_bytes
+
+    try:
+        voxels = _mask_voxels(input.mask, os.stat(input.mask).st_mtime_ns)
+    except OSError:  # not written yet: evaluated again when the job is ready
+        voxels = MNI152_2MM_VOXELS
+    return 2000 + permutation_memory_bytes(len(input.zmaps), voxels, threads) // 2**20
+
+
 # --- overview page (workflow/rules/report.smk) ---
 def overview_inputs(wildcards):
     """What the overview page of an analysis reads: its funnel and QC table, and the outputs of

@@ -47,9 +47,9 @@ rule meta:
         "../../envs/nvmeta.yaml"
     threads: lambda wildcards: 2 if wildcards.method == "permutation" else 1
     resources:
-        # Streaming methods hold a few voxel-sized arrays; permutation holds maps x voxels float32.
-        mem_mb=lambda wildcards, input: 2000
-        + (len(input.zmaps) * 1 if wildcards.method == "permutation" else 0),
+        # Streaming methods hold a few voxel-sized arrays; permutation the maps x voxels matrix
+        # and nilearn's copies of it (meta_mem_mb, common.smk).
+        mem_mb=meta_mem_mb,
         runtime=lambda wildcards, input: 10
         + len(input.zmaps) // (20 if wildcards.method == "permutation" else 200),
     params:
