@@ -89,7 +89,10 @@ def declared_mem_mb(fanin: str, n: int) -> int:
     class _Wildcards:
         method = fanin
 
-    return int(eval("(" + expr + ")")(_Wildcards, _Input))  # the repository's own rule text
+    from nvmeta.qc import DUPLICATE_SEARCH_BYTES
+
+    scope = {"DUPLICATE_SEARCH_BYTES": DUPLICATE_SEARCH_BYTES}  # what qc.smk imports
+    return int(eval("(" + expr + ")", scope)(_Wildcards, _Input))  # the repository's own rule text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,12 +176,17 @@ def _exact_pair(x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     return (float(xs @ ys) / den if den > 0 else float("nan")), n
 
 
+#: Memory the duplicate search may use to hold every map (float32); with more maps it holds a
+#: 2,000-voxel subsample and re-reads candidates. The QC rule's ``mem_mb`` is bounded by it.
+DUPLICATE_SEARCH_BYTES = 2_000_000_000
+
+
 def find_duplicates(
     load: Callable[[int], np.ndarray],
     k: int,
     threshold: float = 0.99,
     min_shared: int = MIN_SHARED_VOXELS,
-    memory_bytes: int = 2_000_000_000,
+    memory_bytes: int = DUPLICATE_SEARCH_BYTES,
     chunk: int = 256,
     screen_voxels: int = 2_000,
     screen_margin: float = 0.05,
@@ -329,7 +334,7 @@ def build_qc(
     qc_cfg: Mapping[str, Any] | None = None,
     logger: logging.Logger | None = None,
     mask_img: Any = None,
-    memory_bytes: int = 2_000_000_000,
+    memory_bytes: int = DUPLICATE_SEARCH_BYTES,
 ):
     """Build the per-analysis QC table and funnel.
 

@@ -320,3 +320,30 @@ def test_screened_search_equals_exact_search_above_64_maps():
     for j in screened:
         assert screened[j][0] == exact[j][0]
         assert screened[j][1] == pytest.approx(exact[j][1], abs=1e-5)
+
+
+def test_qc_rule_memory_follows_the_duplicate_search_not_the_number_of_maps():
+    """The QC job holds every map only up to the duplicate search's budget (then a 2,000-voxel
+    subsample): its declared mem_mb covers the held maps (planted: k maps x mask voxels x 4 bytes
+    on the MNI 2 mm mask, plus the 0.35 GB the job measured without them) and stays a few GB at
+    20,000 maps, where one float32 copy per map (the old 1000 + 2n = 41 GB) would make the job
+    unschedulable on most nodes (measured: 5,000 maps peaked at 0.36 GB)."""
+    import re
+
+    from helpers import REPO
+
+    from nvmeta.qc import DUPLICATE_SEARCH_BYTES
+
+    smk = (REPO / "workflow" / "rules" / "qc.smk").read_text()
+    expr = re.search(r"mem_mb=(lambda wildcards, input:.*?),\n\s+runtime=", smk, re.S).group(1)
+    mem_mb = eval("(" + expr + ")", {"DUPLICATE_SEARCH_BYTES": DUPLICATE_SEARCH_BYTES})
+
+    def declared(n: int) -> int:
+        return mem_mb(None, type("Input", (), {"zmaps": [None] * n}))
+
+    voxels = 235_375
+    held_max = DUPLICATE_SEARCH_BYTES // (voxels * 4)  # the most maps the search holds
+    for k in (2, 100, 1000, held_max):
+        assert declared(k) >= 350 + k * voxels * 4 / 2**20, k
+    assert declared(20_000) <= 4_000
+    assert declared(5_000) >= 360

@@ -1,6 +1,8 @@
 # Per analysis: the QC table (every selected image, included or excluded with its reason)
 # and the funnel (selected -> downloaded -> converted -> passed QC).
 
+from nvmeta.qc import DUPLICATE_SEARCH_BYTES
+
 
 rule qc:
     input:
@@ -28,7 +30,11 @@ rule qc:
     conda:
         "../../envs/nvmeta.yaml"
     resources:
-        mem_mb=lambda wildcards, input: 1000 + 2 * len(input.zmaps),
+        # the maps themselves up to the duplicate search's budget (about 2,000 maps), then a
+        # subsample (measured, BENCHMARKS.md issue 12: 2,000 maps 2.0 GB, 5,000 maps 0.36 GB)
+        mem_mb=lambda wildcards, input: 1000
+        + min(2 * len(input.zmaps), DUPLICATE_SEARCH_BYTES // 2**20 + 600)
+        + len(input.zmaps) // 100,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:
         qc=config["qc"],
