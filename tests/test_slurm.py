@@ -389,7 +389,7 @@ def check_submissions(run: dict, expected: collections.Counter, zmap_ids: list[i
     # set-resources; a batch asks one z-map's memory and CPU (its z-maps run one at a time) and the
     # sum of their wall times
     memory = {"zmaps_zmap": "1500M", "meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M"}
-    qc_memory = {"edge": "1012M", "pain": "1008M"}  # 1000 + 2 per map
+    qc_memory = {"edge": "1012M", "pain": "1008M"}  # the rule's own: 1000 + 2 per map (few maps)
     for job in ours:
         rule = rules[job["jobid"]]
         expected_mem = qc_memory[job["comment"].rsplit("_", 1)[1]] if rule == "qc" else memory[rule]
