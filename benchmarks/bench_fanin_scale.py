@@ -104,6 +104,7 @@ def prepare_distinct(root: Path, pool_dir: Path, n: int, seed: int = 1) -> Path:
     import nibabel as nib
     import numpy as np
     import pandas as pd
+    from bench_qc_duplicates import zmap_qc_record
 
     from nvmeta.template import load_mask
 
@@ -127,21 +128,7 @@ def prepare_distinct(root: Path, pool_dir: Path, n: int, seed: int = 1) -> Path:
         out = d / "images" / str(image_id)
         out.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(vol, mask_img.affine), out / "zmap.nii.gz")
-        fin = z[np.isfinite(z)]
-        qc = {
-            "status": "included",
-            "reason": None,
-            "coverage": float(np.isfinite(z).mean()),
-            "max_abs_z": float(np.abs(fin).max()),
-            "z_min": float(fin.min()),
-            "z_max": float(fin.max()),
-            "df": None,
-            "df_source": "z map",
-            "n": 20,
-            "n_source": "number_of_subjects",
-            "collection_id": 1 + i // 10,
-            "image_id": image_id,
-        }
+        qc = zmap_qc_record(z, collection_id=1 + i // 10, image_id=image_id)
         (out / "qc.json").write_text(json.dumps(qc))
         meta = {
             "id": image_id,

@@ -39,6 +39,25 @@ def synth(k: int, v: int, seed: int = 0) -> np.ndarray:
     return maps
 
 
+def zmap_qc_record(z: np.ndarray, collection_id: int, **extra) -> dict:
+    """The qc.json of an included z map (as the z-map job writes it) for map values ``z`` (NaN = no data)."""
+    fin = z[np.isfinite(z)]
+    return {
+        "status": "included",
+        "reason": None,
+        "coverage": float(np.isfinite(z).mean()),
+        "max_abs_z": float(np.abs(fin).max()),
+        "z_min": float(fin.min()),
+        "z_max": float(fin.max()),
+        "df": None,
+        "df_source": "z map",
+        "n": 20,
+        "n_source": "number_of_subjects",
+        "collection_id": collection_id,
+        **extra,
+    }
+
+
 JOB = r"""
 import sys, time
 from pathlib import Path
@@ -78,21 +97,7 @@ def job(args) -> None:
             vol = np.full(inside.shape, np.nan, dtype=np.float32)
             vol[inside] = maps[i] * 2
             nib.save(nib.Nifti1Image(vol, mask_img.affine), d / "zmap.nii.gz")
-            fin = maps[i][np.isfinite(maps[i])] * 2
-            qc = {
-                "status": "included",
-                "reason": None,
-                "coverage": float(np.isfinite(maps[i]).mean()),
-                "max_abs_z": float(np.abs(fin).max()),
-                "z_min": float(fin.min()),
-                "z_max": float(fin.max()),
-                "df": None,
-                "df_source": "z map",
-                "n": 20,
-                "n_source": "number_of_subjects",
-                "collection_id": 1,
-            }
-            (d / "qc.json").write_text(json.dumps(qc))
+            (d / "qc.json").write_text(json.dumps(zmap_qc_record(maps[i] * 2, collection_id=1)))
             (d / "metadata.json").write_text(json.dumps({"id": image_id, "nvmeta": {"status": "ok"}}))
             rows.append({"image_id": image_id, "collection_id": 1, "number_of_subjects": 20})
         pd.DataFrame(rows).to_csv(root / "selection.tsv", sep="\t", index=False)
