@@ -22,8 +22,9 @@ Usage::
     python benchmarks/bench_fanin_scale.py --sizes 2000 5000 [--fanins qc stouffer ...]
         [--workdir /tmp/fanin] [--pool 100]
 
-The number of maps changes what is slow: permutation holds maps x voxels float32 (N x 0.94 MB)
-and runs ``n_perm`` sign flips; the robust estimators sort every voxel's N values.
+The number of maps changes what is slow: permutation multiplies ``n_perm`` sign flips by the
+maps (one pass over the maps per 570 permutations); the robust estimators sort every voxel's N
+values.
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def declared_mem_mb(fanin: str, n: int) -> int:
         text, rule = (rules / "meta.smk").read_text(), "meta_effect" if effect else "meta"
     start = text.index(f"rule {rule}:") if rule != "ica" else 0
     if re.match(r".*?mem_mb=meta_mem_mb,", text[start:], re.S):  # the z methods (common.smk)
+        from nvmeta.config import defaults
         from nvmeta.meta.estimators import permutation_memory_bytes
 
         if fanin != "permutation":
             return 2000
-        return 2000 + permutation_memory_bytes(n, 235_375, 2) // 2**20
+        return 2000 + permutation_memory_bytes(n, 235_375, defaults("meta")["n_perm"]) // 2**20
     m = re.search(r"mem_mb=(lambda wildcards, input:.*?),\n\s+runtime=", text[start:], re.S)
     expr = m.group(1)
 

@@ -22,7 +22,7 @@ read off. The two z maps are compared (max |Δz|) as a sanity check.
 
 Usage::
 
-    /work/venv/bin/python benchmarks/bench_meta.py [--n-synthetic 1000] [--workdir DIR] [--keep]
+    python benchmarks/bench_meta.py [--n-synthetic 1000] [--workdir DIR] [--keep]
 
 Effect-size fan-in (issue 11), ``--effect N``: N synthetic one-sample t maps (cycled from a pool
 of ``--pool`` distinct maps, so that writing the inputs stays cheap; every map is still read and

@@ -7,7 +7,7 @@ the same process, best of ``--repeat`` runs each; the ratio t_to_z / naive is pr
 
 Run from the repository root::
 
-    /work/venv/bin/python benchmarks/bench_t_to_z.py [--n 10000000] [--df 28] [--repeat 3]
+    python benchmarks/bench_t_to_z.py [--n 10000000] [--df 28] [--repeat 3]
 """
 
 from __future__ import annotations

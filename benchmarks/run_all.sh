@@ -5,7 +5,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-/work/venv/bin/python}"
+PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
 OUT="${1:-benchmark-results}"
 mkdir -p "$OUT"
@@ -23,5 +23,6 @@ run per_image benchmarks/bench_per_image.py --repeat 5
 run downloads benchmarks/bench_downloads.py --n-images 200 --latency 0.1
 run dag benchmarks/bench_dag.py --sizes 1000 10000 --profile
 run fanin_memory benchmarks/bench_dag.py --sizes --fanin 1000 10000
+run permutation benchmarks/bench_permutation.py --synthetic 200 --exact
 echo "== done; summary lines:"
 grep -h -E "ratio|faster" "$OUT"/*.txt | grep -v "^ " || true

@@ -347,14 +347,107 @@ def test_permutation_memory_guard(study, monkeypatch):
     rng = np.random.default_rng(5)
     for i, z in enumerate(random_maps(rng, 4, study.n_vox)):
         study.add(i + 1, z)
-    need = meta.permutation_memory_bytes(4, study.n_vox, 1)
+    need = meta.permutation_memory_bytes(4, study.n_vox, 10)
     monkeypatch.setattr(meta.estimators, "available_memory_bytes", lambda: need // 2)
-    with pytest.raises(MemoryError, match=r"'permutation' needs the 4 maps x \d+ voxels matrix"):
+    with pytest.raises(MemoryError, match=r"'permutation' needs about [\d.]+ GiB for 4 maps x \d+ voxels"):
         study.run("permutation", {"n_perm": 10})
     assert not (study.root / "out" / "permutation" / "z.nii.gz").exists()
-    # the estimate scales with maps x voxels x jobs
-    assert meta.permutation_memory_bytes(1000, 235375, 2) > 2 * meta.permutation_memory_bytes(500, 235375, 1)
     assert meta.available_memory_bytes() > 0
+
+
+def test_permutation_memory_does_not_grow_with_the_maps():
+    """The estimate is bounded by the accumulator (1 GiB) plus a block of maps and 1 byte per map
+    and permutation of a pass: 20,000 maps on the 2 mm mask fit a laptop, where holding the maps x
+    voxels matrix (as ``permuted_ols`` does, with a float64 copy per job) would take 18 GB and more."""
+    vox = 235375
+    est = meta.estimators
+    assert est.permutations_per_pass(20000, vox) == (1 << 30) // (8 * vox) == 570
+    assert (
+        not est.maps_in_memory(2000, vox)
+        and est.maps_in_memory(285, vox)
+        and not est.maps_in_memory(286, vox)
+    )
+    small, big = meta.permutation_memory_bytes(2000, vox), meta.permutation_memory_bytes(20000, vox)
+    assert big - small == 9 * 570 * 18000  # the signs of one pass, nothing else
+    assert big < 1.3 * 2**30 < 20000 * vox * 4
+    # maps in memory: at most twice the cache, and a small accumulator (34 permutations per pass)
+    assert est.permutations_per_pass(285, vox) == (64 << 20) // (8 * vox) == 35
+    assert meta.permutation_memory_bytes(285, vox) < 2 * (512 << 20) + 200 * 2**20
+    # fewer permutations than a pass: a smaller accumulator
+    assert meta.permutation_memory_bytes(2000, vox, 100) < 0.35 * meta.permutation_memory_bytes(
+        2000, vox, 1000
+    )
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_permutation_peak_memory_stays_within_its_estimate(tmp_path, monkeypatch, cache):
+    """tracemalloc (numpy reports its buffers to it) measures the fit's peak allocation: it stays within
+    the estimate that the rule's mem_mb and the up-front guard use, with several passes of permutations
+    (and blocks, when the maps are read again per pass)."""
+    import tracemalloc
+
+    study = Study(tmp_path, make_mask((40, 48, 40)))  # big enough for nibabel's fixed buffers not to count
+    rng = np.random.default_rng(11)
+    n_units = 30
+    for i, z in enumerate(random_maps(rng, n_units, study.n_vox)):
+        study.add(i + 1, z)
+    monkeypatch.setattr(meta.estimators, "PERMUTATION_ACC_BYTES", 8 * study.n_vox * 40)  # 40 per pass
+    monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHED_ACC_BYTES", 8 * study.n_vox * 40)
+    monkeypatch.setattr(meta.estimators, "PERMUTATION_BLOCK_UNITS", 8)
+    if not cache:
+        monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHE_BYTES", 0)
+    real = meta.estimators.Permutation._permute
+    seen = {}
+
+    def measured(self, source):
+        tracemalloc.start()
+        try:
+            return real(self, source)
+        finally:
+            seen["peak"] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+
+    study.run("permutation", {"n_perm": 10, "random_state": 3}, outname="warm-up")  # imports, caches
+    monkeypatch.setattr(meta.estimators.Permutation, "_permute", measured)
+    summary, _out = study.run("permutation", {"n_perm": 150, "random_state": 3})
+    peak = seen["peak"]
+    # 150 permutations, 40 per pass: 4 passes, each reading the maps unless they are in memory
+    assert summary["passes_over_maps"] == (1 if cache else 4) and summary["maps_in_memory"] is cache
+    bound = meta.permutation_memory_bytes(n_units, study.n_vox, 150)
+    assert 8 * 40 * study.n_vox < peak <= bound, (peak, bound)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_permutation_in_passes_and_blocks_equals_permuted_ols(study, monkeypatch, two_sided, cache):
+    """Several passes (the accumulator holds 37 permutations), with the maps in memory or read again
+    per pass in blocks of 4 maps, give exactly the p-values of one ``permuted_ols`` call on the whole
+    matrix, both tails."""
+    from nilearn.mass_univariate import permuted_ols
+
+    rng = np.random.default_rng(8)
+    zs = random_maps(rng, 11, study.n_vox, shift=0.2)
+    zs[:, :25] += 1.5
+    zs[:, 25:35] -= 2.0
+    for i, z in enumerate(zs):
+        study.add(i + 1, z)
+    monkeypatch.setattr(meta.estimators, "PERMUTATION_ACC_BYTES", 8 * study.n_vox * 37)
+    monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHED_ACC_BYTES", 8 * study.n_vox * 37)
+    monkeypatch.setattr(meta.estimators, "PERMUTATION_BLOCK_UNITS", 4)
+    if not cache:
+        monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHE_BYTES", 0)
+    summary, out = study.run("permutation", {"n_perm": 300, "random_state": 12, "two_sided": two_sided})
+    assert summary["passes_over_maps"] == (1 if cache else 9) and summary["maps_in_memory"] is cache
+    stored = np.stack([np.asarray(nib.load(study.path(i + 1)).dataobj)[study.mask] for i in range(11)])
+    ref = permuted_ols(
+        np.ones((11, 1)), stored, model_intercept=False, n_perm=300, two_sided_test=two_sided,
+        random_state=12, n_jobs=1, output_type="dict",
+    )  # fmt: skip
+    # the same count of permutation maxima at or above each voxel's statistic (p_fwe is stored float32)
+    counts = np.rint(study.vec(out, "p_fwe") * 301)
+    np.testing.assert_array_equal(counts, np.rint(10 ** -ref["logp_max_t"].ravel() * 301))
+    np.testing.assert_allclose(study.vec(out, "p_fwe"), counts / 301, rtol=1e-7)
+    assert 0 < np.sum(study.vec(out, "p_fwe") < 0.05) < study.n_vox
 
 
 # ---------------------------------------------------------------------------------------

@@ -88,25 +88,36 @@ def _study(tmp_path, zvals, n=20):
     return mask_img, m, (lambda i: tmp_path / "images" / str(i) / "zmap.nii.gz")
 
 
-def test_permutation_uses_and_records_the_rule_threads(tmp_path, monkeypatch):
-    import nilearn.mass_univariate
+def test_permutation_records_the_rule_threads_and_does_not_depend_on_them(tmp_path, monkeypatch):
+    """The job's threads are BLAS threads (threadpoolctl sees the limit during the fit) and are
+    recorded; the sign flips are nilearn's ``n_jobs=1`` ones whatever the threads, so 1 and 2
+    threads give the same p_fwe (with ``permuted_ols(n_jobs=2)`` they did not: its seeds are per job)."""
+    import threadpoolctl
+
+    from nvmeta.meta import estimators
 
     rng = np.random.default_rng(1)
     mask_img, m, path_for = _study(
-        tmp_path, [rng.normal(size=int(_mask().dataobj[:].sum())) + 1 for _ in range(6)]
+        tmp_path, [rng.normal(size=int(_mask().dataobj[:].sum())) + 0.3 for _ in range(6)]
     )
-    seen = {}
-    real = nilearn.mass_univariate.permuted_ols
+    seen = []
+    real = estimators.Permutation._permute
 
-    def spy(*args, **kwargs):
-        seen["n_jobs"] = kwargs["n_jobs"]
-        return real(*args, **kwargs)
+    def spy(self, source):
+        seen.append([i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"])
+        return real(self, source)
 
-    monkeypatch.setattr(nilearn.mass_univariate, "permuted_ols", spy)
-    summary = run_method("permutation", tmp_path / "qc.tsv", path_for, mask_img, {"n_perm": 20, "cut_coords": [0]},
-                         tmp_path / "out", n_jobs=2)  # fmt: skip
-    assert seen["n_jobs"] == 2
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_jobs"] == 2 == summary["n_jobs"]
+    monkeypatch.setattr(estimators.Permutation, "_permute", spy)
+    p_fwe = {}
+    for n_jobs in (1, 2):
+        out = tmp_path / f"out{n_jobs}"
+        summary = run_method("permutation", tmp_path / "qc.tsv", path_for, mask_img,
+                             {"n_perm": 40, "cut_coords": [0]}, out, n_jobs=n_jobs)  # fmt: skip
+        assert json.loads((out / "summary.json").read_text())["n_jobs"] == n_jobs == summary["n_jobs"]
+        p_fwe[n_jobs] = np.asarray(nib.load(out / "p_fwe.nii.gz").dataobj)
+    assert seen[0] and all(t == 1 for t in seen[0]) and all(t == 2 for t in seen[1])
+    np.testing.assert_array_equal(p_fwe[1], p_fwe[2])
+    assert np.nanmin(p_fwe[1]) < 1
 
 
 def test_scripts_take_per_image_paths_from_the_rule_inputs():

@@ -317,17 +317,17 @@ def test_ctrl_c_prints_one_line_and_the_same_command_resumes(tmp_path):
 
 def test_permutation_job_declares_the_memory_its_estimator_needs(tmp_path):
     """The permutation job's mem_mb is the estimate with which the method refuses to start
-    (nvmeta.meta.estimators.permutation_memory_bytes: maps x mask voxels x threads), not one
-    float32 copy per map: measured on this grid, 200 maps peaked at 2.9 GB and 400 at 5.3 GB
-    (process tree, 2 threads) where the rule declared 2.2 and 2.4 GB (a SLURM job would be
-    killed)."""
+    (nvmeta.meta.estimators.permutation_memory_bytes, for the mask's voxels and the analysis'
+    n_perm), which tests/test_meta.py checks against tracemalloc's peak."""
     from nvmeta.meta.estimators import permutation_memory_bytes
     from nvmeta.template import load_mask
 
     cfg = {
         "neurovault": {"url": "tests/data/snapshot"},
         "conversion": {"df": "n-1"},
-        "analyses": {"A": {"image_ids": PAIN_IDS[:3], "meta": {"methods": ["permutation", "stouffer"]}}},
+        "analyses": {
+            "A": {"image_ids": PAIN_IDS[:3], "meta": {"methods": ["permutation", "stouffer"], "n_perm": 200}}
+        },
     }
     wf = make_workdir(tmp_path, cfg, snapshot=SNAPSHOT)
     # (--cores first: --configfile takes several values and would swallow the targets)
@@ -344,8 +344,8 @@ def test_permutation_job_declares_the_memory_its_estimator_needs(tmp_path):
     voxels = int(np.count_nonzero(np.asarray(load_mask(str(wf / "results/template/mask.nii.gz")).dataobj)))
     assert voxels > 100_000
     assert declared == {
-        "permutation": 2000 + permutation_memory_bytes(3, voxels, 2) // 2**20,
+        "permutation": 2000 + permutation_memory_bytes(3, voxels, 200) // 2**20,
         "stouffer": 2000,
     }, proc.stdout[-3000:]
-    # the estimate grows by more than a float32 copy per map (the old formula)
-    assert permutation_memory_bytes(400, voxels, 2) // 2**20 > 4 * 400 * voxels * 4 // 2**20
+    # flat in the number of maps: 20,000 maps on this mask declare less than 3.4 GB
+    assert 2000 + permutation_memory_bytes(20000, voxels, 1000) // 2**20 < 3400

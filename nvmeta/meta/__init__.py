@@ -37,12 +37,14 @@ Estimators (``meta.methods``)
     evidence.
 ``permutation``
     Sign-flipping permutation test of the mean z (one-sample t statistic) with
-    max-statistic family-wise error correction, via nilearn's
-    :func:`~nilearn.mass_univariate.permuted_ols` (``two_sided_test``, ``n_perm``,
-    ``random_state`` from the config, ``n_jobs`` threads). It needs the maps × voxels matrix
-    in memory (float32): a clear :class:`MemoryError` is raised up front when the estimate
-    exceeds the available memory. ``permuted_ols`` cannot take NaN, so this method is
-    restricted to the voxels where *every* map (or collection) has data. Its ``z``/``p``
+    max-statistic family-wise error correction: nilearn's
+    :func:`~nilearn.mass_univariate.permuted_ols` test (``two_sided_test``, ``n_perm``,
+    ``random_state`` from the config) with the sign flips it draws with ``n_jobs=1``, computed
+    as matrix products over blocks of maps, so memory does not grow with the maps (1 GiB of
+    permutations × voxels per pass over the maps; a clear :class:`MemoryError` up front when
+    even that does not fit) and the result does not depend on the threads (BLAS threads). The
+    test needs complete data, so this method is restricted to the voxels where *every* map
+    (or collection) has data. Its ``z``/``p``
     maps are the parametric conversion of the same t statistic (``t_to_z`` with
     ``df = k − 1``, i.e. equal to ``ttest`` on those voxels); ``p_fwe`` is the permutation
     FWE p-value and ``z_fwe`` the z map thresholded at ``p_fwe < alpha``. ``n_jobs`` (the

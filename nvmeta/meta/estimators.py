@@ -8,7 +8,7 @@ such as ``p_fwe``, ``est``, ``se``, ``tau2``). Corrections (:mod:`nvmeta.meta.co
 outputs (:mod:`nvmeta.meta.outputs`) are separate, so a new estimator is one class plus its
 :data:`ESTIMATORS` entry.
 
-Every z-based estimator except ``permutation`` streams over the maps with running sums (float64
+Every z-based estimator streams over the maps with running sums (float64
 vectors over the mask voxels): memory O(voxels) whatever the number of maps.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -378,6 +379,20 @@ class TTest(_StreamingZ):
 # permutation
 # ----------------------------------------------------------------------------------------
 
+#: Maps (float64, no-data voxels as 0) are held in memory when they take at most this (285 maps
+#: on the MNI152 2 mm mask); more maps are read again for every pass of permutations.
+PERMUTATION_CACHE_BYTES = 512 << 20
+#: Memory (bytes) of the permutations x voxels accumulator of the sign-flip test (float64) when
+#: the maps are read again per pass (570 permutations per pass on the 2 mm mask) ...
+PERMUTATION_ACC_BYTES = 1 << 30
+#: ... and when they are in memory, where a pass costs no reading (34 permutations on 2 mm; a
+#: larger accumulator would only cost page faults: about 5 s per fresh GiB on this project's VMs).
+PERMUTATION_CACHED_ACC_BYTES = 64 << 20
+#: Maps read per block (one float64 copy each) before they enter the accumulator.
+PERMUTATION_BLOCK_UNITS = 64
+#: Permutations whose maxima are taken at once (one float64 row per voxel each).
+PERMUTATION_ROWS = 16
+
 
 def available_memory_bytes() -> int:
     """Memory available to this process, in bytes.
@@ -409,27 +424,84 @@ def available_memory_bytes() -> int:
     return int(avail)
 
 
-def permutation_memory_bytes(n_units: int, n_vox: int, n_jobs: int = 1) -> int:
-    """Estimated peak memory (bytes) of the permutation method for a maps × voxels problem.
+def maps_in_memory(n_units: int, n_vox: int) -> bool:
+    """Whether the permutation method holds the maps in memory (:data:`PERMUTATION_CACHE_BYTES`)."""
+    return 8 * int(n_units) * int(n_vox) <= PERMUTATION_CACHE_BYTES
 
-    The float32 matrix we build (``n_units × n_vox``), its copy restricted to complete
-    voxels, nilearn's Fortran-ordered and normalised copies (float32) and, per parallel
-    job, a sign-flipped float64 copy and one temporary of the same size.
+
+def permutations_per_pass(n_units: int, n_vox: int) -> int:
+    """How many permutations one pass accumulates (:data:`PERMUTATION_ACC_BYTES`, or
+    :data:`PERMUTATION_CACHED_ACC_BYTES` when the maps are in memory)."""
+    acc = PERMUTATION_CACHED_ACC_BYTES if maps_in_memory(n_units, n_vox) else PERMUTATION_ACC_BYTES
+    return max(1, acc // (8 * max(1, int(n_vox))))
+
+
+def permutation_memory_bytes(n_units: int, n_vox: int, n_perm: int | None = None) -> int:
+    """Estimated peak memory (bytes) of the permutation method, beyond the interpreter's own.
+
+    The permutations × voxels accumulator (float64, :func:`permutations_per_pass` rows;
+    ``n_perm=None`` assumes it full), the working copy of :data:`PERMUTATION_ROWS` of its rows, the
+    signs of one pass (int8 and float64), the running sums and a map being read; and either the
+    maps in memory, twice while they are restricted to the complete voxels (at most
+    :data:`PERMUTATION_CACHE_BYTES`), or one block of :data:`PERMUTATION_BLOCK_UNITS` maps.
+    ``tests/test_meta.py`` checks it against tracemalloc's peak. Beyond the cache, it does not
+    grow with the number of maps but for the signs (9 bytes per map and permutation of a pass).
     """
-    cell = int(n_units) * int(n_vox)
-    return cell * 4 * 4 + max(1, int(n_jobs)) * cell * 8 * 2
+    n_units, n_vox = int(n_units), int(n_vox)
+    per_pass = permutations_per_pass(n_units, n_vox)
+    p = per_pass if n_perm is None else min(int(n_perm), per_pass)
+    rows = min(PERMUTATION_ROWS, p)
+    if maps_in_memory(n_units, n_vox):
+        maps = 2 * 8 * n_units * n_vox
+    else:
+        maps = 8 * min(PERMUTATION_BLOCK_UNITS, max(1, n_units)) * (n_vox + p)
+    # running sums (5 vectors) and a map being read (its template-grid volume, ~4x the mask, decoded)
+    return 8 * (p + rows) * n_vox + maps + 9 * p * n_units + 24 * 8 * n_vox
+
+
+def _nilearn_sign_flips(random_state: int, n_units: int, n_perm: int) -> Iterator[np.ndarray]:
+    """The sign vectors nilearn's ``permuted_ols(..., n_jobs=1)`` applies, one permutation at a time.
+
+    nilearn 0.13 seeds its one job with ``randint(1, 2**31 - 2)`` from ``check_random_state
+    (random_state)`` (for an integer, ``numpy.random.RandomState(random_state)``; the config's seed
+    is an integer) and, per permutation, multiplies the maps it already flipped by a new
+    ``randint(2, size=(n, 1)) * 2 - 1``; the product is yielded (int8, ±1). ``tests/test_meta.py``
+    checks the resulting p-values against ``permuted_ols`` itself, so a change in nilearn's
+    scheme fails there.
+    """
+    seed = np.random.RandomState(int(random_state)).randint(1, np.iinfo(np.int32).max - 1)
+    rng = np.random.RandomState(seed)
+    signs = np.ones(n_units, dtype=np.int8)
+    for _ in range(n_perm):
+        signs = signs * (rng.randint(2, size=(n_units, 1)) * 2 - 1).astype(np.int8).ravel()
+        yield signs
+
+
+def _normalised_t(b: np.ndarray, n: int) -> np.ndarray:
+    """t of the normalised one-sample regression, ``b √((n − 1) / (1 − b²))`` (nilearn's formula)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return b * np.sqrt((n - 1.0) / (1.0 - b * b))
 
 
 class Permutation(Estimator):
     """Sign-flipping permutation test of the mean z with max-statistic FWE correction.
 
-    nilearn's :func:`~nilearn.mass_univariate.permuted_ols` (``two_sided_test``, ``n_perm``,
-    ``random_state`` from the config, the rule's threads as ``n_jobs``). It needs the maps ×
-    voxels matrix in memory (float32): a clear :class:`MemoryError` is raised up front when the
-    estimate exceeds the available memory. ``permuted_ols`` cannot take NaN, so the method is
-    restricted to the voxels where *every* unit has data. ``z``/``p`` are the parametric
-    conversion of the same t statistic (``t_to_z`` with ``df = k − 1``, i.e. ``ttest`` on those
-    voxels); ``p_fwe`` is the permutation FWE p-value.
+    The test of nilearn's :func:`~nilearn.mass_univariate.permuted_ols` (intercept only,
+    ``model_intercept=False``, ``two_sided_test``) with exactly the sign flips it draws with
+    ``n_jobs=1`` for ``random_state``, so ``p_fwe`` equals ``permuted_ols(..., n_jobs=1)``'s
+    whatever the job's threads (which only set the BLAS threads). ``permuted_ols`` itself is not
+    called because it needs the maps × voxels matrix in memory, copied per job (about 48 bytes
+    per map and voxel with 2 jobs: 21 GiB for 2,000 maps), and loops over permutations with
+    element-wise passes (about a minute for 21 maps and 1,000 permutations). For a sign flip
+    ``s`` of the maps ``Y``, the normalised one-sample statistic ``s·y / (‖y‖ √n)`` of every
+    voxel is one row of the matrix product ``S Y``, computed for a pass of permutations at a time:
+    from the maps in memory when they fit :data:`PERMUTATION_CACHE_BYTES`, else accumulated
+    block by block of maps, in as many passes over the maps as :data:`PERMUTATION_ACC_BYTES`
+    requires, so memory does not grow with the number of maps (:func:`permutation_memory_bytes`). The method is
+    restricted to the voxels where *every* unit has data (as ``permuted_ols``, which cannot take
+    NaN). ``z``/``p`` are the parametric conversion of the same t statistic (``t_to_z`` with
+    ``df = k − 1``, i.e. ``ttest`` on those voxels); ``p_fwe`` is the permutation FWE p-value
+    ``(1 + #{perm: max |t| ≥ |t_v|}) / (1 + n_perm)``.
     """
 
     name = "permutation"
@@ -452,73 +524,135 @@ class Permutation(Estimator):
                 z=nan, logp=nan.copy(), k=acc0.k, reported=np.zeros(n_vox, dtype=bool),
                 p_fwe=nan.copy(), summary=summary,
             )  # fmt: skip
-        z, k, full, p_fwe, notes = self._permute(source)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=max(1, self.n_jobs), user_api="blas"):
+            z, k, full, p_fwe, notes = self._permute(source)
+        summary["passes_over_maps"] = self._passes
+        summary["maps_in_memory"] = maps_in_memory(n_units, n_vox)
         logp = np.full(n_vox, np.nan)
         logp[full] = logp_from_z(z[full], self.two_sided)
-        # (permuted_ols gives NaN t where the maps have no variance, e.g. 2 identical units)
+        # (zero variance across the maps, e.g. 2 identical units, gives no t)
         reported = full & (n_units >= k_min) & np.isfinite(z)
         n_partial = int(np.sum((k >= k_min) & ~full))
         if n_partial:
             msg = (
                 f"permutation: {n_partial} voxel(s) with data in only some maps left out "
-                "(permuted_ols needs complete data)"
+                "(the sign-flip test needs complete data)"
             )
             notes.append(msg)
             self.log.warning(msg)
         return Fit(z=z, logp=logp, k=k, reported=reported, p_fwe=p_fwe, notes=notes, summary=summary)
 
     def _permute(self, source: Source):
-        from nilearn.mass_univariate import permuted_ols
+        from scipy.linalg.blas import dgemm
 
-        from nvmeta.stats import t_to_z
-
-        cfg, n_jobs = self.cfg, self.n_jobs
+        cfg = self.cfg
         n_units, n_vox = source.n_units, source.n_vox
-        need = permutation_memory_bytes(n_units, n_vox, n_jobs)
+        n_perm, two_sided = int(cfg["n_perm"]), bool(cfg["two_sided"])
+        need = permutation_memory_bytes(n_units, n_vox, n_perm)
         have = available_memory_bytes()
         if need > 0.9 * have:
             raise MemoryError(
-                f"meta method 'permutation' needs the {n_units} maps x {n_vox} voxels matrix in memory: "
-                f"about {need / 2**30:.1f} GiB estimated with n_jobs={n_jobs}, but only {have / 2**30:.1f} GiB "
-                "is available. Use fewer maps (max_images, or combine_within: collection), fewer threads, "
-                "a machine with more memory, or drop 'permutation' from meta.methods (the other methods "
-                "stream and need O(voxels) memory)."
+                f"meta method 'permutation' needs about {need / 2**30:.1f} GiB for {n_units} maps x {n_vox} "
+                f"voxels, but only {have / 2**30:.1f} GiB is available. Use a machine with more memory, or "
+                "drop 'permutation' from meta.methods (the other methods need O(voxels) memory)."
             )
-        mat = np.empty((n_units, n_vox), dtype=np.float32)
-        for i, (_unit, z) in enumerate(source.iter_z()):
-            mat[i] = z
-        k = np.sum(np.isfinite(mat), axis=0).astype(np.int64)
-        full = k == n_units
-        target = np.ascontiguousarray(mat[:, full])
-        del mat
         notes = []
-        if 2**n_units < int(cfg["n_perm"]):
+        if 2**n_units < n_perm:
             notes.append(
-                f"permutation: only 2^{n_units} = {2**n_units} distinct sign flips for n_perm={cfg['n_perm']}"
+                f"permutation: only 2^{n_units} = {2**n_units} distinct sign flips for n_perm={n_perm}"
             )
-        if int(full.sum()) == 0:
-            raise ValueError("permutation: no voxel has data in every map")
-        self.log.info(
-            f"permutation: permuted_ols on {n_units} maps x {int(full.sum())} voxels, "
-            f"n_perm={cfg['n_perm']}, n_jobs={n_jobs}"
-        )
-        out = permuted_ols(
-            np.ones((n_units, 1)),
-            target,
-            model_intercept=False,
-            n_perm=int(cfg["n_perm"]),
-            two_sided_test=bool(cfg["two_sided"]),
-            random_state=cfg["random_state"],
-            n_jobs=int(n_jobs),
-            verbose=0,
-            output_type="dict",
-        )
-        t_full = np.asarray(out["t"], dtype=np.float64).ravel()
-        p_fwe_full = 10.0 ** (-np.asarray(out["logp_max_t"], dtype=np.float64).ravel())
-        z = np.full(n_vox, np.nan)
-        z[full] = t_to_z(t_full, n_units - 1.0)
+        cache = maps_in_memory(n_units, n_vox)
+        per_pass = permutations_per_pass(n_units, n_vox)
+        flips = _nilearn_sign_flips(cfg["random_state"], n_units, n_perm)
+        h0 = np.empty(n_perm)
+        sums = _TTestSums(n_vox, two_sided)  # the unflipped t (ttest's), and k
+        total = np.zeros(n_vox)
+        sumsq = np.zeros(n_vox)
+        maps = np.empty((n_units, n_vox)) if cache else None
+        block = None if cache else np.empty((min(PERMUTATION_BLOCK_UNITS, n_units), n_vox))
+        acc_buf = cols = None
+        done = self._passes = 0
+        while done < n_perm:
+            p = min(per_pass, n_perm - done)
+            signs = np.stack([next(flips) for _ in range(p)])  # p x n_units, int8
+            first = done == 0
+            if not cache:
+                if acc_buf is None:  # once: fresh pages cost more than refilling them
+                    acc_buf = np.empty((min(per_pass, n_perm), n_vox))
+                acc = acc_buf[:p]
+                acc.fill(0.0)
+            if first or not cache:
+                self._passes += 1
+                i = 0
+                for j, (unit, zvec) in enumerate(source.iter_z()):
+                    if first:
+                        sums.add(zvec, unit.n)
+                        ok = ~np.isnan(zvec)
+                        total[ok] += zvec[ok]
+                        sumsq[ok] += zvec[ok] ** 2
+                    if cache:
+                        maps[j] = np.nan_to_num(zvec, nan=0.0)
+                        continue
+                    block[i] = np.nan_to_num(zvec, nan=0.0)
+                    i += 1
+                    if i == len(block) or j == n_units - 1:
+                        # acc += S[:, maps] @ block, in place (acc.T is Fortran-ordered; a
+                        # numpy product would allocate a second accumulator)
+                        flip = np.asfortranarray(signs[:, j + 1 - i : j + 1].T, dtype=np.float64)
+                        dgemm(1.0, block[:i].T, flip, beta=1.0, c=acc.T, overwrite_c=1)
+                        i = 0
+            if first:
+                k = sums.k
+                full = k == n_units
+                if not full.any():
+                    raise ValueError("permutation: no voxel has data in every map")
+                self.log.info(
+                    f"permutation: sign flips of {n_units} maps x {int(full.sum())} voxels, n_perm={n_perm}, "
+                    + ("maps in memory" if cache else f"{-(-n_perm // per_pass)} pass(es) over the maps")
+                    + f", {self.n_jobs} BLAS thread(s)"
+                )
+                scale = np.sqrt(sumsq[full] * n_units)  # ‖y‖ √n
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    t0 = _normalised_t(total[full] / scale, n_units)
+                live = np.flatnonzero(full)[scale > 0]  # the voxels with a statistic
+                inv_scale = 1.0 / scale[scale > 0]
+                if cache:  # keep those voxels only, normalised once: b = S @ maps
+                    if len(live) < n_vox:
+                        maps = np.ascontiguousarray(maps[:, live])
+                    maps *= inv_scale
+                    acc_buf = np.empty((min(per_pass, n_perm), len(live)))
+                elif len(live) < n_vox:
+                    cols = live
+            if cache:
+                acc = acc_buf[:p]
+                np.matmul(signs.astype(np.float64), maps, out=acc)
+            # t is increasing in the normalised statistic b, so a permutation's max |t| is the t
+            # of its max |b| over the voxels that have a statistic (non-zero data)
+            for r in range(0, p, PERMUTATION_ROWS):
+                rows = acc[r : r + PERMUTATION_ROWS]
+                b = rows[:, cols] if cols is not None else rows  # a copy, or acc itself
+                if not cache:
+                    b *= inv_scale
+                bmax = (np.abs(b, out=b) if two_sided else b).max(axis=1) if b.shape[1] else np.nan
+                h0[done + r : done + r + len(rows)] = _normalised_t(bmax, n_units)
+            # a flip of every map or of none is the data itself, up to the sign: its maximum *is*
+            # the largest voxel statistic, a tie that a summation in another order would break
+            for r in np.flatnonzero((signs == signs[:, :1]).all(axis=1)):
+                h0[done + r] = np.nanmax(np.fabs(t0) if two_sided else t0 * float(signs[r, 0]))
+            done += p
+        del acc_buf, acc, rows, b, maps, block
+        stat = np.fabs(t0) if two_sided else t0
+        # nilearn's rank: how many permutations' maxima lie strictly below the voxel's statistic
+        # (a voxel without a statistic, zero variance across the maps, gets p = 1 as there)
+        below = np.searchsorted(np.sort(h0[~np.isnan(h0)]), stat, side="left")
+        below[np.isnan(stat)] = 0
         p_fwe = np.full(n_vox, np.nan)
-        p_fwe[full] = p_fwe_full
+        p_fwe[full] = (n_perm + 1 - below) / float(n_perm + 1)
+        z, _logp = sums.finish()
+        z[~full] = np.nan
+        notes.extend(sums.warnings)
         return z, k, full, p_fwe, notes
 
     def jackknife(self, labels: np.ndarray, z_full: np.ndarray, plan, collections: dict) -> list[dict]:

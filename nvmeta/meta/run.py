@@ -93,7 +93,8 @@ def run_method(
     ValueError
         Unknown method / bad config, or a map off the template grid.
     MemoryError
-        ``permutation`` when the maps × voxels matrix would not fit in memory.
+        ``permutation`` when its accumulator (:func:`~nvmeta.meta.estimators.permutation_memory_bytes`)
+        would not fit in memory.
     """
     t0 = time.perf_counter()
     log = log or logger

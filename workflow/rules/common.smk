@@ -354,11 +354,12 @@ def _mask_voxels(path, mtime_ns):
     return int(np.count_nonzero(np.asarray(nib.load(path).dataobj)))
 
 
-def meta_mem_mb(wildcards, input, threads):
+def meta_mem_mb(wildcards, input):
     """``mem_mb`` of a z-method meta job. Streaming methods: 2 GB whatever the number of maps.
     Permutation: 2 GB plus the peak that :func:`nvmeta.meta.estimators.permutation_memory_bytes`
-    estimates for these maps on this mask with the job's threads, the same estimate with which
-    the job refuses to start on a machine that has less (measured: BENCHMARKS.md, issue 12).
+    estimates for these maps on this mask with the analysis' ``n_perm``, the same estimate with
+    which the job refuses to start on a machine that has less (about 1.2 GB on the 2 mm mask
+    whatever the number of maps; measured: BENCHMARKS.md, issue 12).
     """
     if wildcards.method != "permutation":
         return 2000
@@ -368,7 +369,8 @@ def meta_mem_mb(wildcards, input, threads):
         voxels = _mask_voxels(input.mask, os.stat(input.mask).st_mtime_ns)
     except OSError:  # not written yet: evaluated again when the job is ready
         voxels = MNI152_2MM_VOXELS
-    return 2000 + permutation_memory_bytes(len(input.zmaps), voxels, threads) // 2**20
+    n_perm = config["analyses"][wildcards.analysis]["meta"]["n_perm"]
+    return 2000 + permutation_memory_bytes(len(input.zmaps), voxels, n_perm) // 2**20
 
 
 # --- overview page (workflow/rules/report.smk) ---

@@ -47,8 +47,8 @@ rule meta:
         "../../envs/nvmeta.yaml"
     threads: lambda wildcards: 2 if wildcards.method == "permutation" else 1
     resources:
-        # Streaming methods hold a few voxel-sized arrays; permutation the maps x voxels matrix
-        # and nilearn's copies of it (meta_mem_mb, common.smk).
+        # Streaming methods hold a few voxel-sized arrays; permutation up to 1 GiB of
+        # permutations x voxels whatever the number of maps (meta_mem_mb, common.smk).
         mem_mb=meta_mem_mb,
         runtime=lambda wildcards, input: 10
         + len(input.zmaps) // (20 if wildcards.method == "permutation" else 200),
