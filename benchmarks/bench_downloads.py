@@ -12,8 +12,11 @@ snapshot (``benchmarks/synth_snapshot.py``: 200 images in about 15 collections, 
   politeness bound ``neurovault.max_connections: 2`` (the ``nv_connections`` resource: at most 2
   downloads at once). Requests of both runs are counted: the downloads reuse the records the
   listing returned (``results/records/``), so each costs one request, its file. With
-  ``--select ids``: explicit ``image_ids`` and the downloads only (the query is not run; each
-  download asks for its record, as before issue 12). Snakemake start-up and DAG building are included.
+  ``--select ids``: explicit ``image_ids``, the same two runs (the query asks for the first id's
+  record of each collection, then lists that collection for the others; the downloads reuse the
+  records). ``--select ids-downloads``: explicit ``image_ids``, the downloads only (the query is not
+  run, so each download asks for its record, as before issue 12). Snakemake start-up and DAG
+  building are included.
 - **nilearn**: ``nilearn.datasets.fetch_neurovault_ids(image_ids=ids, data_dir=tmp)`` in this process, with
   ``_NEUROVAULT_BASE_URL`` (and the collections/images URLs derived from it at import) pointed at the
   fixture server. nilearn downloads one request at a time (image record, collection record once per
@@ -22,7 +25,7 @@ snapshot (``benchmarks/synth_snapshot.py``: 200 images in about 15 collections, 
 Both are checked: every image's map is on disk and every request reached the fixture server (counted
 there, per client). The order of the two runs alternates between repeats.
 
-Usage: ``python benchmarks/bench_downloads.py [--n-images 200] [--latency 0.1] [--repeat 1] [--select terms|ids]``
+Usage: ``python benchmarks/bench_downloads.py [--n-images 200] [--latency 0.1] [--repeat 1] [--select terms|ids|ids-downloads]``
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from synth_snapshot import load_note, make_snapshot, make_workdir, snakemake  # 
 
 def run_nvmeta(srv, root: Path, ids: list[int], tmp: Path, tag: str, select: str = "terms") -> dict:
     """nvmeta: ``select="terms"``: the query (terms, every collection listed) then the downloads,
-    requests of both counted (the downloads reuse the listing's records); ``"ids"``: explicit
-    ``image_ids``, downloads only (each asks for its record)."""
-    analysis = {"image_ids": ids} if select == "ids" else {"max_images": 100_000}
+    requests of both counted (the downloads reuse the listing's records); ``"ids"``: the same with
+    explicit ``image_ids``; ``"ids-downloads"``: explicit ``image_ids``, downloads only (each asks
+    for its record)."""
+    analysis = {"image_ids": ids} if select.startswith("ids") else {"max_images": 100_000}
     wf = make_workdir(
         tmp / f"wf_{tag}_{select}",
         {
@@ -55,7 +59,7 @@ def run_nvmeta(srv, root: Path, ids: list[int], tmp: Path, tag: str, select: str
     targets = [f"results/images/{i}/metadata.json" for i in ids]
     srv.reset_log()
     secs = 0.0
-    if select == "terms":
+    if select in ("terms", "ids"):
         secs, _ = snakemake(wf, "results/analyses/bench/selection.tsv", cores=2)
         sel = (wf / "results/analyses/bench/selection.tsv").read_text().splitlines()[1:]
         got = sorted(int(line.split("\t", 1)[0]) for line in sel)
@@ -112,9 +116,10 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument(
         "--select",
-        choices=("terms", "ids"),
+        choices=("terms", "ids", "ids-downloads"),
         default="terms",
-        help="nvmeta selects by terms (query + downloads counted; default) or explicit image_ids (downloads only)",
+        help="nvmeta selects by terms (query + downloads counted; default), by explicit image_ids (the same), "
+        "or by explicit image_ids without the query (downloads only)",
     )
     args = p.parse_args()
 
@@ -156,7 +161,11 @@ def main() -> None:
                 rows.append(res)
         t_nv = statistics.median(r["nvmeta"]["seconds"] for r in rows)
         t_nl = statistics.median(r["nilearn"]["seconds"] for r in rows)
-        what = "query + downloads" if args.select == "terms" else "downloads (explicit ids, query excluded)"
+        what = {
+            "terms": "query (terms) + downloads",
+            "ids": "query (explicit ids) + downloads",
+            "ids-downloads": "downloads (explicit ids, query excluded)",
+        }[args.select]
         print(
             f"{len(ids)} images at {args.latency * 1000:.0f} ms latency: nvmeta {what} {t_nv:.1f} s "
             f"({rows[0]['nvmeta']['requests']} requests, {rows[0]['nvmeta']['requests'] / len(ids):.3f} per "

@@ -535,6 +535,89 @@ def _fetch_collections(
         yield {**col, "id": cid}
 
 
+class _ListingPrefetch:
+    """Records of explicit image ids taken from their collection's listing (issue 12).
+
+    The API serves an image's record either alone (``images/{id}/``) or in its collection's
+    listing (``collections/{cid}/images/``, up to 1,000 records per page), and which collection
+    an id belongs to is known only from its record. So, once an explicit image's record names its
+    collection, the ids still to come that lie within 1,000 of it (NeuroVault numbers the images
+    of an upload consecutively) are likely in the same collection: when there are more of them
+    than the listing has pages, the collection is listed once and their records come from it.
+    The collection record, asked for to count those pages, is kept for the downloads (which
+    would ask for it otherwise). An id that the listing does not hold is asked for on its own,
+    as before, so the selection is the same; only the requests differ: 200 ids from 18
+    collections cost 18 records + 18 listings + 18 collection records instead of 200 records +
+    18 collection records. Local sources (snapshot directory, dump) answer records for free and
+    are not prefetched.
+    """
+
+    NEAR = 1000
+
+    def __init__(self, client: Any, image_ids: list[int], sel: _Selection, log: logging.Logger) -> None:
+        describe = getattr(client, "describe_source", None)
+        kind = (describe() or {}).get("kind") if callable(describe) else None
+        self.active = kind not in ("snapshot", "dump")
+        self.client, self.sel, self.log = client, sel, log
+        self.wanted = set(image_ids)
+        self.records: dict[int, dict[str, Any]] = {}
+        self.tried: set[int] = set()  # collections considered
+
+    def pop(self, image_id: int) -> dict[str, Any] | None:
+        return self.records.pop(image_id, None)
+
+    def after_record(self, rec: Mapping[str, Any], later: list[int]) -> None:
+        """Consider listing the collection of ``rec`` for the ids in ``later``."""
+        from nvmeta.neurovault.base import MAX_LIMIT
+
+        cid = rec.get("collection_id")
+        if not self.active or not isinstance(cid, int) or cid in self.tried:
+            return
+        image_id = rec["id"]
+        near = {i for i in later if abs(i - image_id) <= self.NEAR} - self.sel.seen - set(self.records)
+        if not near:
+            return
+        self.tried.add(cid)
+        # (an optimisation: whatever fails here, the ids are asked for one by one as before)
+        try:
+            col = self.client.collection(cid)
+        except Exception as exc:  # noqa: BLE001
+            self.log.info(
+                "collection %s: record not had (%s); its images' records are asked one by one", cid, exc
+            )
+            return  # the download asks again and records what it gets
+        if not isinstance(col, Mapping) or col.get("id") != cid:
+            return
+        self.sel.collections.setdefault(cid, dict(col))
+        n = col.get("number_of_images")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            return
+        pages = -(-n // MAX_LIMIT)
+        if pages >= len(near):
+            return
+        try:
+            listing = _collection_images(self.client, cid, self.log)
+        except Exception as exc:  # noqa: BLE001
+            self.log.info(
+                "collection %s: listing failed (%s); its images' records are asked one by one", cid, exc
+            )
+            return
+        got = 0
+        for listed in listing:
+            if listed["id"] in self.wanted and listed["id"] not in self.sel.seen:
+                self.records.setdefault(listed["id"], listed)
+                got += 1
+        self.log.info(
+            "image %s: collection %s listed (%d page(s)) for %d later explicit id(s) near it: %d record(s) "
+            "taken from the listing",
+            image_id,
+            cid,
+            pages,
+            len(near),
+            got,
+        )
+
+
 def _run_explicit(
     client: Any,
     analysis_cfg: Mapping[str, Any],
@@ -561,10 +644,17 @@ def _run_explicit(
     )
     record_errors = _record_errors()
     truncated = False  # something explicit was left out because of max_images
-    for image_id in image_ids:
+    prefetch = _ListingPrefetch(client, image_ids, sel, log)
+    for pos, image_id in enumerate(image_ids):
         if sel.full:
             truncated = image_id not in sel.seen
             break
+        rec = prefetch.pop(image_id)
+        if rec is not None:  # listed with its collection (already normalised and checked)
+            funnel.counts["images_examined"] += 1
+            funnel.counts["images_matched"] += 1
+            sel.add(rec, None)
+            continue
         try:
             rec = client.image(image_id)
         except Exception as exc:
@@ -590,6 +680,8 @@ def _run_explicit(
         funnel.counts["images_examined"] += 1
         funnel.counts["images_matched"] += 1
         sel.add(rec, None)
+        if image_id not in sel.missing:
+            prefetch.after_record(rec, image_ids[pos + 1 :])
     names: dict[int, str | None] = {}
     for col in _fetch_collections(client, collection_ids, log, sel):
         if sel.full:  # (not reached: _fetch_collections stops first)

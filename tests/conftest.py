@@ -115,6 +115,7 @@ def build_tiny_snapshot(root: Path, work: Path) -> SimpleNamespace:
     collections = {
         c: collection_record(col_t, c, name=f"collection {c}") for c in (PUBLIC_CID, PRIVATE_CID, MANY_CID)
     }
+    collections[MANY_CID]["number_of_images"] = N_MANY  # (the recorded template's collection is empty)
     write_snapshot(
         root,
         list(records.values()),

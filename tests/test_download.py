@@ -416,6 +416,48 @@ def test_download_reuses_the_record_the_query_kept(fixture_server, res):
     assert f"/api/images/{ids[1]}/" in fixture_server.requests
 
 
+def test_explicit_ids_of_one_collection_cost_one_record_one_listing_and_one_request_per_file(
+    fixture_server, res
+):
+    """Issue 12, explicit ids (nilearn's fetch_neurovault_ids case) over HTTP: the first id's record
+    names its collection, whose listing holds the other ids' records (was: one record request per
+    id); the downloads then ask only for the files, the collection record being the query's."""
+    import logging
+
+    from nvmeta.query import query_job
+
+    client = make_client(fast_config(fixture_server.url))
+    ids = fixture_server.tiny.ids["many"]
+    sel = res / "analyses" / "a" / "selection.tsv"
+    fixture_server.reset_log()
+    records = query_job(
+        client,
+        {"image_ids": ids},
+        sel,
+        sel.with_name("query_funnel.json"),
+        logging.getLogger("test_download"),
+        records_dir=res / "records",
+        collections_dir=res / "collections",
+    )
+    assert [r["id"] for r in records] == ids
+    cid = fixture_server.tiny.many_cid
+    paths = [p.split("?")[0] for p in fixture_server.requests]
+    listing = f"/api/collections/{cid}/images/"
+    assert paths[:2] == [f"/api/images/{ids[0]}/", f"/api/collections/{cid}/"]
+    assert set(paths[2:]) == {listing}  # its pages, nothing else
+    assert len(paths) < 1 + 1 + len(ids) // 5
+    # each record as /api/images/{id}/ serves it
+    for iid in (ids[1], ids[-1]):
+        kept = json.loads((res / "records" / f"{iid}.json").read_text())["record"]
+        alone = client.image(iid)
+        assert kept == {k: v for k, v in alone.items() if k != "collection_name"}
+    fixture_server.reset_log()
+    for iid in ids:
+        assert fetch(client, iid, res)["status"] == "ok"
+    assert len(fixture_server.requests) == len(ids)  # the files, nothing else
+    assert all(p.startswith(f"/media/images/{cid}/") for p in fixture_server.requests)
+
+
 @pytest.mark.e2e
 def test_workflow_downloads_cost_one_request_per_file(tmp_path):
     """Issue 12, end to end (snakemake on a copy of the workflow, a few collections, selection by

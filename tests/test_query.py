@@ -681,3 +681,42 @@ def test_explicit_selection_of_exactly_max_images_is_not_called_truncated(caplog
     with caplog.at_level(logging.WARNING, logger="test_query"):
         run_query(client, {"image_ids": [1003, 2004, 2005], "max_images": 2}, LOG)
     assert "max_images=2 reached: explicit selection truncated" in caplog.text
+
+
+# ----------------------------------------------------------------------------- explicit ids: listing prefetch
+
+
+def _prefetch_client():
+    collections = [collection(1, 10), collection(2, 2), collection(3, 1), collection(4, 1)]
+    images = [image(i, 1, name=f"one {i}") for i in range(100, 110)]
+    images += [image(5000, 2), image(5001, 2), image(90000, 3), image(110, 4)]
+    return FakeClient(collections, images)
+
+
+def test_explicit_ids_near_each_other_take_their_records_from_the_collection_listing():
+    """Issue 12: once an explicit image's record names its collection, the later ids near it come from
+    one listing of that collection instead of a record each; the selection is unchanged."""
+    wanted = [*range(100, 110), 110, 5000, 5001, 90000]
+    client = _prefetch_client()
+    records, funnel = query.select(client, {"image_ids": wanted}, LOG)
+    assert ids(records) == wanted
+    assert client.calls == [
+        ("image", 100),
+        ("collection", 1),  # 10 later ids within 1,000 of 100, a 10-image collection: one page
+        ("iter", "collections/1/images/"),  # holds 101-109
+        ("image", 110),  # near 100 but in collection 4: not in the listing, asked alone
+        ("image", 5000),
+        ("collection", 2),  # one later id near it, one page: listing would gain nothing
+        ("image", 5001),
+        ("image", 90000),
+    ]
+    # the same records as asked one by one (a local source is never prefetched: compare with it)
+    alone = FakeClient(list(client.collections.values()), list(client.images.values()))
+    alone.describe_source = lambda: {"kind": "snapshot"}
+    ref, _ = query.select(alone, {"image_ids": wanted}, LOG)
+    assert [c for c in alone.calls if c[0] != "image"] == []
+    assert records == ref
+    assert all(r.get("collection_name") is None for r in records)  # as before: names only for collection_ids
+    # the collection records asked for on the way are kept for the downloads
+    assert set(funnel["_collections"]) >= {1, 2}
+    assert funnel["images_examined"] == funnel["images_matched"] == len(wanted)
