@@ -448,13 +448,14 @@ class _Selection:
         return True
 
 
-def _list_collection_images(client: Any, cid: int, log: logging.Logger) -> list[Any]:
+def _list_collection_images(client: Any, cid: int, log: logging.Logger, quiet: bool = False) -> list[Any]:
     """Every record listed under ``collections/{cid}/images/``.
 
     The listing is ordered by id on the server, so fewer records than its ``count`` (a page that
     stays empty, an item lost to a duplicate) is a fault, not drift: the collection is listed once
     more, and if it is still incomplete :class:`IncompleteListing` is raised rather than writing a
-    selection that silently lacks images (a selection is reused by later runs).
+    selection that silently lacks images (a selection is reused by later runs). ``quiet``: nothing
+    is logged above DEBUG (the listing prefetch of explicit ids, which falls back on records).
     """
     path = f"collections/{cid}/images/"
     for attempt in (1, 2):
@@ -467,34 +468,37 @@ def _list_collection_images(client: Any, cid: int, log: logging.Logger) -> list[
             f"records" + (f" ({info['stop_reason']})" if info.get("stop_reason") else "")
         )
         if attempt == 1:
-            log.warning("%s; listing it again", msg)
+            log.log(logging.DEBUG if quiet else logging.WARNING, "%s; listing it again", msg)
     msg = (
         f"{msg} after listing it twice; no selection written (a partial one would be reused by "
         "later runs). Rerun later."
     )
-    log.error("%s", msg)
+    if not quiet:
+        log.error("%s", msg)
     raise IncompleteListing(msg)
 
 
 def _collection_images(
-    client: Any, cid: int, log: logging.Logger, funnel: Funnel | None = None
+    client: Any, cid: int, log: logging.Logger, funnel: Funnel | None = None, quiet: bool = False
 ) -> list[dict[str, Any]]:
-    """All image records listed under collection ``cid``, ids validated (C5), sorted by id."""
+    """All image records listed under collection ``cid``, ids validated (C5), sorted by id
+    (``quiet``: skipped records logged at DEBUG, as :func:`_list_collection_images`)."""
     from nvmeta.neurovault import UnsafeInput, normalize_record
 
+    warn = log.debug if quiet else log.warning
     good: list[dict[str, Any]] = []
-    for raw in _list_collection_images(client, cid, log):
+    for raw in _list_collection_images(client, cid, log, quiet):
         try:
             rec = normalize_record(raw, "image")
         except UnsafeInput as exc:
             image_id = raw.get("id") if isinstance(raw, Mapping) else None
-            log.warning("collection %s: listed image with invalid id %r skipped (%s)", cid, image_id, exc)
+            warn("collection %s: listed image with invalid id %r skipped (%s)", cid, image_id, exc)
             if funnel is not None:
                 funnel.exclude("invalid image id or collection_id")
             continue
         image_id, rec_cid = rec["id"], rec.get("collection_id")
         if rec_cid != cid:
-            log.warning(
+            warn(
                 "collection %s: image %s has collection_id %r (listed under %s); skipped",
                 cid,
                 image_id,
@@ -566,16 +570,23 @@ class _ListingPrefetch:
     def pop(self, image_id: int) -> dict[str, Any] | None:
         return self.records.pop(image_id, None)
 
-    def after_record(self, rec: Mapping[str, Any], later: list[int]) -> None:
-        """Consider listing the collection of ``rec`` for the ids in ``later``."""
+    def after_record(self, rec: Mapping[str, Any], image_ids: list[int], pos: int) -> None:
+        """Consider listing the collection of ``rec`` for the ids after position ``pos``."""
         from nvmeta.neurovault.base import MAX_LIMIT
 
         cid = rec.get("collection_id")
-        if not self.active or not isinstance(cid, int) or cid in self.tried:
+        if not self.active or not isinstance(cid, int) or cid in self.tried or self.sel.full:
             return
         image_id = rec["id"]
-        near = {i for i in later if abs(i - image_id) <= self.NEAR} - self.sel.seen - set(self.records)
-        if not near:
+        seen, pending = self.sel.seen, self.records
+        near = [
+            i
+            for i in image_ids[pos + 1 :]
+            if abs(i - image_id) <= self.NEAR and i not in seen and i not in pending
+        ]
+        if self.sel.max_images is not None:  # no more than the selection still has room for
+            near = near[: max(0, self.sel.max_images - len(self.sel.records) - len(pending))]
+        if len(near) < 2:  # a listing has at least one page: it cannot save anything
             return
         self.tried.add(cid)
         # (an optimisation: whatever fails here, the ids are asked for one by one as before)
@@ -596,7 +607,7 @@ class _ListingPrefetch:
         if pages >= len(near):
             return
         try:
-            listing = _collection_images(self.client, cid, self.log)
+            listing = _collection_images(self.client, cid, self.log, quiet=True)
         except Exception as exc:  # noqa: BLE001
             self.log.info(
                 "collection %s: listing failed (%s); its images' records are asked one by one", cid, exc
@@ -681,7 +692,7 @@ def _run_explicit(
         funnel.counts["images_matched"] += 1
         sel.add(rec, None)
         if image_id not in sel.missing:
-            prefetch.after_record(rec, image_ids[pos + 1 :])
+            prefetch.after_record(rec, image_ids, pos)
     names: dict[int, str | None] = {}
     for col in _fetch_collections(client, collection_ids, log, sel):
         if sel.full:  # (not reached: _fetch_collections stops first)

@@ -356,8 +356,8 @@ def test_permutation_memory_guard(study, monkeypatch):
 
 
 def test_permutation_memory_does_not_grow_with_the_maps():
-    """The estimate is bounded by the accumulator (1 GiB) plus a block of maps and 1 byte per map
-    and permutation of a pass: 20,000 maps on the 2 mm mask fit a laptop, where holding the maps x
+    """The estimate is bounded by the accumulator (1 GiB) plus a block of maps and 9 bytes per map
+    and permutation of a pass (int8 and float64): 20,000 maps on the 2 mm mask fit a laptop, where holding the maps x
     voxels matrix (as ``permuted_ols`` does, with a float64 copy per job) would take 18 GB and more."""
     vox = 235375
     est = meta.estimators
@@ -370,7 +370,7 @@ def test_permutation_memory_does_not_grow_with_the_maps():
     small, big = meta.permutation_memory_bytes(2000, vox), meta.permutation_memory_bytes(20000, vox)
     assert big - small == 9 * 570 * 18000  # the signs of one pass, nothing else
     assert big < 1.3 * 2**30 < 20000 * vox * 4
-    # maps in memory: at most twice the cache, and a small accumulator (34 permutations per pass)
+    # maps in memory: at most twice the cache, and a small accumulator (35 permutations per pass)
     assert est.permutations_per_pass(285, vox) == (64 << 20) // (8 * vox) == 35
     assert meta.permutation_memory_bytes(285, vox) < 2 * (512 << 20) + 200 * 2**20
     # fewer permutations than a pass: a smaller accumulator
@@ -448,6 +448,65 @@ def test_permutation_in_passes_and_blocks_equals_permuted_ols(study, monkeypatch
     np.testing.assert_array_equal(counts, np.rint(10 ** -ref["logp_max_t"].ravel() * 301))
     np.testing.assert_allclose(study.vec(out, "p_fwe"), counts / 301, rtol=1e-7)
     assert 0 < np.sum(study.vec(out, "p_fwe") < 0.05) < study.n_vox
+
+
+def _permuted_ols_counts(stored, n_perm, seed, two_sided=True):
+    from nilearn.mass_univariate import permuted_ols
+
+    ref = permuted_ols(
+        np.ones((len(stored), 1)), stored, model_intercept=False, n_perm=n_perm, two_sided_test=two_sided,
+        random_state=seed, n_jobs=1, output_type="dict",
+    )  # fmt: skip
+    return np.rint(10 ** -ref["logp_max_t"].ravel() * (n_perm + 1))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_permutation_ties_with_the_observed_statistic_count_as_nilearn_counts_them(
+    tmp_path, monkeypatch, cache
+):
+    """A map with z = 0 at the top voxel makes the flips of that map tie with the observed statistic
+    there (exactly, in nilearn's one formula; to the last bit or so here, where the observed and
+    permuted statistics are summed in different orders): the tie is not counted as below, as in
+    nilearn. Several draws, since whether the last bit differs depends on the values."""
+    if not cache:
+        monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHE_BYTES", 0)
+        monkeypatch.setattr(meta.estimators, "PERMUTATION_BLOCK_UNITS", 3)
+    rng = np.random.default_rng(3)
+    n_vox = int(np.asarray(make_mask().dataobj).sum())
+    for trial in range(17):  # (the draws of trials 9 and 16 tie to within the last bits: run those)
+        zs = rng.normal(size=(4, n_vox)) * np.array([[10.0], [0.1], [0.1], [0.1]])
+        zs[:, 5] = rng.uniform(4, 6, size=4)
+        zs[3, 5] = 0.0  # flipping map 4 leaves the top voxel's statistic unchanged
+        if trial not in (9, 16):
+            continue
+        study = Study(tmp_path / str(trial), make_mask())
+        for i, z in enumerate(zs):
+            study.add(i + 1, z)
+        _summary, out = study.run("permutation", {"n_perm": 200, "random_state": trial})
+        stored = np.stack([np.asarray(nib.load(study.path(i + 1)).dataobj)[study.mask] for i in range(4)])
+        counts = np.rint(study.vec(out, "p_fwe") * 201)
+        ref = _permuted_ols_counts(stored.astype(np.float64), 200, trial)
+        np.testing.assert_array_equal(counts, ref, err_msg=f"trial {trial}")
+
+
+def test_permutation_leaves_out_voxels_where_every_map_has_the_same_abs_z(study, caplog):
+    """Where every map has the same |z| (here 2 or -2, and a voxel of zeros), the flips that line the
+    signs up give an infinite t (nilearn: inf, or NaN when |b| rounds past 1, which it then skips):
+    those voxels are left unreported, and every other voxel's p_fwe is permuted_ols' without them."""
+    rng = np.random.default_rng(22)
+    zs = rng.normal(size=(5, study.n_vox)) + 0.3
+    zs[:, 3] = [2.0, -2.0, 2.0, 2.0, -2.0]
+    zs[:, 7] = 0.0
+    for i, z in enumerate(zs):
+        study.add(i + 1, z)
+    with caplog.at_level(logging.WARNING):
+        summary, out = study.run("permutation", {"n_perm": 300, "random_state": 9})
+    p_fwe = study.vec(out, "p_fwe")
+    assert np.isnan(p_fwe[[3, 7]]).all() and np.isnan(study.vec(out, "z")[[3, 7]]).all()
+    assert any("2 voxel(s) where every map has the same |z|" in w for w in summary["warnings"])
+    keep = np.setdiff1d(np.arange(study.n_vox), [3, 7])
+    stored = np.stack([np.asarray(nib.load(study.path(i + 1)).dataobj)[study.mask] for i in range(5)])
+    np.testing.assert_array_equal(np.rint(p_fwe[keep] * 301), _permuted_ols_counts(stored[:, keep], 300, 9))
 
 
 # ---------------------------------------------------------------------------------------

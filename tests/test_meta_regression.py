@@ -361,6 +361,10 @@ def test_outputs_unchanged_by_registry_split(tmp_path, method, cw, ts):
         full = np.isfinite(np.asarray(nib.load(out / "p_fwe.nii.gz").dataobj))
         assert full.sum() > 100 and np.all(np.isnan(z[~full]) | (z[~full] == 0))
         np.testing.assert_array_equal(z[full], zt[full])
+        for name in ("p.nii.gz", "logp.nii.gz"):  # and so are its p-values
+            a = np.asarray(nib.load(out / name).dataobj, dtype=np.float64)[full]
+            b = np.asarray(nib.load(tmp_path / "ttest" / "out" / name).dataobj, dtype=np.float64)[full]
+            np.testing.assert_array_equal(a, b)
 
 
 if __name__ == "__main__":  # regenerate with the code of a given checkout (see the docstring)

@@ -705,8 +705,7 @@ def test_explicit_ids_near_each_other_take_their_records_from_the_collection_lis
         ("collection", 1),  # 10 later ids within 1,000 of 100, a 10-image collection: one page
         ("iter", "collections/1/images/"),  # holds 101-109
         ("image", 110),  # near 100 but in collection 4: not in the listing, asked alone
-        ("image", 5000),
-        ("collection", 2),  # one later id near it, one page: listing would gain nothing
+        ("image", 5000),  # one later id near it: a listing page would save nothing
         ("image", 5001),
         ("image", 90000),
     ]
@@ -718,5 +717,34 @@ def test_explicit_ids_near_each_other_take_their_records_from_the_collection_lis
     assert records == ref
     assert all(r.get("collection_name") is None for r in records)  # as before: names only for collection_ids
     # the collection records asked for on the way are kept for the downloads
-    assert set(funnel["_collections"]) >= {1, 2}
+    assert set(funnel["_collections"]) == {1}
     assert funnel["images_examined"] == funnel["images_matched"] == len(wanted)
+
+
+def test_explicit_ids_prefetch_nothing_beyond_max_images():
+    """With room for one image, the first record fills the selection: no collection listing."""
+    client = _prefetch_client()
+    records = run_query(client, {"image_ids": list(range(100, 110)), "max_images": 1}, LOG)
+    assert ids(records) == [100] and client.calls == [("image", 100)]
+    client = _prefetch_client()
+    records = run_query(client, {"image_ids": list(range(100, 110)), "max_images": 2}, LOG)
+    # room for one more: one record alone costs less than collection record + listing
+    assert ids(records) == [100, 101] and client.calls == [("image", 100), ("image", 101)]
+
+
+def test_explicit_ids_prefetch_failures_fall_back_on_records_quietly(caplog):
+    """A listing that fails (here: incomplete twice) costs nothing but its requests: the ids are asked
+    for one by one, and no ERROR says that no selection was written."""
+    client = _prefetch_client()
+    real = client.iter_results
+
+    def short(path, limit=1000, log=None):
+        client.last_listing = {"path": path, "complete": False, "collected": 1, "count": 10}
+        yield from list(real(path, limit, log))[:1]
+
+    client.iter_results = short
+    with caplog.at_level(logging.DEBUG):
+        records = run_query(client, {"image_ids": list(range(100, 110))}, LOG)
+    assert ids(records) == list(range(100, 110))
+    assert [c for c in client.calls if c[0] == "image"] == [("image", i) for i in range(100, 110)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -385,7 +385,7 @@ PERMUTATION_CACHE_BYTES = 512 << 20
 #: Memory (bytes) of the permutations x voxels accumulator of the sign-flip test (float64) when
 #: the maps are read again per pass (570 permutations per pass on the 2 mm mask) ...
 PERMUTATION_ACC_BYTES = 1 << 30
-#: ... and when they are in memory, where a pass costs no reading (34 permutations on 2 mm; a
+#: ... and when they are in memory, where a pass costs no reading (35 permutations on 2 mm; a
 #: larger accumulator would only cost page faults: about 5 s per fresh GiB on this project's VMs).
 PERMUTATION_CACHED_ACC_BYTES = 64 << 20
 #: Maps read per block (one float64 copy each) before they enter the accumulator.
@@ -487,21 +487,27 @@ class Permutation(Estimator):
     """Sign-flipping permutation test of the mean z with max-statistic FWE correction.
 
     The test of nilearn's :func:`~nilearn.mass_univariate.permuted_ols` (intercept only,
-    ``model_intercept=False``, ``two_sided_test``) with exactly the sign flips it draws with
-    ``n_jobs=1`` for ``random_state``, so ``p_fwe`` equals ``permuted_ols(..., n_jobs=1)``'s
-    whatever the job's threads (which only set the BLAS threads). ``permuted_ols`` itself is not
-    called because it needs the maps × voxels matrix in memory, copied per job (about 48 bytes
-    per map and voxel with 2 jobs: 21 GiB for 2,000 maps), and loops over permutations with
-    element-wise passes (about a minute for 21 maps and 1,000 permutations). For a sign flip
-    ``s`` of the maps ``Y``, the normalised one-sample statistic ``s·y / (‖y‖ √n)`` of every
-    voxel is one row of the matrix product ``S Y``, computed for a pass of permutations at a time:
-    from the maps in memory when they fit :data:`PERMUTATION_CACHE_BYTES`, else accumulated
-    block by block of maps, in as many passes over the maps as :data:`PERMUTATION_ACC_BYTES`
-    requires, so memory does not grow with the number of maps (:func:`permutation_memory_bytes`). The method is
-    restricted to the voxels where *every* unit has data (as ``permuted_ols``, which cannot take
-    NaN). ``z``/``p`` are the parametric conversion of the same t statistic (``t_to_z`` with
-    ``df = k − 1``, i.e. ``ttest`` on those voxels); ``p_fwe`` is the permutation FWE p-value
-    ``(1 + #{perm: max |t| ≥ |t_v|}) / (1 + n_perm)``.
+    ``model_intercept=False``, ``two_sided_test``) with the sign flips it draws with ``n_jobs=1``
+    for ``random_state``, whatever the job's threads (which only set the BLAS threads). ``p_fwe``
+    is then ``permuted_ols(..., n_jobs=1)``'s up to one permutation count at near-ties (nilearn
+    computes in float32 when given float32 maps, this class in float64: 7 of 190,850 voxels on
+    the pain-21 maps, BENCHMARKS.md), except where every map has the same |z| (see below).
+    ``permuted_ols`` itself is not called because it needs the maps × voxels matrix in memory,
+    copied per job (about 48 bytes per map and voxel with 2 jobs: 21 GiB for 2,000 maps), and
+    loops over permutations with element-wise passes (about 30 s for 21 maps and 1,000
+    permutations). For a sign flip ``s`` of the maps ``Y``, the normalised one-sample statistic
+    ``s·y / (‖y‖ √n)`` of every voxel is one row of the matrix product ``S Y``, computed for a
+    pass of permutations at a time: from the maps in memory when they fit
+    :data:`PERMUTATION_CACHE_BYTES`, else accumulated block by block of maps, in as many passes
+    over the maps as :data:`PERMUTATION_ACC_BYTES` requires, so memory does not grow with the
+    number of maps (:func:`permutation_memory_bytes`). The method is restricted to the voxels
+    where *every* unit has data (as ``permuted_ols``, which cannot take NaN), and leaves out the
+    voxels where every map has the same |z| (all zeros included): some flips give them an
+    infinite t (NaN in nilearn when rounding takes ``|b|`` past 1), which would set every other
+    voxel's maxima. ``z``/``p`` are the parametric conversion of the same t statistic
+    (``t_to_z`` with ``df = k − 1``, i.e. ``ttest`` on those voxels); ``p_fwe`` is the
+    permutation FWE p-value ``(1 + #{perm: max_w T_w ≥ T_v}) / (1 + n_perm)`` with ``T = |t|``
+    (two-sided) or ``t`` (one-sided).
     """
 
     name = "permutation"
@@ -570,6 +576,8 @@ class Permutation(Estimator):
         sums = _TTestSums(n_vox, two_sided)  # the unflipped t (ttest's), and k
         total = np.zeros(n_vox)
         sumsq = np.zeros(n_vox)
+        amax = np.zeros(n_vox)  # largest and smallest |z| (NaN ignored)
+        amin = np.full(n_vox, np.inf)
         maps = np.empty((n_units, n_vox)) if cache else None
         block = None if cache else np.empty((min(PERMUTATION_BLOCK_UNITS, n_units), n_vox))
         acc_buf = cols = None
@@ -592,6 +600,9 @@ class Permutation(Estimator):
                         ok = ~np.isnan(zvec)
                         total[ok] += zvec[ok]
                         sumsq[ok] += zvec[ok] ** 2
+                        az = np.abs(zvec)
+                        np.fmax(amax, az, out=amax)
+                        np.fmin(amin, az, out=amin)
                     if cache:
                         maps[j] = np.nan_to_num(zvec, nan=0.0)
                         continue
@@ -616,8 +627,21 @@ class Permutation(Estimator):
                 scale = np.sqrt(sumsq[full] * n_units)  # ‖y‖ √n
                 with np.errstate(invalid="ignore", divide="ignore"):
                     t0 = _normalised_t(total[full] / scale, n_units)
-                live = np.flatnonzero(full)[scale > 0]  # the voxels with a statistic
-                inv_scale = 1.0 / scale[scale > 0]
+                # Where every map has the same |z| (all zero included), the flips that line the
+                # signs up give |b| = 1, an infinite t (or, rounded past 1, NaN in nilearn, which
+                # then skips the voxel): such voxels have no permutation distribution worth the
+                # name and would set the maxima of every other voxel. They are left out.
+                degenerate = (amax - amin)[full] <= 1e-6 * amax[full]
+                t0[degenerate] = np.nan
+                live = np.flatnonzero(full)[~degenerate]  # the voxels with a statistic
+                inv_scale = 1.0 / scale[~degenerate]
+                if degenerate.any():
+                    msg = (
+                        f"permutation: {int(degenerate.sum())} voxel(s) where every map has the same |z| "
+                        "(or z = 0) left unreported (their sign flips have no variance)"
+                    )
+                    notes.append(msg)
+                    self.log.warning(msg)
                 if cache:  # keep those voxels only, normalised once: b = S @ maps
                     if len(live) < n_vox:
                         maps = np.ascontiguousarray(maps[:, live])
@@ -640,19 +664,22 @@ class Permutation(Estimator):
             # a flip of every map or of none is the data itself, up to the sign: its maximum *is*
             # the largest voxel statistic, a tie that a summation in another order would break
             for r in np.flatnonzero((signs == signs[:, :1]).all(axis=1)):
-                h0[done + r] = np.nanmax(np.fabs(t0) if two_sided else t0 * float(signs[r, 0]))
+                h0[done + r] = np.fmax.reduce(
+                    np.fabs(t0) if two_sided else t0 * float(signs[r, 0]), initial=-np.inf
+                )
             done += p
         del acc_buf, acc, rows, b, maps, block
         stat = np.fabs(t0) if two_sided else t0
-        # nilearn's rank: how many permutations' maxima lie strictly below the voxel's statistic
-        # (a voxel without a statistic, zero variance across the maps, gets p = 1 as there)
-        below = np.searchsorted(np.sort(h0[~np.isnan(h0)]), stat, side="left")
-        below[np.isnan(stat)] = 0
+        # nilearn's rank: how many permutations' maxima lie strictly below the voxel's statistic.
+        # A maximum equal to it (a flip that changes only maps with z = 0 there, say) is a tie that
+        # nilearn's one formula keeps exact; here the observed statistic and the permuted ones are
+        # summed in different orders, so a tie is taken within 1e-10 (relative) of it.
+        below = np.searchsorted(np.sort(h0[~np.isnan(h0)]), stat - 1e-10 * np.abs(stat), side="left")
         p_fwe = np.full(n_vox, np.nan)
-        p_fwe[full] = (n_perm + 1 - below) / float(n_perm + 1)
+        p_fwe[full] = np.where(np.isnan(stat), np.nan, (n_perm + 1 - below) / float(n_perm + 1))
         z, _logp = sums.finish()
         z[~full] = np.nan
-        notes.extend(sums.warnings)
+        z[np.flatnonzero(full)[degenerate]] = np.nan
         return z, k, full, p_fwe, notes
 
     def jackknife(self, labels: np.ndarray, z_full: np.ndarray, plan, collections: dict) -> list[dict]:
