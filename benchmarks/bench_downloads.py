@@ -2,8 +2,8 @@
 
 Side by side in one run, against the same fixture server (:class:`nvmeta.testing.server.FixtureServer`,
 ``latency=0.1``: every request, redirects included, waits 100 ms before the reply) serving a synthetic
-snapshot (``benchmarks/synth_snapshot.py``: 200 images in about 15 collections, 50 distinct files of
-0.3-2.3 MB reused through hard links):
+snapshot (``benchmarks/synth_snapshot.py``: 200 images in 18 collections of 1-30 images, or in
+collections of ``--collection-size`` images, 50 distinct files of 0.3-2.3 MB reused through hard links):
 
 - **nvmeta** (``--select terms``, default): ``python -m snakemake --cores 2 --configfile bench.yaml
   results/analyses/bench/selection.tsv`` (the query: terms with ``max_images: 100000``, every collection
@@ -25,7 +25,8 @@ snapshot (``benchmarks/synth_snapshot.py``: 200 images in about 15 collections, 
 Both are checked: every image's map is on disk and every request reached the fixture server (counted
 there, per client). The order of the two runs alternates between repeats.
 
-Usage: ``python benchmarks/bench_downloads.py [--n-images 200] [--latency 0.1] [--repeat 1] [--select terms|ids|ids-downloads]``
+Usage: ``python benchmarks/bench_downloads.py [--n-images 200] [--latency 0.1] [--repeat 1]
+[--select terms|ids|ids-downloads] [--collection-size K]``
 """
 
 from __future__ import annotations
@@ -121,13 +122,22 @@ def main() -> None:
         help="nvmeta selects by terms (query + downloads counted; default), by explicit image_ids (the same), "
         "or by explicit image_ids without the query (downloads only)",
     )
+    p.add_argument(
+        "--collection-size",
+        type=int,
+        default=None,
+        help="images per collection (default: 1-30 drawn per collection, 18 collections at 200 images); "
+        "a larger size means fewer collections, hence fewer listing pages",
+    )
     args = p.parse_args()
 
     from nvmeta.testing.server import FixtureServer
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        snap = make_snapshot(tmp / "snapshot", args.n_images, pool=50, seed=0)
+        snap = make_snapshot(
+            tmp / "snapshot", args.n_images, pool=50, seed=0, collection_size=args.collection_size
+        )
         ids = snap["image_ids"]
         total_mb = sum(r["file_size"] for r in snap["images"]) / 1e6
         print(

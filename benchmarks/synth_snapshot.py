@@ -1,7 +1,7 @@
 """Synthetic NeuroVault snapshots for benchmarks: realistic smooth t-maps on mixed grids, with metadata.
 
 A snapshot (layout in :mod:`nvmeta.snapshot`) of ``n_images`` group-level statistic maps spread over
-collections of 1-30 images, readable as the API by ``nvmeta.client.make_client({"url": root})`` and
+collections of 1-30 images (or of exactly ``collection_size``, the last one smaller), readable as the API by ``nvmeta.client.make_client({"url": root})`` and
 servable by :class:`nvmeta.testing.server.FixtureServer`.
 
 Maps
@@ -280,8 +280,12 @@ def make_snapshot(
     first_image_id: int = 100001,
     first_collection_id: int = 5001,
     log=print,
+    collection_size: int | None = None,
 ) -> dict:
     """Write a synthetic snapshot of ``n_images`` images under ``root`` (see the module docstring).
+
+    ``collection_size``: images per collection (the last one takes the rest); by default each
+    collection draws 1-30.
 
     Returns
     -------
@@ -298,7 +302,8 @@ def make_snapshot(
     images, collections = [], []
     iid, cid, k = first_image_id, first_collection_id, 0
     while len(images) < n_images:
-        size = int(min(rng.integers(1, 31), n_images - len(images)))
+        drawn = collection_size if collection_size else rng.integers(1, 31)
+        size = int(min(drawn, n_images - len(images)))
         for _ in range(size):
             j = len(images)
             map_type = "T map" if rng.random() < 0.85 else "Z map"
