@@ -412,7 +412,9 @@ def test_slurm_test_profile_is_the_users_profile():
         assert key in users, key
     defaults = dict(item.split("=", 1) for item in users["default-resources"])
     assert {"mem_mb", "runtime"} <= set(defaults)
-    assert {"zmap", "qc", "meta", "meta_sensitivity", "input_figures"} <= set(users["set-resources"])
+    # meta: mem_mb and runtime are the rule's own (they depend on the mask and n_perm)
+    assert {"zmap", "qc", "meta_sensitivity", "input_figures"} <= set(users["set-resources"])
+    assert "meta" not in users["set-resources"]
     # batches of z-map jobs by default: group "zmaps" of the documented size, one z-map at a time
     assert users["groups"] == ["zmap=zmaps"]
     assert users["group-components"] == ["zmaps=50"]

@@ -93,6 +93,7 @@ from nvmeta.meta.estimators import (
     get_estimator,
     log_chi2_sf_even,
     permutation_memory_bytes,
+    permutation_runtime_minutes,
 )
 from nvmeta.meta.outputs import clusters_table, frozen_gc
 from nvmeta.meta.run import run_method
@@ -114,6 +115,7 @@ __all__ = [
     "log_chi2_sf_even",
     "available_memory_bytes",
     "permutation_memory_bytes",
+    "permutation_runtime_minutes",
     "clusters_table",
     "frozen_gc",
 ]

@@ -392,6 +392,10 @@ PERMUTATION_CACHED_ACC_BYTES = 64 << 20
 PERMUTATION_BLOCK_UNITS = 64
 #: Permutations whose maxima are taken at once (one float64 row per voxel each).
 PERMUTATION_ROWS = 16
+#: Seconds per map, permutation and voxel of the sign-flip test on 2 threads, reading included
+#: (measured: 2,000 and 5,000 maps x 1,000 permutations on the 2 mm mask, 139 s and 335 s, i.e.
+#: 2.9e-10; BENCHMARKS.md, issue 12). :func:`permutation_runtime_minutes` declares 4 times it.
+PERMUTATION_SECONDS_PER_UNIT_PERM_VOXEL = 3e-10
 
 
 def available_memory_bytes() -> int:
@@ -457,6 +461,19 @@ def permutation_memory_bytes(n_units: int, n_vox: int, n_perm: int | None = None
         maps = 8 * min(PERMUTATION_BLOCK_UNITS, max(1, n_units)) * (n_vox + p)
     # running sums (5 vectors) and a map being read (its template-grid volume, ~4x the mask, decoded)
     return 8 * (p + rows) * n_vox + maps + 9 * p * n_units + 24 * 8 * n_vox
+
+
+def permutation_runtime_minutes(n_units: int, n_vox: int, n_perm: int) -> int:
+    """Wall time (minutes) the permutation job declares: 10 minutes plus 4 times the measured
+    :data:`PERMUTATION_SECONDS_PER_UNIT_PERM_VOXEL` rate.
+
+    The test reads every map once per pass and multiplies ``n_perm`` sign vectors by the maps at
+    every voxel, so its time is proportional to maps x permutations x voxels (2,000 and 5,000 maps
+    cost the same per map). The factor 4 leaves room for a slower or shared node; a job that
+    declared too little would be killed by SLURM at its limit.
+    """
+    work = int(n_units) * int(n_perm) * int(n_vox)
+    return 10 + math.ceil(4 * PERMUTATION_SECONDS_PER_UNIT_PERM_VOXEL * work / 60)
 
 
 def _nilearn_sign_flips(random_state: int, n_units: int, n_perm: int) -> Iterator[np.ndarray]:

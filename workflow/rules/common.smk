@@ -373,6 +373,25 @@ def meta_mem_mb(wildcards, input):
     return 2000 + permutation_memory_bytes(len(input.zmaps), voxels, n_perm) // 2**20
 
 
+def meta_runtime(wildcards, input, attempt):
+    """``runtime`` (minutes) of a z-method meta job, times ``attempt`` (a retry asks more).
+    Streaming methods: 10 minutes plus one per 200 maps (110 at 20,000 maps, which took 4 to 11
+    minutes; BENCHMARKS.md, issue 12). Permutation: what
+    :func:`nvmeta.meta.estimators.permutation_runtime_minutes` declares for these maps, this mask
+    and the analysis' ``n_perm`` (its time grows with all three). The SLURM profiles leave it to
+    this function (a profile's expression cannot see the mask or the config)."""
+    if wildcards.method != "permutation":
+        return (10 + len(input.zmaps) // 200) * attempt
+    from nvmeta.meta.estimators import permutation_runtime_minutes
+
+    try:
+        voxels = _mask_voxels(input.mask, os.stat(input.mask).st_mtime_ns)
+    except OSError:  # not written yet: evaluated again when the job is ready
+        voxels = MNI152_2MM_VOXELS
+    n_perm = config["analyses"][wildcards.analysis]["meta"]["n_perm"]
+    return permutation_runtime_minutes(len(input.zmaps), voxels, n_perm) * attempt
+
+
 # --- overview page (workflow/rules/report.smk) ---
 def overview_inputs(wildcards):
     """What the overview page of an analysis reads: its funnel and QC table, and the outputs of

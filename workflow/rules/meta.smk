@@ -50,8 +50,8 @@ rule meta:
         # Streaming methods hold a few voxel-sized arrays; permutation up to 1 GiB of
         # permutations x voxels whatever the number of maps (meta_mem_mb, common.smk).
         mem_mb=meta_mem_mb,
-        runtime=lambda wildcards, input: 10
-        + len(input.zmaps) // (20 if wildcards.method == "permutation" else 200),
+        # Permutation: proportional to maps x n_perm x voxels (meta_runtime, common.smk).
+        runtime=meta_runtime,
     params:
         meta=meta_params,
     script:
