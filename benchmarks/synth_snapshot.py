@@ -295,6 +295,8 @@ def make_snapshot(
     """
     from nvmeta.snapshot import write_snapshot
 
+    if collection_size is not None and collection_size < 1:
+        raise ValueError(f"collection_size must be at least 1, not {collection_size}")
     t0 = time.perf_counter()
     root = Path(root)
     rng = np.random.default_rng(seed + 1)
@@ -302,7 +304,7 @@ def make_snapshot(
     images, collections = [], []
     iid, cid, k = first_image_id, first_collection_id, 0
     while len(images) < n_images:
-        drawn = collection_size if collection_size else rng.integers(1, 31)
+        drawn = rng.integers(1, 31) if collection_size is None else collection_size
         size = int(min(drawn, n_images - len(images)))
         for _ in range(size):
             j = len(images)

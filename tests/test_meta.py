@@ -379,6 +379,26 @@ def test_permutation_memory_does_not_grow_with_the_maps():
     )
 
 
+def test_permutation_declared_runtime_covers_the_measured_rate_at_any_n_perm():
+    """The permutation job's runtime (meta_runtime, workflow/rules/common.smk) grows with maps x
+    n_perm x voxels. Planted from BENCHMARKS.md (issue 12, 2 threads, 2 mm mask): 2,000 maps x
+    1,000 permutations took 139 s, 5,000 maps 335 s. The old declaration, 10 + maps / 20 minutes
+    whatever n_perm, gave 110 minutes to 2,000 maps x 100,000 permutations (about 4 h at that
+    rate): SLURM would have killed the job."""
+    vox = 235_375
+    rate = 139 / (2000 * 1000 * vox)  # seconds per map, permutation and voxel
+    for n_maps, n_perm in ((2000, 1000), (5000, 1000), (2000, 100_000), (20_000, 10_000), (300, 100_000)):
+        measured_min = rate * n_maps * n_perm * vox / 60
+        declared = meta.permutation_runtime_minutes(n_maps, vox, n_perm)
+        assert 2 * measured_min <= declared <= 10 + 6 * measured_min, (n_maps, n_perm, declared)
+    # linear in each factor (beyond the fixed 10 minutes)
+    base = meta.permutation_runtime_minutes(20_000, vox, 10_000) - 10
+    assert meta.permutation_runtime_minutes(20_000, vox, 20_000) - 10 == pytest.approx(2 * base, abs=1)
+    assert meta.permutation_runtime_minutes(20_000, 2 * vox, 10_000) - 10 == pytest.approx(2 * base, abs=1)
+    # the demo's size stays at the floor
+    assert meta.permutation_runtime_minutes(21, vox, 1000) == 11
+
+
 @pytest.mark.parametrize("cache", [True, False])
 def test_permutation_peak_memory_stays_within_its_estimate(tmp_path, monkeypatch, cache):
     """tracemalloc (numpy reports its buffers to it) measures the fit's peak allocation: it stays within
