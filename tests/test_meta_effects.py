@@ -429,3 +429,102 @@ def test_robust_methods_need_five_maps_at_a_voxel(tmp_path):
         assert np.isnan(z[edge]).all() and (k[edge] == 2).all()
         assert np.isfinite(z[~edge]).all() and np.nanmax(np.abs(z)) < 100
         assert summary["min_maps_effective"] == 5
+
+
+# ---------------------------------------------------------------------------------------
+# the g / var(g) stack of pass 2 (issue 12: effect methods at 20,000 maps)
+# ---------------------------------------------------------------------------------------
+
+
+def test_stack_reads_a_voxel_chunk_in_one_read_per_block(monkeypatch, tmp_path):
+    """Laid out by voxel chunk, a chunk costs one read per block of buffered maps (the map-by-map
+    layout cost one read per map and field: 40,000 reads of 1 KB per chunk at 20,000 maps), and
+    every selection reads back exactly what was written."""
+    import os
+
+    from nvmeta.meta import effects
+
+    k, n_vox, chunk = 23, 1000, 96
+    monkeypatch.setattr(effects, "STACK_BUFFER_BYTES", 5 * 2 * 4 * n_vox)  # blocks of 5 maps
+    rng = np.random.default_rng(21)
+    g = rng.normal(size=(k, n_vox)).astype(np.float32)
+    v = rng.uniform(0.01, 1.0, size=(k, n_vox)).astype(np.float32)
+    g[3, 100:300] = np.nan
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real_pread(fd, n, off))
+    for fields in (2, 1):
+        stack = effects._Stack(tmp_path, k, n_vox, fields, chunk)
+        assert stack.block == (5 if fields == 2 else 10)
+        n_blocks = math.ceil(k / stack.block)
+        for i in range(k):
+            stack.append(g[i], v[i] if fields == 2 else None)
+        selections = [slice(0, 96), slice(960, 1000), slice(96, 192),  # whole chunks, the short last one
+                      slice(50, 400), np.array([0, 5, 95, 96, 97, 500, 998, 999]),  # spanning chunks
+                      np.arange(120, 130)]  # fmt: skip
+        for sel in selections:
+            reads.clear()
+            y, vv = stack.take(sel)
+            np.testing.assert_array_equal(y, g[:, sel].astype(np.float64))
+            if fields == 2:
+                np.testing.assert_array_equal(vv, v[:, sel].astype(np.float64))
+            else:
+                assert vv is None
+            cols = np.arange(n_vox)[sel]
+            assert len(reads) == n_blocks * np.unique(cols // chunk).size
+        stack.close()
+        assert not stack.path.exists()
+    assert sum(1 for _ in tmp_path.iterdir()) == 0
+
+
+def _effect_maps(st: EffectStudy, ids) -> tuple[np.ndarray, np.ndarray]:
+    def load(i, name):
+        return np.asarray(nib.load(st.path(i).with_name(name)).dataobj, np.float64)[st.mask]
+
+    return np.stack([load(i, "g.nii.gz") for i in ids]), np.stack([load(i, "varg.nii.gz") for i in ids])
+
+
+@pytest.mark.parametrize("jackknife", [True, False])
+def test_effect_methods_keep_only_the_stack_pass_2_reads(monkeypatch, tmp_path, jackknife):
+    """fixed_effects_hedges keeps no stack unless the jackknife runs (it was written whatever the
+    fit read: 37.7 GB at 20,000 maps); the robust methods keep g only; and every method's maps,
+    read in several chunks and blocks, equal one in-memory pool() over all maps."""
+    from nvmeta.meta import effects, run
+
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(31)
+    for i in range(9):
+        t = rng.normal(size=st.n_vox) + 2.0
+        t[rng.random(st.n_vox) < 0.1] = np.nan  # partial coverage
+        if i >= 4:
+            t[:20] = np.nan  # 4 maps: not reported by the robust methods
+        st.add_t(i + 1, t, int(rng.integers(15, 60)))
+    monkeypatch.setattr(effects, "_chunk_size", lambda k: 37)  # 256 mask voxels: 7 chunks
+    monkeypatch.setattr(effects, "STACK_BUFFER_BYTES", 4 * 2 * 4 * st.n_vox)  # blocks of 4 (or 8) maps
+    if not jackknife:  # 9 units above the limit: the jackknife is skipped (as above 300 units)
+        monkeypatch.setattr(effects, "JACKKNIFE_MAX_UNITS", 8)
+        monkeypatch.setattr(run, "JACKKNIFE_MAX_UNITS", 8)
+    made = []
+
+    class Spy(effects._Stack):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self.fields)
+
+    monkeypatch.setattr(effects, "_Stack", Spy)
+    y, v = _effect_maps(st, range(1, 10))
+    expected = {"fixed_effects_hedges": [2] if jackknife else [],
+                "dersimonian_laird": [2], "hedges": [2],
+                "median": [2] if jackknife else [1], "trimmed_mean": [2] if jackknife else [1]}  # fmt: skip
+    for method, fields in expected.items():
+        made.clear()
+        summary, out = st.run(method, {"min_cluster_voxels": 5})
+        assert made == fields, method
+        assert ("jackknife skipped (9 units > 8)" in summary["jackknife"]) == (not jackknife)
+        ref = pool(method, y, v)
+        rep = ref["k"] >= summary["min_maps_effective"]  # the maps are NaN where not reported
+        assert rep.sum() > 200 and np.isnan(st.vec(out, "z")[~rep]).all()
+        for name in ("est", "se", "z", "tau2", "Q", "I2"):
+            np.testing.assert_allclose(st.vec(out, name)[rep], ref[name][rep], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{method} {name}")  # fmt: skip
+        assert not list(out.glob("*.part.stack"))
