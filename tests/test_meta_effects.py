@@ -272,6 +272,18 @@ def test_robust_estimators_match_numpy_and_scipy():
         assert int(med["k"][j]) == kk
 
 
+def test_trimmed_mean_of_a_constant_winsorised_sample_has_no_z():
+    """Five equal g and one outlier, γ = 0.2: the winsorised sample is constant, its variance
+    exactly 0, so z is NaN; rounding noise (scipy's trimmed_stde gives up to 2e-16) made z ~ 1e16."""
+    vals = [0.1, 0.3, 0.7, 1.1, 0.123456789]
+    y = np.array([[a] * 5 + [3.0] for a in vals]).T
+    out = pool("trimmed_mean", y, np.full_like(y, 0.05))
+    ref = [float(stats.mstats.trimmed_stde(y[:, j], limits=(0.2, 0.2))) for j in range(len(vals))]
+    np.testing.assert_allclose(out["se"], ref, rtol=0, atol=1e-15)
+    assert (out["se"] == 0).all() and np.isnan(out["z"]).all()
+    np.testing.assert_allclose(out["est"], [stats.trim_mean(y[:, j], 0.2) for j in range(len(vals))])
+
+
 # ---------------------------------------------------------------------------------------
 # whole method runs
 # ---------------------------------------------------------------------------------------
@@ -472,6 +484,9 @@ def test_stack_reads_a_voxel_chunk_in_one_read_per_block(monkeypatch, tmp_path):
                 assert vv is None
             cols = np.arange(n_vox)[sel]
             assert len(reads) == n_blocks * np.unique(cols // chunk).size
+        for bad in (np.array([5, 3]), np.array([7, 7]), np.array([n_vox])):
+            with pytest.raises(ValueError, match="strictly increasing"):
+                stack.take(bad)
         stack.close()
         assert not stack.path.exists()
     assert sum(1 for _ in tmp_path.iterdir()) == 0
@@ -528,3 +543,15 @@ def test_effect_methods_keep_only_the_stack_pass_2_reads(monkeypatch, tmp_path, 
             np.testing.assert_allclose(st.vec(out, name)[rep], ref[name][rep], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{method} {name}")  # fmt: skip
         assert not list(out.glob("*.part.stack"))
+        if jackknife:  # the leave-one-out z, read from the stack in 7 chunks x 3 blocks
+            from nvmeta.meta.outputs import cluster_labels
+
+            lab, _ = cluster_labels(st.vec(out, "z_fdr"), st.mask, AFFINE, 5)
+            jk = pd.read_csv(out / "jackknife.tsv", sep="\t", dtype={"image_ids": str})
+            c1 = jk[jk.cluster == 1].set_index("image_ids")
+            assert (lab == 1).sum() > 200 and len(c1) == 9
+            for i in range(9):
+                keep = np.arange(9) != i
+                zw = pool(method, y[keep], v[keep])["z"][lab == 1]
+                ref_mean = float(np.mean(zw[np.isfinite(zw)]))
+                assert c1.loc[str(i + 1), "z_mean_without"] == pytest.approx(ref_mean, rel=1e-6), method

@@ -220,6 +220,7 @@ def _trimmed(ys: np.ndarray, k: np.ndarray, trim: float) -> tuple[np.ndarray, np
         mw = (sum_kept + gf * (lo + hi)) / kf  # the winsorised mean
         np.subtract(s, mw, out=t, where=keep)  # deviations of the kept values; 0 elsewhere
         ss = np.einsum("ij,ij->j", t, t) + gf * ((lo - mw) ** 2 + (hi - mw) ** 2)
+        ss[lo == hi] = 0.0  # a constant winsorised sample: exactly 0 (not rounding noise), so z is NaN
         se = np.sqrt(ss / (kf - 1.0)) / ((1.0 - 2.0 * trim) * np.sqrt(kf))
     mean[k < 1] = np.nan
     se[k < 2] = np.nan
@@ -286,7 +287,8 @@ class _Stack:
     Parameters
     ----------
     outdir : Path
-        Where the temporary goes (the job's output directory; swept if the job is killed).
+        Where the temporary goes: the job's output directory, whose stale temporaries the next
+        run of the job sweeps if it is killed (:func:`nvmeta.meta.outputs.sweep`).
     k, n_vox : int
         Units and mask voxels.
     fields : int
@@ -296,13 +298,13 @@ class _Stack:
     """
 
     def __init__(self, outdir: Path, k: int, n_vox: int, fields: int, chunk: int):
+        self.k, self.n_vox, self.fields, self.chunk = k, n_vox, fields, max(1, chunk)
+        self.block = max(1, min(k, STACK_BUFFER_BYTES // (fields * 4 * max(n_vox, 1))))
+        self._buf = np.empty((self.block, fields, n_vox), np.float32)  # before the file exists
         # named like nvmeta.io.atomic_path's temporaries of est.nii.gz, so outputs.sweep removes it
         fd, name = tempfile.mkstemp(prefix=".est.nii.gz.", suffix=".part.stack", dir=outdir)
         self.fh = os.fdopen(fd, "wb")
         self.path = Path(name)
-        self.k, self.n_vox, self.fields, self.chunk = k, n_vox, fields, max(1, chunk)
-        self.block = max(1, min(k, STACK_BUFFER_BYTES // (fields * 4 * max(n_vox, 1))))
-        self._buf = np.empty((self.block, fields, n_vox), np.float32)
         self._n = 0  # maps in the buffer
         self._blocks: list[tuple[int, int, int]] = []  # (first unit, units, byte offset) per block
         self._offset = 0
@@ -327,7 +329,8 @@ class _Stack:
         self._offset += n * self.fields * self.n_vox * 4
         self._n = 0
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        """Write the buffered maps and close the file (idempotent); checks that every unit came."""
         if not self.fh.closed:
             self._flush()
             self.fh.close()
@@ -336,15 +339,17 @@ class _Stack:
                 raise RuntimeError(f"the stack holds {sum(b[1] for b in self._blocks)} units, not {self.k}")
 
     def take(self, sel) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(y, v)`` float64 arrays (k × n) of the voxels ``sel`` (a slice or sorted index array);
-        ``v`` is None for a one-field stack.
+        """``(y, v)`` float64 arrays (k × n) of the voxels ``sel`` (a slice, or an index array that
+        is strictly increasing); ``v`` is None for a one-field stack.
 
         Each touched chunk is read with one ``os.pread`` per block (a memory map instead kept its
         touched pages resident: 1.1 GB at 1,000 maps).
         """
-        self._finish()
+        self.finish()
         cols = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else np.asarray(sel, np.int64)
         n = cols.size
+        if n and (np.any(np.diff(cols) <= 0) or cols[0] < 0 or cols[-1] >= self.n_vox):
+            raise ValueError("a stack selection must be strictly increasing voxel indices in the mask")
         out = [np.empty((self.k, n)) for _ in range(self.fields)]
         which = cols // self.chunk
         bounds = np.flatnonzero(np.diff(which)) + 1  # sel is sorted: runs of one chunk
@@ -373,11 +378,13 @@ class _Stack:
         return out[0], (out[1] if self.fields == 2 else None)
 
     def close(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
         self._buf = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        try:
+            if not self.fh.closed:
+                self.fh.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 class _EffectEstimator(Estimator):
@@ -414,6 +421,8 @@ class _EffectEstimator(Estimator):
                 sums[name][ok] += val
             if (i + 1) % 100 == 0:
                 self.log.info(f"{self.name}: {i + 1}/{n_units} maps read")
+        if stack is not None:
+            stack.finish()  # frees the write buffer before pass 2 and the jackknife
         kf = k.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             est_fe = sums["wy"] / sums["w"]

@@ -16,7 +16,7 @@ import pandas as pd
 from nvmeta.io import write_json, write_tsv
 from nvmeta.meta import outputs
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
-from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS
+from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS, will_jackknife
 from nvmeta.meta.estimators import get_estimator
 from nvmeta.meta.units import Source, mask_data, plan_units, read_included, resolved_n
 
@@ -289,7 +289,7 @@ def _jackknife(estimator, z, z_fdr, plan, mask, affine, cfg, outdir, summary, lo
     n_units = len(plan.units)
     if not cfg["jackknife"]:
         summary["jackknife"] = "off (meta.jackknife: false)"
-    elif n_units > JACKKNIFE_MAX_UNITS:
+    elif not will_jackknife(cfg, n_units):  # the effect methods keep their stack by this test
         msg = f"{estimator.name}: jackknife skipped ({n_units} units > {JACKKNIFE_MAX_UNITS})"
         summary["warnings"].append(msg)
         summary["jackknife"] = msg

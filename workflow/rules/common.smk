@@ -354,6 +354,15 @@ def _mask_voxels(path, mtime_ns):
     return int(np.count_nonzero(np.asarray(nib.load(path).dataobj)))
 
 
+def _meta_mask_voxels(input):
+    """Voxels of the template mask a meta job reads; the 2 mm template's count before the mask
+    is written (the resource functions are evaluated again when the job is ready)."""
+    try:
+        return _mask_voxels(input.mask, os.stat(input.mask).st_mtime_ns)
+    except OSError:
+        return MNI152_2MM_VOXELS
+
+
 def meta_mem_mb(wildcards, input):
     """``mem_mb`` of a z-method meta job. Streaming methods: 2 GB whatever the number of maps.
     Permutation: 2 GB plus the peak that :func:`nvmeta.meta.estimators.permutation_memory_bytes`
@@ -365,10 +374,7 @@ def meta_mem_mb(wildcards, input):
         return 2000
     from nvmeta.meta.estimators import permutation_memory_bytes
 
-    try:
-        voxels = _mask_voxels(input.mask, os.stat(input.mask).st_mtime_ns)
-    except OSError:  # not written yet: evaluated again when the job is ready
-        voxels = MNI152_2MM_VOXELS
+    voxels = _meta_mask_voxels(input)
     n_perm = config["analyses"][wildcards.analysis]["meta"]["n_perm"]
     return 2000 + permutation_memory_bytes(len(input.zmaps), voxels, n_perm) // 2**20
 
@@ -384,10 +390,7 @@ def meta_runtime(wildcards, input, attempt):
         return (10 + len(input.zmaps) // 200) * attempt
     from nvmeta.meta.estimators import permutation_runtime_minutes
 
-    try:
-        voxels = _mask_voxels(input.mask, os.stat(input.mask).st_mtime_ns)
-    except OSError:  # not written yet: evaluated again when the job is ready
-        voxels = MNI152_2MM_VOXELS
+    voxels = _meta_mask_voxels(input)
     n_perm = config["analyses"][wildcards.analysis]["meta"]["n_perm"]
     return permutation_runtime_minutes(len(input.zmaps), voxels, n_perm) * attempt
 

@@ -116,8 +116,10 @@ rule meta_effect:
         "../../envs/nvmeta.yaml"
     threads: 1
     resources:
-        # g / var(g) go to a float32 stack on disk; pooling works in voxel chunks of ~192 MB
-        # (nvmeta.meta.effects.CHUNK_BYTES); the jackknife holds the cluster voxels of every map.
+        # what pass 2 reads (g, and var(g) for random effects and the jackknife; nothing for
+        # fixed effects without the jackknife) goes to a float32 stack on disk through a 128 MB
+        # buffer; pooling works in voxel chunks of ~192 MB (nvmeta.meta.effects.CHUNK_BYTES);
+        # the jackknife (at most 300 units) holds the cluster voxels of every unit.
         mem_mb=lambda wildcards, input: 2500 + len(input.zmaps) // 2,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:
