@@ -7,8 +7,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
-from nvmeta.config import check_config_or_exit  # noqa: E402
-from nvmeta.logs import quiet_interrupt  # noqa: E402
+from nvmeta.workflow.config import check_config_or_exit  # noqa: E402
+from nvmeta.workflow.logs import quiet_interrupt  # noqa: E402
 
 # A --configfile given on the command line replaces the default config instead of being
 # merged into it (otherwise the demo would inherit the default analyses).

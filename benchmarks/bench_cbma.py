@@ -34,8 +34,8 @@ _SETUP = textwrap.dedent(
     import numpy as np, nibabel as nib
     warnings.simplefilter("ignore")
     sys.path.insert(0, {repo!r})
-    from nvmeta.config import defaults
-    from nvmeta.template import load_mask
+    from nvmeta.workflow.config import defaults
+    from nvmeta.images.template import load_mask
     mask_img = load_mask("mni152_2mm")
     work = Path({work!r})
     def rss_mb():

@@ -6,7 +6,7 @@ after the imports, with the heap frozen as in the job (``nvmeta.meta.frozen_gc``
 ``--repeat``:
 
 - ``nvmeta``: :func:`nvmeta.meta.outputs.clusters_table` (two-sided, ``meta.min_cluster_voxels``),
-  which calls nilearn once per cluster on the cluster's bounding box (:mod:`nvmeta.clusters`);
+  which calls nilearn once per cluster on the cluster's bounding box (:mod:`nvmeta.meta.clusters`);
 - ``nilearn``: ``get_clusters_table`` on the full volume with the same threshold and
   ``cluster_threshold`` (what the job called before issue 14).
 
@@ -52,9 +52,9 @@ def main() -> None:
     import pandas as pd
     from nilearn.reporting import get_clusters_table
 
-    from nvmeta.config import defaults
+    from nvmeta.images.template import load_mask
     from nvmeta.meta import frozen_gc, outputs, run_method
-    from nvmeta.template import load_mask
+    from nvmeta.workflow.config import defaults
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_clusters_"))
     data = work / "pain21"

@@ -234,7 +234,7 @@ FANIN_JOB = """
 import json, resource, sys, time
 from pathlib import Path
 from nvmeta.meta import run_method
-from nvmeta.template import load_mask
+from nvmeta.images.template import load_mask
 qc, pool_dir, n_pool, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 pool = [pool_dir / f"z{j}.nii.gz" for j in range(n_pool)]
 t0 = time.perf_counter()
@@ -248,7 +248,7 @@ import json, resource, sys, time
 import numpy as np, nibabel as nib
 from pathlib import Path
 from scipy import stats
-from nvmeta.template import load_mask
+from nvmeta.images.template import load_mask
 pool_dir, n_pool, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 mask = np.asarray(load_mask("mni152_2mm").dataobj) > 0
 t0 = time.perf_counter()
@@ -272,7 +272,7 @@ def _make_zpool(d: Path, n_pool: int = 40) -> None:
     import numpy as np
     from scipy import ndimage
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     d.mkdir(parents=True, exist_ok=True)
     mimg = load_mask("mni152_2mm")
@@ -298,7 +298,7 @@ def bench_fanin(sizes: list[int], tmp: Path, baseline_max: int) -> None:
     _make_zpool(pool)
     import numpy as np
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     n_vox = int((np.asarray(load_mask("mni152_2mm").dataobj) > 0).sum())
     for n in sizes:

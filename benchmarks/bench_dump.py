@@ -5,7 +5,7 @@ memory, peak RSS from ``getrusage(RUSAGE_CHILDREN)``; CPU time is the figure to 
 machine), on the same synthetic export
 (``benchmarks/synth_dump.py``, 560,000 statistic maps by default, generated once and reused):
 
-- **nvmeta**: ``DumpSource(dump)`` + ``nvmeta.query.select`` with nilearn's default terms and
+- **nvmeta**: ``DumpSource(dump)`` + ``nvmeta.select.query.select`` with nilearn's default terms and
   ``image_terms: {map_type: T map, analysis_level: group, modality: fMRI-BOLD}``, ``max_images: all``
   (the worst case: every public map is examined), the funnel included.
 - **pandas by hand** (the OHBM 2025 IBMA tutorial's way): read the four tables from the archive
@@ -35,7 +35,7 @@ NVMETA = r"""
 import json, logging, sys, time
 t0 = time.perf_counter()
 from nvmeta.neurovault.dump import DumpSource
-from nvmeta.query import select
+from nvmeta.select.query import select
 cfg = {"image_terms": {"map_type": "T map", "analysis_level": "group", "modality": "fMRI-BOLD"},
        "max_images": "all"}
 src = DumpSource(sys.argv[1], "https://neurovault.org/media/", cfg["image_terms"].keys())

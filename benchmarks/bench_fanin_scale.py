@@ -75,8 +75,8 @@ def declared_mem_mb(fanin: str, n: int) -> int:
         text, rule = (rules / "meta.smk").read_text(), "meta_effect" if effect else "meta"
     start = text.index(f"rule {rule}:") if rule != "ica" else 0
     if re.match(r".*?mem_mb=meta_mem_mb,", text[start:], re.S):  # the z methods (common.smk)
-        from nvmeta.config import defaults
         from nvmeta.meta.estimators import permutation_memory_bytes
+        from nvmeta.workflow.config import defaults
 
         if fanin != "permutation":
             return 2000
@@ -91,7 +91,7 @@ def declared_mem_mb(fanin: str, n: int) -> int:
     class _Wildcards:
         method = fanin
 
-    from nvmeta.qc import DUPLICATE_SEARCH_BYTES
+    from nvmeta.images.qc import DUPLICATE_SEARCH_BYTES
 
     scope = {"DUPLICATE_SEARCH_BYTES": DUPLICATE_SEARCH_BYTES}  # what qc.smk imports
     return int(eval("(" + expr + ")", scope)(_Wildcards, _Input))  # the repository's own rule text
@@ -108,7 +108,7 @@ def prepare_distinct(root: Path, pool_dir: Path, n: int, seed: int = 1) -> Path:
     import pandas as pd
     from bench_qc_duplicates import zmap_qc_record
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     d = root / f"distinct_{n}"
     if (d / "selection.tsv").is_file():
@@ -165,8 +165,8 @@ def prepare_cycled(root: Path, n: int, pool: int) -> Path:
 def worker(fanin: str, data: Path, out: Path, threads: int) -> dict:
     import logging
 
-    from nvmeta.config import defaults
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
+    from nvmeta.workflow.config import defaults
 
     logging.basicConfig(level=logging.WARNING, format="    [%(name)s] %(levelname)s %(message)s")
     log = logging.getLogger(f"nvmeta.bench.{fanin}")
@@ -175,7 +175,7 @@ def worker(fanin: str, data: Path, out: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     result: dict = {}
     if fanin == "qc":
-        from nvmeta.qc import write_qc
+        from nvmeta.images.qc import write_qc
 
         qc, _ = write_qc(
             data / "selection.tsv",

@@ -60,7 +60,7 @@ SEED = 0
 # synthetic data
 # ------------------------------------------------------------------------------------------------------
 def _mask():
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     img = load_mask("mni152_2mm")
     return img, np.asarray(img.dataobj) > 0
@@ -124,7 +124,7 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     from nvmeta import ica
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
 
     cfg = defaults("ica")
 
@@ -237,9 +237,9 @@ def pain_convergence(threads: int = 2) -> None:
     from threadpoolctl import threadpool_limits
 
     from nvmeta import ica
-    from nvmeta.config import defaults
-    from nvmeta.template import load_mask
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import make_zmap
+    from nvmeta.workflow.config import defaults
 
     snap = Path(__file__).resolve().parents[1] / "tests" / "data" / "snapshot"
     ids = list(range(990001, 990022))

@@ -69,8 +69,8 @@ def prepare_pain(d: Path) -> None:
     import nibabel as nib
     import numpy as np
 
-    from nvmeta.stats import t_to_z
-    from nvmeta.template import load_mask
+    from nvmeta.images.stats import t_to_z
+    from nvmeta.images.template import load_mask
 
     if (d / "qc.tsv").is_file():
         return
@@ -105,7 +105,7 @@ def prepare_synthetic(d: Path, n_maps: int, seed: int = 0) -> None:
     import numpy as np
     from scipy.ndimage import gaussian_filter
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     if (d / "qc.tsv").is_file() and len(list(d.glob("*.nii.gz"))) == n_maps:
         return
@@ -141,8 +141,8 @@ def prepare_synthetic(d: Path, n_maps: int, seed: int = 0) -> None:
 
 
 def worker_nvmeta(data: Path, out: Path) -> dict:
+    from nvmeta.images.template import load_mask
     from nvmeta.meta import run_method
-    from nvmeta.template import load_mask
 
     mask_img = load_mask("mni152_2mm")
     base = _rss_mb()
@@ -168,7 +168,7 @@ def worker_nimare(data: Path, out: Path, freeze_gc: bool = False) -> dict:
     from nimare.dataset import Dataset
     from nimare.meta.ibma import Stouffers
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     mask_img = load_mask("mni152_2mm")
     rows = pd.read_csv(data / "qc.tsv", sep="\t")
@@ -213,9 +213,9 @@ def prepare_effect(d: Path, n_maps: int, pool: int, seed: int = 0) -> None:
     import numpy as np
     from scipy.ndimage import gaussian_filter
 
-    from nvmeta.effectsize import write_effect_maps
-    from nvmeta.stats import t_to_z
-    from nvmeta.template import load_mask
+    from nvmeta.images.effectsize import write_effect_maps
+    from nvmeta.images.stats import t_to_z
+    from nvmeta.images.template import load_mask
 
     if (d / "qc.tsv").is_file() and len(list(d.glob("pool/*/g.nii.gz"))) == pool:
         rows = sum(1 for _ in open(d / "qc.tsv")) - 1
@@ -263,8 +263,8 @@ def worker_effect(kind: str, data: Path, out: Path) -> dict:
     pool = json.loads((data / "pool.json").read_text())["pool"]
     base = _rss_mb()
     if kind in ("nvmeta_dl", "nvmeta_stouffer"):
+        from nvmeta.images.template import load_mask
         from nvmeta.meta import run_method
-        from nvmeta.template import load_mask
 
         mask_img = load_mask("mni152_2mm")
         base = _rss_mb()
@@ -284,7 +284,7 @@ def worker_effect(kind: str, data: Path, out: Path) -> dict:
     from nimare.dataset import Dataset
     from nimare.meta.ibma import FixedEffectsHedges
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     mask_img = load_mask("mni152_2mm")
     rows = pd.read_csv(data / "qc.tsv", sep="\t")

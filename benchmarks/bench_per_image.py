@@ -40,8 +40,8 @@ MAPS = {
 
 JOB = """
 import sys
-from nvmeta.template import load_mask
-from nvmeta.zmap import make_zmap
+from nvmeta.images.template import load_mask
+from nvmeta.images.zmap import make_zmap
 meta, src, out = sys.argv[1:4]
 make_zmap(meta, src, load_mask("mni152_2mm"), {{"df": "n-2"}}, out + "/zmap.nii.gz", out + "/qc.json")
 """
@@ -86,8 +86,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    from nvmeta.template import load_mask
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import make_zmap
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

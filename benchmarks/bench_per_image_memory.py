@@ -35,15 +35,15 @@ def hwm():  # this process's peak RSS in MB (VmHWM: unlike getrusage's ru_maxrss
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-from nvmeta.template import load_mask
-from nvmeta.zmap import make_zmap
-import nvmeta.resample, nvmeta.stats, scipy.ndimage  # everything a job imports, before the baseline
+from nvmeta.images.template import load_mask
+from nvmeta.images.zmap import make_zmap
+import nvmeta.images.resample, nvmeta.images.stats, scipy.ndimage  # everything a job imports, before the baseline
 meta, src, out, limits, mask_path = sys.argv[1:6]
 mask = load_mask(mask_path)  # as the rule does: the template rule's mask file
 base = hwm()
 args = [meta, src, mask, {"df": "n-2"}, out + "/zmap.nii.gz", out + "/qc.json"]
 if limits != "none":
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
     args.append({**defaults("qc"), **json.loads(limits)})
 qc = make_zmap(*args)
 peak = hwm()
@@ -111,7 +111,7 @@ def main() -> None:
             )
         )
         limits = "none" if args.max_map_mb is None else json.dumps({"max_map_mb": args.max_map_mb})
-        from nvmeta.template import load_mask
+        from nvmeta.images.template import load_mask
 
         mask = tmp / "mask.nii.gz"
         nib.save(load_mask("mni152_2mm"), mask)

@@ -12,7 +12,7 @@ path, 3 mm and 1.5 mm maps nilearn's linear interpolation), downloaded beforehan
 - **nvmeta**: ``snakemake --cores C <zmap.nii.gz of N0 images>`` and ``... <zmap.nii.gz of all N images>``
   (per-image outputs deleted before each); per-image cost = ``(T_N - T_N0) / (N - N0)``, i.e. the fixed
   start-up (interpreter, imports, DAG, template rule check) cancels out.
-- **in-process**: ``nvmeta.zmap.make_zmap`` on the same N maps in this process (modules imported and mask
+- **in-process**: ``nvmeta.images.zmap.make_zmap`` on the same N maps in this process (modules imported and mask
   loaded beforehand, one warm-up call), mean per image.
 
 Usage: ``python benchmarks/bench_per_image_snakemake.py [--n-images 100] [--n0 4] [--cores 1 2] [--repeat 1]``
@@ -38,8 +38,8 @@ def _clean(wf: Path, ids: list[int]) -> None:
 
 
 def _inprocess(wf: Path, ids: list[int], out: Path) -> float:
-    from nvmeta.template import load_mask
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import make_zmap
 
     mask = load_mask(str(wf / "results" / "template" / "mask.nii.gz"))
     conv = {"df": "n-2", "df_images": {}, "n_images": {}, "df_collections": {}, "n_collections": {}}

@@ -66,9 +66,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
 
-    from nvmeta.config import defaults
-    from nvmeta.template import load_mask
-    from nvmeta.zmap import LIMIT_KEYS, make_zmap
+    from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import LIMIT_KEYS, make_zmap
+    from nvmeta.workflow.config import defaults
 
     manifest = {
         m["image_id"]: SNAPSHOT / m["path"] for m in json.loads((SNAPSHOT / "MANIFEST.json").read_text())

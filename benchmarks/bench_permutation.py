@@ -48,7 +48,7 @@ def worker(kind: str, data: Path, out: Path, n_perm: int) -> dict:
     import numpy as np
     import pandas as pd
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     mask_img = load_mask("mni152_2mm")
     ids = pd.read_csv(data / "qc.tsv", sep="\t")["image_id"].tolist()

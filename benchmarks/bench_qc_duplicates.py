@@ -10,7 +10,7 @@ timed (the QC job also reads each zmap.nii.gz once). Both variants run in this p
 
 Both must return the same duplicates. Usage: ``python benchmarks/bench_qc_duplicates.py [--maps 400]``
 
-``--job [--pythonpath DIR ...]``: the whole QC table job instead (``nvmeta.qc.build_qc`` on ``K`` written
+``--job [--pythonpath DIR ...]``: the whole QC table job instead (``nvmeta.images.qc.build_qc`` on ``K`` written
 ``zmap.nii.gz`` files on the MNI 2 mm template with their qc.json/metadata.json: reading every map once plus
 the search), in a fresh process per nvmeta checkout given (default: this one), wall seconds each.
 """
@@ -61,8 +61,8 @@ def zmap_qc_record(z: np.ndarray, collection_id: int, **extra) -> dict:
 JOB = r"""
 import sys, time
 from pathlib import Path
-from nvmeta.qc import build_qc
-from nvmeta.template import load_mask
+from nvmeta.images.qc import build_qc
+from nvmeta.images.template import load_mask
 root = Path(sys.argv[1])
 mask = load_mask(str(root / "mask.nii.gz"))
 t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def job(args) -> None:
     import nibabel as nib
     import pandas as pd
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     mask_img = load_mask("mni152_2mm")
     inside = np.asarray(mask_img.dataobj) > 0
@@ -129,7 +129,7 @@ def main() -> None:
     if args.job:
         job(args)
         return
-    from nvmeta.qc import find_duplicates
+    from nvmeta.images.qc import find_duplicates
 
     maps = synth(args.maps, args.voxels)
     print(f"{args.maps} maps x {args.voxels} voxels; load average {os.getloadavg()[0]:.1f}")

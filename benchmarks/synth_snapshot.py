@@ -1,7 +1,7 @@
 """Synthetic NeuroVault snapshots for benchmarks: realistic smooth t-maps on mixed grids, with metadata.
 
-A snapshot (layout in :mod:`nvmeta.snapshot`) of ``n_images`` group-level statistic maps spread over
-collections of 1-30 images (or of exactly ``collection_size``, the last one smaller), readable as the API by ``nvmeta.client.make_client({"url": root})`` and
+A snapshot (layout in :mod:`nvmeta.neurovault.layout`) of ``n_images`` group-level statistic maps spread over
+collections of 1-30 images (or of exactly ``collection_size``, the last one smaller), readable as the API by ``nvmeta.neurovault.make_client({"url": root})`` and
 servable by :class:`nvmeta.testing.server.FixtureServer`.
 
 Maps
@@ -147,7 +147,7 @@ def make_pool(pool_dir: Path, n: int, seed: int = 0, log=print) -> list[dict]:
     """Write ``n`` distinct map files into ``pool_dir``; return their descriptions."""
     import nibabel as nib
 
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     template = load_mask("mni152_2mm")
     rng = np.random.default_rng(seed)
@@ -293,7 +293,7 @@ def make_snapshot(
         ``root``, ``image_ids``, ``collection_ids``, ``pool`` (descriptions of the distinct files),
         ``seconds``.
     """
-    from nvmeta.snapshot import write_snapshot
+    from nvmeta.neurovault.layout import write_snapshot
 
     if collection_size is not None and collection_size < 1:
         raise ValueError(f"collection_size must be at least 1, not {collection_size}")

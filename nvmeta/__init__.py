@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def _quiet_interrupt_in_script_jobs() -> None:
     """In a Snakemake ``script:`` job, Ctrl-C ends the job without a traceback: the Snakemake
-    process says it once for the whole run (:func:`nvmeta.logs.quiet_interrupt`). Done at package
+    process says it once for the whole run (:func:`nvmeta.workflow.logs.quiet_interrupt`). Done at package
     import, the first thing every script does, so that heavy imports are covered too."""
     import os
     import sys
@@ -31,7 +31,7 @@ def _quiet_interrupt_in_script_jobs() -> None:
     # After Ctrl-C, Snakemake's job pool may still start a job it had already scheduled: that
     # process missed the SIGINT, so Snakemake would wait for it and let it print to the terminal
     # below the "interrupted" line. The interrupted Snakemake process marks its environment
-    # (nvmeta.logs.quiet_interrupt), which such a late job inherits: it stops here, silently.
+    # (nvmeta.workflow.logs.quiet_interrupt), which such a late job inherits: it stops here, silently.
     if os.environ.get("NVMETA_INTERRUPTED"):
         sys.exit(130)
 

@@ -4,8 +4,8 @@ import logging
 from pathlib import Path
 
 from nvmeta.cbma import run_cbma
-from nvmeta.logs import job_logger
-from nvmeta.template import load_mask
+from nvmeta.images.template import load_mask
+from nvmeta.workflow.logs import job_logger
 
 log = job_logger("nvmeta.cbma", snakemake.log[0])
 for handler in log.handlers:  # NiMARE's own messages go to the job's log too

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from nvmeta.cbma import overlap
-from nvmeta.logs import job_logger
-from nvmeta.template import load_mask
+from nvmeta.images.template import load_mask
+from nvmeta.workflow.logs import job_logger
 
 log = job_logger("nvmeta.cbma", snakemake.log[0])
 # each method's directory, from the maps the rule declares (meta/{m}/z_fdr.nii.gz, cbma/{m}/*.nii.gz)

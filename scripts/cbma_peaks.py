@@ -1,8 +1,8 @@
 """Rule cbma_peaks: peaks of every included z-map of an analysis (peaks.tsv)."""
 
 from nvmeta.cbma import peaks_table
-from nvmeta.logs import job_logger
-from nvmeta.rule_inputs import path_lookup
+from nvmeta.workflow.logs import job_logger
+from nvmeta.workflow.rule_inputs import path_lookup
 
 log = job_logger("nvmeta.cbma", snakemake.log[0])
 peaks_table(

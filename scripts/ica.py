@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from nvmeta.client import make_client
 from nvmeta.ica import path_lookup, run_ica
-from nvmeta.logs import job_logger
-from nvmeta.template import load_mask
+from nvmeta.images.template import load_mask
+from nvmeta.neurovault import make_client
+from nvmeta.workflow.logs import job_logger
 
 log = job_logger("nvmeta.ica", snakemake.log[0])
 run_ica(

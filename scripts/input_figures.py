@@ -1,8 +1,8 @@
 """Rule input_figures: mean z, coverage, correlation matrix, per-map table and (few maps) glass brains."""
 
-from nvmeta.logs import job_logger
-from nvmeta.plotting import input_figures
-from nvmeta.rule_inputs import path_lookup
+from nvmeta.figures.plotting import input_figures
+from nvmeta.workflow.logs import job_logger
+from nvmeta.workflow.rule_inputs import path_lookup
 
 log = job_logger("nvmeta.figures", snakemake.log[0])
 input_figures(

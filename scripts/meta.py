@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from nvmeta.logs import job_logger
+from nvmeta.images.template import load_mask
 from nvmeta.meta import run_method
 from nvmeta.meta.units import paths_by_image
-from nvmeta.template import load_mask
+from nvmeta.workflow.logs import job_logger
 
 log = job_logger("nvmeta.meta", snakemake.log[0])
 

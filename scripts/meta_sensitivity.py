@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from nvmeta.logs import job_logger
+from nvmeta.images.template import load_mask
 from nvmeta.meta import sensitivity
-from nvmeta.template import load_mask
+from nvmeta.workflow.logs import job_logger
 
 log = job_logger("nvmeta.meta", snakemake.log[0])
 dirs = {Path(p).parent.name: Path(p).parent for p in snakemake.input.summaries}

@@ -1,10 +1,10 @@
 """Rule nimare_export: the analysis as a NIMADS studyset and a NiMARE Dataset."""
 
-from nvmeta.logs import job_logger
-from nvmeta.nimare_export import export
-from nvmeta.template import load_mask
+from nvmeta.cbma.export import export
+from nvmeta.images.template import load_mask
+from nvmeta.workflow.logs import job_logger
 
-log = job_logger("nvmeta.nimare_export", snakemake.log[0])
+log = job_logger("nvmeta.cbma.export", snakemake.log[0])
 export(
     snakemake.input.qc,
     snakemake.input.peaks,

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from nvmeta.cache import query_client
-from nvmeta.logs import job_logger
-from nvmeta.query import query_job
+from nvmeta.neurovault.cache import query_client
+from nvmeta.select.query import query_job
+from nvmeta.workflow.logs import job_logger
 
-log = job_logger("nvmeta.query", snakemake.log[0])
+log = job_logger("nvmeta.select.query", snakemake.log[0])
 results = Path(snakemake.output.selection).parents[2]
 name = snakemake.wildcards.analysis
 analysis = snakemake.config["analyses"][name]

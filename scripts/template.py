@@ -1,8 +1,8 @@
 """Rule template: write the template mask (the output grid of the run)."""
 
-from nvmeta.logs import job_logger
-from nvmeta.template import write_mask
+from nvmeta.images.template import write_mask
+from nvmeta.workflow.logs import job_logger
 
-log = job_logger("nvmeta.template", snakemake.log[0])
+log = job_logger("nvmeta.images.template", snakemake.log[0])
 write_mask(snakemake.params.spec, snakemake.output[0])
 log.info("template %s written to %s", snakemake.params.spec, snakemake.output[0])

@@ -58,7 +58,7 @@ def build_tiny_snapshot(root: Path, work: Path) -> SimpleNamespace:
     Collection 12 (private): 201. Collection 13: 25 tiny maps, ids 301..325 (pagination).
     Neurosynth words for 101.
     """
-    from nvmeta.snapshot import write_snapshot
+    from nvmeta.neurovault.layout import write_snapshot
     from nvmeta.testing import collection_record, image_record, load_recorded
 
     img_t = load_recorded(API_RESPONSES / "read_image.json")
@@ -203,7 +203,7 @@ def nv_config():
 @pytest.fixture
 def client(fixture_server):
     """An HTTP client on the fixture server with fast retries (closed after the test)."""
-    from nvmeta.client import make_client
+    from nvmeta.neurovault import make_client
 
     c = make_client(fast_config(fixture_server.url))
     yield c

@@ -19,15 +19,15 @@ import pandas as pd
 import pytest
 
 from nvmeta import cbma
-from nvmeta.config import defaults
 from nvmeta.testing.planted import FOCI, NEG_FOCUS, write_planted
+from nvmeta.workflow.config import defaults
 
 VOXEL = 2.0
 
 
 @pytest.fixture(scope="module")
 def mask_img():
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     return load_mask("mni152_2mm")
 
@@ -314,7 +314,7 @@ def test_overlap_dice_and_peak_distance_by_hand(tmp_path):
 
 
 def test_studyset_content(planted, mask_img):
-    from nvmeta.nimare_export import export
+    from nvmeta.cbma.export import export
 
     adir = planted["adir"]
     ss, dset = export(
@@ -414,8 +414,8 @@ def test_nimare_reads_the_export_and_agrees(planted, mask_img, tmp_path):
 def test_cbma_config_block(tmp_path):
     import yaml
 
-    from nvmeta.config import SCHEMA_PATH, check_config
     from nvmeta.errors import ConfigError
+    from nvmeta.workflow.config import SCHEMA_PATH, check_config
 
     node = yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["cbma"]
     for key, sub in node["properties"].items():  # every key has a description and a default

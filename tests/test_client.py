@@ -1,4 +1,4 @@
-"""nvmeta.client against the fixture server (and in-memory pages): retries, pagination, safety, files."""
+"""nvmeta.neurovault against the fixture server (and in-memory pages): retries, pagination, safety, files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import requests
 from conftest import N_MANY, fast_config, md5
 
-from nvmeta.client import (
+from nvmeta.errors import ConfigError
+from nvmeta.neurovault import (
     BaseClient,
     CorruptFile,
     Forbidden,
@@ -28,7 +29,6 @@ from nvmeta.client import (
     check_image_id,
     make_client,
 )
-from nvmeta.errors import ConfigError
 from nvmeta.testing.server import FixtureServer
 
 
@@ -293,7 +293,7 @@ def test_iter_results_limit_capped(fixture_server, client):
 
 def test_iter_results_big_listing_cap(out):
     """A listing above the server's cap of 1000 per page: two pages, nothing lost."""
-    from nvmeta.snapshot import write_snapshot
+    from nvmeta.neurovault.layout import write_snapshot
 
     recs = [{"id": i, "collection_id": 1} for i in range(1, 1004)]
     write_snapshot(out / "big", recs, [{"id": 1}])
@@ -309,7 +309,7 @@ def test_iter_results_big_listing_cap(out):
 
 def test_iter_results_duplicates_across_pages(fixture_server, client, caplog):
     fixture_server.add_fault(r"offset=(10|20)", "duplicate")  # prepend: pages longer than limit
-    with caplog.at_level(logging.WARNING, logger="nvmeta.client"):
+    with caplog.at_level(logging.WARNING, logger="nvmeta.neurovault"):
         ids = [r["id"] for r in client.iter_results("collections/13/images/", limit=10)]
     assert ids == fixture_server.tiny.ids["many"]  # deduplicated, nothing skipped
     assert client.last_listing["duplicates"] == 2 and client.last_listing["complete"]
@@ -318,7 +318,7 @@ def test_iter_results_duplicates_across_pages(fixture_server, client, caplog):
 
 def test_iter_results_duplicate_replacing_an_item_warns(fixture_server, client, caplog):
     fixture_server.add_fault(r"offset=10", "duplicate", mode="replace")  # unstable order: one item lost
-    with caplog.at_level(logging.WARNING, logger="nvmeta.client"):
+    with caplog.at_level(logging.WARNING, logger="nvmeta.neurovault"):
         ids = [r["id"] for r in client.iter_results("collections/13/images/", limit=10)]
     assert len(ids) == len(set(ids)) == N_MANY - 1
     assert not client.last_listing["complete"]
@@ -665,7 +665,7 @@ def test_snapshot_client_matches_http(fixture_server, client, out):
 
 
 def test_nan_in_json_read_as_null(tmp_path):
-    from nvmeta.snapshot import write_snapshot
+    from nvmeta.neurovault.layout import write_snapshot
 
     write_snapshot(tmp_path / "n", [{"id": 5, "collection_id": 1}], [{"id": 1}])
     (tmp_path / "n/api/images/5.json").write_text('{"id": 5, "collection_id": 1, "perc_bad_voxels": NaN}')
@@ -685,10 +685,10 @@ def test_under_reported_count_listing_followed_to_the_end(fixture_server, client
 
 def test_client_settings_come_from_the_schema():
     """C1: no defaults dict in the client; a partial block is completed from the schema only."""
-    import nvmeta.client
-    from nvmeta.config import defaults
+    import nvmeta.neurovault
+    from nvmeta.workflow.config import defaults
 
-    assert not hasattr(nvmeta.client, "DEFAULTS")
+    assert not hasattr(nvmeta.neurovault, "DEFAULTS")
     d = defaults("neurovault")
     c = make_client({"url": "https://neurovault.org/api/"})
     assert (c.backoff, c.max_json_bytes, c.max_file_bytes, c.retries) == (
@@ -736,11 +736,3 @@ def test_shared_retry_helper(caplog):
     assert calls == [1]
     with pytest.raises(KeyError):  # not retried
         retry(lambda a: {}["k"], attempts=5, retry_on=OSError, what="x", again="again", log=log)
-
-
-def test_old_import_path_still_works():
-    import nvmeta.client as old
-    import nvmeta.neurovault as new
-
-    assert old.make_client is new.make_client and old.NotFound is new.NotFound
-    assert old.BaseClient is new.BaseClient and old.SnapshotClient is new.SnapshotClient

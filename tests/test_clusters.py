@@ -1,4 +1,4 @@
-"""nvmeta.clusters: nilearn's cluster table computed cluster by cluster is nilearn's table (issue 14).
+"""nvmeta.meta.clusters: nilearn's cluster table computed cluster by cluster is nilearn's table (issue 14).
 
 Reference: nilearn's own :func:`~nilearn.reporting.get_clusters_table` on the full volume, row for
 row (coordinates, peak values and their dtype, sizes, order); its cluster numbers are compared after
@@ -17,9 +17,9 @@ import pytest
 from nilearn.reporting import get_clusters_table
 from scipy import ndimage
 
-from nvmeta import cbma, clusters
-from nvmeta.config import defaults
-from nvmeta.meta import outputs
+from nvmeta import cbma
+from nvmeta.meta import clusters, outputs
+from nvmeta.workflow.config import defaults
 
 # x flipped, as the MNI grids
 AFFINE = np.array([[-2.0, 0, 0, 48], [0, 2, 0, -60], [0, 0, 2, -40], [0, 0, 0, 1]])
@@ -81,7 +81,7 @@ def test_plateaus_and_tied_peaks_as_nilearn():
     """Binary and plateau clusters whose centre of mass falls half-way between voxels (nilearn
     rounds it half to even) at odd box corners, and tied peaks (nilearn's argsort order).
 
-    The cropped extraction before ``nvmeta.clusters`` reported these plateaus one voxel off
+    The cropped extraction before ``nvmeta.meta.clusters`` reported these plateaus one voxel off
     (its box corner was odd) and kept tied clusters in label order.
     """
     z = np.zeros((40, 44, 36), np.float32)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import REPO, make_workdir, run_snakemake
 
-from nvmeta.config import check_config
 from nvmeta.errors import ConfigError
+from nvmeta.workflow.config import check_config
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -123,11 +123,11 @@ def test_broken_config_stops_before_any_job(tmp_path):
 
 def test_readme_config_reference_matches_schema():
     """README's config reference is generated from the schema and must not drift from it."""
-    from nvmeta.schema_doc import END, START, render
+    from nvmeta.workflow.schema_doc import END, START, render
 
     readme = (REPO / "README.md").read_text()
     block = readme.split(START, 1)[1].split(END, 1)[0].strip()
-    assert block == render(SCHEMA).strip(), "run: python -m nvmeta.schema_doc --update README.md"
+    assert block == render(SCHEMA).strip(), "run: python -m nvmeta.workflow.schema_doc --update README.md"
     import yaml
 
     schema = yaml.safe_load(SCHEMA.read_text())
@@ -223,7 +223,7 @@ def test_config_size_is_checked_without_expanding_aliases():
     """The size bound counts shared (aliased) values without walking them once per alias."""
     import yaml
 
-    from nvmeta.config import MAX_CONFIG_VALUES, _expanded_size
+    from nvmeta.workflow.config import MAX_CONFIG_VALUES, _expanded_size
 
     cfg = yaml.safe_load(_alias_bomb(9))  # 10^10 values expanded: a walk would never end
     assert _expanded_size(cfg, {}) > 10**10 > MAX_CONFIG_VALUES
@@ -234,7 +234,7 @@ def test_config_size_is_checked_without_expanding_aliases():
 
 def test_defaults_fill_nested_blocks():
     """Every schema default is filled, in each analysis and in its meta/ica blocks; null stays null."""
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
 
     cfg = base()
     cfg["analyses"]["b"] = {"collection_ids": [1425], "ica": {}, "meta": None}

@@ -1,4 +1,4 @@
-"""nvmeta.download.fetch_image: metadata.json + map.nii.gz, modes, failures as statuses, fault matrix."""
+"""nvmeta.images.download.fetch_image: metadata.json + map.nii.gz, modes, failures as statuses, fault matrix."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import fast_config, md5
 
-from nvmeta.client import UnsafeInput, make_client
-from nvmeta.download import OFFLINE_MISSING, fetch_image
-from nvmeta.snapshot import write_snapshot
+from nvmeta.images.download import OFFLINE_MISSING, fetch_image
+from nvmeta.neurovault import UnsafeInput, make_client
+from nvmeta.neurovault.layout import write_snapshot
 from nvmeta.testing.server import FixtureServer
 
 NVMETA_KEYS = {"status", "reason", "collection", "md5", "bytes", "source_url", "source_format", "fetched_at"}
@@ -260,7 +260,7 @@ def test_lean_import():
     import subprocess
 
     code = (
-        "import sys, nvmeta.download, nvmeta.client; "
+        "import sys, nvmeta.images.download, nvmeta.neurovault; "
         "heavy = [m for m in ('nibabel', 'numpy', 'pandas', 'nilearn', 'matplotlib', 'sklearn', 'requests') "
         "if m in sys.modules]; print(heavy)"
     )
@@ -374,7 +374,7 @@ def test_download_reuses_the_record_the_query_kept(fixture_server, res):
     (the file), and mode overwrite asks for the record again."""
     import logging
 
-    from nvmeta.query import query_job
+    from nvmeta.select.query import query_job
 
     client = make_client(fast_config(fixture_server.url))
     sel = res / "analyses" / "a" / "selection.tsv"
@@ -424,7 +424,7 @@ def test_explicit_ids_of_one_collection_cost_one_record_one_listing_and_one_requ
     id); the downloads then ask only for the files, the collection record being the query's."""
     import logging
 
-    from nvmeta.query import query_job
+    from nvmeta.select.query import query_job
 
     client = make_client(fast_config(fixture_server.url))
     ids = fixture_server.tiny.ids["many"]

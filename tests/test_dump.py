@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from conftest import fast_config, md5, nifti_bytes
 
-from nvmeta.download import fetch_image
+from nvmeta.images.download import fetch_image
 from nvmeta.neurovault import make_client
 from nvmeta.neurovault.dump import DumpError, DumpSource
-from nvmeta.query import query_job, read_selection_ids, run_query, select
-from nvmeta.snapshot import write_snapshot
+from nvmeta.neurovault.layout import write_snapshot
+from nvmeta.select.query import query_job, read_selection_ids, run_query, select
 from nvmeta.testing.dump import write_dump
 from nvmeta.testing.server import FixtureServer
 
@@ -292,7 +292,7 @@ def test_selection_from_the_dump_sends_no_request_and_downloads_only_files(tmp_p
     res = tmp_path / "results"
     with FixtureServer(root) as srv:
         nv = fast_config(srv.url, dump=str(dump))
-        from nvmeta.cache import query_client
+        from nvmeta.neurovault.cache import query_client
         from nvmeta.neurovault.urls import media_base
 
         src = query_client(nv, res, LOG, {"image_ids": ids})

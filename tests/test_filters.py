@@ -1,4 +1,4 @@
-"""YAML filter terms -> nilearn's NeuroVault filter objects (nvmeta.filters)."""
+"""YAML filter terms -> nilearn's NeuroVault filter objects (nvmeta.select.filters)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from nilearn.datasets import neurovault as nv
 
 from nvmeta.errors import ConfigError
-from nvmeta.filters import (
+from nvmeta.select.filters import (
     OPERATORS,
     build_filters,
     build_terms,
@@ -350,7 +350,7 @@ def test_parse_term_neutral_form():
 def test_validate_terms_does_not_import_nilearn():
     code = (
         "import sys\n"
-        "from nvmeta.filters import validate_terms\n"
+        "from nvmeta.select.filters import validate_terms\n"
         "validate_terms({'image_terms': {'map_type': {'in': ['T map']}, 'name': {'pattern': 'a'}}}, 'k')\n"
         "assert 'nilearn' not in sys.modules, 'nilearn imported'\n"
     )

@@ -20,7 +20,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from nvmeta import plotting  # noqa: E402
+from nvmeta.figures import plotting as plotting  # noqa: E402
 from nvmeta.meta import frozen_gc  # noqa: E402
 from nvmeta.testing import demo_pain_maps  # noqa: E402
 
@@ -202,7 +202,7 @@ def test_glass_brain_grid_equals_one_figure_per_map(zmap_paths, tmp_path, monkey
         out[0, 0, 0] ^= 1
         return out
 
-    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="nvmeta.plotting"):
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="nvmeta.figures.plotting"):
         m.setattr(plotting._ReusedGlassBrain, "render", off_by_one)
         assert np.array_equal(_grid(items, tmp_path / "differs.png"), slow)
     assert "differs from plot_glass_brain" in caplog.text
@@ -217,7 +217,7 @@ def test_glass_brain_grid_equals_one_figure_per_map(zmap_paths, tmp_path, monkey
             raise RuntimeError("boom")
         return render(self, img, vmax)
 
-    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="nvmeta.plotting"):
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="nvmeta.figures.plotting"):
         m.setattr(plotting._ReusedGlassBrain, "render", fails)
         assert np.array_equal(_grid(items, tmp_path / "fails.png"), slow)
     assert "reused glass-brain display failed" in caplog.text and len(calls) == 4

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from nvmeta import ica
-from nvmeta.config import defaults
+from nvmeta.workflow.config import defaults
 
 SHAPE = (24, 24, 24)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -287,7 +287,7 @@ RUN_IN_SUBPROCESS = """
 import json, sys
 from pathlib import Path
 from nvmeta.ica import run_ica
-from nvmeta.config import defaults
+from nvmeta.workflow.config import defaults
 root, out, cfg = Path(sys.argv[1]), Path(sys.argv[2]), {**defaults("ica"), **json.loads(sys.argv[3])}
 run_ica(root / "qc.tsv", lambda i: root / "images" / str(i) / "zmap.nii.gz",
         lambda i: root / "images" / str(i) / "metadata.json", root / "mask.nii.gz", cfg, out, plots=False)
@@ -491,8 +491,8 @@ def neurosynth_replies(ds: dict) -> dict:
 
 
 def test_neurosynth_terms_and_fallback_when_down(planted, tmp_path, caplog):
-    from nvmeta.client import make_client
-    from nvmeta.snapshot import write_snapshot
+    from nvmeta.neurovault import make_client
+    from nvmeta.neurovault.layout import write_snapshot
     from nvmeta.testing.server import FixtureServer
 
     snap = write_snapshot(
@@ -581,8 +581,8 @@ def pain_matrix(tmp_path_factory):
     """The demo's pain analysis as the ICA job sees it: the 21 bundled pain t-maps turned into z-maps on the
     MNI152 2 mm grid by the z-map job's own function (df = n - 1, as config/demo.yaml), then the standardised
     data matrix and its voxel selection."""
-    from nvmeta.template import load_mask
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import make_zmap
 
     root = tmp_path_factory.mktemp("pain")
     mask_img = load_mask("mni152_2mm")

@@ -1,4 +1,4 @@
-"""Inputs at scale (nvmeta.plotting.input_summary / input_figures) on small planted z-maps.
+"""Inputs at scale (nvmeta.figures.plotting.input_summary / input_figures) on small planted z-maps.
 
 References are computed independently with numpy on the stacked z-maps (np.nanmean, np.isfinite
 counts, np.corrcoef on each pair's shared voxels); the workflow-level check of figures/inputs.tsv
@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nvmeta.config import defaults
-from nvmeta.plotting import INPUT_TABLE_COLUMNS, input_figures, input_summary
-from nvmeta.rule_inputs import path_lookup
+from nvmeta.figures.plotting import INPUT_TABLE_COLUMNS, input_figures, input_summary
+from nvmeta.workflow.config import defaults
+from nvmeta.workflow.rule_inputs import path_lookup
 
 SHAPE = (14, 16, 14)
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])

@@ -1,4 +1,4 @@
-"""Per-job logging (nvmeta.logs): module loggers reach the job's log; parallel jobs never mix."""
+"""Per-job logging (nvmeta.workflow.logs): module loggers reach the job's log; parallel jobs never mix."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import threading
 
 import pytest
 
-from nvmeta.logs import job_log
+from nvmeta.workflow.logs import job_log
 
 
 def test_module_loggers_reach_the_job_log_and_threads_do_not_mix(tmp_path):
-    module_logger = logging.getLogger("nvmeta.client")  # any module logger, not the job's own
+    module_logger = logging.getLogger("nvmeta.neurovault")  # any module logger, not the job's own
     barrier = threading.Barrier(2)
 
     def job(k: int) -> None:
-        with job_log(f"nvmeta.download.{k}", tmp_path / f"{k}.log") as log:
+        with job_log(f"nvmeta.images.download.{k}", tmp_path / f"{k}.log") as log:
             for i in range(50):
                 log.info("job %d own line %d", k, i)
                 module_logger.warning("job %d module line %d", k, i)
@@ -34,11 +34,11 @@ def test_module_loggers_reach_the_job_log_and_threads_do_not_mix(tmp_path):
         assert text.count(f"job {k} own line") == 50 and text.count(f"job {k} module line") == 50
         assert f"job {other}" not in text
     assert not [h for h in logging.getLogger("nvmeta").handlers if isinstance(h, logging.FileHandler)]
-    assert "nvmeta.download.1" not in logging.Logger.manager.loggerDict
+    assert "nvmeta.images.download.1" not in logging.Logger.manager.loggerDict
 
 
 def test_exception_in_a_job_is_logged_with_its_traceback(tmp_path):
-    with pytest.raises(ValueError), job_log("nvmeta.zmap.7", tmp_path / "7.log"):
+    with pytest.raises(ValueError), job_log("nvmeta.images.zmap.7", tmp_path / "7.log"):
         raise ValueError("broken header")
     text = (tmp_path / "7.log").read_text()
     assert "ERROR ValueError: broken header" in text and "Traceback (most recent call last)" in text
@@ -50,9 +50,9 @@ def test_script_job_traceback_goes_to_the_log_and_one_line_to_stderr(tmp_path):
     log = tmp_path / "job.log"
     code = (
         "import logging, warnings\n"
-        "from nvmeta.logs import job_logger\n"
-        f"log = job_logger('nvmeta.query', {str(log)!r})\n"
-        "logging.getLogger('nvmeta.filters').info('from a module')\n"
+        "from nvmeta.workflow.logs import job_logger\n"
+        f"log = job_logger('nvmeta.select.query', {str(log)!r})\n"
+        "logging.getLogger('nvmeta.select.filters').info('from a module')\n"
         "warnings.warn('a captured warning')\n"
         "raise RuntimeError('server unreachable')\n"
     )
@@ -75,7 +75,7 @@ def test_ctrl_c_in_a_script_job_leaves_no_traceback(tmp_path, as_script_job):
     folder = tmp_path / (".snakemake/scripts" if as_script_job else "elsewhere")
     folder.mkdir(parents=True)
     script = folder / "tmpabc.query.py"
-    script.write_text("import nvmeta.config\nraise KeyboardInterrupt\n")
+    script.write_text("import nvmeta.workflow.config\nraise KeyboardInterrupt\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert proc.returncode != 0
     assert ("Traceback" in proc.stderr) is not as_script_job, proc.stderr
@@ -92,7 +92,7 @@ def test_a_script_job_started_after_ctrl_c_stops_at_once(tmp_path):
     parent = textwrap.dedent(
         """
         import os, signal, subprocess, sys, time
-        from nvmeta.logs import quiet_interrupt
+        from nvmeta.workflow.logs import quiet_interrupt
         quiet_interrupt()
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -124,16 +124,16 @@ def test_job_log_echo_writes_this_threads_records_to_stderr_in_one_line(tmp_path
     terminal as a script job's do, tracebacks only to the file, another thread's never."""
 
     def other() -> None:  # another job's thread, logging while this job runs
-        logging.getLogger("nvmeta.zmap").warning("another job's line")
+        logging.getLogger("nvmeta.images.zmap").warning("another job's line")
 
-    with pytest.raises(OSError), job_log("nvmeta.qc.A", tmp_path / "qc.log", echo=True) as log:
+    with pytest.raises(OSError), job_log("nvmeta.images.qc.A", tmp_path / "qc.log", echo=True) as log:
         log.info("QC: 3 selected, 3 included")
         t = threading.Thread(target=other)
         t.start()
         t.join()
-        logging.getLogger("nvmeta.qc").warning("a module's warning")
+        logging.getLogger("nvmeta.images.qc").warning("a module's warning")
         raise OSError("disk full")
-    logging.getLogger("nvmeta.zmap").warning("after the job")
+    logging.getLogger("nvmeta.images.zmap").warning("after the job")
     err = capsys.readouterr().err.splitlines()
     assert [x.split(" ", 2)[2] for x in err] == [
         "INFO QC: 3 selected, 3 included",

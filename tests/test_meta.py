@@ -1,4 +1,4 @@
-"""Tests of nvmeta.meta (image-based meta-analysis) and nvmeta.plotting.
+"""Tests of nvmeta.meta (image-based meta-analysis) and nvmeta.figures.plotting.
 
 Every estimator is checked against an independent reference: the seed example's formula
 (nilearn ``math_img``), NiMARE's ``Stouffers``/``Fishers``, scipy's ``ttest_1samp`` and
@@ -277,7 +277,7 @@ def test_fisher_extreme_z_is_finite_and_exact():
 
 
 def test_ttest_matches_scipy(study):
-    from nvmeta.stats import t_to_z
+    from nvmeta.images.stats import t_to_z
 
     rng = np.random.default_rng(3)
     zs = random_maps(rng, 8, study.n_vox, shift=0.6)
@@ -302,7 +302,7 @@ def test_ttest_matches_scipy(study):
 def test_permutation_matches_permuted_ols(study):
     from nilearn.mass_univariate import permuted_ols
 
-    from nvmeta.stats import t_to_z
+    from nvmeta.images.stats import t_to_z
 
     rng = np.random.default_rng(4)
     zs = random_maps(rng, 9, study.n_vox, shift=0.0)
@@ -708,7 +708,7 @@ def test_sensitivity_dice(tmp_path):
 def test_glass_brain_grid_and_layout(tmp_path):
     import matplotlib.image as mpimg
 
-    from nvmeta.plotting import glass_brain_grid, grid_shape
+    from nvmeta.figures.plotting import glass_brain_grid, grid_shape
 
     mask_img = make_mask((30, 36, 30))
     st = Study(tmp_path, mask_img)
@@ -746,8 +746,8 @@ def _onto_grid(data: np.ndarray, src_affine: np.ndarray, mask_img: nib.Nifti1Ima
 
 @pytest.fixture(scope="module")
 def pain_study(tmp_path_factory):
-    from nvmeta.stats import t_to_z
-    from nvmeta.template import load_mask
+    from nvmeta.images.stats import t_to_z
+    from nvmeta.images.template import load_mask
 
     files = pain_maps()
     assert len(files) == 21, files
@@ -834,7 +834,7 @@ def test_too_few_maps_reports_nothing_instead_of_failing(tmp_path, method, n_inc
 
 def test_inputs_from_qc_titles_and_order(tmp_path):
     """Included rows only, in order; the title falls back from contrast to name (empty cells)."""
-    from nvmeta.plotting import inputs_from_qc
+    from nvmeta.figures.plotting import inputs_from_qc
 
     pd.DataFrame(
         [

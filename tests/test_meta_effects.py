@@ -1,4 +1,4 @@
-"""Effect sizes (nvmeta.effectsize) and the effect-size meta-analysis methods (nvmeta.meta.effects).
+"""Effect sizes (nvmeta.images.effectsize) and the effect-size meta-analysis methods (nvmeta.meta.effects).
 
 References: NiMARE's ``nimare.transforms`` (t -> d -> g, var g; z -> t) and ``FixedEffectsHedges``,
 PyMARE's ``DerSimonianLaird`` / ``Hedges`` (Wald inference, the textbook form), an independent
@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from nvmeta.effectsize import hedges_j, one_sample, two_sample, write_effect_maps, z_to_t
+from nvmeta.images.effectsize import hedges_j, one_sample, two_sample, write_effect_maps, z_to_t
+from nvmeta.images.stats import t_to_z
 from nvmeta.meta import run_method
 from nvmeta.meta.effects import pool
-from nvmeta.stats import t_to_z
 
 AFFINE = np.array([[3.0, 0, 0, -15], [0, 3.0, 0, -15], [0, 0, 3.0, -9], [0, 0, 0, 1]])
 SHAPE = (10, 10, 6)
@@ -123,7 +123,7 @@ def test_z_to_t_matches_nimare_where_it_is_exact():
 
 
 def _zmap_job(tmp_path, record, t, conversion):
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.zmap import make_zmap
 
     mask_img = small_mask()
     d = tmp_path / "images" / str(record["id"])

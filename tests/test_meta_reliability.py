@@ -39,7 +39,7 @@ def _write_qc(path, ids, n_record):
 
 def test_weighted_stouffer_uses_the_resolved_n_from_qc_json(tmp_path):
     """Record n = 0 (NIDM maps), conversion.n_images gives 20 and 5: weights sqrt(20), sqrt(5)."""
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.zmap import make_zmap
 
     mask_img = _mask()
     m = np.asarray(mask_img.dataobj) > 0
@@ -169,7 +169,7 @@ def test_logp_is_finite_beyond_float64(tmp_path):
 
 @pytest.mark.parametrize("method", ["stouffer", "dersimonian_laird"])
 def test_meta_job_sweeps_stale_temporaries(tmp_path, method):
-    from nvmeta.effectsize import one_sample
+    from nvmeta.images.effectsize import one_sample
 
     n_vox = int(np.asarray(_mask().dataobj).sum())
     rng = np.random.default_rng(2)

@@ -1,4 +1,4 @@
-"""The analysis overview page (nvmeta.overview): summary sentences against planted inputs."""
+"""The analysis overview page (nvmeta.figures.overview): summary sentences against planted inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from nvmeta.overview import analysis_summary, peak_of, write_overview
+from nvmeta.figures.overview import analysis_summary, peak_of, write_overview
 
 AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
 

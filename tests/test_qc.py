@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nvmeta.config import defaults
-from nvmeta.qc import QC_COLUMNS, _pairwise_r, build_qc, find_duplicates, write_qc
-from nvmeta.query import SELECTION_COLUMNS
-from nvmeta.zmap import make_zmap
+from nvmeta.images.qc import QC_COLUMNS, _pairwise_r, build_qc, find_duplicates, write_qc
+from nvmeta.images.zmap import make_zmap
+from nvmeta.select.query import SELECTION_COLUMNS
+from nvmeta.workflow.config import defaults
 
 T_SHAPE = (20, 20, 20)
 T_AFF = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -20], [0, 0, 2.0, -20], [0, 0, 0, 1]])
@@ -125,7 +125,7 @@ EXPECTED = {
 @pytest.mark.parametrize("memory_bytes", [2_000_000_000, 1])  # exact pairwise / subsample screening
 def test_qc_table_rules_and_reasons(analysis, memory_bytes, caplog):
     root, sel = analysis
-    caplog.set_level("INFO", logger="nvmeta.qc")
+    caplog.set_level("INFO", logger="nvmeta.images.qc")
     qc, funnel = build_qc(sel, image_dir_for(root), defaults("qc"), memory_bytes=memory_bytes)
     assert list(qc.columns) == QC_COLUMNS
     assert qc["image_id"].tolist() == list(EXPECTED)  # selection order, one row per image
@@ -138,7 +138,7 @@ def test_qc_table_rules_and_reasons(analysis, memory_bytes, caplog):
     t_row = qc.set_index("image_id").loc[111]
     assert (t_row["df"], t_row["df_source"]) == (28.0, "n-2")
     assert "df assumed from sample size (n-2)" in t_row["flags"]
-    assert any("duplicate search" in r.getMessage() and r.name == "nvmeta.qc" for r in caplog.records)
+    assert any("duplicate search" in r.getMessage() and r.name == "nvmeta.images.qc" for r in caplog.records)
 
 
 def test_funnel_counts(analysis):
@@ -277,7 +277,7 @@ def test_qc_table_reads_the_resolved_n_from_qc_json(tmp_path):
 
 
 def test_funnel_groups_the_new_per_image_reasons():
-    from nvmeta.qc import reason_key
+    from nvmeta.images.qc import reason_key
 
     assert reason_key("implausible sample size: number_of_subjects = 20.5 is not an integer (set ...)") == (
         "implausible sample size"
@@ -332,7 +332,7 @@ def test_qc_rule_memory_follows_the_duplicate_search_not_the_number_of_maps():
 
     from helpers import REPO
 
-    from nvmeta.qc import DUPLICATE_SEARCH_BYTES
+    from nvmeta.images.qc import DUPLICATE_SEARCH_BYTES
 
     smk = (REPO / "workflow" / "rules" / "qc.smk").read_text()
     expr = re.search(r"mem_mb=(lambda wildcards, input:.*?),\n\s+runtime=", smk, re.S).group(1)

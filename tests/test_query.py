@@ -1,4 +1,4 @@
-"""Image selection (nvmeta.query) against an in-memory fake NeuroVault client."""
+"""Image selection (nvmeta.select.query) against an in-memory fake NeuroVault client."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from nilearn.datasets import neurovault as nv
 
-import nvmeta.query as query
+import nvmeta.select.query as query
 from nvmeta.errors import ConfigError
-from nvmeta.query import (
+from nvmeta.select.query import (
     SELECTION_COLUMNS,
     analysis_query_spec,
     read_selection_ids,
@@ -352,7 +352,7 @@ def test_other_client_errors_propagate():
 
 
 def test_explicit_missing_items_with_real_client_errors(caplog):
-    client_mod = pytest.importorskip("nvmeta.client")
+    client_mod = pytest.importorskip("nvmeta.neurovault")
 
     class Raising(FakeClient):
         def image(self, image_id):
@@ -481,7 +481,7 @@ def test_query_spec_explicit_mode_drops_terms():
 def test_query_module_imports_lean():
     code = (
         "import sys\n"
-        "from nvmeta.query import analysis_query_spec\n"
+        "from nvmeta.select.query import analysis_query_spec\n"
         "analysis_query_spec({'image_terms': {'map_type': {'in': ['T map']}}}, 'https://x/api/')\n"
         "heavy = [m for m in ('nilearn', 'pandas', 'numpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -513,7 +513,7 @@ def test_float_ids_from_the_server_validated_once(tmp_path, caplog):
     excluded with a reason; selection.tsv holds only ints."""
     from conftest import fast_config
 
-    from nvmeta.client import make_client
+    from nvmeta.neurovault import make_client
     from nvmeta.testing.server import FixtureServer
 
     images = [image(i, 1.0) for i in HOSTILE_IDS]
@@ -541,7 +541,7 @@ def test_float_ids_from_the_server_validated_once(tmp_path, caplog):
     ("value", "expected"), [(5021, 5021), (5021.0, 5021), (1.0, 1), (10**12 - 1, 10**12 - 1)]
 )
 def test_record_id_accepts(value, expected):
-    from nvmeta.client import record_id
+    from nvmeta.neurovault import record_id
 
     got = record_id(value)
     assert got == expected and type(got) is int
@@ -552,7 +552,7 @@ def test_record_id_accepts(value, expected):
     [5021.5, "abc", "5021", -3, 0, 0.0, True, False, None, 1e20, 10**12, float("nan"), float("inf"), [1]],
 )
 def test_record_id_rejects(value):
-    from nvmeta.client import UnsafeInput, record_id
+    from nvmeta.neurovault import UnsafeInput, record_id
 
     with pytest.raises(UnsafeInput, match="invalid id"):
         record_id(value)
@@ -562,8 +562,8 @@ def test_under_reported_count_is_followed_to_the_end(tmp_path, caplog):
     """Issue 10.5: count 3, six items behind next links: all six are selected (four before the fix)."""
     from conftest import fast_config
 
-    from nvmeta.client import make_client
-    from nvmeta.snapshot import write_snapshot
+    from nvmeta.neurovault import make_client
+    from nvmeta.neurovault.layout import write_snapshot
     from nvmeta.testing.server import FixtureServer
 
     images = [image(100 + k, 1) for k in range(6)]
@@ -599,7 +599,7 @@ def test_funnel_counts_rejections_per_term(small):
     )
     assert ids(records) == [10, 11]
     # independent count: the first failing term of each listed image, in the effective order
-    image_terms, collection_terms = __import__("nvmeta.filters").filters.build_terms(
+    image_terms, collection_terms = __import__("nvmeta.select.filters").filters.build_terms(
         {"image_terms": {"number_of_subjects": {"ge": 10}}}, "a"
     )
     listed = [im for cid in (1, 3) for im in small.listings[cid]]
@@ -633,7 +633,7 @@ def test_query_job_fails_on_an_empty_selection_with_its_funnel(tmp_path, small):
 
 def test_funnel_filters_agree_with_build_filters(small):
     """The per-term filters' conjunction is build_filters' filter, record by record."""
-    from nvmeta.filters import build_filters, term_filters
+    from nvmeta.select.filters import build_filters, term_filters
 
     cfg = {"image_terms": {"map_type": {"in": ["T map", "Z map"]}}, "collection_terms": {"id": {"ge": 2}}}
     img_f, col_f = build_filters(cfg, "a")

@@ -38,7 +38,7 @@ import yaml
 from conftest import fast_config
 from helpers import REPO, SNAKEMAKE, SNAPSHOT, make_workdir
 
-from nvmeta.snapshot import write_snapshot
+from nvmeta.neurovault.layout import write_snapshot
 from nvmeta.testing.server import FixtureServer
 
 pytestmark = pytest.mark.reliability
@@ -1035,10 +1035,10 @@ def test_yaml_config_is_loaded_safely(tmp_path):
 def test_killed_job_temporaries_are_swept(tmp_path):
     """What a SIGKILL leaves next to per-image outputs (atomic_path temporaries, a download work
     directory) is removed by the next attempt of the job that owns them, and nothing else is."""
-    from nvmeta.client import make_client
-    from nvmeta.download import fetch_image
-    from nvmeta.template import load_mask
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.download import fetch_image
+    from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import make_zmap
+    from nvmeta.neurovault import make_client
 
     d = tmp_path / "results" / "images" / "990001"
     d.mkdir(parents=True)

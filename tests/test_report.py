@@ -368,7 +368,7 @@ def test_inputs_table_matches_the_zmaps(report):
 
     import numpy as np
 
-    from nvmeta.plotting import INPUT_TABLE_COLUMNS
+    from nvmeta.figures.plotting import INPUT_TABLE_COLUMNS
 
     wf = report[0]
     for name in CONFIG["analyses"]:

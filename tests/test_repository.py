@@ -17,7 +17,7 @@ import yaml
 from helpers import REPO
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-#: Names the code gives to config blocks (``config["qc"]`` is ``qc_cfg`` in nvmeta/qc.py, ...).
+#: Names the code gives to config blocks (``config["qc"]`` is ``qc_cfg`` in nvmeta/images/qc.py, ...).
 CONFIG_NAMES = r"(?:config|cfg|nv_cfg|qc_cfg|conv|conversion|analysis_cfg|analysis|meta_cfg|ica_cfg)"
 KEY_READ = re.compile(
     r"\b"
@@ -105,9 +105,9 @@ def _module_defaults() -> list[str]:
 
 
 def test_no_module_holds_its_own_defaults():
-    """Config defaults live in the schema only: ``nvmeta.config.defaults(block)`` hands them out."""
+    """Config defaults live in the schema only: ``nvmeta.workflow.config.defaults(block)`` hands them out."""
     found = _module_defaults()
-    assert not found, f"module-level defaults dicts (use nvmeta.config.defaults instead): {found}"
+    assert not found, f"module-level defaults dicts (use nvmeta.workflow.config.defaults instead): {found}"
 
 
 def test_defaults_scan_sees_a_defaults_dict(tmp_path, monkeypatch):

@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nvmeta import resample as R
-from nvmeta.resample import resample_to_template
-from nvmeta.template import load_mask
+from nvmeta.images import resample as R
+from nvmeta.images.resample import resample_to_template
+from nvmeta.images.template import load_mask
 
 # Template: 20^3 voxels of 2 mm, RAS, world x = 2 i - 20 (voxel centres at -20..18 mm).
 T_SHAPE = (20, 20, 20)
@@ -209,7 +209,7 @@ def test_load_mask_path_and_errors(tmp_path, monkeypatch):
 
 
 def test_load_mask_mni152_2mm_disk_cache(tmp_path, monkeypatch):
-    from nvmeta import template
+    from nvmeta.images import template as template
 
     monkeypatch.setenv("NVMETA_CACHE_DIR", str(tmp_path))
     built = template._build_mni152_2mm()

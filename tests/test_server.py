@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import API_RESPONSES, N_MANY, md5
 
-from nvmeta.snapshot import Snapshot, UnsafePath, api_get, paginate, write_snapshot
+from nvmeta.neurovault.layout import Snapshot, UnsafePath, api_get, paginate, write_snapshot
 from nvmeta.testing import load_recorded
 from nvmeta.testing.server import FAULT_KINDS, FixtureServer
 

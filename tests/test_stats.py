@@ -1,4 +1,4 @@
-"""Tests of nvmeta.stats: t → z against a 50-digit mpmath reference, and resolve_df."""
+"""Tests of nvmeta.images.stats: t → z against a 50-digit mpmath reference, and resolve_df."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from nvmeta.stats import MISSING_SAMPLE_SIZE, resolve_df, t_to_z
+from nvmeta.images.stats import MISSING_SAMPLE_SIZE, resolve_df, t_to_z
 
 DFS = [1, 2, 3, 5, 10, 30, 100, 1000, 10000, 100000]
 REL_TOL = 1e-6
@@ -379,7 +379,7 @@ def test_bad_rule_raises():
 
 
 def test_non_integral_or_huge_n_is_not_silently_used():
-    from nvmeta.stats import resolve_sample_size
+    from nvmeta.images.stats import resolve_sample_size
 
     # 20.5 used to give df = 18.5 while qc.json said n = 20
     df, src, reason = resolve_df(rec(number_of_subjects=20.5), {})

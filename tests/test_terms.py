@@ -1,4 +1,4 @@
-"""Term weights for ICA labels (nvmeta.terms): metadata TF-IDF and Neurosynth words via the fixture server."""
+"""Term weights for ICA labels (nvmeta.ica.terms): metadata TF-IDF and Neurosynth words via the fixture server."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from nvmeta import terms
-from nvmeta.config import defaults
+from nvmeta.ica import terms as terms
+from nvmeta.workflow.config import defaults
 
 
 def write_metadata(root: Path, records: dict[int, dict]) -> None:
@@ -230,7 +230,7 @@ REPLIES = {
 
 @pytest.fixture()
 def ns_server(tmp_path):
-    from nvmeta.snapshot import write_snapshot
+    from nvmeta.neurovault.layout import write_snapshot
     from nvmeta.testing.server import FixtureServer
 
     root = write_snapshot(tmp_path / "snap", images=[], collections=[], neurosynth=REPLIES)
@@ -239,7 +239,7 @@ def ns_server(tmp_path):
 
 
 def client_for(srv):
-    from nvmeta.client import make_client
+    from nvmeta.neurovault import make_client
 
     return make_client({"url": srv.url, "retries": 1, "backoff": 0.0, "timeout": 5})
 

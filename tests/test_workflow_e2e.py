@@ -132,7 +132,7 @@ def test_demo_pain_all_included_with_df(demo_run):
 
 
 def test_in_process_qc_and_overview_log_to_their_file_and_the_terminal(demo_run):
-    """QC and overview run in threads of the Snakemake process (nvmeta/jobs.py), beside other
+    """QC and overview run in threads of the Snakemake process (nvmeta/workflow/jobs.py), beside other
     analyses' jobs: each job's records reach its own log file and, as a script job's do, the
     terminal once; nothing of another job lands in its log."""
     wf, proc = demo_run
@@ -322,8 +322,8 @@ def test_permutation_job_declares_the_memory_and_time_its_estimator_needs(tmp_pa
     permutation_runtime_minutes for the same maps, mask and n_perm (checked against the measured
     rate in tests/test_meta.py). n_perm 100,000 on 3 maps declares 12 minutes, the default 1,000
     would declare 11: the rule reads the analysis' n_perm."""
+    from nvmeta.images.template import load_mask
     from nvmeta.meta.estimators import permutation_memory_bytes, permutation_runtime_minutes
-    from nvmeta.template import load_mask
 
     cfg = {
         "neurovault": {"url": "tests/data/snapshot"},

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nvmeta.stats import t_to_z
-from nvmeta.zmap import make_zmap
+from nvmeta.images.stats import t_to_z
+from nvmeta.images.zmap import make_zmap
 
 # real maps from the bundled demo snapshot (the repository's own copy; no file outside it)
 MEDIA = Path(__file__).parent / "data" / "snapshot" / "media" / "images"
@@ -291,12 +291,12 @@ def test_every_exclusion_reason(tmp_path, case, reason):
 
 
 def test_unexpected_error_is_an_exclusion_not_a_crash(tmp_path, monkeypatch):
-    import nvmeta.stats
+    import nvmeta.images.stats
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(nvmeta.stats, "t_to_z", boom)
+    monkeypatch.setattr(nvmeta.images.stats, "t_to_z", boom)
     qc, _ = run(tmp_path, record(), nib.Nifti1Image(t_data(), T_AFF))
     assert qc["status"] == "excluded" and qc["reason"] == "processing error: RuntimeError: boom"
 
@@ -321,7 +321,7 @@ def test_real_afni_5d_two_subbricks(tmp_path):
 
 def test_real_pain_map_on_mni152_2mm(tmp_path, monkeypatch):
     monkeypatch.setenv("NVMETA_CACHE_DIR", str(tmp_path / "cache"))
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     mask = load_mask("mni152_2mm")
     src = nib.load(PAIN_01)
@@ -369,7 +369,7 @@ def test_real_z_map_with_nan_background(tmp_path):
 
 
 def test_cli(tmp_path):
-    from nvmeta.zmap import main
+    from nvmeta.images.zmap import main
 
     d = tmp_path / "images" / "7"
     d.mkdir(parents=True)
@@ -499,7 +499,7 @@ def test_implausible_record_n_can_be_overridden(tmp_path):
 
 
 def test_limits_are_config_keys(tmp_path):
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
 
     limits = {**defaults("qc"), "max_n": 1e10, "max_t_per_sqrt_n": 1e6}
     d = tmp_path / "images" / "7"
@@ -562,7 +562,7 @@ def test_oversized_map_excluded_from_its_header_before_reading(tmp_path):
     )
     assert qc["source_shape"] == [400, 400, 400]
     # the same truncated file under a raised limit is read, and fails as unreadable
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
 
     d = tmp_path / "images" / "7"
     qc2 = make_zmap(
@@ -580,8 +580,8 @@ def test_oversized_map_excluded_from_its_header_before_reading(tmp_path):
 _MEM_JOB = r"""
 import json, sys
 import numpy as np, nibabel as nib
-from nvmeta.zmap import make_zmap
-import nvmeta.resample, nvmeta.stats, scipy.ndimage
+from nvmeta.images.zmap import make_zmap
+import nvmeta.images.resample, nvmeta.images.stats, scipy.ndimage
 
 def hwm():  # peak RSS of this process (VmHWM; getrusage's maxrss would include the parent at fork)
     for line in open("/proc/self/status"):
@@ -629,7 +629,7 @@ def _job_peak_mb(d: Path, shape, vox_mm: float) -> dict:
 def test_large_allowed_map_stays_within_declared_memory(tmp_path):
     import re
 
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
 
     # the same 200 mm box at 2 mm (1M voxels) and at 1 mm (8M voxels), float64, data in every voxel;
     # the difference of the peaks is what the job needs per source voxel (fixed costs cancel)
@@ -654,7 +654,7 @@ def test_df_override_that_has_no_effect_is_said(tmp_path, caplog):
 
     t = t_data(11)
     conv = {"df": "n-2", "df_images": {"7": 5}}
-    with caplog.at_level(logging.WARNING, logger="nvmeta.zmap"):
+    with caplog.at_level(logging.WARNING, logger="nvmeta.images.zmap"):
         qc, z = run(tmp_path, record(n=20), nib.Nifti1Image(t, T_AFF), conversion=conv)
     assert qc["status"] == "included" and (qc["df"], qc["df_source"]) == (18.0, "n-2")
     assert "conversion.df_images[7] = 5 not used" in qc["ignored_override"]

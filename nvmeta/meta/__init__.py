@@ -33,7 +33,7 @@ Estimators (``meta.methods``)
 ``ttest``
     Random-effects one-sample t-test of the z values across maps (per-voxel ``k``,
     ``df = k − 1``; needs ``k >= 2``), converted to z with the exact
-    :func:`nvmeta.stats.t_to_z`. Tests consistency across studies rather than combined
+    :func:`nvmeta.images.stats.t_to_z`. Tests consistency across studies rather than combined
     evidence.
 ``permutation``
     Sign-flipping permutation test of the mean z (one-sample t statistic) with

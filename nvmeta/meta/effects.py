@@ -1,7 +1,7 @@
 """Effect-size estimators: pooling per-image Hedges' g maps (``g.nii.gz``, ``varg.nii.gz``).
 
 Each image's g and var(g) come from its t (or z) map and its one resolved sample size
-(:mod:`nvmeta.effectsize`). Per voxel, over the ``k`` units with data (``y_i`` = g, ``v_i`` =
+(:mod:`nvmeta.images.effectsize`). Per voxel, over the ``k`` units with data (``y_i`` = g, ``v_i`` =
 var g, ``w_i = 1 / v_i``):
 
 ``fixed_effects_hedges``

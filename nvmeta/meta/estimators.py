@@ -258,7 +258,7 @@ class _TTestSums(_Accumulator):
         self.m2[ok] += delta * (x - self.mean[ok])
 
     def finish(self):
-        from nvmeta.stats import t_to_z
+        from nvmeta.images.stats import t_to_z
 
         z = np.full(self.k.shape, np.nan)
         ok = self.k >= 2
@@ -364,7 +364,7 @@ class Fisher(_StreamingZ):
 class TTest(_StreamingZ):
     """Random-effects one-sample t-test of the z values across maps (``df = k − 1``, ``k >= 2``).
 
-    Converted to z with the exact :func:`nvmeta.stats.t_to_z`. Tests consistency across studies
+    Converted to z with the exact :func:`nvmeta.images.stats.t_to_z`. Tests consistency across studies
     rather than combined evidence.
     """
 

@@ -29,7 +29,7 @@ OUTPUT_NAMES = (
 
 def sweep(outdir: Path) -> list[Path]:
     """Remove stale temporaries (``.{name}.*.part*``) of this method's outputs in ``outdir``."""
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
 
     removed = remove_stale_temps(*(outdir / name for name in OUTPUT_NAMES))
     if removed:
@@ -76,7 +76,7 @@ _CLUSTER_COLUMNS = [
     "Cluster ID", "X", "Y", "Z", "Peak Stat", "Cluster Size (mm3)", "Cluster Size (voxels)",
     "Cluster-forming threshold", "Connectivity",
 ]  # fmt: skip
-#: nilearn's get_clusters_table (and nvmeta.clusters) label with scipy's 3-D rank-1 structure.
+#: nilearn's get_clusters_table (and nvmeta.meta.clusters) label with scipy's 3-D rank-1 structure.
 CONNECTIVITY = "faces (6-connected)"
 
 
@@ -85,7 +85,7 @@ def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels
 
     nilearn's :func:`~nilearn.reporting.get_clusters_table` (peaks and sub-peaks at least
     8 mm apart, MNI mm coordinates of the grid's affine, face-connected clusters, clusters
-    under ``min_voxels`` left out), computed cluster by cluster (:func:`nvmeta.clusters.peaks_table`:
+    under ``min_voxels`` left out), computed cluster by cluster (:func:`nvmeta.meta.clusters.peaks_table`:
     the same rows, without nilearn's whole-volume pass per cluster), plus a cluster size in
     voxels, the cluster-forming threshold (``forming``) and the connectivity. Clusters are
     numbered 1, 2, ... without gaps (positive ones first, then negative ones, each by
@@ -94,7 +94,7 @@ def clusters_table(thresholded_img: nib.Nifti1Image, two_sided: bool, min_voxels
     """
     import pandas as pd
 
-    from nvmeta.clusters import peaks_table
+    from nvmeta.meta.clusters import peaks_table
 
     data = np.asarray(thresholded_img.dataobj, dtype=np.float64).astype(np.float32)
     # every non-zero voxel of its sign forms the clusters (the map is thresholded already;

@@ -35,8 +35,8 @@ HUGE_CLUSTER_FRACTION = 0.25
 def _complete(cfg: dict | None) -> dict:
     """The meta block with every key: a block from ``check_config`` already has them all; callers
     outside the workflow (benchmarks, notebooks) may pass a partial block, completed from the
-    schema's defaults (:func:`nvmeta.config.defaults`, the one place they live)."""
-    from nvmeta.config import defaults
+    schema's defaults (:func:`nvmeta.workflow.config.defaults`, the one place they live)."""
+    from nvmeta.workflow.config import defaults
 
     return {**defaults("meta"), **(cfg or {})}
 

@@ -84,7 +84,7 @@ _NV_KEYS = frozenset(
 
 @functools.lru_cache(maxsize=1)
 def _nv_defaults() -> dict[str, Any]:
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
 
     return defaults("neurovault")
 
@@ -92,8 +92,8 @@ def _nv_defaults() -> dict[str, Any]:
 def make_client(nv_cfg: Mapping[str, Any], log: logging.Logger | None = None) -> HTTPClient | SnapshotClient:
     """Client for a ``config["neurovault"]`` block.
 
-    After :func:`nvmeta.config.check_config` the block holds every key; a partial block (tests,
-    notebooks) is completed from the schema's defaults (:func:`nvmeta.config.defaults`), the one
+    After :func:`nvmeta.workflow.config.check_config` the block holds every key; a partial block (tests,
+    notebooks) is completed from the schema's defaults (:func:`nvmeta.workflow.config.defaults`), the one
     place they live.
 
     ``url`` that is an existing directory -> :class:`SnapshotClient`; an http(s) URL ->

@@ -190,7 +190,7 @@ class BaseClient:
         limit : int
             Page size asked for (capped at 1000, the server's maximum).
         log : callable or logging.Logger, optional
-            Receives progress lines (default: the ``nvmeta.client`` logger).
+            Receives progress lines (default: the ``nvmeta.neurovault`` logger).
         params : mapping, optional
             Extra query parameters for the first page.
         max_pages : int, optional

@@ -1,4 +1,4 @@
-"""The snapshot source: a local directory laid out like the API (:mod:`nvmeta.snapshot`), no network."""
+"""The snapshot source: a local directory laid out like the API (:mod:`nvmeta.neurovault.layout`), no network."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl, urlsplit
 from nvmeta.neurovault.base import BaseClient, logger
 from nvmeta.neurovault.errors import Forbidden, NotFound, TooLarge, UnsafeInput
 from nvmeta.neurovault.ids import check_image_id
+from nvmeta.neurovault.layout import PUBLIC_BASE, Snapshot, UnsafePath, api_get
 from nvmeta.neurovault.urls import NEUROVAULT_HOSTS, canonical_url, short_url
-from nvmeta.snapshot import PUBLIC_BASE, Snapshot, UnsafePath, api_get
 
 __all__ = ["SnapshotClient"]
 

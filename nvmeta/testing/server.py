@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from nvmeta.snapshot import PUBLIC_BASE, Snapshot, UnsafePath, api_get
+from nvmeta.neurovault.layout import PUBLIC_BASE, Snapshot, UnsafePath, api_get
 
 FAULT_KINDS = (
     "status",
@@ -84,7 +84,7 @@ class FixtureServer:
     Parameters
     ----------
     root : path-like
-        Snapshot root (layout in :mod:`nvmeta.snapshot`).
+        Snapshot root (layout in :mod:`nvmeta.neurovault.layout`).
     latency : float
         Seconds slept before answering every request.
     public_base : str, optional

@@ -5,7 +5,7 @@ Run once by a maintainer (a fresh clone already has the result committed and doe
 
     python tests/data/make_demo_snapshot.py /path/to/shared/neurovault-sample
 
-The layout is the one read by :class:`nvmeta.snapshot.Snapshot` (see README, "Snapshot layout").
+The layout is the one read by :class:`nvmeta.neurovault.layout.Snapshot` (see README, "Snapshot layout").
 Image records follow the shape of NeuroVault's real replies (``api_responses/read_image.json``).
 Image ids 990001-990034 are placeholders: the real NeuroVault ids of these NIDM-derived pain maps
 and NeuroVault test fixtures are not known offline. Ids 396069 and 10426 are real.

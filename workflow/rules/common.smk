@@ -10,7 +10,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
-from nvmeta.query import analysis_query_spec
+from nvmeta.select.query import analysis_query_spec
 from nvmeta.snakemake_groups import batches_requested, install as install_stable_groups
 from nvmeta.snakemake_timers import cancel_scheduler_timers
 

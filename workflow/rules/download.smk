@@ -18,7 +18,7 @@ rule download:
     resources:
         nv_connections=1,
     run:
-        # In-process (see nvmeta/jobs.py): no interpreter start-up per image.
-        from nvmeta.jobs import download_job
+        # In-process (see nvmeta/workflow/jobs.py): no interpreter start-up per image.
+        from nvmeta.workflow.jobs import download_job
 
         download_job(wildcards.image_id, output, log, config["neurovault"])

@@ -1,7 +1,7 @@
 # Per analysis: the QC table (every selected image, included or excluded with its reason)
 # and the funnel (selected -> downloaded -> converted -> passed QC).
 
-from nvmeta.qc import DUPLICATE_SEARCH_BYTES
+from nvmeta.images.qc import DUPLICATE_SEARCH_BYTES
 
 
 rule qc:
@@ -39,7 +39,7 @@ rule qc:
     params:
         qc=config["qc"],
     run:
-        # In-process (see nvmeta/jobs.py): this short fan-in is on every run's critical path.
-        from nvmeta.jobs import qc_job
+        # In-process (see nvmeta/workflow/jobs.py): this short fan-in is on every run's critical path.
+        from nvmeta.workflow.jobs import qc_job
 
         qc_job(wildcards.analysis, input, output, log, params.qc)

@@ -26,7 +26,7 @@ rule overview:
             config["analyses"][wildcards.analysis]["meta"] or {}
         ).get("methods", []),
     run:
-        # In-process (see nvmeta/jobs.py): the last job of every run, light (HTML from tables).
-        from nvmeta.jobs import overview_job
+        # In-process (see nvmeta/workflow/jobs.py): the last job of every run, light (HTML from tables).
+        from nvmeta.workflow.jobs import overview_job
 
         overview_job(wildcards.analysis, input, output, log, params.methods)

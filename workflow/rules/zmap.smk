@@ -1,8 +1,8 @@
 # Per image: t -> z with recorded degrees of freedom, resampled and masked onto the template
-# grid (NaN = no data), plus qc.json; and Hedges' g / var(g) maps (nvmeta.effectsize) when an
+# grid (NaN = no data), plus qc.json; and Hedges' g / var(g) maps (nvmeta.images.effectsize) when an
 # analysis pools effect sizes (EFFECT_OUTPUTS, common.smk). One lean job per image.
 
-from nvmeta.zmap import LIMIT_KEYS as ZMAP_LIMIT_KEYS
+from nvmeta.images.zmap import LIMIT_KEYS as ZMAP_LIMIT_KEYS
 
 
 rule zmap:
@@ -26,8 +26,8 @@ rule zmap:
         # the per-image plausibility rules of the qc block (max_n, max_t_per_sqrt_n, max_map_mb)
         limits={k: config["qc"][k] for k in ZMAP_LIMIT_KEYS},
     run:
-        # In-process (see nvmeta/jobs.py): no interpreter start-up per image.
-        from nvmeta.jobs import zmap_job
+        # In-process (see nvmeta/workflow/jobs.py): no interpreter start-up per image.
+        from nvmeta.workflow.jobs import zmap_job
 
         zmap_job(
             wildcards.image_id, input, output, log, params.conversion, params.limits

@@ -207,7 +207,7 @@ def metadata_term_weights(documents: Sequence[str]):
 
 def _is_not_found(exc: BaseException) -> bool:
     try:
-        from nvmeta.client import NotFound
+        from nvmeta.neurovault import NotFound
     except ImportError:  # pragma: no cover - the client module is part of the package
         return type(exc).__name__ == "NotFound"
     return isinstance(exc, NotFound)
@@ -247,7 +247,7 @@ def neurosynth_term_weights(
     ----------
     image_ids : sequence of int
     client : object
-        Has ``get_json_url(url, params)`` (``nvmeta.client.make_client(...)``). May be None when every image is
+        Has ``get_json_url(url, params)`` (``nvmeta.neurovault.make_client(...)``). May be None when every image is
         cached.
     url : str
         Decode endpoint, e.g. ``"https://neurosynth.org/api/decode/"``; requested with ``?neurovault=<id>``.

@@ -924,7 +924,7 @@ def input_figures(
         The analysis' QC table.
     zmap_of, qc_of : callable
         ``image_id -> path`` of the image's z-map and qc.json, over the rule's declared inputs
-        (:func:`nvmeta.rule_inputs.path_lookup`).
+        (:func:`nvmeta.workflow.rule_inputs.path_lookup`).
     mask_path : path-like
         The template mask.
     out : dict

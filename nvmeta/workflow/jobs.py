@@ -20,16 +20,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nvmeta.logs import job_log
+from nvmeta.workflow.logs import job_log
 
 
 def download_job(image_id: str, output: Any, log: Any, nv_cfg: dict) -> dict:
     """Rule ``download``: metadata.json (+ map.nii.gz when the image can be had)."""
-    from nvmeta.client import make_client
-    from nvmeta.download import fetch_image
+    from nvmeta.images.download import fetch_image
+    from nvmeta.neurovault import make_client
 
     out_dir = Path(output[0]).parent
-    with job_log(f"nvmeta.download.{image_id}", log[0]) as logger:
+    with job_log(f"nvmeta.images.download.{image_id}", log[0]) as logger:
         return fetch_image(
             make_client(nv_cfg, log=logger),
             int(image_id),
@@ -44,11 +44,11 @@ def zmap_job(  # noqa: A002
     image_id: str, input: Any, output: Any, log: Any, conversion: dict, limits: dict | None = None
 ) -> dict:
     """Rule ``zmap``: t -> z, resample and mask one image onto the template grid; qc.json."""
-    from nvmeta.template import load_mask
-    from nvmeta.zmap import make_zmap
+    from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import make_zmap
 
     meta_path = Path(input.metadata)
-    with job_log(f"nvmeta.zmap.{image_id}", log[0]) as logger:
+    with job_log(f"nvmeta.images.zmap.{image_id}", log[0]) as logger:
         qc = make_zmap(
             meta_path,
             meta_path.with_name("map.nii.gz"),
@@ -64,13 +64,13 @@ def zmap_job(  # noqa: A002
 
 
 def qc_job(analysis: str, input: Any, output: Any, log: Any, qc_cfg: dict) -> None:  # noqa: A002
-    """Rule ``qc``: an analysis' QC table and funnel (:func:`nvmeta.qc.write_qc`)."""
-    from nvmeta.qc import write_qc
-    from nvmeta.template import load_mask
+    """Rule ``qc``: an analysis' QC table and funnel (:func:`nvmeta.images.qc.write_qc`)."""
+    from nvmeta.images.qc import write_qc
+    from nvmeta.images.template import load_mask
 
     # results/images/{id}/ of every selected image, as the rule declares its inputs
     image_dirs = {int(Path(p).parent.name): Path(p).parent for p in input.qc}
-    with job_log(f"nvmeta.qc.{analysis}", log[0], echo=True) as logger:
+    with job_log(f"nvmeta.images.qc.{analysis}", log[0], echo=True) as logger:
         write_qc(
             input.selection,
             image_dirs.__getitem__,
@@ -83,15 +83,15 @@ def qc_job(analysis: str, input: Any, output: Any, log: Any, qc_cfg: dict) -> No
 
 
 def overview_job(analysis: str, input: Any, output: Any, log: Any, methods: list[str]) -> None:  # noqa: A002
-    """Rule ``overview``: an analysis' first page in the report (:func:`nvmeta.overview.write_overview`)."""
-    from nvmeta.overview import write_overview
+    """Rule ``overview``: an analysis' first page in the report (:func:`nvmeta.figures.overview.write_overview`)."""
+    from nvmeta.figures.overview import write_overview
 
     meta_dirs = {m: Path(p).parent for m, p in zip(methods, input.get("summaries", []), strict=True)}
     figures = []
     if "mean_z" in input.keys():
         figures.append((input.mean_z, "Mean z of the included maps (per voxel, over the maps with data)."))
         figures.append((input.coverage, "Coverage: how many included maps have data at each voxel."))
-    with job_log(f"nvmeta.overview.{analysis}", log[0], echo=True) as logger:
+    with job_log(f"nvmeta.figures.overview.{analysis}", log[0], echo=True) as logger:
         write_overview(
             output[0],
             analysis,

@@ -26,7 +26,7 @@ Pipeline (:func:`run_ica`):
 5. **Stability** (``n_runs > 1``): FastICA is rerun with seeds ``random_state + 1, ...`` on the same
    (reduced) data; components are matched to the first run's with the Hungarian algorithm on absolute
    spatial correlations, and each component's mean absolute correlation is reported.
-6. **Terms** (:mod:`nvmeta.terms`): per-image term weights (metadata TF-IDF or Neurosynth decode words),
+6. **Terms** (:mod:`nvmeta.ica.terms`): per-image term weights (metadata TF-IDF or Neurosynth decode words),
    component loadings ``mixing.T @ max(weights, 0)``, top ``n_terms`` per component.
 
 Outputs in ``outdir``: ``components.nii.gz`` (4-D, template grid, float32, NaN outside the voxels used),
@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from nvmeta.rule_inputs import path_lookup
+from nvmeta.workflow.rule_inputs import path_lookup
 
 __all__ = [
     "DataMatrix",
@@ -789,7 +789,7 @@ def remove_stale_temps(outdir: str | os.PathLike, n_components: int) -> list[Pat
 
     Only this job's temporaries: directories named ``.ica_tmp_XXXXXXXX`` (:data:`TMP_PREFIX` plus
     :func:`tempfile.mkdtemp`'s 8 characters; the memory-mapped data matrix) and the atomic-write
-    temporaries of its own outputs (:func:`nvmeta.download.remove_stale_temps`). Nothing else in the
+    temporaries of its own outputs (:func:`nvmeta.images.download.remove_stale_temps`). Nothing else in the
     directory is touched.
 
     Returns
@@ -799,7 +799,7 @@ def remove_stale_temps(outdir: str | os.PathLike, n_components: int) -> list[Pat
     """
     import re
 
-    from nvmeta.download import remove_stale_temps as remove_output_temps
+    from nvmeta.images.download import remove_stale_temps as remove_output_temps
 
     outdir = Path(outdir)
     removed: list[Path] = []
@@ -864,13 +864,13 @@ def run_ica(
     mask_img : nibabel image or path-like
         Template mask; its grid is the z-maps' and the outputs' grid.
     cfg : dict
-        The analysis' validated ``ica`` block, every key present (``{**nvmeta.config.defaults("ica"), ...}``).
+        The analysis' validated ``ica`` block, every key present (``{**nvmeta.workflow.config.defaults("ica"), ...}``).
     outdir : path-like
         ``results/analyses/{a}/ica/``.
     logger : logging.Logger, optional
         Defaults to this module's logger.
     client_factory : callable, optional
-        ``() -> client`` with ``get_json_url`` (``lambda: nvmeta.client.make_client(config["neurovault"])``);
+        ``() -> client`` with ``get_json_url`` (``lambda: nvmeta.neurovault.make_client(config["neurovault"])``);
         only used with ``terms: neurosynth``.
     threads : int
         Reader threads and BLAS threads.
@@ -900,7 +900,7 @@ def run_ica(
     import sklearn.decomposition  # noqa: F401
     from threadpoolctl import threadpool_limits
 
-    from nvmeta import terms as termlib
+    from nvmeta.ica import terms as termlib
     from nvmeta.io import atomic_path, write_json, write_tsv
 
     log = logger if logger is not None else logging.getLogger(__name__)

@@ -169,7 +169,7 @@ def extract_peaks(z_img: nib.Nifti1Image, cfg: dict) -> Any:
     """
     import pandas as pd
 
-    from nvmeta.clusters import peaks_table
+    from nvmeta.meta.clusters import peaks_table
 
     cols = ["sign", "peak", "x", "y", "z", "z_value", "cluster_voxels"]
     data = np.asarray(z_img.dataobj, dtype=np.float32)
@@ -233,7 +233,7 @@ def peaks_table(
     import nilearn.reporting  # noqa: F401 - imported before the heap is frozen (see _frozen_gc)
     import pandas as pd
 
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
 
     remove_stale_temps(out_tsv)  # temporaries of a killed earlier attempt
     log = log or logger
@@ -448,7 +448,7 @@ def _run_cbma(method, peaks_tsv, mask_img, cfg, outdir, n_cores, log) -> dict:
     import pandas as pd
     from nimare.correct import FWECorrector
 
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
 
     t0 = time.perf_counter()
     outdir = Path(outdir)
@@ -575,11 +575,11 @@ def _run_cbma(method, peaks_tsv, mask_img, cfg, outdir, n_cores, log) -> dict:
 def _clusters_table(z_sig_img: nib.Nifti1Image) -> Any:
     """nilearn's cluster table of a thresholded (0 = not significant) positive map.
 
-    Computed cluster by cluster (:func:`nvmeta.clusters.peaks_table`, nilearn's rows).
+    Computed cluster by cluster (:func:`nvmeta.meta.clusters.peaks_table`, nilearn's rows).
     """
     import pandas as pd
 
-    from nvmeta.clusters import peaks_table
+    from nvmeta.meta.clusters import peaks_table
 
     table = peaks_table(
         np.asarray(z_sig_img.dataobj), z_sig_img.affine, lambda signed: signed > 0, signs=(1.0,)
@@ -728,7 +728,7 @@ def overlap(
     """
     import pandas as pd
 
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
 
     remove_stale_temps(*(p for p in (out_tsv, out_clusters_tsv, out_png) if p is not None))
     log = log or logger

@@ -13,11 +13,11 @@ import logging
 import os
 from pathlib import Path
 
-from nvmeta.snapshot import Snapshot
+from nvmeta.neurovault.layout import Snapshot
 
 
 class CacheSnapshot(Snapshot):
-    """A :class:`~nvmeta.snapshot.Snapshot` over a results directory (records only, no files)."""
+    """A :class:`~nvmeta.neurovault.layout.Snapshot` over a results directory (records only, no files)."""
 
     def _load(self) -> None:
         with self._lock:

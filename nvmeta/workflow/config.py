@@ -312,7 +312,7 @@ def _name_problems(config: dict) -> list[str]:
 
 
 def _check_analysis(name: str, analysis: dict) -> list[str]:
-    from nvmeta.filters import validate_terms
+    from nvmeta.select.filters import validate_terms
 
     problems: list[str] = []
     key = f"analyses.{name}"

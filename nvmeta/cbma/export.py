@@ -261,7 +261,7 @@ def export(
     tuple
         ``(studyset dict, nimare.dataset.Dataset)``.
     """
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
 
     remove_stale_temps(out_json, out_pkl)  # temporaries of a killed earlier attempt
     log = log or logger

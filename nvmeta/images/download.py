@@ -30,7 +30,7 @@ from nvmeta.neurovault import (
     file_md5,
 )
 
-logger = logging.getLogger("nvmeta.download")
+logger = logging.getLogger("nvmeta.images.download")
 
 OFFLINE_MISSING = "not on disk (offline mode)"
 
@@ -180,7 +180,7 @@ def fetch_image(
     Parameters
     ----------
     client : HTTPClient or SnapshotClient
-        From :func:`nvmeta.client.make_client`.
+        From :func:`nvmeta.neurovault.make_client`.
     image_id : int or str
         Positive integer (a Snakemake wildcard string is accepted).
     out_dir : path-like

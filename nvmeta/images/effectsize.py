@@ -19,7 +19,7 @@ Designs (``conversion.design_images`` / ``design_collections``; default ``one_sa
     metadata: the user declares it.
 
 Z maps are converted back to t with the image's resolved df (:func:`z_to_t`, the exact inverse of
-:func:`nvmeta.stats.t_to_z`). The effect maps are computed from the template-grid z-map (the one
+:func:`nvmeta.images.stats.t_to_z`). The effect maps are computed from the template-grid z-map (the one
 resampling of the job), so z values and effect sizes come from the same resampled data.
 """
 
@@ -89,13 +89,13 @@ def two_sample(t: Any, n1: float, n2: float) -> tuple[np.ndarray, np.ndarray, np
 
 
 def z_to_t(z: Any, df: float) -> np.ndarray:
-    """t with the same tail probability as ``z`` (inverse of :func:`nvmeta.stats.t_to_z`).
+    """t with the same tail probability as ``z`` (inverse of :func:`nvmeta.images.stats.t_to_z`).
 
     ``scipy.special.stdtrit`` on the one-sided tail ``Φ(−|z|)``; where that tail is below 1e-290
-    (|z| > 36) a vectorised bisection on the exact, log-space :func:`nvmeta.stats.t_to_z`. NaN
+    (|z| > 36) a vectorised bisection on the exact, log-space :func:`nvmeta.images.stats.t_to_z`. NaN
     stays NaN.
     """
-    from nvmeta.stats import t_to_z
+    from nvmeta.images.stats import t_to_z
 
     z = np.asarray(z, dtype=np.float64)
     az = np.abs(z)
@@ -125,7 +125,7 @@ def z_to_t(z: Any, df: float) -> np.ndarray:
 def image_design(conversion: dict | None, image_id: Any, collection_id: Any) -> dict:
     """The design of an image: ``conversion.design_images[id]``, else ``design_collections[cid]``,
     else ``{"design": "one_sample"}``."""
-    from nvmeta.stats import _lookup
+    from nvmeta.images.stats import _lookup
 
     conversion = conversion or {}
     for table, key in (("design_images", image_id), ("design_collections", collection_id)):
@@ -175,7 +175,7 @@ def write_effect_maps(
     """
     import nibabel as nib
 
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
     from nvmeta.io import atomic_path
 
     remove_stale_temps(out_g, out_varg)
@@ -188,7 +188,7 @@ def write_effect_maps(
     else:
         df = qc.get("df")
         if df is None:  # z map: the df its t would have had, resolved as for t maps
-            from nvmeta.stats import resolve_df
+            from nvmeta.images.stats import resolve_df
 
             df = resolve_df(record, conversion or {})[0]
         if df is None:

@@ -164,7 +164,7 @@ def resolve_max_images(analysis_cfg: Mapping[str, Any], key_prefix: str = "analy
 
 def validate_query(analysis_cfg: Mapping[str, Any], key_prefix: str) -> None:
     """Check the query part of an analysis (ids, max_images, terms); raise ConfigError."""
-    from nvmeta.filters import validate_terms
+    from nvmeta.select.filters import validate_terms
 
     _ids(analysis_cfg, "image_ids", key_prefix)
     _ids(analysis_cfg, "collection_ids", key_prefix)
@@ -263,7 +263,7 @@ class IncompleteListing(Exception):
 
 def _pinned_collection_ids(analysis_cfg: Mapping[str, Any]) -> list[int] | None:
     """Collection ids fixed by a plain/eq/in term on collection ``id`` or image ``collection_id``."""
-    from nvmeta.filters import parse_term
+    from nvmeta.select.filters import parse_term
 
     candidates = [
         ((analysis_cfg.get("collection_terms") or {}), "id"),
@@ -290,7 +290,7 @@ class Funnel:
     Terms are applied one by one in the order of the effective terms (nilearn's defaults first,
     the user's in their place); a record is counted under the first term it fails, so the counts
     of a block add up to the records it rejected (a sequential funnel, like the QC funnel). The
-    conjunction is the very filter :func:`nvmeta.filters.build_filters` builds.
+    conjunction is the very filter :func:`nvmeta.select.filters.build_filters` builds.
     """
 
     def __init__(self, analysis_cfg: Mapping[str, Any], key_prefix: str, mode: str) -> None:
@@ -298,7 +298,7 @@ class Funnel:
         self.image_terms: dict[str, tuple[str, Any]] = {}
         self.collection_terms: dict[str, tuple[str, Any]] = {}
         if mode == "terms":
-            from nvmeta.filters import term_filters
+            from nvmeta.select.filters import term_filters
 
             self.image_terms, self.collection_terms = term_filters(analysis_cfg, key_prefix)
         self.counts: dict[str, int] = dict.fromkeys(
@@ -358,7 +358,7 @@ class Funnel:
         """
         import difflib
 
-        from nvmeta.filters import absent_field_ok
+        from nvmeta.select.filters import absent_field_ok
 
         problems = []
         for block, terms, fields in (
@@ -735,8 +735,8 @@ def _run_terms(
     log: logging.Logger,
     funnel: Funnel,
 ) -> None:
-    from nvmeta.filters import describe_terms
     from nvmeta.neurovault import UnsafeInput, record_id
+    from nvmeta.select.filters import describe_terms
 
     log.info(
         "selection by terms (max_images=%s): %s", sel.max_images, describe_terms(analysis_cfg, key_prefix)
@@ -818,7 +818,7 @@ def select(
     Parameters
     ----------
     client : object
-        A NeuroVault source (``nvmeta.client``) or anything with ``image(id)``,
+        A NeuroVault source (``nvmeta.neurovault``) or anything with ``image(id)``,
         ``collection(cid)`` and ``iter_results(path, limit=..., log=None)``.
     analysis_cfg : mapping
         One ``config["analyses"][name]`` block.
@@ -997,7 +997,7 @@ def write_selection(
     """
     import pandas as pd
 
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
     from nvmeta.io import write_tsv
 
     remove_stale_temps(path)  # temporaries of a killed earlier attempt

@@ -8,7 +8,7 @@ logs while the job runs lands in that job's log, whichever module it comes from.
   stderr, and an uncaught exception writes its traceback to the log file and one line to the
   terminal, so that the tracebacks of parallel jobs never interleave there (Snakemake's
   ``show-failed-logs`` prints each failed job's log as one block).
-* Per-image jobs (``run:`` in threads of the Snakemake process, see :mod:`nvmeta.jobs`):
+* Per-image jobs (``run:`` in threads of the Snakemake process, see :mod:`nvmeta.workflow.jobs`):
   :class:`job_log` filters its handler on the job's thread, so parallel jobs' records never mix.
 """
 
@@ -62,7 +62,7 @@ def job_logger(name: str, path: str | os.PathLike | None = None) -> logging.Logg
     Parameters
     ----------
     name : str
-        Logger name (e.g. ``"nvmeta.query"``).
+        Logger name (e.g. ``"nvmeta.select.query"``).
     path : path-like, optional
         Log file; created (truncated) for this job.
     """

@@ -1,7 +1,7 @@
 """The per-image job: read one downloaded map, convert it to z, put it on the template grid, write z-map + QC.
 
 One process reads, converts, resamples and writes. It imports only numpy, nibabel and scipy.special at
-module level; nilearn is never imported (the one interpolation is scipy's, see :mod:`nvmeta.resample`).
+module level; nilearn is never imported (the one interpolation is scipy's, see :mod:`nvmeta.images.resample`).
 
 Every image ends with both outputs, so Snakemake's outputs are always complete:
 
@@ -16,7 +16,7 @@ unreadable or lying file, no finite data, all zeros, a constant map, implausible
 template mask.
 
 One read, one resampling: the map is read once as float32, its statistic (t or z) is put on the template grid
-once (:func:`nvmeta.resample.resample_to_template`), and t -> z is computed on the template grid (mask voxels
+once (:func:`nvmeta.images.resample.resample_to_template`), and t -> z is computed on the template grid (mask voxels
 only). Memory: about 15 bytes per source voxel at the peak (float32 data, validity, the interpolation stack), so
 the ``qc.max_map_mb`` default keeps a job well inside the rule's ``mem_mb``.
 """
@@ -73,7 +73,7 @@ def _default_limits() -> Mapping[str, Any]:
     """The schema defaults of :data:`LIMIT_KEYS` (read once per process; the schema is the only source)."""
     from types import MappingProxyType
 
-    from nvmeta.config import defaults
+    from nvmeta.workflow.config import defaults
 
     qc = defaults("qc")
     return MappingProxyType({k: qc[k] for k in LIMIT_KEYS})
@@ -257,16 +257,16 @@ def make_zmap(
     map_path : path-like
         ``results/images/{id}/map.nii.gz`` (need not exist when the download failed).
     mask_img : nibabel.Nifti1Image
-        Template mask (:func:`nvmeta.template.load_mask`); its grid is the output grid.
+        Template mask (:func:`nvmeta.images.template.load_mask`); its grid is the output grid.
     conversion : mapping
-        ``config["conversion"]`` (df rule and overrides), see :func:`nvmeta.stats.resolve_sample_size`.
+        ``config["conversion"]`` (df rule and overrides), see :func:`nvmeta.images.stats.resolve_sample_size`.
     out_zmap, out_qc : path-like
         Outputs, written atomically. An excluded image gets an all-NaN z-map.
     limits : mapping, optional
         The per-image plausibility keys of ``config["qc"]`` (:data:`LIMIT_KEYS`); None: the schema defaults.
     out_effects : (path-like, path-like), optional
         ``g.nii.gz`` and ``varg.nii.gz``: Hedges' g and its variance on the template grid, from the
-        z-map and the resolved n / df (:func:`nvmeta.effectsize.write_effect_maps`).
+        z-map and the resolved n / df (:func:`nvmeta.images.effectsize.write_effect_maps`).
 
     Returns
     -------
@@ -276,7 +276,7 @@ def make_zmap(
         coverage, source_shape, source_voxel_size, source_affine_orientation, resampled (the grid changed),
         resample_method (identity|lattice|linear).
     """
-    from nvmeta.download import remove_stale_temps
+    from nvmeta.images.download import remove_stale_temps
 
     remove_stale_temps(out_zmap, out_qc)  # temporaries of a killed earlier attempt
     conversion = conversion or {}
@@ -316,7 +316,7 @@ def make_zmap(
             qc["image_id"] = _int_or_none(Path(metadata_path).parent.name)
         qc["collection_id"] = _int_or_none(meta.get("collection_id"))
         map_type = qc["map_type"] = meta.get("map_type")
-        from nvmeta.stats import resolve_sample_size, unused_df_override
+        from nvmeta.images.stats import resolve_sample_size, unused_df_override
 
         # n and df resolved once, here; qc.json carries them to every consumer (weights, effect sizes, QC).
         size = resolve_sample_size(meta, conversion, max_n=limits["max_n"], need_df=map_type == T_MAP)
@@ -356,7 +356,7 @@ def make_zmap(
                 )
             )
 
-        from nvmeta.resample import resample_to_template
+        from nvmeta.images.resample import resample_to_template
 
         # The one resampling: the map's own statistic (t or z) onto the template grid.
         stat, coverage, method = resample_to_template(data, affine, mask_img, return_method=True, valid=valid)
@@ -367,7 +367,7 @@ def make_zmap(
         if coverage <= 0:
             raise Excluded(R_NO_OVERLAP)
         if map_type == T_MAP:
-            from nvmeta.stats import t_to_z
+            from nvmeta.images.stats import t_to_z
 
             # t -> z on the template grid's data voxels only (pointwise, so identical to converting first on
             # identity/lattice grids; on interpolated grids z is the transform of the interpolated t).
@@ -395,7 +395,7 @@ def make_zmap(
         zmap = np.full(mask_img.shape[:3], np.nan, dtype=np.float32)
     _write_nifti(zmap, mask_img, out_zmap)
     if out_effects is not None:
-        from nvmeta.effectsize import write_effect_maps
+        from nvmeta.images.effectsize import write_effect_maps
 
         included = qc["status"] == "included"
         write_effect_maps(zmap if included else None, qc, meta, conversion, mask_img, *out_effects)
@@ -404,7 +404,7 @@ def make_zmap(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m nvmeta.zmap METADATA MAP ZMAP QC [--mask SPEC] [--df n-2|n-1]``."""
+    """Command line: ``python -m nvmeta.images.zmap METADATA MAP ZMAP QC [--mask SPEC] [--df n-2|n-1]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask", default="mni152_2mm")
     parser.add_argument("--df", default="n-2", choices=["n-2", "n-1"])
     args = parser.parse_args(argv)
-    from nvmeta.template import load_mask
+    from nvmeta.images.template import load_mask
 
     qc = make_zmap(args.metadata, args.map, load_mask(args.mask), {"df": args.df}, args.zmap, args.qc)
     print(qc["status"], qc["reason"] or "")

@@ -346,7 +346,7 @@ def build_qc(
         ``image_dir_for(image_id) -> Path`` of ``results/images/{image_id}/`` (holding metadata.json, qc.json,
         zmap.nii.gz).
     qc_cfg : mapping, optional
-        ``config["qc"]`` (every key; build one as ``{**nvmeta.config.defaults("qc"), ...}``); None: the
+        ``config["qc"]`` (every key; build one as ``{**nvmeta.workflow.config.defaults("qc"), ...}``); None: the
         schema defaults.
     logger : logging.Logger, optional
         Progress and warnings (default: this module's logger).
@@ -367,7 +367,7 @@ def build_qc(
 
     log = logger if logger is not None else logging.getLogger(__name__)
     if qc_cfg is None:
-        from nvmeta.config import defaults
+        from nvmeta.workflow.config import defaults
 
         qc_cfg = defaults("qc")
     cfg = qc_cfg

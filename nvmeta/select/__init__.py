@@ -1,0 +1,1 @@
+"""Selecting images: the query checkpoint and metadata filter terms."""
