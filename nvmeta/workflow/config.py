@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from nvmeta.errors import ConfigError
 
 #: The one config schema; every default lives here and nowhere else.
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 #: Blocks that :func:`defaults` knows: top-level keys and per-analysis ``$defs`` blocks.
 _ANALYSIS_BLOCKS = ("meta", "ica", "cbma")
 
