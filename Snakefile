@@ -18,8 +18,12 @@ if not workflow.overwrite_configfiles:
 
 
 # A broken config stops here, before any job, with one message per problem (no traceback).
+# workflow.configfiles (public: the files of --configfile and of configfile: above, in the order
+# loaded) are read again for keys given twice, which the merged config cannot show.
 check_config_or_exit(
-    config, workflow.source_path("workflow/schemas/config.schema.yaml")
+    config,
+    workflow.source_path("workflow/schemas/config.schema.yaml"),
+    configfiles=workflow.configfiles,
 )
 
 # Ctrl-C prints one line saying how to resume (Snakemake still stops its jobs and unlocks).

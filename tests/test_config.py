@@ -56,7 +56,7 @@ BROKEN = {
     "negative max_images": (
         lambda c: c["analyses"]["a"].update(max_images=-3),
         "analyses.a.max_images",
-        "minimum",
+        "Fix: give an integer >= 1, or null",
     ),
     "unknown method": (
         lambda c: c["analyses"]["a"]["meta"].update(methods=["magic"]),
@@ -163,12 +163,27 @@ BAD_YAML = {
     "huge n_perm": (
         "analyses:\n  a: {image_ids: [1], meta: {methods: [permutation], n_perm: 1000000000}}\n",
         "analyses.a.meta.n_perm",
-        "maximum",
+        "give an integer >= 10 and <= 100,000",
     ),
     "huge n_components": (
         "analyses:\n  a: {image_ids: [1], ica: {n_components: 100000}}\n",
         "analyses.a.ica.n_components",
-        "maximum",
+        "give an integer >= 1 and <= 100",
+    ),
+    "huge cbma n_iters": (
+        "analyses:\n  a: {image_ids: [1], cbma: {n_iters: 1000000000}}\n",
+        "analyses.a.cbma.n_iters",
+        "give an integer >= 1 and <= 100,000",
+    ),
+    "analysis given twice": (
+        "analyses:\n  pain:\n    image_ids: [1]\n  other: {image_ids: [3]}\n  pain:\n    image_ids: [2]\n",
+        "analyses.pain",
+        "given twice in test.yaml (lines 2 and 5)",
+    ),
+    "design keyed by a float": (
+        "conversion:\n  design_images: {990001.0: {design: one_sample}}\nanalyses:\n  a: {image_ids: [1]}\n",
+        "conversion.design_images.990001.0",
+        "image id",
     ),
     "override keyed by a non-id": (
         "conversion:\n  df_images: {abc: 3}\nanalyses:\n  a: {image_ids: [1]}\n",
@@ -280,3 +295,156 @@ def test_validated_config_is_read_only_but_behaves_as_plain_data():
     assert repr(meta) == repr(dict(meta)) and repr(meta["methods"]) == "['stouffer']"
     assert pickle.loads(pickle.dumps(meta)) == meta and copy.deepcopy(cfg["qc"]) == cfg["qc"]
     assert {**meta, "alpha": 0.01}["alpha"] == 0.01  # the way to derive a changed block
+
+
+# ----------------------------------------------------------------------------- keys given twice
+def _problems(tmp_path, text: str, name: str = "c.yaml") -> list[str]:
+    from nvmeta.workflow.config_files import duplicate_key_problems
+
+    path = tmp_path / name
+    path.write_text(text)
+    return duplicate_key_problems([path])
+
+
+def test_key_given_twice_is_named_with_both_lines(tmp_path):
+    """A second `pain:` under analyses silently replaced the first (PyYAML keeps the last key)."""
+    text = (
+        "analyses:\n"
+        "  pain:\n"
+        "    image_ids: [1, 2]\n"
+        "    meta: {methods: [stouffer], alpha: 0.01, alpha: 0.05}\n"
+        "  pain:\n"
+        "    image_ids: [3]\n"
+    )
+    import yaml
+
+    assert yaml.safe_load(text)["analyses"]["pain"] == {"image_ids": [3]}  # what Snakemake gets
+    shown = str(tmp_path / "c.yaml")
+    assert _problems(tmp_path, text) == [
+        f"config key analyses.pain.meta.alpha: given twice in {shown} (lines 4 and 4); YAML would "
+        "silently keep only the second. Fix: merge the two into one entry, or rename one of them.",
+        f"config key analyses.pain: given twice in {shown} (lines 2 and 5); YAML would silently keep "
+        "only the second. Fix: merge the two into one entry, or rename one of them.",
+    ]
+    # check_config stops on it before anything else, naming the key and both lines
+    path = tmp_path / "c.yaml"
+    with pytest.raises(ConfigError, match=r"analyses\.pain: given twice .* \(lines 2 and 5\)"):
+        check_config(yaml.safe_load(text), SCHEMA, configfiles=[path])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "analyses:\n  a: {image_ids: [1]}\n  b: {image_ids: [1]}\n",  # equal values, distinct keys
+        "analyses:\n  a: {meta: {alpha: 0.1}}\n  b: {meta: {alpha: 0.1}}\n",  # same key, other mappings
+        "base: &b {image_ids: [1], max_images: 3}\nx:\n  <<: *b\n  max_images: 5\n",  # YAML override
+        "analyses:\n  a: &a {image_ids: [1]}\n  b: *a\n  c: *a\n",  # one node through aliases
+        "conversion:\n  n_images: {1: 20, '1': 20}\n",  # int and str: two keys to YAML too
+    ],
+)
+def test_distinct_keys_are_not_reported(tmp_path, text):
+    assert _problems(tmp_path, text) == []
+
+
+def test_equal_keys_as_yaml_reads_them(tmp_path):
+    # 1 and 01 are one int key to YAML (the second silently wins): reported
+    (msg,) = _problems(tmp_path, "conversion:\n  n_images:\n    1: 20\n    01: 30\n")
+    assert msg.startswith("config key conversion.n_images.1: given twice") and "(lines 3 and 4)" in msg
+
+
+def test_json_config_duplicates(tmp_path):
+    # JSON with a tab indent is not YAML: read as JSON (Snakemake tries JSON first), no line numbers
+    text = '{\n\t"analyses": {"pain": {"image_ids": [1]}, "pain": {"image_ids": [2]}}\n}\n'
+    (msg,) = _problems(tmp_path, text, "c.json")
+    assert msg.startswith("config key pain: given twice in one object of") and "JSON" in msg
+    # JSON YAML can read keeps its lines
+    (msg,) = _problems(tmp_path, '{"analyses": {"pain": {}, "pain": {}}}', "d.json")
+    assert "config key analyses.pain: given twice" in msg and "(lines 1 and 1)" in msg
+
+
+def test_duplicate_in_any_configfile_stops_the_dry_run(tmp_path):
+    """A real `snakemake -n --configfiles a.yaml b.yaml`: the repeat in the second file is found (the
+    files Snakemake loaded, workflow.configfiles), one message, no traceback, nothing run."""
+    wf = make_workdir(tmp_path, base())
+    (wf / "b.yaml").write_text("qc:\n  max_n: 1000\n  min_coverage: 0.2\n  max_n: 50\n")
+    proc = run_snakemake(wf, "-n", "--configfiles", "test.yaml", "b.yaml", check=False, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:]
+    assert "config key qc.max_n: given twice in b.yaml (lines 2 and 4)" in out, out[-3000:]
+    assert "Traceback" not in out and "Nothing was run." in out
+    assert not (wf / "results").exists()
+
+
+# ----------------------------------------------------------------------------- id-keyed tables
+@pytest.mark.parametrize("table", ["design_images", "design_collections"])
+@pytest.mark.parametrize("key", ["abc", "-5", "990001.0", 990001.0, "0", True, " 12"])
+def test_design_tables_keyed_by_ids_only(table, key):
+    """design_images / design_collections accepted any key, then ignored it (the design never applied)."""
+    cfg = base()
+    cfg["conversion"] = {table: {key: {"design": "two_sample", "n1": 10, "n2": 12}}}
+    what = "image" if table == "design_images" else "collection"
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, SCHEMA)
+    msg = str(info.value)
+    assert f"config key conversion.{table}.{key}: {key!r} is not a NeuroVault {what} id" in msg, msg
+    assert "Fix: key the table by" in msg and "design: two_sample" in msg
+    cfg["conversion"] = {
+        table: {990001: {"design": "two_sample", "n1": 10, "n2": 12}, "12": {"design": "one_sample"}}
+    }
+    check_config(cfg, SCHEMA)
+
+
+# ----------------------------------------------------------------------------- out of range
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["analyses"]["a"]["meta"].update(alpha=5),
+            "config key analyses.a.meta.alpha = 5 is out of range. Fix: give a number > 0 and < 1 "
+            "(default: 0.05).",
+        ),
+        (
+            lambda c: c["analyses"]["a"]["meta"].update(n_perm=5),
+            "config key analyses.a.meta.n_perm = 5 is out of range. Fix: give an integer >= 10 and "
+            "<= 100,000 (default: 1000).",
+        ),
+        (
+            lambda c: c["analyses"]["a"].update(cbma={"n_iters": 10**6}),
+            "config key analyses.a.cbma.n_iters = 1000000 is out of range. Fix: give an integer >= 1 "
+            "and <= 100,000 (default: 5000).",
+        ),
+        (
+            lambda c: c.update(qc={"max_abs_z": 0}),
+            "config key qc.max_abs_z = 0 is out of range. Fix: give a number > 0 (default: 50).",
+        ),
+        (
+            lambda c: c.update(conversion={"n_images": {"151": 0}}),
+            "config key conversion.n_images.151 = 0 is out of range. Fix: give an integer >= 1.",
+        ),
+        (
+            lambda c: c["analyses"]["a"].update(max_images=0),
+            "config key analyses.a.max_images = 0 is out of range. Fix: give an integer >= 1, or null "
+            "(default: null).",
+        ),
+        (
+            lambda c: c["analyses"]["a"].update(ica={"tol": 1}),
+            "config key analyses.a.ica.tol = 1 is out of range. Fix: give a number > 0 and <= 0.1 "
+            "(default: 1e-12).",
+        ),
+        (
+            lambda c: c["neurovault"].update(timeout="fast"),
+            "config key neurovault.timeout: 'fast' is not of type 'number'. Fix: give a number > 0 "
+            "(default: 30).",
+        ),
+        (
+            lambda c: c["neurovault"].update(mode="sometimes"),
+            "config key neurovault.mode: 'sometimes' is not one of ['download_new', 'overwrite', 'offline']. "
+            'Fix: use one of: "download_new", "overwrite", "offline" (default: "download_new").',
+        ),
+    ],
+)
+def test_fix_says_the_allowed_values(change, message):
+    """'Fix:' repeated the key's description for a value out of range instead of saying the range."""
+    with pytest.raises(ConfigError) as info:
+        check_config(mutate(change), SCHEMA)
+    assert str(info.value) == f"invalid configuration:\n  - {message}"

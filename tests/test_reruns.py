@@ -200,3 +200,33 @@ def test_f_selection_without_its_funnel_is_queried_again(setup):
     assert (analysis / "query_funnel.json").is_file() and (analysis / "qc.tsv").is_file()
     assert _without_source((analysis / "selection.tsv").read_text()) == _without_source(good)
     assert media == 0
+
+
+def test_g_dropped_method_is_swept_by_a_real_run_never_by_a_dry_run(setup):
+    """After a method left meta.methods, its meta/<method>/ folder (and a sensitivity table that
+    compared it) stayed on disk, indistinguishable from a result of the current run."""
+    srv, wf, cfg = setup
+    rerun(srv, wf, cfg)  # the module's config again (test_e edited it)
+    cfg = copy.deepcopy(cfg)
+    meta_b = wf / "results/analyses/B/meta"
+    cfg["analyses"]["B"]["meta"]["methods"] = ["stouffer", "fisher"]
+    proc, requests, _ = rerun(srv, wf, cfg)
+    assert ran(proc.stdout, "meta") == [{"analysis": "B", "method": "fisher"}] and requests == 0
+    assert (meta_b / "fisher" / "z.nii.gz").is_file() and (meta_b / "sensitivity.tsv").is_file()
+    stouffer_b = digest(meta_b / "stouffer" / "z.nii.gz")
+    stouffer_a = digest(wf / "results/analyses/A/meta/stouffer/z.nii.gz")
+
+    cfg["analyses"]["B"]["meta"]["methods"] = ["stouffer"]
+    # a dry run plans the sweep (the overview job) and deletes nothing
+    proc, _, _ = rerun(srv, wf, cfg, "-n")
+    assert ran(proc.stdout, "overview") == [{"analysis": "B"}]
+    assert (meta_b / "fisher" / "z.nii.gz").is_file() and (meta_b / "sensitivity.tsv").is_file()
+    proc, requests, _ = rerun(srv, wf, cfg)
+    assert ran(proc.stdout, "overview") == [{"analysis": "B"}] and ran(proc.stdout, "meta") == []
+    assert not (meta_b / "fisher").exists() and not (meta_b / "sensitivity.tsv").exists()
+    assert "results/analyses/B/meta/fisher/ removed: method fisher is no longer in" in proc.stdout
+    assert "results/analyses/B/meta/sensitivity.tsv removed" in proc.stdout
+    # what the config still asks for is untouched, here and in the other analysis
+    assert digest(meta_b / "stouffer" / "z.nii.gz") == stouffer_b
+    assert digest(wf / "results/analyses/A/meta/stouffer/z.nii.gz") == stouffer_a
+    assert sorted(p.name for p in meta_b.iterdir()) == ["stouffer"] and requests == 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from nvmeta.images.stats import MISSING_SAMPLE_SIZE, resolve_df, t_to_z
+from nvmeta.images.stats import MISSING_SAMPLE_SIZE, resolve_df, resolve_sample_size, t_to_z
 
 DFS = [1, 2, 3, 5, 10, 30, 100, 1000, 10000, 100000]
 REL_TOL = 1e-6
@@ -286,9 +286,109 @@ def test_n_rule_default_and_n_minus_1():
     assert resolve_df(rec(number_of_subjects=10), None) == (8.0, "n-2", None)
 
 
-@pytest.mark.parametrize(("n", "rule"), [(2, "n-2"), (1, "n-2"), (1, "n-1"), (0, "n-2"), (-4, "n-1")])
-def test_n_at_or_below_offset_is_missing(n, rule):
-    assert resolve_df(rec(number_of_subjects=n), {"df": rule}) == (None, None, MISSING_SAMPLE_SIZE)
+def test_zero_n_is_missing():
+    # NIDM maps are stored with n = 0: unknown, not a value to complain about
+    assert resolve_df(rec(number_of_subjects=0), {"df": "n-2"}) == (None, None, MISSING_SAMPLE_SIZE)
+
+
+@pytest.mark.parametrize(("n", "rule", "df"), [(2, "n-2", 0), (1, "n-2", -1), (1, "n-1", 0)])
+def test_n_at_or_below_offset_says_so(n, rule, df):
+    """n = 1 used to be reported as "missing sample size": the record has an n, too small for a df."""
+    got = resolve_df(rec(number_of_subjects=n), {"df": rule})
+    assert got[:2] == (None, None)
+    assert got[2] == (
+        f"implausible sample size: number_of_subjects = {n} leaves no degrees of freedom for a t map "
+        f"(df = n - {n - df} = {df} by the {rule!r} rule; set conversion.df_images to override)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("twenty", "'twenty' is not a number"),
+        ("nan", "'nan' is not a number"),
+        ("NaN", "'NaN' is not a number"),
+        ("0x14", "'0x14' is not a number"),
+        ("1_000", "'1_000' is not a number"),
+        ("inf", "'inf' is not a number"),
+        ("", None),
+        ("  ", None),
+        (True, "True is not a number"),
+        ([20], "[20] is not a number"),
+        ({"n": 20}, "{'n': 20} is not a number"),
+        ("x" * 100, "'" + "x" * 36 + "... is not a number"),
+        ("1e400", "= '1e400' is not finite"),
+        (float("inf"), "= inf is not finite"),
+        (float("-inf"), "= -inf is not finite"),
+        (10**400, "= " + "1" + "0" * 36 + "... is too large"),
+        (-4, "= -4 is negative"),
+        ("-4", "= -4 is negative"),
+        (20.5, "= 20.5 is not an integer"),
+    ],
+    ids=lambda v: repr(v)[:16],
+)
+def test_given_but_unusable_n_is_never_silently_missing(value, why):
+    """'twenty', 'nan', '0x14', inf or 1e400 in number_of_subjects used to become "missing sample size"
+    (or a processing error), as if the record had no n."""
+    s = resolve_sample_size(rec(number_of_subjects=value, statistic_parameters=18), {}, max_n=100_000)
+    if why is None:  # empty text is absent: statistic_parameters give the df
+        assert (s.n, s.df, s.reason) == (None, 18.0, None)
+        return
+    assert (s.n, s.df) == (None, None)
+    assert (
+        s.reason == f"implausible sample size: number_of_subjects {why} (set conversion.n_images to override)"
+    )
+    # an override replaces it, as for any unusable record value
+    s2 = resolve_sample_size(rec(number_of_subjects=value), {"n_images": {101: 30}}, max_n=100_000)
+    assert (s2.n, s2.n_source, s2.df, s2.reason) == (30, "n_images", 28.0, None)
+
+
+def test_numeric_types_from_tables_are_numbers():
+    assert resolve_sample_size(rec(number_of_subjects=np.int64(25)), {}).n == 25
+    assert resolve_sample_size(rec(number_of_subjects=np.float32(25.0)), {}).n == 25
+    assert resolve_sample_size(rec(number_of_subjects=" 25 "), {}).n == 25
+    assert resolve_sample_size(rec(number_of_subjects="2.5e1"), {}).n == 25
+    assert resolve_sample_size(rec(number_of_subjects=np.nan), {}).reason == MISSING_SAMPLE_SIZE
+
+
+TWO_SAMPLE = {"design": "two_sample", "n1": 12, "n2": 8}
+
+
+def test_two_sample_design_n_is_the_one_n():
+    # no n in the record: n1 + n2 is the n, and the df is n1 + n2 - 2 whatever conversion.df says
+    for conv in (
+        {"design_images": {"101": TWO_SAMPLE}, "df": "n-1"},
+        {"design_collections": {7: TWO_SAMPLE}},
+    ):
+        table = next(iter(k for k in conv if k.startswith("design")))
+        s = resolve_sample_size(rec(), conv)
+        assert (s.n, s.n_source, s.df, s.df_source, s.reason) == (20, table, 18.0, "two_sample", None)
+    # the record's n agrees: kept with its source
+    s = resolve_sample_size(rec(number_of_subjects=20), {"design_images": {101: TWO_SAMPLE}})
+    assert (s.n, s.n_source, s.df, s.df_source) == (20, "number_of_subjects", 18.0, "two_sample")
+    # an image entry wins over its collection's
+    conv = {"design_images": {101: TWO_SAMPLE}, "design_collections": {7: {**TWO_SAMPLE, "n1": 40}}}
+    assert resolve_sample_size(rec(number_of_subjects=20), conv).n == 20
+
+
+@pytest.mark.parametrize(
+    ("fields", "conv", "source"),
+    [
+        ({"number_of_subjects": 25}, {"design_images": {"101": TWO_SAMPLE}}, "number_of_subjects = 25"),
+        ({}, {"n_images": {101: 30}, "design_collections": {"7": TWO_SAMPLE}}, "n_images = 30"),
+    ],
+)
+def test_two_sample_design_conflicting_with_n_excludes(fields, conv, source):
+    """n1 + n2 = 20 against n = 25 gave g from 12/8 and sqrt(n) weights from 25, without a word."""
+    s = resolve_sample_size(rec(**fields), conv)
+    table = "design_images[101]" if "design_images" in conv else "design_collections[7]"
+    assert (s.n, s.df) == (None, None)
+    assert s.reason == (
+        f"sample size conflict: {source} but conversion.{table} declares n1 + n2 = 12 + 8 = 20 "
+        "(an image has one n: fix n1 and n2)"
+    )
+    # a Z map too: its weights read n
+    assert resolve_sample_size(rec(**fields), conv, need_df=False).reason == s.reason
 
 
 def test_nidm_zero_n_uses_config_n():
@@ -390,5 +490,8 @@ def test_non_integral_or_huge_n_is_not_silently_used():
     assert s.n is None and s.df is None and "1e+09 > qc.max_n = 100000" in s.reason
     s = resolve_sample_size(rec(number_of_subjects="30.0"), {"df": "n-1"}, max_n=100_000)
     assert (s.n, s.n_source, s.df, s.df_source, s.reason) == (30, "number_of_subjects", 29.0, "n-1", None)
+    # a Z map (need_df=False) gets its df too when it can be had (its effect sizes need it)
     s = resolve_sample_size(rec(number_of_subjects=0), {"n_collections": {"7": 12}}, need_df=False)
-    assert (s.n, s.n_source, s.df) == (12, "n_collections", None)
+    assert (s.n, s.n_source, s.df, s.reason) == (12, "n_collections", 10.0, None)
+    s = resolve_sample_size(rec(number_of_subjects=0), {}, need_df=False)
+    assert (s.n, s.df, s.reason) == (None, None, None)

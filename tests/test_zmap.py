@@ -205,7 +205,7 @@ EXCLUSIONS = [
     ("other", "map type not usable: other"),
     ("none", "map type not usable: None"),
     ("nidm_n0", "missing sample size"),
-    ("n_small", "missing sample size"),
+    ("n_small", "implausible sample size: number_of_subjects = 2 leaves no degrees of freedom for a t map"),
     ("two_volumes", "too many volumes: 2 (AFNI sub-brick selection not supported yet)"),
     ("truncated", "unreadable map: "),
     ("lying", "unreadable map: "),
@@ -667,3 +667,117 @@ def test_df_override_that_has_no_effect_is_said(tmp_path, caplog):
         conversion={"df": "n-2", "df_images": {"8": 5}},
     )
     assert (qc2["df"], qc2["df_source"]) == (5.0, "override_image") and "ignored_override" not in qc2
+
+
+# ---------------------------------------------------------------------------------------
+# A given but unusable sample size has its own reason, never "missing sample size"
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "map_type", "reason"),
+    [
+        ("twenty", "T map", "implausible sample size: number_of_subjects 'twenty' is not a number"),
+        ("nan", "T map", "implausible sample size: number_of_subjects 'nan' is not a number"),
+        ("0x14", "T map", "implausible sample size: number_of_subjects '0x14' is not a number"),
+        ("inf", "T map", "implausible sample size: number_of_subjects 'inf' is not a number"),
+        (True, "T map", "implausible sample size: number_of_subjects True is not a number"),
+        ("1e400", "T map", "implausible sample size: number_of_subjects = '1e400' is not finite"),
+        (float("inf"), "T map", "implausible sample size: number_of_subjects = inf is not finite"),
+        (10**400, "T map", "implausible sample size: number_of_subjects = 1000000000"),
+        (-5, "T map", "implausible sample size: number_of_subjects = -5 is negative"),
+        ("twenty", "Z map", "implausible sample size: number_of_subjects 'twenty' is not a number"),
+        (
+            1,
+            "T map",
+            "implausible sample size: number_of_subjects = 1 leaves no degrees of freedom for a t map "
+            "(df = n - 2 = -1 by the 'n-2' rule",
+        ),
+    ],
+    ids=lambda v: repr(v)[:16],
+)
+def test_unusable_number_of_subjects_has_its_own_reason(tmp_path, n, map_type, reason):
+    # metadata.json as the download writes it (json.dumps turns inf into Infinity, read back as inf)
+    rec = record(n=n, map_type=map_type, statistic_parameters=None)
+    qc, _ = run(tmp_path, rec, nib.Nifti1Image(t_data(12), T_AFF))
+    assert qc["status"] == "excluded"
+    assert qc["reason"].startswith(reason), qc["reason"]
+    assert qc["n"] is None or (type(n) is int and qc["n"] == 1)
+    # the user's override still rescues the image, and every consumer then reads that n
+    conv = {"df": "n-2", "n_images": {"7": 20}}
+    qc2, _ = run(
+        tmp_path, record(n=n, map_type=map_type), nib.Nifti1Image(t_data(12), T_AFF), conversion=conv
+    )
+    if type(n) is int and n == 1:  # a usable (if tiny) n comes first; a df override rescues it
+        assert qc2["status"] == "excluded"
+    else:
+        assert qc2["status"] == "included" and (qc2["n"], qc2["n_source"]) == (20, "n_images")
+
+
+def _with_effects(tmp_path: Path, rec: dict, t: np.ndarray, conversion: dict) -> tuple[dict, np.ndarray]:
+    d = tmp_path / "images" / str(rec["id"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metadata.json").write_text(json.dumps(rec))
+    nib.save(nib.Nifti1Image(t, T_AFF), d / "map.nii.gz")
+    qc = make_zmap(
+        d / "metadata.json",
+        d / "map.nii.gz",
+        MASK,
+        conversion,
+        d / "zmap.nii.gz",
+        d / "qc.json",
+        out_effects=(d / "g.nii.gz", d / "varg.nii.gz"),
+    )
+    return qc, np.asarray(nib.load(d / "g.nii.gz").dataobj, dtype=np.float64)
+
+
+def test_two_sample_design_and_record_n_are_one_n(tmp_path):
+    """n1 + n2 = 100 with number_of_subjects = 25 gave g from 50/50 and sqrt(n) weights from 25."""
+    t = t_data(13)
+    design = {"design_images": {"7": {"design": "two_sample", "n1": 50, "n2": 50}}}
+    qc, g = _with_effects(tmp_path, record(n=25), t, {"df": "n-2", **design})
+    assert qc["status"] == "excluded" and qc["n"] is None and np.isnan(g).all()
+    assert qc["reason"] == (
+        "sample size conflict: number_of_subjects = 25 but conversion.design_images[7] declares "
+        "n1 + n2 = 50 + 50 = 100 (an image has one n: fix n1 and n2)"
+    )
+    # a record without n: n1 + n2 is the image's n, the df n1 + n2 - 2 (whatever conversion.df says)
+    qc2, g2 = _with_effects(
+        tmp_path,
+        record(image_id=8, n=None),
+        t,
+        {"df": "n-1", "design_images": {"8": {"design": "two_sample", "n1": 12, "n2": 8}}},
+    )
+    assert qc2["status"] == "included"
+    assert (qc2["n"], qc2["n_source"], qc2["df"], qc2["df_source"]) == (
+        20,
+        "design_images",
+        18.0,
+        "two_sample",
+    )
+    # g by hand (Hedges & Olkin): d = t sqrt(1/n1 + 1/n2), J = 1 - 3 / (4 (n1 + n2 - 2) - 1)
+    hand = (1 - 3 / (4 * 18 - 1)) * t.astype(np.float64) * np.sqrt(1 / 12 + 1 / 8)
+    inside = MASK_B & (t != 0)
+    np.testing.assert_allclose(g2[inside], hand[inside], rtol=1e-5, atol=1e-6)
+    # the same n on both sides is fine, and the record's statistic_parameters still give the df
+    qc3, _ = _with_effects(
+        tmp_path,
+        record(image_id=9, n=20, statistic_parameters=18),
+        t,
+        {"df": "n-2", "design_images": {"9": {"design": "two_sample", "n1": 12, "n2": 8}}},
+    )
+    assert (qc3["status"], qc3["n"], qc3["df_source"]) == ("included", 20, "statistic_parameters")
+
+
+def test_z_map_effect_sizes_use_the_resolved_n_and_df(tmp_path):
+    """A Z map's g used to re-resolve df from the record without qc.max_n: number_of_subjects = 1e9
+    (> max_n, replaced by n_images = 20) gave weights from n = 20 and z -> t with df = 1e9 - 2."""
+    from nvmeta.images.effectsize import one_sample, z_to_t
+
+    z = t_data(14)
+    conv = {"df": "n-2", "n_images": {"7": 20}}
+    qc, g = _with_effects(tmp_path, record(n=1e9, map_type="Z map"), z, conv)
+    assert qc["status"] == "included" and (qc["n"], qc["n_source"]) == (20, "n_images")
+    inside = MASK_B & (z != 0)
+    expected = one_sample(z_to_t(z[inside].astype(np.float64), 18.0), 20)[1]
+    np.testing.assert_allclose(g[inside], expected, rtol=1e-5, atol=1e-6)

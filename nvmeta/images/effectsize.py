@@ -124,15 +124,10 @@ def z_to_t(z: Any, df: float) -> np.ndarray:
 
 def image_design(conversion: dict | None, image_id: Any, collection_id: Any) -> dict:
     """The design of an image: ``conversion.design_images[id]``, else ``design_collections[cid]``,
-    else ``{"design": "one_sample"}``."""
-    from nvmeta.images.stats import _lookup
+    else ``{"design": "one_sample"}`` (:func:`nvmeta.images.stats.image_design`, the one lookup)."""
+    from nvmeta.images.stats import image_design as lookup
 
-    conversion = conversion or {}
-    for table, key in (("design_images", image_id), ("design_collections", collection_id)):
-        value = _lookup(conversion.get(table) or {}, key) if key is not None else None
-        if value:
-            return dict(value)
-    return {"design": "one_sample"}
+    return lookup(conversion, image_id, collection_id)[0]
 
 
 def effect_sizes(z: np.ndarray, df: float, n: float | None, design: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -145,15 +140,19 @@ def effect_sizes(z: np.ndarray, df: float, n: float | None, design: dict) -> tup
     Raises
     ------
     ValueError
-        Missing or too small sample size for the design.
+        Missing or too small sample size for the design, or a two_sample design whose ``n1 + n2`` is
+        not ``n``.
     """
-    t = z_to_t(z, df)
     if design.get("design", "one_sample") == "two_sample":
-        _, g, var_g = two_sample(t, design["n1"], design["n2"])
+        n1, n2 = design["n1"], design["n2"]
+        if n is not None and n1 + n2 != n:
+            # the image's n is resolved once (nvmeta.images.stats): weights and g must not disagree
+            raise ValueError(f"n1 + n2 = {n1} + {n2} = {n1 + n2} is not the image's n = {n}")
+        _, g, var_g = two_sample(z_to_t(z, df), n1, n2)
     else:
         if n is None:
             raise ValueError("no sample size")
-        _, g, var_g = one_sample(t, n)
+        _, g, var_g = one_sample(z_to_t(z, df), n)
     return g, var_g
 
 
@@ -165,13 +164,15 @@ def write_effect_maps(
     mask_img: Any,
     out_g: str | os.PathLike,
     out_varg: str | os.PathLike,
+    df: float | None = None,
 ) -> None:
     """The z-map job's hook: write ``g.nii.gz`` and ``varg.nii.gz`` and note the design in ``qc``.
 
     ``zmap`` is the template-grid z array of an included image (None when excluded: both maps are
-    then all NaN). ``qc`` must already hold the image's resolved ``n`` and ``df`` (for a z map,
-    ``df`` is resolved here the same way, from the same record and config). Adds ``qc["design"]``
-    and ``qc["effect_size"]`` (``"ok"`` or why not).
+    then all NaN). ``qc`` must already hold the image's resolved ``n`` and, for a t map, ``df``; a
+    Z map's df (``qc["df"]`` is None) comes as ``df``, from the same one resolution
+    (:func:`nvmeta.images.stats.resolve_sample_size`). ``record`` is not read again for n or df.
+    Adds ``qc["design"]`` and ``qc["effect_size"]`` (``"ok"`` or why not).
     """
     import nibabel as nib
 
@@ -186,11 +187,7 @@ def write_effect_maps(
     if zmap is None:
         qc["effect_size"] = "image excluded"
     else:
-        df = qc.get("df")
-        if df is None:  # z map: the df its t would have had, resolved as for t maps
-            from nvmeta.images.stats import resolve_df
-
-            df = resolve_df(record, conversion or {})[0]
+        df = qc["df"] if qc.get("df") is not None else df
         if df is None:
             qc["effect_size"] = "no degrees of freedom (no sample size)"
         else:

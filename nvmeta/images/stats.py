@@ -7,6 +7,8 @@ This module is imported by every per-image job, so it only imports numpy and
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -273,15 +275,47 @@ def _as_float(value: Any) -> float | None:
         return None
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return out if math.isfinite(out) else None
 
 
-def _positive_n(value: Any) -> float | None:
-    """A usable sample size (finite, > 0), else None (NIDM maps carry n = 0)."""
-    n = _as_float(value)
-    return n if n is not None and n > 0 else None
+#: A sample size written as text: decimal digits, optionally a fraction and an exponent. Python's
+#: ``float()`` also reads "nan", "inf", "1_000" and more, none of which is a count of subjects.
+_NUMBER_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 40 characters (a reason names the value, not a whole document)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _sample_size_value(source: str, value: Any) -> tuple[float | None, str | None]:
+    """A candidate sample size from ``source`` as ``(number, None)``, ``(None, None)`` when absent, or
+    ``(None, why)``.
+
+    Absent: None, an empty string, or a float NaN (pandas' missing value in selection rows). Anything
+    else that is not a finite number (``"twenty"``, ``"nan"``, ``"0x14"``, ``True``, ``inf``, ``1e400``)
+    gets its own reason: it was given, so it must not pass as missing.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None, None
+        if not _NUMBER_TEXT.fullmatch(text):
+            return None, f"implausible sample size: {source} {_shown(value)} is not a number"
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None, f"implausible sample size: {source} {_shown(value)} is not a number"
+    try:
+        out = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None, f"implausible sample size: {source} = {_shown(value)} is too large"
+    if not math.isfinite(out):
+        return None, f"implausible sample size: {source} = {_shown(value)} is not finite"
+    return out, None
 
 
 @dataclass(frozen=True)
@@ -292,17 +326,20 @@ class SampleSize:
     ----------
     n : int or None
         Sample size: ``number_of_subjects``, else ``conversion.n_images[id]``, else
-        ``conversion.n_collections[collection_id]`` (the first usable one).
+        ``conversion.n_collections[collection_id]``, else ``n1 + n2`` of a declared two_sample design
+        (the first usable one).
     n_source : str or None
-        ``"number_of_subjects"``, ``"n_images"`` or ``"n_collections"``.
+        ``"number_of_subjects"``, ``"n_images"``, ``"n_collections"``, ``"design_images"`` or
+        ``"design_collections"``.
     df : float or None
-        Degrees of freedom (see :func:`resolve_sample_size` for the order).
+        Degrees of freedom (see :func:`resolve_sample_size` for the order), also for a Z map when
+        they can be had (its effect sizes convert z back to t).
     df_source : str or None
-        ``"statistic_parameters"``, the rule (``"n-2"``/``"n-1"``), ``"override_image"`` or
-        ``"override_collection"``.
+        ``"statistic_parameters"``, the rule (``"n-2"``/``"n-1"``), ``"two_sample"``,
+        ``"override_image"`` or ``"override_collection"``.
     reason : str or None
-        Why the image must be excluded (implausible n or df, or no df): None when usable. For a Z map
-        only an implausible n is a reason (a Z map needs no df).
+        Why the image must be excluded (unusable, implausible or conflicting n, or no df): None when
+        usable. For a Z map only a problem with n is a reason (a Z map needs no df).
     """
 
     n: int | None
@@ -312,11 +349,77 @@ class SampleSize:
     reason: str | None
 
 
-def _n_candidates(record: Mapping[str, Any], conversion: Mapping[str, Any]):
+def image_design(
+    conversion: Mapping[str, Any] | None, image_id: Any, collection_id: Any
+) -> tuple[dict, str | None]:
+    """The declared design of an image and the table it comes from.
+
+    ``conversion.design_images[id]``, else ``design_collections[collection_id]``, else
+    ``({"design": "one_sample"}, None)``.
+    """
+    conversion = conversion or {}
+    for table, key in (("design_images", image_id), ("design_collections", collection_id)):
+        value = _lookup(conversion.get(table), key) if key is not None else None
+        if value:
+            return dict(value), table
+    return {"design": "one_sample"}, None
+
+
+def _n_candidates(record: Mapping[str, Any], conversion: Mapping[str, Any], design: dict, table: str | None):
     image_id = record.get("id", record.get("image_id"))
     yield "number_of_subjects", record.get("number_of_subjects")
     yield "n_images", _lookup(conversion.get("n_images"), image_id)
     yield "n_collections", _lookup(conversion.get("n_collections"), record.get("collection_id"))
+    if design.get("design") == "two_sample":
+        # the user's own statement of the two group sizes: the image's n when nothing else gives one
+        yield table, design["n1"] + design["n2"]
+
+
+def _resolve_n(
+    record: Mapping[str, Any], conversion: Mapping[str, Any], max_n: float | None
+) -> tuple[int | None, str | None, str | None]:
+    """``(n, n_source, reason)``: the first usable sample size, or why none is (None: simply absent)."""
+    design, table = image_design(
+        conversion, record.get("id", record.get("image_id")), record.get("collection_id")
+    )
+    problem: str | None = None
+    n: int | None = None
+    n_source: str | None = None
+    for source, value in _n_candidates(record, conversion, design, table):
+        v, why = _sample_size_value(source, value)
+        if why is not None:
+            problem = problem or why
+            continue
+        if v is None or v == 0:  # absent; NIDM maps are stored with n = 0
+            continue
+        if v < 0:
+            problem = problem or f"implausible sample size: {source} = {v:g} is negative"
+        elif v != math.floor(v):
+            problem = problem or f"implausible sample size: {source} = {v:g} is not an integer"
+        elif max_n is not None and v > max_n:
+            problem = problem or f"implausible sample size: {source} = {v:g} > qc.max_n = {max_n:g}"
+        else:
+            n, n_source = int(v), source
+            break
+    if n is None:
+        return None, None, None if problem is None else problem + " (set conversion.n_images to override)"
+    if table is not None and design.get("design") == "two_sample" and n_source != table:
+        n1, n2 = design["n1"], design["n2"]
+        if n1 + n2 != n:
+            key = (
+                record.get("id", record.get("image_id"))
+                if table == "design_images"
+                else record.get("collection_id")
+            )
+            return (
+                None,
+                None,
+                (
+                    f"sample size conflict: {n_source} = {n} but conversion.{table}[{key}] declares "
+                    f"n1 + n2 = {n1} + {n2} = {n1 + n2} (an image has one n: fix n1 and n2)"
+                ),
+            )
+    return n, n_source, None
 
 
 def resolve_sample_size(
@@ -328,33 +431,39 @@ def resolve_sample_size(
     """Resolve an image's sample size ``n`` and degrees of freedom ``df`` once, with their sources.
 
     ``n`` is the first *usable* value of ``record["number_of_subjects"]``,
-    ``conversion["n_images"][image_id]``, ``conversion["n_collections"][collection_id]``; a missing,
-    zero or negative value (NIDM maps carry 0) is skipped. A positive value that is not an integer or
-    exceeds ``max_n`` is implausible: it is skipped too, so an override can replace it, and when no
-    later source gives a usable ``n`` the image is excluded with that value named in the reason (a
-    sample size never silently becomes another number).
+    ``conversion["n_images"][image_id]``, ``conversion["n_collections"][collection_id]`` and, for a map
+    declared ``two_sample`` (``conversion.design_images`` / ``design_collections``), ``n1 + n2``. A missing
+    value (None, empty, NaN) or zero (NIDM maps carry 0) is skipped. A value that is given but unusable
+    (not a number: ``"twenty"``, ``"nan"``, ``"0x14"``; not finite: ``inf``, ``1e400``; negative; not an
+    integer; above ``max_n``) is skipped too, so an override can replace it, and when no later source gives
+    a usable ``n`` the image is excluded with that value named in the reason (a sample size never silently
+    becomes another number, or missing). A two_sample design whose ``n1 + n2`` differs from the ``n`` found
+    first excludes the image with both numbers in the reason: weights, df and effect sizes all read one n.
 
-    ``df`` (only when ``need_df``) is then, in this order (issue 3):
+    ``df`` is then, in this order:
 
     1. ``record["statistic_parameters"]`` when finite, ``>= 1`` and ``<= n`` (when ``n`` is known); a
        value ``> n`` is ignored. With ``n`` unknown, a value ``> max_n`` excludes the image (a df cannot
        exceed the sample size).
-    2. The rule ``conversion["df"]`` (``"n-2"`` default, ``"n-1"``): ``df = n - offset`` if ``n > offset``.
+    2. From ``n``: ``n1 + n2 - 2`` for a two_sample map (``"two_sample"``), else the rule
+       ``conversion["df"]`` (``"n-2"`` default, ``"n-1"``): ``df = n - offset`` if ``n > offset``.
     3. ``conversion["df_images"][image_id]``, then ``conversion["df_collections"][collection_id]``.
-    4. Otherwise excluded: ``"missing sample size"``.
+    4. Otherwise excluded: ``"missing sample size"``, or, when ``n`` is known but too small to leave any
+       df (``n = 1`` with the ``n-2`` rule), a reason saying so.
 
     Parameters
     ----------
     record : mapping
         NeuroVault image record (``id`` or ``image_id``, ``collection_id``, ``statistic_parameters``,
-        ``number_of_subjects``; any may be missing, None, NaN or a numeric string).
+        ``number_of_subjects``; any may be missing, None, NaN, a string or a value of any JSON type).
     conversion : mapping or None
         ``config["conversion"]`` (``df``, ``df_images``, ``df_collections``, ``n_images``,
-        ``n_collections``; dict keys may be str or int).
+        ``n_collections``, ``design_images``, ``design_collections``; dict keys may be str or int).
     max_n : float, optional
         ``qc.max_n``: upper bound on a plausible ``n`` and ``df`` (None: no bound).
     need_df : bool
-        False for Z maps: only ``n`` is resolved.
+        False for Z maps: no df is not a reason (the df is still resolved when it can be, for their
+        effect sizes).
 
     Returns
     -------
@@ -369,53 +478,60 @@ def resolve_sample_size(
     rule = conversion.get("df") or "n-2"
     if rule not in _DF_OFFSETS:
         raise ValueError(f"conversion.df must be 'n-2' or 'n-1', got {rule!r}")
-    offset = _DF_OFFSETS[rule]
-    image_id = record.get("id", record.get("image_id"))
-    collection_id = record.get("collection_id")
+    n, n_source, problem = _resolve_n(record, conversion, max_n)
+    if problem is not None:
+        return SampleSize(None, None, None, None, problem)
+    df, df_source, reason = _resolve_df(record, conversion, n, n_source, rule, max_n)
+    return SampleSize(n, n_source, df, df_source, reason if need_df else None)
 
-    n: int | None = None
-    n_source: str | None = None
-    problem: str | None = None
-    for source, value in _n_candidates(record, conversion):
-        v = _positive_n(value)
-        if v is None:
-            continue
-        if v != math.floor(v):
-            problem = problem or f"implausible sample size: {source} = {v:g} is not an integer"
-            continue
-        if max_n is not None and v > max_n:
-            problem = problem or f"implausible sample size: {source} = {v:g} > qc.max_n = {max_n:g}"
-            continue
-        n, n_source = int(v), source
-        break
-    if n is None and problem is not None:
-        return SampleSize(None, None, None, None, problem + " (set conversion.n_images to override)")
-    if not need_df:
-        return SampleSize(n, n_source, None, None, None)
 
-    def done(df: float, df_source: str) -> SampleSize:
-        return SampleSize(n, n_source, float(df), df_source, None)
-
+def _resolve_df(
+    record: Mapping[str, Any],
+    conversion: Mapping[str, Any],
+    n: int | None,
+    n_source: str | None,
+    rule: str,
+    max_n: float | None,
+) -> tuple[float | None, str | None, str | None]:
+    """``(df, df_source, reason)`` of :func:`resolve_sample_size` once ``n`` is known (or absent)."""
     # 1. statistic_parameters
     sp = _as_float(record.get("statistic_parameters"))
     if sp is not None and sp >= 1 and (n is None or sp <= n):
         if n is None and max_n is not None and sp > max_n:
-            reason = f"implausible degrees of freedom: statistic_parameters = {sp:g} > qc.max_n = {max_n:g}"
-            return SampleSize(None, None, None, None, reason)
-        return done(sp, "statistic_parameters")
+            return (
+                None,
+                None,
+                f"implausible degrees of freedom: statistic_parameters = {sp:g} > qc.max_n = {max_n:g}",
+            )
+        return sp, "statistic_parameters", None
 
-    # 2. n rule
+    # 2. from n: a declared two-sample map has n1 + n2 - 2, whatever the rule for one-sample maps
+    design = image_design(conversion, record.get("id", record.get("image_id")), record.get("collection_id"))[
+        0
+    ]
+    rule, offset = ("two_sample", 2) if design.get("design") == "two_sample" else (rule, _DF_OFFSETS[rule])
     if n is not None and n > offset:
-        return done(n - offset, rule)
+        return float(n - offset), rule, None
 
     # 3. overrides
-    for mapping_key, source in (("df_images", "override_image"), ("df_collections", "override_collection")):
-        key = image_id if mapping_key == "df_images" else collection_id
+    for mapping_key, source, key in (
+        ("df_images", "override_image", record.get("id", record.get("image_id"))),
+        ("df_collections", "override_collection", record.get("collection_id")),
+    ):
         value = _as_float(_lookup(conversion.get(mapping_key), key))
         if value is not None and value > 0:
-            return done(value, source)
+            return value, source, None
 
-    return SampleSize(n, n_source, None, None, MISSING_SAMPLE_SIZE)
+    if n is not None:
+        return (
+            None,
+            None,
+            (
+                f"implausible sample size: {n_source} = {n} leaves no degrees of freedom for a t map "
+                f"(df = n - {offset} = {n - offset} by the {rule!r} rule; set conversion.df_images to override)"
+            ),
+        )
+    return None, None, MISSING_SAMPLE_SIZE
 
 
 def unused_df_override(

@@ -9,8 +9,9 @@ Every image ends with both outputs, so Snakemake's outputs are always complete:
 - ``qc.json``: status ``included``/``excluded``, the exclusion reason and what was done (see README, "Outputs").
 
 An image is excluded, never crashes the job, for: a failed download, an unusable map type, a t map without
-sample size, an implausible sample size or df (non-integral n, n or df above ``qc.max_n``), a map whose header
-says it decodes to more than ``qc.max_map_mb`` (checked before its data are read), several volumes, an
+sample size, an unusable or implausible sample size or df (not a number, not finite, negative, non-integral,
+n or df above ``qc.max_n``, too small to leave a df), a two_sample design whose n1 + n2 is not the image's n,
+a map whose header says it decodes to more than ``qc.max_map_mb`` (checked before its data are read), several volumes, an
 unreadable or lying file, no finite data, all zeros, a constant map, implausible values, an implied effect size
 ``max |t| / sqrt(n)`` above ``qc.max_t_per_sqrt_n`` (a map stored scaled, e.g. x1000), or no data inside the
 template mask.
@@ -305,6 +306,7 @@ def make_zmap(
     }
     zmap = None
     meta: dict = {}
+    size = None
     try:
         try:
             meta = read_json(metadata_path)
@@ -318,7 +320,8 @@ def make_zmap(
         map_type = qc["map_type"] = meta.get("map_type")
         from nvmeta.images.stats import resolve_sample_size, unused_df_override
 
-        # n and df resolved once, here; qc.json carries them to every consumer (weights, effect sizes, QC).
+        # n and df resolved once, here; qc.json carries them to every consumer (weights, effect sizes, QC);
+        # a two_sample design's n1 + n2 is that same n (or the image is excluded for the conflict).
         size = resolve_sample_size(meta, conversion, max_n=limits["max_n"], need_df=map_type == T_MAP)
         qc["n"], qc["n_source"] = size.n, size.n_source
         if nv.get("status") != "ok":
@@ -398,7 +401,9 @@ def make_zmap(
         from nvmeta.images.effectsize import write_effect_maps
 
         included = qc["status"] == "included"
-        write_effect_maps(zmap if included else None, qc, meta, conversion, mask_img, *out_effects)
+        # a Z map's df (for z -> t) from the same one resolution as its n; qc.json keeps df null for it
+        df = size.df if size is not None else None
+        write_effect_maps(zmap if included else None, qc, meta, conversion, mask_img, *out_effects, df=df)
     write_json(out_qc, qc)
     return qc
 

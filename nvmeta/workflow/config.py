@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,13 +75,55 @@ def schema_errors(config: dict, schema: dict) -> list[str]:
             )
             continue
         node = _schema_node(schema, path)
-        hint = node.get("description", "")
-        default = node.get("default", None)
-        fix = f"Fix: {hint}" if hint else "Fix: see README's config reference."
-        if "default" in node:
-            fix += f" (default: {json.dumps(default)})"
+        default = f" (default: {json.dumps(node['default'])})" if "default" in node else ""
+        allowed = _allowed(node)
+        if err.validator in _RANGE_VALIDATORS and allowed:
+            messages.append(
+                f"config key {_dotted(path)} = {json.dumps(err.instance)} is out of range. "
+                f"Fix: give {allowed}{default}."
+            )
+            continue
+        if err.validator == "type" and allowed:
+            fix = f"Fix: give {allowed}{default}."
+        elif err.validator == "enum":
+            fix = f"Fix: use one of: {', '.join(json.dumps(v) for v in err.validator_value)}{default}."
+        elif node.get("description"):
+            fix = f"Fix: {node['description']}{default}"
+        else:
+            fix = "Fix: see README's config reference."
         messages.append(f"config key {_dotted(path)}: {err.message}. {fix}")
     return messages
+
+
+#: JSON-schema keywords that bound a number: their "Fix:" states the allowed range.
+_RANGE_VALIDATORS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    return repr(value)
+
+
+def _allowed(node: dict) -> str | None:
+    """What a numeric schema node accepts, in words ("an integer >= 10 and <= 100,000"), else None."""
+    types = node.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    kind = "an integer" if "integer" in types else "a number" if "number" in types else None
+    if kind is None:
+        return None
+    bounds = [
+        f"{op} {_number(node[key])}"
+        for key, op in (
+            ("minimum", ">="),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "<="),
+            ("exclusiveMaximum", "<"),
+        )
+        if key in node
+    ]
+    text = " and ".join([kind + (" " + bounds[0] if bounds else ""), *bounds[1:]])
+    return text + (", or null" if "null" in types else "")
 
 
 def load_schema(schema_path: str | os.PathLike) -> dict:
@@ -98,11 +141,23 @@ MAX_CONFIG_VALUES = 200_000
 ANALYSIS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: Where the workflow writes; nothing it reads as configuration may live there.
 RESULTS_DIR = "results"
-#: Tables of conversion overrides keyed by image or collection id.
-_OVERRIDE_TABLES = ("df_images", "n_images", "df_collections", "n_collections")
+#: Tables of conversion overrides keyed by image or collection id, with an example entry.
+_OVERRIDE_TABLES = {
+    "df_images": "{12345: 18}",
+    "n_images": "{12345: 20}",
+    "df_collections": "{1425: 18}",
+    "n_collections": "{1425: 20}",
+    "design_images": "{12345: {design: two_sample, n1: 10, n2: 12}}",
+    "design_collections": "{1425: {design: two_sample, n1: 10, n2: 12}}",
+}
 
 
-def check_config(config: dict, schema_path: str | os.PathLike, basedir: str | os.PathLike = ".") -> dict:
+def check_config(
+    config: dict,
+    schema_path: str | os.PathLike,
+    basedir: str | os.PathLike = ".",
+    configfiles: Iterable[str | os.PathLike] = (),
+) -> dict:
     """Validate ``config`` in place, fill every schema default, and return it.
 
     After this call every key the schema knows is present, including the nested
@@ -117,12 +172,20 @@ def check_config(config: dict, schema_path: str | os.PathLike, basedir: str | os
         ``workflow/schemas/config.schema.yaml``.
     basedir : path-like
         Directory relative paths (mask, snapshot) are resolved against (the working directory).
+    configfiles : iterable of path-like
+        The files ``config`` was loaded from, read again for keys given twice in one mapping (a YAML
+        loader keeps the last one silently, so the merged ``config`` cannot show them).
 
     Raises
     ------
     ConfigError
         With every problem found, each naming its key and the fix.
     """
+    from nvmeta.workflow.config_files import duplicate_key_problems
+
+    problems = duplicate_key_problems(configfiles)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     # Cheap structural checks first: they bound the cost of everything after them.
     problems = _size_problems(config)
     if problems:
@@ -202,7 +265,10 @@ def freeze(value: Any) -> Any:
 
 
 def check_config_or_exit(
-    config: dict, schema_path: str | os.PathLike, basedir: str | os.PathLike = "."
+    config: dict,
+    schema_path: str | os.PathLike,
+    basedir: str | os.PathLike = ".",
+    configfiles: Iterable[str | os.PathLike] = (),
 ) -> dict:
     """:func:`check_config` for the Snakefile: a broken config prints its message and exits 1.
 
@@ -210,7 +276,7 @@ def check_config_or_exit(
     a config error is the user's to fix, not a bug, so it is printed as is (stderr) instead.
     """
     try:
-        return check_config(config, schema_path, basedir)
+        return check_config(config, schema_path, basedir, configfiles)
     except ConfigError as exc:
         print(f"nvmeta: {exc}\nNothing was run.", file=sys.stderr)
         raise SystemExit(1) from None
@@ -342,14 +408,14 @@ def _is_id(key: Any) -> bool:
 def _check_overrides(conversion: dict) -> list[str]:
     """Override tables are keyed by NeuroVault ids: any other key would be silently ignored."""
     problems = []
-    for table in _OVERRIDE_TABLES:
+    for table, example in _OVERRIDE_TABLES.items():
         what = "image" if table.endswith("images") else "collection"
         for key in conversion[table]:
             if not _is_id(key):
                 problems.append(
                     f"config key conversion.{table}.{key}: {key!r} is not a NeuroVault {what} id, so "
-                    f"this override would never apply. Fix: key the table by {what} id "
-                    f"(a positive integer, e.g. {{12345: 20}})."
+                    f"this entry would never apply. Fix: key the table by {what} id "
+                    f"(a positive integer, e.g. {example})."
                 )
     return problems
 

@@ -92,6 +92,10 @@ def overview_job(analysis: str, input: Any, output: Any, log: Any, methods: list
         figures.append((input.mean_z, "Mean z of the included maps (per voxel, over the maps with data)."))
         figures.append((input.coverage, "Coverage: how many included maps have data at each voxel."))
     with job_log(f"nvmeta.figures.overview.{analysis}", log[0], echo=True) as logger:
+        # runs whenever the method list changes: the folders of dropped methods must not look current
+        from nvmeta.workflow.stale import remove_stale_meta_outputs
+
+        remove_stale_meta_outputs(Path(output[0]).parent, methods, logger)
         write_overview(
             output[0],
             analysis,
