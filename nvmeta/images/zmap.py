@@ -239,6 +239,90 @@ def _write_nifti(data: np.ndarray, mask_img: nib.Nifti1Image, dest: str | os.Pat
         nib.save(img, tmp)
 
 
+#: Every key of qc.json, in order (a field the job did not reach stays null).
+QC_FIELDS = (
+    "image_id",
+    "collection_id",
+    "status",
+    "reason",
+    "map_type",
+    "n",
+    "n_source",
+    "df",
+    "df_source",
+    "source_max_abs",
+    "z_min",
+    "z_max",
+    "max_abs_z",
+    "coverage",
+    "source_shape",
+    "source_voxel_size",
+    "source_affine_orientation",
+    "resampled",
+    "resample_method",
+)
+
+
+def _resolve_statistic(
+    meta: dict,
+    metadata_path: str | os.PathLike,
+    conversion: Mapping[str, Any],
+    limits: Mapping[str, Any],
+    qc: dict,
+):
+    """Fill the record's ids, map type, n and df into ``qc``; raise :class:`Excluded` when the image
+    cannot be converted (failed download, unusable sample size, unsupported map type).
+
+    n and df are resolved once, here: qc.json carries them to every consumer (weights, effect sizes,
+    QC), and a two_sample design's n1 + n2 is that same n (or the image is excluded for the conflict).
+    """
+    from nvmeta.images.stats import resolve_sample_size, unused_df_override
+
+    nv = meta.get("nvmeta") or {}
+    qc["image_id"] = _int_or_none(meta.get("id"))
+    if qc["image_id"] is None:  # fall back on the directory name results/images/{id}/
+        qc["image_id"] = _int_or_none(Path(metadata_path).parent.name)
+    qc["collection_id"] = _int_or_none(meta.get("collection_id"))
+    map_type = qc["map_type"] = meta.get("map_type")
+    size = resolve_sample_size(meta, conversion, max_n=limits["max_n"], need_df=map_type == T_MAP)
+    qc["n"], qc["n_source"] = size.n, size.n_source
+    if nv.get("status") != "ok":
+        raise Excluded(R_DOWNLOAD.format(nv.get("reason") or "unknown reason"))
+    if map_type == T_MAP:
+        if size.df is None:
+            raise Excluded(size.reason or "missing sample size")
+        qc["df"], qc["df_source"] = size.df, size.df_source
+        ignored = unused_df_override(meta, conversion, size)
+        if ignored:
+            qc["ignored_override"] = ignored
+            logger.warning("image %s: %s", qc["image_id"], ignored)
+    elif map_type == Z_MAP:
+        qc["df_source"] = "z map"
+        if size.reason:
+            raise Excluded(size.reason)
+    else:
+        raise Excluded(R_MAP_TYPE.format(map_type))
+    return size
+
+
+def _check_implied_effect(max_abs: float, size, qc: dict, limits: Mapping[str, Any]) -> None:
+    """Exclude a map whose strongest voxel implies an implausible one-sample d = t / sqrt(n)
+    (``qc.max_t_per_sqrt_n``; df + 1 stands for n when only df is known): a map stored scaled."""
+    n_eff, n_label = (size.n, "n") if size.n else (None, None)
+    if n_eff is None and size.df is not None:
+        n_eff, n_label = size.df + 1, "df + 1"
+    if n_eff and max_abs / math.sqrt(n_eff) > limits["max_t_per_sqrt_n"]:
+        raise Excluded(
+            R_EFFECT.format(
+                stat="t" if qc["map_type"] == T_MAP else "z",
+                n_label=n_label,
+                value=max_abs / math.sqrt(n_eff),
+                limit=limits["max_t_per_sqrt_n"],
+                max_abs=max_abs,
+            )
+        )
+
+
 def make_zmap(
     metadata_path: str | os.PathLike,
     map_path: str | os.PathLike,
@@ -283,27 +367,8 @@ def make_zmap(
     conversion = conversion or {}
     if limits is None:
         limits = _default_limits()
-    qc: dict[str, Any] = {
-        "image_id": None,
-        "collection_id": None,
-        "status": "excluded",
-        "reason": None,
-        "map_type": None,
-        "n": None,
-        "n_source": None,
-        "df": None,
-        "df_source": None,
-        "source_max_abs": None,
-        "z_min": None,
-        "z_max": None,
-        "max_abs_z": None,
-        "coverage": None,
-        "source_shape": None,
-        "source_voxel_size": None,
-        "source_affine_orientation": None,
-        "resampled": None,
-        "resample_method": None,
-    }
+    qc: dict[str, Any] = dict.fromkeys(QC_FIELDS)
+    qc["status"] = "excluded"
     zmap = None
     meta: dict = {}
     size = None
@@ -312,52 +377,11 @@ def make_zmap(
             meta = read_json(metadata_path)
         except Exception as exc:
             raise Excluded(f"unreadable metadata: {_short(exc)}") from exc
-        nv = meta.get("nvmeta") or {}
-        qc["image_id"] = _int_or_none(meta.get("id"))
-        if qc["image_id"] is None:  # fall back on the directory name results/images/{id}/
-            qc["image_id"] = _int_or_none(Path(metadata_path).parent.name)
-        qc["collection_id"] = _int_or_none(meta.get("collection_id"))
-        map_type = qc["map_type"] = meta.get("map_type")
-        from nvmeta.images.stats import resolve_sample_size, unused_df_override
-
-        # n and df resolved once, here; qc.json carries them to every consumer (weights, effect sizes, QC);
-        # a two_sample design's n1 + n2 is that same n (or the image is excluded for the conflict).
-        size = resolve_sample_size(meta, conversion, max_n=limits["max_n"], need_df=map_type == T_MAP)
-        qc["n"], qc["n_source"] = size.n, size.n_source
-        if nv.get("status") != "ok":
-            raise Excluded(R_DOWNLOAD.format(nv.get("reason") or "unknown reason"))
-        if map_type == T_MAP:
-            if size.df is None:
-                raise Excluded(size.reason or "missing sample size")
-            qc["df"], qc["df_source"] = size.df, size.df_source
-            ignored = unused_df_override(meta, conversion, size)
-            if ignored:
-                qc["ignored_override"] = ignored
-                logger.warning("image %s: %s", qc["image_id"], ignored)
-        elif map_type == Z_MAP:
-            qc["df_source"] = "z map"
-            if size.reason:
-                raise Excluded(size.reason)
-        else:
-            raise Excluded(R_MAP_TYPE.format(map_type))
-
+        size = _resolve_statistic(meta, metadata_path, conversion, limits, qc)
         data, affine = load_map(map_path, qc, max_map_mb=limits["max_map_mb"])
         valid, max_abs = check_values(data)
         qc["source_max_abs"] = max_abs
-        # effect size a map implies: one-sample d = t / sqrt(n) (df + 1 when only df is known)
-        n_eff, n_label = (size.n, "n") if size.n else (None, None)
-        if n_eff is None and size.df is not None:
-            n_eff, n_label = size.df + 1, "df + 1"
-        if n_eff and max_abs / math.sqrt(n_eff) > limits["max_t_per_sqrt_n"]:
-            raise Excluded(
-                R_EFFECT.format(
-                    stat="t" if map_type == T_MAP else "z",
-                    n_label=n_label,
-                    value=max_abs / math.sqrt(n_eff),
-                    limit=limits["max_t_per_sqrt_n"],
-                    max_abs=max_abs,
-                )
-            )
+        _check_implied_effect(max_abs, size, qc, limits)
 
         from nvmeta.images.resample import resample_to_template
 
@@ -369,7 +393,7 @@ def make_zmap(
         qc["resampled"] = method != "identity"
         if coverage <= 0:
             raise Excluded(R_NO_OVERLAP)
-        if map_type == T_MAP:
+        if qc["map_type"] == T_MAP:
             from nvmeta.images.stats import t_to_z
 
             # t -> z on the template grid's data voxels only (pointwise, so identical to converting first on
