@@ -106,19 +106,7 @@ def build_studyset(
         cid = str(qc.get("collection_id") or meta.get("collection_id") or row.collection_id)
         doi = _clean(collection.get("DOI") or collection.get("doi"))
         if cid not in studies:
-            studies[cid] = {
-                "id": cid,
-                "name": collection.get("name") or f"NeuroVault collection {cid}",
-                "authors": collection.get("authors") or "",
-                "publication": collection.get("journal_name") or "",
-                "metadata": {
-                    "doi": doi,
-                    "neurovault_collection_id": int(cid) if cid.isdigit() else cid,
-                    "collection_url": collection.get("url") or f"https://neurovault.org/collections/{cid}/",
-                },
-                "analyses": [],
-            }
-        n = qc.get("n")
+            studies[cid] = _study(cid, collection, doi)
         base = {
             "neurovault_image_id": image_id,
             "neurovault_collection_id": int(cid) if cid.isdigit() else cid,
@@ -132,72 +120,100 @@ def build_studyset(
             "map_type": qc.get("map_type"),
             "df": qc.get("df"),
         }
-        if n is not None:
-            base["sample_sizes"] = [int(n)]
-        images = [
-            {
-                "url": f"images/{image_id}/zmap.nii.gz",
-                "filename": "zmap.nii.gz",
-                "space": SPACE,
-                "value_type": "Z map",
-            }
-        ]
-        if qc.get("map_type") == "T map" and (folder / "map.nii.gz").is_file():
-            images.append(
-                {
-                    "url": f"images/{image_id}/map.nii.gz",
-                    "filename": "map.nii.gz",
-                    "space": "MNI",
-                    "value_type": "T map",
-                }
-            )
-        for name, value_type, what in (
-            ("g.nii.gz", "beta", "Hedges' g"),
-            ("varg.nii.gz", "varcope", "var(g)"),
-        ):
-            ref = _image_ref(results_dir, image_id, name)
-            if ref:
-                images.append(
-                    {
-                        "url": ref,
-                        "filename": name,
-                        "space": SPACE,
-                        "value_type": value_type,
-                        "metadata": {"statistic": what},
-                    }
-                )
+        if qc.get("n") is not None:
+            base["sample_sizes"] = [int(qc["n"])]
+        images = _images(results_dir, image_id, qc)
         group = by_image.get(image_id)
         for sign in ("positive", "negative"):
             pts = group[group["sign"] == sign] if group is not None else peaks.iloc[0:0]
             if sign == "negative" and pts.empty:
                 continue
-            md = dict(base, sign=sign)
-            if len(pts):
-                md["coordinate_cluster_voxels"] = [int(v) for v in pts["cluster_voxels"]]
-                md["coordinate_peak"] = [str(v) for v in pts["peak"]]
-            studies[cid]["analyses"].append(
-                {
-                    "id": str(image_id) if sign == "positive" else f"{image_id}_neg",
-                    "name": (meta.get("name") or str(image_id))
-                    + ("" if sign == "positive" else " (negative peaks)"),
-                    "conditions": [{"name": meta.get("contrast_definition") or "default", "description": ""}],
-                    "weights": [1.0],
-                    "images": images if sign == "positive" else [],
-                    "points": [
-                        {
-                            "space": "MNI",
-                            "coordinates": [float(p.x), float(p.y), float(p.z)],
-                            "values": [{"kind": "z_stat", "value": float(p.z_value)}],
-                        }
-                        for p in pts.itertuples(index=False)
-                    ],
-                    "metadata": md,
-                }
-            )
+            studies[cid]["analyses"].append(_analysis(image_id, sign, meta, base, images, pts))
     return {
         "id": f"nvmeta-{analysis}",
         "name": f"nvmeta analysis {analysis}: {len(rows)} NeuroVault images",
         "studies": list(studies.values()),
+    }
+
+
+def _study(cid: str, collection: dict, doi: str | None) -> dict:
+    """One NIMADS study: a NeuroVault collection, with its DOI and URL."""
+    return {
+        "id": cid,
+        "name": collection.get("name") or f"NeuroVault collection {cid}",
+        "authors": collection.get("authors") or "",
+        "publication": collection.get("journal_name") or "",
+        "metadata": {
+            "doi": doi,
+            "neurovault_collection_id": int(cid) if cid.isdigit() else cid,
+            "collection_url": collection.get("url") or f"https://neurovault.org/collections/{cid}/",
+        },
+        "analyses": [],
+    }
+
+
+def _images(results_dir: Path, image_id: int, qc: dict) -> list[dict]:
+    """The image entries of one map: its template-grid z, the downloaded t map, and g / var(g)
+    when the z-map job wrote them (as NiMARE's ``beta`` / ``varcope``)."""
+    images = [
+        {
+            "url": f"images/{image_id}/zmap.nii.gz",
+            "filename": "zmap.nii.gz",
+            "space": SPACE,
+            "value_type": "Z map",
+        }
+    ]
+    if qc.get("map_type") == "T map" and _image_ref(results_dir, image_id, "map.nii.gz"):
+        images.append(
+            {
+                "url": f"images/{image_id}/map.nii.gz",
+                "filename": "map.nii.gz",
+                "space": "MNI",
+                "value_type": "T map",
+            }
+        )
+    for name, value_type, what in (
+        ("g.nii.gz", "beta", "Hedges' g"),
+        ("varg.nii.gz", "varcope", "var(g)"),
+    ):
+        ref = _image_ref(results_dir, image_id, name)
+        if ref:
+            images.append(
+                {
+                    "url": ref,
+                    "filename": name,
+                    "space": SPACE,
+                    "value_type": value_type,
+                    "metadata": {"statistic": what},
+                }
+            )
+    return images
+
+
+def _analysis(
+    image_id: int, sign: str, meta: dict, base: dict, images: list[dict], pts: pd.DataFrame
+) -> dict:
+    """One NIMADS analysis: a map's peaks of one sign (its images only on the positive one)."""
+    md = dict(base, sign=sign)
+    if len(pts):
+        md["coordinate_cluster_voxels"] = [int(v) for v in pts["cluster_voxels"]]
+        md["coordinate_peak"] = [str(v) for v in pts["peak"]]
+    positive = sign == "positive"
+    return {
+        "id": str(image_id) if positive else f"{image_id}_neg",
+        "name": (meta.get("name") or str(image_id)) + ("" if positive else " (negative peaks)"),
+        "conditions": [{"name": meta.get("contrast_definition") or "default", "description": ""}],
+        "weights": [1.0],
+        "images": images if positive else [],
+        "points": [
+            {
+                "space": "MNI",
+                "coordinates": [float(p.x), float(p.y), float(p.z)],
+                "values": [{"kind": "z_stat", "value": float(p.z_value)}],
+            }
+            for p in pts.itertuples(index=False)
+        ],
+        "metadata": md,
     }
 
 
