@@ -483,6 +483,33 @@ def test_near_identical_maps_give_no_absurd_robust_z(tmp_path):
         assert (st.vec(out, "se") >= se_fe * (1 - 1e-5)).all()  # float32 maps
 
 
+def test_a_map_whose_g_was_not_computed_is_not_counted(tmp_path):
+    """An included map with n = 3 has a z-map but no g (one-sample g needs n >= 4): the effect
+    methods leave it out by name and reason, with the map that has no sample size; k_maps,
+    k_units and the result count only the maps that were pooled."""
+    st = EffectStudy(tmp_path)
+    rng = np.random.default_rng(43)
+    for image_id, n in ((1, 20), (2, 30), (3, 3), (4, 25)):
+        st.add_t(image_id, rng.normal(size=st.n_vox) + 2.0, n)
+    qc4 = st.path(4).with_name("qc.json")
+    qc4.write_text(json.dumps({**json.loads(qc4.read_text()), "n": None}))  # no sample size
+    assert "n >= 4" in json.loads(st.path(3).with_name("qc.json").read_text())["effect_size"]
+    summary, out = st.run("fixed_effects_hedges", {"min_maps": 1})
+    assert summary["k_maps"] == 2 and summary["k_units"] == 2
+    warned = " | ".join(summary["warnings"])
+    assert "1 map(s) without a sample size left out: [4]" in warned
+    assert (
+        "1 map(s) without effect sizes left out: 3 (not computed: one-sample effect sizes need n >= 4"
+        in warned
+    )
+    y, v = _effect_maps(st, [1, 2])
+    np.testing.assert_allclose(st.vec(out, "est"), pool("fixed_effects_hedges", y, v)["est"], rtol=1e-5)
+    assert (st.vec(out, "k") == 2).all()
+    # the z methods read map 3 (its z exists)
+    summary_z, _ = st.run("stouffer", {"min_maps": 1})
+    assert summary_z["k_maps"] == 4
+
+
 # ---------------------------------------------------------------------------------------
 # the g / var(g) stack of pass 2 (issue 12: effect methods at 20,000 maps)
 # ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from nvmeta.meta import outputs
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
 from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS, will_jackknife
 from nvmeta.meta.estimators import get_estimator
-from nvmeta.meta.units import Source, mask_data, plan_units, read_included, resolved_n
+from nvmeta.meta.units import Source, effect_size_problem, mask_data, plan_units, read_included, resolved_n
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         str(cfg["combine_within"]),
         lambda i: resolved_n(qc_json_for(i)),
         needs_n=est_cls.needs_n,
+        # an image whose g was not computed (n < 4, no df) has all-NaN effect maps: not a unit
+        problem_for=(lambda i: effect_size_problem(qc_json_for(i))) if est_cls.needs == "effect" else None,
         method=method,
         combine_label=est_cls.combine_label,
         log=log,

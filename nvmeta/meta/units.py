@@ -78,12 +78,31 @@ def read_included(qc_tsv: str | os.PathLike):
     return df
 
 
+def _qc(qc_json: str | os.PathLike) -> dict:
+    try:
+        qc = read_json(qc_json)
+    except (OSError, ValueError):
+        return {}
+    return qc if isinstance(qc, dict) else {}
+
+
 def resolved_n(qc_json: str | os.PathLike) -> float | None:
     """The image's one resolved sample size: ``n`` of its ``qc.json`` (None when absent or not > 0)."""
-    try:
-        n = read_json(qc_json).get("n")
-    except (OSError, ValueError):
-        return None
+    return _positive(_qc(qc_json).get("n"))
+
+
+def effect_size_problem(qc_json: str | os.PathLike) -> str | None:
+    """Why the image has no g / var(g) maps (``qc.json``'s ``effect_size``), or None when it has them.
+
+    The z-map job writes ``"ok"`` or the reason (``"not computed: ... need n >= 4, got 3"``, ``"no
+    degrees of freedom ..."``); its maps are then all NaN. A ``qc.json`` without the key (written
+    before effect sizes existed) is taken as having them.
+    """
+    status = _qc(qc_json).get("effect_size", "ok")
+    return None if status == "ok" else str(status or "effect size not computed")
+
+
+def _positive(n: Any) -> float | None:
     try:
         n = float(n)
     except (TypeError, ValueError):
@@ -116,6 +135,7 @@ def plan_units(
     n_for: Callable[[int], float | None] | None = None,
     *,
     needs_n: bool = False,
+    problem_for: Callable[[int], str | None] | None = None,
     method: str = "",
     combine_label: str = "Stouffer-combined",
     log: logging.Logger | None = None,
@@ -133,6 +153,11 @@ def plan_units(
         ``needs_n``.
     needs_n : bool
         The method needs a sample size per map: maps without one are left out (warning).
+    problem_for : callable, optional
+        ``image_id -> None`` when the map has what the method reads, else the reason: such maps
+        are left out too (one warning naming each with its reason), before the units are formed,
+        so that ``n_maps``, the units and the messages count only the maps that are read (the
+        effect-size methods: :func:`effect_size_problem`).
     method : str
         Method name (messages).
     combine_label : str
@@ -155,6 +180,16 @@ def plan_units(
         rows = rows.loc[~bad].reset_index(drop=True)
         n_vals = n_vals[~bad]
         sizes_by_id = {int(i): float(n) for i, n in zip(rows["image_id"], n_vals, strict=True)}
+    if problem_for is not None:
+        problems = {int(i): problem_for(int(i)) for i in rows["image_id"]}
+        bad_ids = [i for i, why in problems.items() if why]
+        if bad_ids:
+            msg = f"{method}: {len(bad_ids)} map(s) without effect sizes left out: " + "; ".join(
+                f"{i} ({problems[i]})" for i in bad_ids
+            )
+            notes.append(msg)
+            log.warning(msg)
+            rows = rows[~rows["image_id"].astype(int).isin(bad_ids)].reset_index(drop=True)
     groups: dict[str, list[int]] = {}
     sizes: dict[str, list[float]] = {}
     collections: dict[int, float] = {}
