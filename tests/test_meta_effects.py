@@ -463,7 +463,7 @@ def test_robust_methods_need_five_maps_at_a_voxel(tmp_path):
 def test_near_identical_maps_give_no_absurd_robust_z(tmp_path):
     """Five of six maps agree to 1e-3 in a block of voxels (realistic n, var(g) ~ 0.04): the
     spread-only variance collapsed there (z in the hundreds, as the demo's z = 379 and 480 from 5
-    maps); now z is at most the fixed-effects z of the same maps."""
+    maps); now z is at most the fixed-effects z of the same maps, and the run's check passes."""
     st = EffectStudy(tmp_path)
     rng = np.random.default_rng(41)
     block = np.arange(st.n_vox) < 60
@@ -479,6 +479,7 @@ def test_near_identical_maps_give_no_absurd_robust_z(tmp_path):
         z = st.vec(out, "z")
         assert np.abs(z[block]).max() <= 1.01 * np.abs(z_fe[block]).max(), method
         assert summary["z_max"] < 1.2 * np.nanmax(z_fe), method
+        assert summary["plausibility"]["ok"] is True and summary["plausibility"]["peak_ok"] is True
         se_fe = st.vec(out_fe, "se")
         assert (st.vec(out, "se") >= se_fe * (1 - 1e-5)).all()  # float32 maps
 
