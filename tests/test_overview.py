@@ -133,3 +133,26 @@ def test_overview_page_is_self_contained(tmp_path):
     rows = re.findall(r"<tr><td>([^<]+)</td><td class='num'>([\d,]+)</td>", page)
     assert rows == [("selected", "10"), ("downloaded", "9"), ("converted", "9"), ("passed QC", "7")]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("overview")] == ["overview.html"]
+
+
+def test_an_implausible_peak_is_not_headlined(tmp_path):
+    """A method whose summary.json flags its peak (nvmeta.meta.plausibility) gets no count and no
+    peak in the summary paragraph, but the flag; one whose peak passes keeps them, with a note
+    when other voxels failed."""
+    d, s = _inputs(tmp_path, peak=379.2)
+    flagged = {**s, "plausibility": {"ok": False, "peak_ok": False, "n_voxels_over_bound": 1019,
+                                     "message": "median: 1019 reported voxel(s) have |z| above ..."}}  # fmt: skip
+    passing = {**s, "plausibility": {"ok": False, "peak_ok": True, "n_voxels_over_bound": 11, "message": "x"}}
+    text = analysis_summary(
+        "pain", tmp_path / "funnel.tsv", tmp_path / "qc.tsv",
+        {"median": {"summary": flagged, "peak": peak_of(d / "z_fdr.nii.gz")},
+         "ttest": {"summary": passing, "peak": (7.98, (0.0, -2.0, 4.0))}},
+    )  # fmt: skip
+    assert "379.2" not in text and "1,234 voxels survived" in text  # the count is the t-test's only
+    assert text.count("voxels survived") == 2  # FDR and Bonferroni of the t-test
+    assert (
+        "Its result fails the plausibility check, so no count or peak of it is given here: "
+        "median: 1019 reported voxel(s) have |z| above ..." in text
+    )
+    assert "the strongest is z = 8.0 at MNI (0, -2, 4) mm" in text
+    assert "(11 voxels of it failed the plausibility check: see the warnings.)" in text

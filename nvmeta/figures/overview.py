@@ -147,6 +147,13 @@ def analysis_summary(
             sentence = f"The {_plural(int(k), 'map')}{per} were combined voxel by voxel with {text}."
         else:
             sentence = f"Combined with {text} instead:"
+        plaus = s.get("plausibility") or {}
+        if plaus.get("peak_ok") is False:  # summary.json's check (nvmeta.meta.plausibility)
+            parts.append(
+                f"{sentence} Its result fails the plausibility check, so no count or peak of it is given here: "
+                f"{plaus.get('message', '')}."
+            )
+            continue
         if n_fdr is None:
             sentence += " No FDR result was recorded."
         elif n_fdr == 0:
@@ -166,6 +173,11 @@ def analysis_summary(
             n_bonf = s.get("n_significant_bonferroni")
             if n_bonf is not None:
                 sentence += f" With the stricter Bonferroni correction, {_fmt_int(n_bonf)} voxels survived."
+        if plaus.get("ok") is False:
+            sentence += (
+                f" ({_plural(int(plaus.get('n_voxels_over_bound', 0)), 'voxel')} of it failed the plausibility "
+                "check: see the warnings.)"
+            )
         parts.append(sentence)
     if ica_terms_tsv is not None and Path(ica_terms_tsv).exists():
         import pandas as pd

@@ -10,6 +10,7 @@ Bonferroni, FWE), :mod:`~nvmeta.meta.outputs` (maps, cluster tables, figure) and
   ``results/analyses/{a}/meta/{method}/``: ``z, p, logp, k, q, z_fdr, z_bonf`` maps (``.nii.gz``; ``p`` float64, ``logp`` = −log10 p),
   ``clusters.tsv`` (FDR map) and ``clusters_bonf.tsv`` (Bonferroni map), ``z.png`` and
   ``summary.json``; ``permutation`` adds ``p_fwe``, ``z_fwe`` and ``clusters_fwe.tsv``.
+  ``summary.json`` carries each method's plausibility check (:mod:`~nvmeta.meta.plausibility`).
 - :func:`sensitivity` compares the FDR-thresholded maps of several methods (Dice overlap).
 
 Estimators (``meta.methods``)

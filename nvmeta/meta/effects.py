@@ -18,34 +18,31 @@ var g, ``w_i = 1 / v_i``):
     offered: it needs an iterative fit per voxel (Fisher scoring, tens of passes over every map)
     and would break the fan-in's budget of about twice the Stouffer time; DL is the standard
     non-iterative choice (and PyMARE's and NiMARE's default).
-``median``
-    The median of the y (robust to outlying studies; Peraza et al. 2025), with
-    ``var = π / (2k) · (1.4826 · MAD)²`` (the large-sample variance of a normal sample's median,
-    with the MAD as a robust σ).
-``trimmed_mean``
-    The γ-trimmed mean (``meta.trim``, default 0.2: ``floor(γ k)`` values cut from each end, as
-    :func:`scipy.stats.trim_mean`), with the Tukey–McLaughlin / Yuen variance
-    ``s²_w / ((1 − 2γ)² k)`` from the winsorised sample variance ``s²_w``.
+``median``, ``trimmed_mean``
+    The median and the γ-trimmed mean of the y (robust to outlying studies; Peraza et al. 2025),
+    with a variance that is never below what the maps' sampling variances imply and p-values from
+    Student's t (Yuen 1974 for the trimmed mean): :mod:`nvmeta.meta.robust`.
 
-Every method reports ``est`` (pooled g), ``se``, ``z = est / se`` with its log-space p,
+Every method reports ``est`` (pooled g), ``se``, ``z`` with its log-space p (``z = est / se``;
+for the robust methods the normal deviate of the Student-t p of ``est / se``),
 ``Q`` and ``I² = max(0, (Q − (k − 1)) / Q)`` (Higgins & Thompson 2002; from the fixed-effect fit),
 ``k`` and ``tau2``: the random-effects methods' own τ²; for ``fixed_effects_hedges`` (which
-assumes τ² = 0) and the robust estimators (which do not use the variances) the DL moment τ², as a
-heterogeneity descriptor next to their Q and I² (both from the fixed-effect fit).
+assumes τ² = 0) and the robust estimators the DL moment τ², as a heterogeneity descriptor next to
+their Q and I² (both from the fixed-effect fit).
 
 Memory and passes: the maps' files are read once; while they are read, the fixed-effect and moment
 sums are accumulated per voxel (memory O(voxels)) and what a second pass needs goes to a float32
 stack on disk (a temporary next to the outputs, swept if the job is killed, laid out by voxel chunk:
 :class:`_Stack`). ``fixed_effects_hedges`` needs nothing more (no stack, unless the jackknife runs);
 the random-effects methods need one more pass, over g and var(g), for their ``1 / (v + τ²)``
-weights; the robust methods over g alone; they and the jackknife read the stack in voxel chunks
+weights; the robust methods over g alone (their variance floor needs only sums of the v, taken in
+pass 1); they and the jackknife read the stack in voxel chunks
 whose size follows the number of maps (about :data:`CHUNK_BYTES` of arrays in memory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -54,6 +51,7 @@ from typing import ClassVar
 import numpy as np
 
 from nvmeta.meta.estimators import ESTIMATORS, Estimator, Fit, logp_from_z
+from nvmeta.meta.robust import ROBUST_METHODS, pool_robust, variance_sums
 from nvmeta.meta.units import Source
 
 #: Working memory of one voxel chunk: about 16 arrays of k × chunk float64 are alive at once in
@@ -64,10 +62,8 @@ JACKKNIFE_MAX_UNITS = 300
 #: Maps buffered before the stack of g / var(g) is written, chunk by chunk (see :class:`_Stack`).
 STACK_BUFFER_BYTES = 128 * 2**20
 
-_MAD_SCALE = 1.4826
-#: The robust estimators' variances come from the spread of the g values themselves (MAD,
-#: winsorised variance): with 2-4 maps at a voxel two near-equal values give a near-zero se and an
-#: absurd z (seen at the edge of the demo's coverage: z = 4250 from 2 maps), so they need 5 maps.
+#: Fewest maps at a voxel for the robust estimators: below 5 values a 20 % trimmed mean trims
+#: nothing and a median is no more robust than the mean of the two or three values it rests on.
 ROBUST_MIN_K = 5
 
 
@@ -142,89 +138,16 @@ def pool(method: str, y: np.ndarray, v: np.ndarray, trim: float = 0.2) -> dict[s
             tau2 = np.where(k >= 2, np.maximum(0.0, s2 - vbar), 0.0)
         est, se = _random(y, v, ok, tau2)
         out["tau2"] = np.where(k >= 1, tau2, np.nan)
-    elif method in ("median", "trimmed_mean"):
-        est, se = pool_robust(method, np.where(ok, y, np.nan), k, trim)
+    elif method in ROBUST_METHODS:
+        r = pool_robust(method, np.where(ok, y, np.nan), k, variance_sums(np.where(ok, v, np.nan)), trim)
+        out.update(est=r["est"], se=r["se"], z=r["z"], df=r["df"])
+        return out
     else:
         raise ValueError(f"unknown effect-size method {method!r}")
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(se > 0, est / se, np.nan)
     out.update(est=est, se=se, z=z)
     return out
-
-
-def pool_robust(
-    method: str, ys: np.ndarray, k: np.ndarray, trim: float = 0.2
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(est, se)`` of a robust estimator over the columns of ``ys`` (k × n, NaN = no data).
-
-    Parameters
-    ----------
-    method : str
-        ``median`` or ``trimmed_mean``.
-    ys : ndarray
-        Effect sizes, NaN where a unit has no data.
-    k : ndarray of int
-        Finite values per column.
-    trim : float
-        γ of ``trimmed_mean``.
-    """
-    if method == "median":
-        est = _colmedian(ys, k)
-        mad = _colmedian(np.abs(ys - est), k)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            se = np.sqrt(math.pi / (2.0 * k.astype(np.float64))) * _MAD_SCALE * mad
-        return est, se
-    if method == "trimmed_mean":
-        return _trimmed(ys, k, trim)
-    raise ValueError(f"{method!r} is not a robust estimator")
-
-
-def _colmedian(ys: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Median of each column over its ``k`` finite values (NaN = no data), by one sort.
-
-    Equal to :func:`numpy.nanmedian` (the tests compare), which falls back on a per-column Python
-    loop when some values are NaN and was the slowest step of the median method.
-    """
-    s = np.sort(ys, axis=0)  # NaN last
-    cols = np.arange(s.shape[1])
-    lo = s[np.clip((k - 1) // 2, 0, s.shape[0] - 1), cols]
-    hi = s[np.clip(k // 2, 0, s.shape[0] - 1), cols]
-    out = 0.5 * (lo + hi)
-    out[k < 1] = np.nan
-    return out
-
-
-def _trimmed(ys: np.ndarray, k: np.ndarray, trim: float) -> tuple[np.ndarray, np.ndarray]:
-    """γ-trimmed mean and its winsorised standard error, per column (NaN = no data).
-
-    After one sort, the winsorised sample is the ``k − 2g`` kept values plus ``g`` copies of each
-    of the extreme kept values ``lo`` and ``hi``: its mean and its (two-pass) sum of squares are
-    sums over the kept values plus those two terms, so no winsorised copy is built (``np.nanvar``
-    of such a copy cost three times the sort).
-    """
-    s = np.sort(ys, axis=0)  # NaN last
-    n_rows, n = s.shape
-    g = np.floor(trim * k).astype(np.int64)  # values cut at each end (scipy.stats.trim_mean)
-    idx = np.arange(n_rows)[:, None]
-    keep = (idx >= g) & (idx < (k - g))
-    kept = (k - 2 * g).astype(np.float64)
-    kf = k.astype(np.float64)
-    gf = g.astype(np.float64)
-    cols = np.arange(n)
-    lo = s[np.minimum(g, n_rows - 1), cols]
-    hi = s[np.clip(k - g - 1, 0, n_rows - 1), cols]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(keep, s, 0.0)
-        sum_kept = t.sum(axis=0)
-        mean = sum_kept / kept
-        mw = (sum_kept + gf * (lo + hi)) / kf  # the winsorised mean
-        np.subtract(s, mw, out=t, where=keep)  # deviations of the kept values; 0 elsewhere
-        ss = np.einsum("ij,ij->j", t, t) + gf * ((lo - mw) ** 2 + (hi - mw) ** 2)
-        ss[lo == hi] = 0.0  # a constant winsorised sample: exactly 0 (not rounding noise), so z is NaN
-        se = np.sqrt(ss / (kf - 1.0)) / ((1.0 - 2.0 * trim) * np.sqrt(kf))
-    mean[k < 1] = np.nan
-    se[k < 2] = np.nan
-    return mean, se
 
 
 @contextlib.contextmanager
@@ -399,7 +322,8 @@ class _EffectEstimator(Estimator):
         step = _chunk_size(n_units)
         jackknife = will_jackknife(self.cfg, n_units)
         # what pass 2 and the jackknife read: fixed effects nothing (unless the jackknife runs),
-        # the robust estimators g only, the random-effects methods and the jackknife g and var(g)
+        # the robust estimators g only (their floor needs pass 1's sums of v, 1/v and v^-1/2),
+        # the random-effects methods and the jackknife g and var(g)
         stack = None
         if self.name != "fixed_effects_hedges" or jackknife:
             fields = 2 if (self.random_effects or jackknife) else 1
@@ -407,7 +331,9 @@ class _EffectEstimator(Estimator):
             stack = _Stack(workdir, n_units, n_vox, fields, step)
         self._stack, self._source = stack, source
         # pass 1 (the files, once): the stack, and the fixed-effect and moment sums per voxel
-        sums = {n: np.zeros(n_vox) for n in ("w", "wy", "wyy", "ww", "y", "yy", "v")}
+        robust = self.name in ROBUST_METHODS
+        names = ("w", "wy", "wyy", "ww", "y", "yy", "v") + (("isd",) if robust else ())
+        sums = {n: np.zeros(n_vox) for n in names}
         k = np.zeros(n_vox, dtype=np.int64)
         for i, (_unit, g, v) in enumerate(source.iter_effects()):
             if stack is not None:
@@ -419,6 +345,8 @@ class _EffectEstimator(Estimator):
             for name, val in (("w", w), ("wy", w * gi), ("wyy", w * gi * gi), ("ww", w * w), ("y", gi),
                               ("yy", gi * gi), ("v", vi)):  # fmt: skip
                 sums[name][ok] += val
+            if robust:
+                sums["isd"][ok] += np.sqrt(w)
             if (i + 1) % 100 == 0:
                 self.log.info(f"{self.name}: {i + 1}/{n_units} maps read")
         if stack is not None:
@@ -433,28 +361,15 @@ class _EffectEstimator(Estimator):
             s2 = (sums["yy"] - sums["y"] ** 2 / kf) / (kf - 1.0)
             tau2_he = np.where(k >= 2, np.maximum(0.0, s2 - sums["v"] / kf), 0.0)
         none = k < 1
-        res = {"est": est_fe, "se": None, "z": None, "tau2": tau2_dl, "Q": q, "I2": i2}
+        res = {"est": est_fe, "se": None, "z": None, "tau2": tau2_he if self.name == "hedges" else tau2_dl,
+               "Q": q, "I2": i2}  # fmt: skip
+        extra = {}
         if self.name == "fixed_effects_hedges":
             with np.errstate(divide="ignore", invalid="ignore"):
                 res["se"] = 1.0 / np.sqrt(sums["w"])
+                res["z"] = np.where(res["se"] > 0, res["est"] / res["se"], np.nan)
         else:
-            res["est"], res["se"] = np.full(n_vox, np.nan), np.full(n_vox, np.nan)
-            if self.name == "hedges":
-                res["tau2"] = tau2_he
-            tau2 = res["tau2"]
-            # pass 2 (the stack, in voxel chunks): random-effects weights, or the robust estimates
-            for a in range(0, n_vox if n_units else 0, step):
-                b = min(n_vox, a + step)
-                y, v = stack.take(slice(a, b))
-                if self.random_effects:
-                    ok = np.isfinite(y) & np.isfinite(v) & (v > 0)
-                    res["est"][a:b], res["se"][a:b] = _random(y, v, ok, tau2[a:b])
-                else:  # units without data at a voxel are NaN in g (Source.iter_effects)
-                    kc = np.isfinite(y).sum(axis=0)
-                    est, se = pool_robust(self.name, y, kc, float(self.cfg["trim"]))
-                    res["est"][a:b], res["se"][a:b] = est, se
-        with np.errstate(divide="ignore", invalid="ignore"):
-            res["z"] = np.where(res["se"] > 0, res["est"] / res["se"], np.nan)
+            extra = self._pass2(stack, res, sums, step, n_vox if n_units else 0)
         for name in res:
             res[name] = np.where(none, np.nan, res[name])
         z = res.pop("z")
@@ -469,7 +384,36 @@ class _EffectEstimator(Estimator):
                 summary["est_max"] = float(np.nanmax(res["est"][reported]))
                 summary["tau2_median"] = float(np.nanmedian(res["tau2"][reported]))
                 summary["I2_median"] = float(np.nanmedian(res["I2"][reported]))
+                if robust:
+                    summary.update(_robust_summary(self.name, extra, reported))
         return Fit(z=z, logp=logp, k=k, reported=reported, maps=res, summary=summary)
+
+    def _pass2(self, stack: _Stack, res: dict, sums: dict, step: int, n_vox: int) -> dict:
+        """Pass 2 (the stack, in voxel chunks): random-effects weights, or the robust estimates
+        (with pass 1's ``sums`` of v, 1 / v and v^-1/2 for their floor).
+
+        Fills ``res``'s est, se and z; returns the robust methods' per-voxel ``df`` and
+        ``floored`` (empty for the random-effects methods).
+        """
+        n = len(res["Q"])
+        res["est"], res["se"], res["z"] = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+        robust = {} if self.random_effects else {"df": np.full(n, np.nan), "floored": np.zeros(n, bool)}
+        for a in range(0, n_vox, step):
+            b = min(n_vox, a + step)
+            y, v = stack.take(slice(a, b))
+            if self.random_effects:
+                ok = np.isfinite(y) & np.isfinite(v) & (v > 0)
+                est, se = _random(y, v, ok, res["tau2"][a:b])
+                res["est"][a:b], res["se"][a:b] = est, se
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    res["z"][a:b] = np.where(se > 0, est / se, np.nan)
+            else:  # units without data at a voxel are NaN in g (Source.iter_effects)
+                vsums = {name: sums[name][a:b] for name in ("v", "w", "isd")}
+                r = pool_robust(self.name, y, np.isfinite(y).sum(axis=0), vsums, float(self.cfg["trim"]))
+                for name in ("est", "se", "z"):
+                    res[name][a:b] = r[name]
+                robust["df"][a:b], robust["floored"][a:b] = r["df"], r["floored"]
+        return robust
 
     random_effects: ClassVar[bool] = False
     family: ClassVar[str] = ""
@@ -549,17 +493,31 @@ class Hedges(_EffectEstimator):
 
 
 class Median(_EffectEstimator):
-    __doc__ = "Median of Hedges' g with a MAD-based variance (robust; Peraza et al. 2025)."
+    __doc__ = "Median of Hedges' g, its variance floored by the maps' var(g) (robust; nvmeta.meta.robust)."
     name = "median"
     family = "robust"
     min_k = ROBUST_MIN_K
 
 
 class TrimmedMean(_EffectEstimator):
-    __doc__ = "γ-trimmed mean of Hedges' g with the winsorised variance (robust; Peraza et al. 2025)."
+    __doc__ = "γ-trimmed mean of Hedges' g, Yuen's variance floored by the maps' var(g) (nvmeta.meta.robust)."
     name = "trimmed_mean"
     family = "robust"
     min_k = ROBUST_MIN_K
+
+
+def _robust_summary(method: str, robust: dict, reported: np.ndarray) -> dict:
+    """``summary.json`` entries of a robust method: its p distribution, df and how often the
+    sampling-variance floor, not the spread of the g, set the variance."""
+    df = robust["df"][reported]
+    fin = df[np.isfinite(df)]
+    ref = "Yuen's trimmed t, df = h - 1" if method == "trimmed_mean" else "t, df = 0.3675 (k - 1)"
+    return {
+        "p_distribution": f"Student t ({ref}; Satterthwaite df where the sampling-variance floor binds)",
+        "df_min": float(fin.min()) if fin.size else None,
+        "df_median": float(np.median(fin)) if fin.size else None,
+        "se_floor_fraction": float(robust["floored"][reported].mean()),
+    }
 
 
 EFFECT_ESTIMATORS = (FixedEffectsHedges, DerSimonianLaird, Hedges, Median, TrimmedMean)

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from nvmeta.io import write_json, write_tsv
-from nvmeta.meta import outputs
+from nvmeta.meta import outputs, plausibility
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
 from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS, will_jackknife
 from nvmeta.meta.estimators import get_estimator
-from nvmeta.meta.units import Source, mask_data, plan_units, read_included, resolved_n
+from nvmeta.meta.units import Source, effect_size_problem, mask_data, plan_units, read_included, resolved_n
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +127,13 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
     n_vox = int(mask.sum())
     alpha = float(cfg["alpha"])
     two_sided = bool(cfg["two_sided"])
-    rows = read_included(qc_tsv)
     plan = plan_units(
-        rows,
+        read_included(qc_tsv),
         str(cfg["combine_within"]),
         lambda i: resolved_n(qc_json_for(i)),
         needs_n=est_cls.needs_n,
+        # an image whose g was not computed (n < 4, no df) has all-NaN effect maps: not a unit
+        problem_for=(lambda i: effect_size_problem(qc_json_for(i))) if est_cls.needs == "effect" else None,
         method=method,
         combine_label=est_cls.combine_label,
         log=log,
@@ -170,76 +171,36 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         log.warning(msg)
 
     def save(values, name, **kw):
-        img = outputs.to_img(values, mask, affine, **kw)
-        outputs.save_img(img, outdir / f"{name}.nii.gz")
-        return img
+        outputs.save_img(outputs.to_img(values, mask, affine, **kw), outdir / f"{name}.nii.gz")
 
     save(z, "z")
     # p as float64 (float32 flushes p < 1.2e-38 to 0 and loses precision from 1e-38 down), and
     # -log10 p (float32) as NiMARE's "logp" map: finite wherever p is, even far beyond float64.
     save(p, "p", dtype=np.float64)
     save(-logp / math.log(10.0), "logp")
-    kdtype = np.int16 if n_units < 32000 else np.int32
-    save(k, "k", fill=0, dtype=kdtype)
-    save(q, "q")
-    save(z_fdr, "z_fdr")
-    save(z_bonf, "z_bonf")
+    save(k, "k", fill=0, dtype=np.int16 if n_units < 32000 else np.int32)
+    for name, values in (("q", q), ("z_fdr", z_fdr), ("z_bonf", z_bonf)):
+        save(values, name)
     for name, values in fit.maps.items():
         save(np.where(reported, values, np.nan), name)
-    czt = cfg["cluster_threshold_z"]
 
     def tabulate(zthr: np.ndarray, label: str, name: str):
-        """Cluster table of a thresholded map (stricter with meta.cluster_threshold_z), written."""
-        if czt is not None:
-            zthr = np.where(
-                np.abs(np.nan_to_num(zthr)) >= float(czt), zthr, np.where(np.isnan(zthr), np.nan, 0.0)
-            )
-            forming = f"{label} and |z| >= {float(czt):g} (meta.cluster_threshold_z)"
-        else:
-            nz = np.abs(zthr[np.nan_to_num(zthr) != 0])
-            forming = f"{label} (|z| >= {float(nz.min()):.3f})" if nz.size else label
-        with outputs.frozen_gc():
-            table = outputs.clusters_table(outputs.to_img(zthr, mask, affine), two_sided,
-                                           cfg["min_cluster_voxels"], forming)  # fmt: skip
-        write_tsv(outdir / name, table)
-        sizes = pd.to_numeric(table["Cluster Size (voxels)"], errors="coerce") if len(table) else None
-        if sizes is not None and n_rep and sizes.max() > HUGE_CLUSTER_FRACTION * n_rep:
-            msg = (
-                f"{method}: {name} has a cluster of {int(sizes.max())} voxels, "
-                f"{100 * sizes.max() / n_rep:.0f}% of the reported voxels ({label}): it says little about where "
-                "the effect is; set meta.cluster_threshold_z (e.g. 5) for a stricter cluster-forming threshold"
-            )
-            notes.append(msg)
-            log.warning(msg)
-        return table, zthr
+        return _tabulate(zthr, label, outdir / name, method, mask, affine, cfg, n_rep, notes, log)
 
     q_txt = f"q < {alpha:g}"
     table, z_fdr_clusters = tabulate(z_fdr, f"FDR {q_txt}", "clusters.tsv")
     table_bonf, _ = tabulate(z_bonf, f"Bonferroni p < {alpha:g}/{n_rep}", "clusters_bonf.tsv")
 
-    summary: dict[str, Any] = {
-        "method": method,
-        "k_maps": plan.n_maps,
-        "k_units": n_units,
-        "combine_within": str(cfg["combine_within"]),
-        "min_maps_effective": k_min,
-        "n_voxels_mask": n_vox,
-        "n_voxels_reported": n_rep,
-        "alpha": alpha,
-        "p_sided": "two-sided" if two_sided else "one-sided (upper tail)",
-        "n_significant_fdr": int(sig_fdr.sum()),
-        "n_significant_bonferroni": int(sig_bonf.sum()),
-        "z_min": float(np.nanmin(z)) if n_rep else None,
-        "z_max": float(np.nanmax(z)) if n_rep else None,
-        "n_clusters_fdr": outputs.n_clusters(table),
-        "n_clusters_bonferroni": outputs.n_clusters(table_bonf),
-        "warnings": notes,
-        "fdr_min_abs_z": float(np.min(np.abs(z[sig_fdr]))) if sig_fdr.any() else None,
-        "n_jobs": int(n_jobs),
-        "cluster_threshold_z": czt,
-        "cluster_connectivity": outputs.CONNECTIVITY,
-    }
+    summary = _summary(method, plan, cfg, k_min, n_vox, z, (sig_fdr, sig_bonf), (table, table_bonf), notes,
+                       n_jobs)  # fmt: skip
     summary.update(fit.summary)
+    summary["plausibility"] = check = plausibility.check(method, z, k, reported, source.evidence_bound(k),
+                                                         two_sided)  # fmt: skip
+    if check["message"]:  # a z no k maps could give: a warning, and the overview does not headline it
+        notes.append(check["message"])
+        log.warning(check["message"])
+    # The mosaic shows what survives the method's correction (FDR; permutation: its FWE map)
+    shown, corr = z_fdr, f"FDR {q_txt}"
     if fit.p_fwe is not None:
         p_fwe = np.where(reported, fit.p_fwe, np.nan)
         sig_fwe = FWECorrector(alpha, two_sided).transform(z, p_fwe, reported).significant
@@ -249,36 +210,93 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         table_fwe, _ = tabulate(z_fwe, f"FWE p < {alpha:g} (permutation)", "clusters_fwe.tsv")
         summary["n_significant_fwe"] = int(sig_fwe.sum())
         summary["n_clusters_fwe"] = outputs.n_clusters(table_fwe)
+        shown, corr = z_fwe, f"FWE p < {alpha:g}"
 
     _jackknife(estimator, z, z_fdr_clusters, plan, mask, affine, cfg, outdir, summary, log)
-    if est_cls.needs == "effect":
-        with outputs.frozen_gc():
-            outputs.plot_effect(
-                outputs.to_img(np.where(reported, fit.maps["est"], np.nan), mask, affine),
-                outputs.to_img(np.where(reported, fit.maps["I2"], np.nan), mask, affine),
-                outdir / "est.png",
-                cfg,
-                f"{LABELS.get(method, method)}: pooled Hedges' g (unthresholded), {plan.n_maps} maps",
-            )
-
-    # The mosaic shows what survives the method's correction (FDR; permutation: its FWE map)
-    if fit.p_fwe is not None:
-        shown, corr = z_fwe, f"FWE p < {alpha:g}"
-    else:
-        shown, corr = z_fdr, f"FDR {q_txt}"
-    units = f"{plan.n_maps} maps" + (f" in {n_units} collections" if n_units != plan.n_maps else "")
-    title = f"{LABELS.get(method, method)}, {units}, {corr}, |z| >= {float(cfg['threshold']):g} shown"
-    with outputs.frozen_gc():
-        outputs.plot_z(outputs.to_img(shown, mask, affine), outdir / "z.png", cfg, title,
-                       empty_note=f"no voxel survives {corr} with |z| >= {float(cfg['threshold']):g}")  # fmt: skip
+    _figures(method, fit, plan, shown, corr, mask, affine, cfg, outdir, effect=est_cls.needs == "effect")
     summary["seconds_estimation"] = round(t_est, 3)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(outdir / "summary.json", summary)
-    log.info(
-        f"{method}: {n_rep} voxels reported, {summary['n_significant_fdr']} FDR-significant, "
-        f"{summary['n_significant_bonferroni']} Bonferroni-significant"
-    )
+    log.info(f"{method}: {n_rep} voxels reported, {int(sig_fdr.sum())} FDR-significant, "
+             f"{int(sig_bonf.sum())} Bonferroni-significant")  # fmt: skip
     return summary
+
+
+def _summary(method, plan, cfg, k_min, n_vox, z, significant, tables, notes, n_jobs):
+    """The first entries of ``summary.json`` (``warnings`` is ``notes`` itself: later notes join it)."""
+    (sig_fdr, sig_bonf), (table, table_bonf) = significant, tables
+    n_rep = int(np.isfinite(z).sum())
+    summary: dict[str, Any] = {
+        "method": method,
+        "k_maps": plan.n_maps,
+        "k_units": len(plan.units),
+        "combine_within": str(cfg["combine_within"]),
+        "min_maps_effective": k_min,
+        "n_voxels_mask": n_vox,
+        "n_voxels_reported": n_rep,
+        "alpha": float(cfg["alpha"]),
+        "p_sided": "two-sided" if cfg["two_sided"] else "one-sided (upper tail)",
+        "n_significant_fdr": int(sig_fdr.sum()),
+        "n_significant_bonferroni": int(sig_bonf.sum()),
+        "z_min": float(np.nanmin(z)) if n_rep else None,
+        "z_max": float(np.nanmax(z)) if n_rep else None,
+        "n_clusters_fdr": outputs.n_clusters(table),
+        "n_clusters_bonferroni": outputs.n_clusters(table_bonf),
+        "warnings": notes,
+        "fdr_min_abs_z": float(np.min(np.abs(z[sig_fdr]))) if sig_fdr.any() else None,
+        "n_jobs": int(n_jobs),
+        "cluster_threshold_z": cfg["cluster_threshold_z"],
+        "cluster_connectivity": outputs.CONNECTIVITY,
+    }
+    return summary
+
+
+def _tabulate(zthr, label, path, method, mask, affine, cfg, n_rep, notes, log):
+    """Cluster table of a thresholded map (stricter with meta.cluster_threshold_z), written to
+    ``path``; a warning in ``notes`` when one cluster is most of the reported voxels."""
+    czt = cfg["cluster_threshold_z"]
+    if czt is not None:
+        zthr = np.where(
+            np.abs(np.nan_to_num(zthr)) >= float(czt), zthr, np.where(np.isnan(zthr), np.nan, 0.0)
+        )
+        forming = f"{label} and |z| >= {float(czt):g} (meta.cluster_threshold_z)"
+    else:
+        nz = np.abs(zthr[np.nan_to_num(zthr) != 0])
+        forming = f"{label} (|z| >= {float(nz.min()):.3f})" if nz.size else label
+    with outputs.frozen_gc():
+        table = outputs.clusters_table(outputs.to_img(zthr, mask, affine), bool(cfg["two_sided"]),
+                                       cfg["min_cluster_voxels"], forming)  # fmt: skip
+    write_tsv(path, table)
+    sizes = pd.to_numeric(table["Cluster Size (voxels)"], errors="coerce") if len(table) else None
+    if sizes is not None and n_rep and sizes.max() > HUGE_CLUSTER_FRACTION * n_rep:
+        msg = (
+            f"{method}: {path.name} has a cluster of {int(sizes.max())} voxels, "
+            f"{100 * sizes.max() / n_rep:.0f}% of the reported voxels ({label}): it says little about where "
+            "the effect is; set meta.cluster_threshold_z (e.g. 5) for a stricter cluster-forming threshold"
+        )
+        notes.append(msg)
+        log.warning(msg)
+    return table, zthr
+
+
+def _figures(method, fit, plan, shown, corr, mask, affine, cfg, outdir, effect: bool) -> None:
+    """est.png (effect-size methods: pooled g and I²) and z.png (the corrected z map ``shown``)."""
+    label = LABELS.get(method, method)
+    if effect:
+        with outputs.frozen_gc():
+            outputs.plot_effect(
+                outputs.to_img(np.where(fit.reported, fit.maps["est"], np.nan), mask, affine),
+                outputs.to_img(np.where(fit.reported, fit.maps["I2"], np.nan), mask, affine),
+                outdir / "est.png",
+                cfg,
+                f"{label}: pooled Hedges' g (unthresholded), {plan.n_maps} maps",
+            )
+    n_units = len(plan.units)
+    units = f"{plan.n_maps} maps" + (f" in {n_units} collections" if n_units != plan.n_maps else "")
+    title = f"{label}, {units}, {corr}, |z| >= {float(cfg['threshold']):g} shown"
+    with outputs.frozen_gc():
+        outputs.plot_z(outputs.to_img(shown, mask, affine), outdir / "z.png", cfg, title,
+                       empty_note=f"no voxel survives {corr} with |z| >= {float(cfg['threshold']):g}")  # fmt: skip
 
 
 def _jackknife(estimator, z, z_fdr, plan, mask, affine, cfg, outdir, summary, log) -> None:

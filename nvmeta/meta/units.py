@@ -78,12 +78,31 @@ def read_included(qc_tsv: str | os.PathLike):
     return df
 
 
+def _qc(qc_json: str | os.PathLike) -> dict:
+    try:
+        qc = read_json(qc_json)
+    except (OSError, ValueError):
+        return {}
+    return qc if isinstance(qc, dict) else {}
+
+
 def resolved_n(qc_json: str | os.PathLike) -> float | None:
     """The image's one resolved sample size: ``n`` of its ``qc.json`` (None when absent or not > 0)."""
-    try:
-        n = read_json(qc_json).get("n")
-    except (OSError, ValueError):
-        return None
+    return _positive(_qc(qc_json).get("n"))
+
+
+def effect_size_problem(qc_json: str | os.PathLike) -> str | None:
+    """Why the image has no g / var(g) maps (``qc.json``'s ``effect_size``), or None when it has them.
+
+    The z-map job writes ``"ok"`` or the reason (``"not computed: ... need n >= 4, got 3"``, ``"no
+    degrees of freedom ..."``); its maps are then all NaN. A ``qc.json`` without the key (written
+    before effect sizes existed) is taken as having them.
+    """
+    status = _qc(qc_json).get("effect_size", "ok")
+    return None if status == "ok" else str(status or "effect size not computed")
+
+
+def _positive(n: Any) -> float | None:
     try:
         n = float(n)
     except (TypeError, ValueError):
@@ -116,6 +135,7 @@ def plan_units(
     n_for: Callable[[int], float | None] | None = None,
     *,
     needs_n: bool = False,
+    problem_for: Callable[[int], str | None] | None = None,
     method: str = "",
     combine_label: str = "Stouffer-combined",
     log: logging.Logger | None = None,
@@ -133,6 +153,11 @@ def plan_units(
         ``needs_n``.
     needs_n : bool
         The method needs a sample size per map: maps without one are left out (warning).
+    problem_for : callable, optional
+        ``image_id -> None`` when the map has what the method reads, else the reason: such maps
+        are left out too (one warning naming each with its reason), before the units are formed,
+        so that ``n_maps``, the units and the messages count only the maps that are read (the
+        effect-size methods: :func:`effect_size_problem`).
     method : str
         Method name (messages).
     combine_label : str
@@ -155,6 +180,16 @@ def plan_units(
         rows = rows.loc[~bad].reset_index(drop=True)
         n_vals = n_vals[~bad]
         sizes_by_id = {int(i): float(n) for i, n in zip(rows["image_id"], n_vals, strict=True)}
+    if problem_for is not None:
+        problems = {int(i): problem_for(int(i)) for i in rows["image_id"]}
+        bad_ids = [i for i, why in problems.items() if why]
+        if bad_ids:
+            msg = f"{method}: {len(bad_ids)} map(s) without effect sizes left out: " + "; ".join(
+                f"{i} ({problems[i]})" for i in bad_ids
+            )
+            notes.append(msg)
+            log.warning(msg)
+            rows = rows[~rows["image_id"].astype(int).isin(bad_ids)].reset_index(drop=True)
     groups: dict[str, list[int]] = {}
     sizes: dict[str, list[float]] = {}
     collections: dict[int, float] = {}
@@ -207,6 +242,14 @@ class Source:
         Template mask image and its boolean array.
     effect_paths_for : callable, optional
         ``image_id -> (g path, var(g) path)`` (effect-size estimators).
+
+    Attributes
+    ----------
+    peak_sq : ndarray or None
+        Per voxel, the largest squared single-unit statistic over the units, ``z²`` (after a full
+        pass of :meth:`iter_z`) or ``g² / var(g)`` (of :meth:`iter_effects`), NaN where no unit has
+        data: what :meth:`evidence_bound` needs. Taken while the estimator reads the maps (no
+        extra pass); None until one pass has been completed.
     """
 
     plan: Plan
@@ -214,6 +257,7 @@ class Source:
     mask_img: nib.Nifti1Image
     mask: np.ndarray
     effect_paths_for: Callable[[int], tuple[Path, Path]] | None = None
+    peak_sq: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def n_units(self) -> int:
@@ -226,8 +270,42 @@ class Source:
     def load(self, path: Path) -> np.ndarray:
         return load_vector(Path(path), self.mask_img, self.mask)
 
+    def evidence_bound(self, k: np.ndarray) -> np.ndarray | None:
+        """``√k · max_i |s_i|`` per voxel: the z that ``k`` units each at the largest single-unit
+        statistic ``s`` there (z, or g / √var(g)) give when Stouffer-combined, which bounds every
+        z-combining and inverse-variance method (Cauchy–Schwarz). None before a full pass."""
+        if self.peak_sq is None:
+            return None
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(np.asarray(k, dtype=np.float64) * self.peak_sq)
+
+    def _tracked(self, items: Iterator, stat_sq: Callable) -> Iterator:
+        """Pass ``items`` through, taking the running maximum of ``stat_sq(item)`` on the first pass."""
+        if self.peak_sq is not None:
+            yield from items
+            return
+        peak = np.full(self.n_vox, np.nan)
+        for item in items:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                np.fmax(peak, stat_sq(item), out=peak)
+            yield item
+        self.peak_sq = peak
+
     def iter_z(self) -> Iterator[tuple[Unit, np.ndarray]]:
         """Yield ``(unit, z vector)``; a multi-map unit is Stouffer-combined over its maps with data."""
+        return self._tracked(self._iter_z(), lambda item: item[1] * item[1])
+
+    def iter_effects(self) -> Iterator[tuple[Unit, np.ndarray, np.ndarray]]:
+        """Yield ``(unit, g, var g)``; a multi-map unit is the mean g of its maps with data.
+
+        The mean of ``m`` maps of one study (same subjects: their errors are not independent)
+        is given the mean of their variances, the conservative choice that assumes the maps
+        are perfectly correlated (Borenstein et al. 2009, ch. 24, r = 1); it never claims more
+        precision than one map has.
+        """
+        return self._tracked(self._iter_effects(), lambda item: item[1] * item[1] / item[2])
+
+    def _iter_z(self) -> Iterator[tuple[Unit, np.ndarray]]:
         for unit in self.plan.units:
             if len(unit.image_ids) == 1:
                 yield unit, self.load(self.zmap_path_for(unit.image_ids[0]))
@@ -243,14 +321,7 @@ class Source:
                 z = np.where(c > 0, s / np.sqrt(c), np.nan)
             yield unit, z
 
-    def iter_effects(self) -> Iterator[tuple[Unit, np.ndarray, np.ndarray]]:
-        """Yield ``(unit, g, var g)``; a multi-map unit is the mean g of its maps with data.
-
-        The mean of ``m`` maps of one study (same subjects: their errors are not independent)
-        is given the mean of their variances, the conservative choice that assumes the maps
-        are perfectly correlated (Borenstein et al. 2009, ch. 24, r = 1); it never claims more
-        precision than one map has.
-        """
+    def _iter_effects(self) -> Iterator[tuple[Unit, np.ndarray, np.ndarray]]:
         if self.effect_paths_for is None:
             raise ValueError("effect-size estimators need the g / var(g) maps (effect_paths_for)")
         for unit in self.plan.units:
