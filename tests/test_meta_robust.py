@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from nvmeta.effectsize import one_sample
+from nvmeta.images.effectsize import one_sample
 from nvmeta.meta.effects import pool
 from nvmeta.meta.robust import MAD_EFFICIENCY, pool_robust, variance_sums
 

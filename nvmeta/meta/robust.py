@@ -28,7 +28,7 @@ it for every k and γ), so a robust estimate is never more precise than the inve
 of its maps.
 
 p-values come from Student's t, ``est / se`` on ``ν`` degrees of freedom, converted to z with the
-exact :func:`nvmeta.stats.t_to_z` (log-space in the far tail). Where the spread sets the variance,
+exact :func:`nvmeta.images.stats.t_to_z` (log-space in the far tail). Where the spread sets the variance,
 ``ν = ν₀``: Yuen's ``h − 1`` for the trimmed mean (as :func:`scipy.stats.ttest_ind` with
 ``trim``); for the median the equivalent degrees of freedom of the MAD variance,
 ``ν₀ = 0.3675 (k − 1)`` (the MAD's asymptotic efficiency at the normal, Rousseeuw & Croux 1993: a
@@ -48,7 +48,7 @@ import math
 import numpy as np
 from scipy import special
 
-from nvmeta.stats import t_to_z
+from nvmeta.images.stats import t_to_z
 
 _MAD_SCALE = 1.4826
 #: Asymptotic efficiency of the MAD as an estimate of a normal σ relative to the SD (Rousseeuw &
