@@ -599,7 +599,9 @@ def test_funnel_counts_rejections_per_term(small):
     )
     assert ids(records) == [10, 11]
     # independent count: the first failing term of each listed image, in the effective order
-    image_terms, collection_terms = __import__("nvmeta.select.filters").filters.build_terms(
+    from nvmeta.select.filters import build_terms
+
+    image_terms, collection_terms = build_terms(
         {"image_terms": {"number_of_subjects": {"ge": 10}}}, "a"
     )
     listed = [im for cid in (1, 3) for im in small.listings[cid]]
