@@ -601,9 +601,7 @@ def test_funnel_counts_rejections_per_term(small):
     # independent count: the first failing term of each listed image, in the effective order
     from nvmeta.select.filters import build_terms
 
-    image_terms, collection_terms = build_terms(
-        {"image_terms": {"number_of_subjects": {"ge": 10}}}, "a"
-    )
+    image_terms, collection_terms = build_terms({"image_terms": {"number_of_subjects": {"ge": 10}}}, "a")
     listed = [im for cid in (1, 3) for im in small.listings[cid]]
     expected = dict.fromkeys(image_terms, 0)
     for im in listed:
@@ -627,10 +625,15 @@ def test_query_job_fails_on_an_empty_selection_with_its_funnel(tmp_path, small):
     assert "analyses.a: the query selected no image" in msg
     assert "images examined: 7, matched: 0" in msg and "rejected by image_terms.map_type: 5" in msg
     assert not sel.exists()
-    assert json.loads(fun.read_text())["selected"] == 0
+    # the funnel is kept where the message says, beside the outputs (which Snakemake removes)
+    failed = tmp_path / "a" / "query_funnel.failed.json"
+    assert f"Funnel (kept in {failed})" in msg and not fun.exists()
+    assert json.loads(failed.read_text())["selected"] == 0
+    assert json.loads(failed.read_text())["images_rejected_by_term"]["image_terms.map_type"] == 5
     records = query.query_job(small, {}, sel, fun, LOG)
     assert read_selection_ids(sel) == ids(records) == [10, 11, 31]
     assert json.loads(fun.read_text())["selected"] == 3
+    assert not failed.exists()  # the failure is over: no stale failed funnel
 
 
 def test_funnel_filters_agree_with_build_filters(small):
@@ -666,6 +669,15 @@ def test_workflow_fails_on_misspelled_field_and_empty_selection(tmp_path):
     assert "analyses.none: the query selected no image" in out and "rejected by image_terms.map_type" in out
     assert not any((wf / "results/analyses" / a / "selection.tsv").exists() for a in analyses)
     assert not (wf / "results/images").exists()
+    # each error once (it was printed three times, plus a traceback), and the funnel is where the
+    # message says although Snakemake removed the failed job's outputs
+    assert out.count("the query selected no image") == 1 and out.count("no examined record has a field") == 1
+    assert "Traceback" not in out and "EmptySelection" not in out
+    failed = "results/analyses/none/query_funnel.failed.json"
+    assert f"Funnel (kept in {failed})" in out
+    assert not (wf / "results/analyses/none/query_funnel.json").exists()
+    funnel = json.loads((wf / failed).read_text())
+    assert funnel["selected"] == 0 and funnel["images_rejected_by_term"]["image_terms.map_type"] > 0
 
 
 def test_explicit_selection_of_exactly_max_images_is_not_called_truncated(caplog):

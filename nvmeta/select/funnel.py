@@ -44,6 +44,8 @@ class Funnel:
             "collections": {f for f, _ in self.collection_terms.values()},
         }
         self.source: dict[str, Any] | None = None
+        # what the source (a dump) left out before any term, and values it kept as written
+        self.by_source: dict[str, dict[str, int]] = {}
 
     def exclude(self, reason: str) -> None:
         """Count a record left out for a reason other than a term (invalid id, wrong collection)."""
@@ -123,6 +125,8 @@ class Funnel:
             "collections_rejected_by_term": self.collections_rejected,
             "images_rejected_by_term": self.images_rejected,
             "excluded": self.excluded,
+            "excluded_by_source": self.by_source.get("excluded", {}),
+            "flagged_by_source": self.by_source.get("flagged", {}),
             "selected": n_selected,
             "max_images": max_images,
             "max_images_reached": full,
@@ -131,13 +135,18 @@ class Funnel:
 
 def describe_funnel(funnel: Mapping[str, Any]) -> str:
     """Multi-line human summary of a funnel dict (for error messages)."""
+    by_source, flagged = funnel.get("excluded_by_source") or {}, funnel.get("flagged_by_source") or {}
     lines = [
+        *(["  left out by the source before any term:"] if by_source else []),
+        *(f"    {k}: {v}" for k, v in by_source.items()),
         f"  collections examined: {funnel['collections_examined']}, passed: {funnel['collections_passed']}",
         *(f"    rejected by {k}: {v}" for k, v in funnel["collections_rejected_by_term"].items() if v),
         f"  images examined: {funnel['images_examined']}, matched: {funnel['images_matched']}",
         *(f"    rejected by {k}: {v}" for k, v in funnel["images_rejected_by_term"].items() if v),
         *(f"  excluded ({k}): {v}" for k, v in funnel["excluded"].items()),
         f"  selected: {funnel['selected']}",
+        *(["  values the source kept as written (each image's QC judges them):"] if flagged else []),
+        *(f"    {k}: {v}" for k, v in flagged.items()),
     ]
     return "\n".join(lines)
 

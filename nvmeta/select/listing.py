@@ -72,9 +72,7 @@ def _list_collection_images(client: Any, cid: int, log: logging.Logger, quiet: b
         f"{msg} after listing it twice; no selection written (a partial one would be reused by "
         "later runs). Rerun later."
     )
-    if not quiet:
-        log.error("%s", msg)
-    raise IncompleteListing(msg)
+    raise IncompleteListing(msg)  # logged once, by the query rule
 
 
 def collection_images(

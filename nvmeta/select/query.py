@@ -80,6 +80,8 @@ __all__ = [
     "query_job",
     "read_selection_ids",
     "resolve_max_images",
+    "failed_funnel_path",
+    "query_rule",
     "run_query",
     "select",
     "validate_query",
@@ -350,6 +352,9 @@ def select(
     log.info("%s: %d image(s) selected", key_prefix, len(sel.records))
     describe = getattr(client, "describe_source", None)
     funnel.source = describe() if callable(describe) else None
+    counts = getattr(client, "source_counts", None)
+    if callable(counts):  # what the source left out before any term, and values it kept as written
+        funnel.by_source = counts()
     funnel.collection_records = sel.collections
     funnel.missing_records = sel.missing
     return sel.records, funnel.as_dict(len(sel.records), sel.max_images, sel.full)
@@ -380,13 +385,17 @@ def query_job(
     With ``records_dir`` (``results/records``), each selected image's full record is kept as
     ``{records_dir}/{id}.json`` (``{"record", "source"}``) and, with ``collections_dir``
     (``results/collections``), the records of the collections it was listed under as
-    ``{cid}.json``: the per-image download then needs only the file (one request per map).
+    ``{cid}.json``: the per-image download then needs only the file (one request per map). A kept
+    file is rewritten only when the record in it changed (not when only its source did): it is
+    the download rule's input, so a changed record reruns that image's download and z-map, and an
+    unchanged one reruns nothing.
 
     Raises
     ------
     EmptySelection
-        No image selected; the message holds the funnel (nothing is written at
-        ``selection_path``, so no later run reuses an empty selection).
+        No image selected; the message holds the funnel, which is kept at
+        ``query_funnel.failed.json`` beside ``funnel_path`` (Snakemake removes a failed job's
+        outputs). Nothing is written at ``selection_path``, so no later run reuses an empty selection.
     ConfigError
         As :func:`select`.
     """
@@ -397,40 +406,137 @@ def query_job(
     records, funnel = select(client, analysis_cfg, log, key_prefix)
     collections = funnel.pop("_collections", {})
     missing = funnel.pop("_missing", {})
-    write_json(funnel_path, funnel)
+    failed = failed_funnel_path(funnel_path)
     if not records:
-        msg = (
-            f"{key_prefix}: the query selected no image. Funnel ({funnel_path}):\n"
+        write_json(failed, funnel)
+        raise EmptySelection(
+            f"{key_prefix}: the query selected no image. Funnel (kept in {failed}):\n"
             + describe_funnel(funnel)
-            + "\nFix: loosen image_terms/collection_terms (or set default_terms: false), or check the ids."
+            + "\n"
+            + _empty_fix(funnel)
         )
-        log.error("%s", msg)
-        raise EmptySelection(msg)
+    failed.unlink(missing_ok=True)
+    write_json(funnel_path, funnel)
     source = funnel.get("source") or {"kind": "api"}
     if records_dir is not None:
         kept = 0
         for rec in records:
+            path = Path(records_dir) / f"{rec['id']}.json"
             if "file" not in rec:
                 # a stub: its download asks the API for the record again and records the failure;
                 # from the dump there is nothing to ask, so the reason is kept for the download
                 if source.get("kind") == "dump" and rec["id"] in missing:
-                    write_json(
-                        Path(records_dir) / f"{rec['id']}.json",
-                        {"record": {"id": rec["id"]}, "source": source, "missing": missing[rec["id"]]},
-                    )
+                    payload = {"record": {"id": rec["id"]}, "source": source, "missing": missing[rec["id"]]}
+                    _keep(path, payload, ("record", "missing"))
+                else:  # a record kept earlier is no longer what the source serves
+                    path.unlink(missing_ok=True)
                 continue
             # as the source served it (``collection_name`` is the query's addition): the same bytes
             # whichever analysis selecting the image writes it
             api = {k: v for k, v in rec.items() if k != "collection_name"}
-            write_json(Path(records_dir) / f"{rec['id']}.json", {"record": api, "source": source})
-            kept += 1
-        log.info("kept the full records of %d selected image(s) for their downloads", kept)
+            kept += _keep(path, {"record": api, "source": source}, ("record", "missing"))
+        log.info("kept the full records of the selected images for their downloads (%d new or changed)", kept)
     if collections_dir is not None:
         cids = {r.get("collection_id") for r in records} - {None}
         if source.get("kind") == "dump":  # free to look up: every collection record, for the downloads
             for cid in cids - set(collections):
                 collections[cid] = client.collection(cid)
         for cid in sorted(cids & set(collections)):
-            write_json(Path(collections_dir) / f"{cid}.json", collections[cid])
+            _keep(Path(collections_dir) / f"{cid}.json", collections[cid], None)
     write_selection(records, selection_path, source=source)
     return records
+
+
+def failed_funnel_path(funnel_path: str | os.PathLike) -> Any:
+    """Where the funnel of a query that selected nothing is kept (not an output of the rule)."""
+    from pathlib import Path
+
+    path = Path(funnel_path)
+    return path.with_name(f"{path.stem}.failed.json")
+
+
+def _empty_fix(funnel: Mapping[str, Any]) -> str:
+    """The fix an empty selection calls for, from what its funnel says."""
+    if funnel.get("selection_mode") == "terms" and not funnel["collections_examined"]:
+        if funnel.get("excluded_by_source"):
+            return (
+                "Fix: the source left out every collection before any term (see above); with "
+                "neurovault.dump, check that it is an unmodified export (its private column)."
+            )
+        return "Fix: the source lists no collection: check neurovault.url / neurovault.dump."
+    return "Fix: loosen image_terms/collection_terms (or set default_terms: false), or check the ids."
+
+
+def _keep(path: Any, payload: Mapping[str, Any], compare: tuple[str, ...] | None) -> bool:
+    """Write ``payload`` at ``path`` unless the file already holds it (on the ``compare`` keys; None:
+    all of it); return whether it was written. An unchanged file keeps its mtime and bytes."""
+    import json
+
+    from nvmeta.io import write_json
+
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    new = json.loads(json.dumps(payload, default=str))  # as it would read back (tuples, numpy scalars)
+    if isinstance(old, dict):
+        if compare is None and old == new:
+            return False
+        if compare is not None and all(old.get(k) == new.get(k) for k in compare):
+            return False
+    write_json(path, payload)
+    return True
+
+
+def query_rule(
+    config: Mapping[str, Any],
+    analysis: str,
+    selection_path: str | os.PathLike,
+    funnel_path: str | os.PathLike,
+    log_path: str | os.PathLike,
+) -> int:
+    """Rule ``query`` (``scripts/query.py``): select, and say once why when the query cannot.
+
+    An expected failure (nothing selected, a term no record carries, an unreadable dump, the
+    server failing) is logged once, to the job's log only: Snakemake prints a failed job's log
+    (``show-failed-logs`` in the default profile), so the message reaches the terminal once, without
+    a traceback. Anything else (a bug) keeps its traceback in the log.
+
+    Returns
+    -------
+    int
+        The script's exit status: 0, or 1 after such a failure.
+    """
+    from pathlib import Path
+
+    from nvmeta.errors import ConfigError
+    from nvmeta.neurovault import NeuroVaultError
+    from nvmeta.neurovault.cache import query_client
+    from nvmeta.workflow.logs import job_logger
+
+    log = job_logger("nvmeta.select.query", log_path)
+    results = Path(selection_path).parents[2]
+    analysis_cfg = config["analyses"][analysis]
+    try:
+        # The dump when neurovault.dump is set; in offline mode with a server URL, the records of
+        # earlier downloads; else the API (or a snapshot directory).
+        client = query_client(config["neurovault"], results, log, analysis_cfg)
+        records = query_job(
+            client,
+            analysis_cfg,
+            selection_path,
+            funnel_path,
+            log,
+            key_prefix=f"analyses.{analysis}",
+            records_dir=results / "records",
+            collections_dir=results / "collections",
+        )
+    except (EmptySelection, ConfigError, IncompleteListing, NeuroVaultError) as exc:
+        root = logging.getLogger("nvmeta")
+        for handler in list(root.handlers):
+            if not isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+        log.error("%s", exc)
+        return 1
+    log.info("selected %d images", len(records))
+    return 0
