@@ -465,13 +465,28 @@ def test_every_boolean_spelling_means_the_same(tmp_path, spelling, public):
     for stat in tables["statmap"]:
         stat["is_thresholded"] = {"f": spelling, "t": "T"}[stat["is_thresholded"]]
     src = DumpSource(write_dump(tmp_path / "b.tar.gz", tables), MEDIA)
-    assert sorted(src._collections) == ([1, 3, 4] if public else [])
+    assert [c["id"] for c in src.iter_results("collections/")] == ([1, 3, 4] if public else [])
     if public:
         assert src.image(10)["is_thresholded"] is False and src.image(13)["is_thresholded"] is True
         assert src.source_counts()["excluded"] == {
             "private collection (private = true)": 1,
             "collection of unknown privacy (private empty: not selected)": 1,
         }
+
+
+def test_a_database_boolean_the_terms_name_is_a_boolean_as_on_the_api(tmp_path, monkeypatch):
+    """A collection field outside the standard ones (e.g. used_smoothing, one of the ~90) stayed the
+    string 't', so `collection_terms: {used_smoothing: true}` matched nothing on a dump."""
+    import nvmeta.testing.dump as tdump
+
+    monkeypatch.setitem(tdump.COLUMNS, "collection", [*tdump.COLUMNS["collection"], "used_smoothing"])
+    tables = dump_tables()
+    for col, flag in zip(tables["collection"], ["t", "t", "f", "", "t"], strict=True):
+        col["used_smoothing"] = flag
+    terms = {"collection_terms": {"used_smoothing": True}, "max_images": "all"}
+    src = DumpSource(write_dump(tmp_path / "u.tar.gz", tables), MEDIA, collection_fields={"used_smoothing"})
+    assert src.collection(1)["used_smoothing"] is True and src.collection(4)["used_smoothing"] is None
+    assert {r["collection_id"] for r in run_query(src, terms, LOG)} == {1}
 
 
 def test_an_unknown_boolean_spelling_names_the_column_and_value(tmp_path):

@@ -325,7 +325,9 @@ class DumpSource:
         self.excluded = Counter({k: v for k, v in self.excluded.items() if v})
         for what, counts in (("left out", self.excluded), ("kept as written", self.notes)):
             for reason, n in sorted(counts.items()):
-                self.log.warning("dump %s: %d %s: %s", self.path.name, n, what, reason)
+                # private collections are a normal part of every export; anything else is a defect of the file
+                level = logging.INFO if reason == _PRIVATE else logging.WARNING
+                self.log.log(level, "dump %s: %d %s: %s", self.path.name, n, what, reason)
         self.log.info(
             "dump %s (%d bytes, sha256 %s): %d public collections, %d statistic maps in public collections",
             self.path.name,

@@ -70,13 +70,19 @@ def _bools(col: Any, where: str) -> Any:
 
 
 def _keys(col: Any, where: str, excluded: Counter) -> Any:
-    """Positive decimal integer keys (int64 with NA for invalid ones, counted in ``excluded``)."""
+    """Positive decimal integer keys (Int64 with NA for invalid ones, counted in ``excluded``)."""
+    import numpy as np
     import pandas as pd
 
-    ok = col.str.fullmatch(r"[1-9][0-9]{0,11}")
-    out = pd.to_numeric(col.where(ok), errors="coerce").astype("Int64")
-    out = out.where(out <= MAX_ID)
-    n_bad = int(out.isna().sum())
+    num = pd.to_numeric(col.where(col != ""), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    ok = np.isfinite(num) & (num >= 1) & (num <= MAX_ID)
+    ok &= np.where(ok, num, 0) % 1 == 0
+    # written as plain digits only: as many characters as the number has digits (not "5.0", "05",
+    # " 5", "+5" or "5e0"); a vector test, as a regular expression per row costs seconds at 560,000 rows
+    digits = np.searchsorted(10.0 ** np.arange(13), np.where(ok, num, 1), side="right")
+    ok &= col.str.len().to_numpy() == digits
+    out = pd.Series(np.where(ok, num, np.nan), index=col.index).astype("Int64")
+    n_bad = int((~ok).sum())
     if n_bad:
         excluded[f"{where}: not a positive integer (row left out)"] += n_bad
     return out

@@ -84,13 +84,14 @@ class _FieldBound:
         arr = np.frombuffer(data, dtype=np.uint8)
         if not arr.size:
             return
-        if self.quoted or _QUOTE in arr:
-            quotes = np.cumsum(arr == _QUOTE, dtype=np.uint8)  # parity survives the uint8 wrap-around
-            inside = (quotes & 1).astype(bool) ^ self.quoted
-            ends = np.flatnonzero(((arr == _COMMA) | (arr == _NEWLINE)) & ~inside)
-            self.quoted = bool(inside[-1])
-        else:
-            ends = np.flatnonzero((arr == _COMMA) | (arr == _NEWLINE))
+        ends = np.flatnonzero((arr == _COMMA) | (arr == _NEWLINE))
+        quotes = np.flatnonzero(arr == _QUOTE)
+        if self.quoted or quotes.size:
+            # a separator ends a field when an even number of quotes precede it (this chunk's, plus
+            # one when a quoted field runs on from the previous chunk)
+            inside = (np.searchsorted(quotes, ends) + self.quoted) % 2 == 1
+            ends = ends[~inside]
+            self.quoted = (quotes.size + self.quoted) % 2 == 1
         if ends.size:
             longest = max(self.run + int(ends[0]), int(np.diff(ends).max()) - 1 if ends.size > 1 else 0)
             self.run = arr.size - int(ends[-1]) - 1

@@ -478,7 +478,8 @@ def _keep(path: Any, payload: Mapping[str, Any], compare: tuple[str, ...] | None
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
-    new = json.loads(json.dumps(payload, default=str))  # as it would read back (tuples, numpy scalars)
+    # as it reads back once written (tuples as lists, numpy scalars as numbers, as nvmeta.io writes them)
+    new = json.loads(json.dumps(payload, default=lambda o: o.item() if hasattr(o, "item") else os.fspath(o)))
     if isinstance(old, dict):
         if compare is None and old == new:
             return False
