@@ -462,6 +462,12 @@ def test_query_spec_canonical_and_url():
     assert analysis_query_spec(a, "https://other.org/api/")["url"] == "https://other.org/api/"
     assert analysis_query_spec(a, "snap/dir/")["url"] == "snap/dir"
     assert analysis_query_spec({"max_images": None}, URL)["max_images"] == 100
+    # the dump's path and content digest are in the spec of a dump selection only (an API
+    # selection's spec, the query rule's params, stays as it was: no rerun)
+    assert not {"dump", "dump_sha256"} & set(analysis_query_spec(a, URL, dump_sha256="ab"))
+    with_dump = analysis_query_spec(a, URL, dump="x.tar.gz", dump_sha256="ab")
+    assert (with_dump["dump"], with_dump["dump_sha256"]) == ("x.tar.gz", "ab")
+    assert analysis_query_spec(a, URL, dump="x.tar.gz", dump_sha256="cd") != with_dump
 
 
 def test_query_spec_explicit_mode_drops_terms():

@@ -116,6 +116,7 @@ def analysis_query_spec(
     nv_url: str | os.PathLike,
     key_prefix: str = "analysis",
     dump: str | os.PathLike | None = None,
+    dump_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The part of an analysis' config that determines its selection.
 
@@ -134,6 +135,9 @@ def analysis_query_spec(
     dump : str or path-like, optional
         ``config["neurovault"]["dump"]`` (selecting from another dump re-queries; left out of the
         spec when unset, so specs of API selections are unchanged).
+    dump_sha256 : str, optional
+        The dump's content digest (:func:`nvmeta.neurovault.dump_files.dump_digest`), so that a dump
+        whose content changed re-queries whatever its mtime; with ``dump`` only.
 
     Returns
     -------
@@ -154,6 +158,7 @@ def analysis_query_spec(
     }
     if dump:
         spec["dump"] = os.fspath(dump)
+        spec["dump_sha256"] = dump_sha256
     if explicit:
         spec["image_ids"] = _ids(analysis_cfg, "image_ids", key_prefix)
         spec["collection_ids"] = _ids(analysis_cfg, "collection_ids", key_prefix)

@@ -34,7 +34,7 @@ checkpoint query:
             config["analyses"][wildcards.analysis],
             config["neurovault"]["url"],
             dump=config["neurovault"].get("dump"),
+            dump_sha256=DUMP_SHA256,
         ),
-        dump_sha256=DUMP_SHA256,
     script:
         "../../scripts/query.py"
