@@ -233,17 +233,14 @@ def fetch_image(
     kept = _kept_record(records / f"{iid}.json", iid)
     if kept is not None and kept[1].get("missing"):  # the dump has no such public statistic map
         return finish({"id": iid}, _nvmeta_block(reason=f"image record: {kept[1]['missing']}"))
+
+    def collection(rec: dict) -> tuple[dict | None, str | None]:
+        return _collection(client, rec.get("collection_id"), cache_dir, mode, fetch=not from_dump)
+
     existing = finish.existing(mode)
-    if existing is not None:
-        done = _reuse(
-            existing,
-            kept,
-            finish,
-            lambda rec: _collection(client, rec.get("collection_id"), cache_dir, mode, fetch=not from_dump),
-            mode,
-        )
-        if done is not None:
-            return done
+    done = _reuse(existing, kept, finish, collection, mode) if existing is not None else None
+    if done is not None:
+        return done
     if mode == "offline":
         old = {k: v for k, v in existing.items() if k != "nvmeta"} if existing else {"id": iid}
         return finish(kept[0] if kept is not None else old, _nvmeta_block(reason=OFFLINE_MISSING))
@@ -251,15 +248,7 @@ def fetch_image(
     if isinstance(got, str):
         return finish({"id": iid}, _nvmeta_block(reason=got))
     record, record_source = got
-    return _fetch_map(
-        client,
-        record,
-        record_source,
-        finish,
-        mode,
-        existing is None,
-        _collection(client, record.get("collection_id"), cache_dir, mode, fetch=not from_dump),
-    )
+    return _fetch_map(client, record, record_source, finish, mode, existing is None, collection(record))
 
 
 def _record(
