@@ -525,3 +525,84 @@ def test_workflow_downloads_cost_one_request_per_file(tmp_path):
         others = [p for p in srv.requests if not p.startswith(("/api/images/", "/media/"))]
         assert others and all(p in {f"/api/collections/{c}/" for c in cids} for p in others)
         assert len(srv.requests) == 2 * len(selected) + len(others)
+
+
+def test_a_changed_kept_record_rewrites_the_metadata_with_the_map_on_disk(fixture_server, res):
+    """The query kept a new record (e.g. number_of_subjects 50 instead of 25 in a new dump): the
+    rerun download restored the old record from metadata.cache.json (Snakemake removes
+    metadata.json first). Now the new record is written, the map on disk reused when its file is
+    the same; a new file is fetched; a record that is no longer public fails."""
+    import logging
+
+    from nvmeta.select.query import query_job
+
+    client = make_client(fast_config(fixture_server.url))
+    sel = res / "analyses" / "a" / "selection.tsv"
+    iid = fixture_server.tiny.ids["many"][0]
+    query_job(client, {"image_ids": [iid]}, sel, sel.with_name("query_funnel.json"),
+              logging.getLogger("test_download"), records_dir=res / "records")  # fmt: skip
+    assert fetch(client, iid, res)["status"] == "ok"
+    first = meta(res, iid)
+    kept_path = res / "records" / f"{iid}.json"
+    kept = json.loads(kept_path.read_text())
+    kept["record"]["number_of_subjects"] = 50
+    kept_path.write_text(json.dumps(kept))
+    (res / "images" / str(iid) / "metadata.json").unlink()  # as Snakemake does before the rerun
+    fixture_server.reset_log()
+    block = fetch(client, iid, res)
+    assert block["status"] == "ok" and fixture_server.requests == []
+    for name in ("metadata.json", "metadata.cache.json"):
+        m = json.loads((res / "images" / str(iid) / name).read_text())
+        assert m["number_of_subjects"] == 50
+        assert {k: v for k, v in m.items() if k != "nvmeta"} == kept["record"]
+        assert m["nvmeta"]["map_md5"] == first["nvmeta"]["map_md5"] and m["nvmeta"]["status"] == "ok"
+    # another file: fetched again
+    other = fixture_server.tiny.ids["many"][1]
+    kept["record"]["file"] = fixture_server.tiny.records[other]["file"].replace(
+        "https://neurovault.org", fixture_server.base
+    )
+    kept_path.write_text(json.dumps(kept))
+    fixture_server.reset_log()
+    assert fetch(client, iid, res)["status"] == "ok"
+    assert len(fixture_server.requests) == 1 and "/media/" in fixture_server.requests[0]
+    assert meta(res, iid)["nvmeta"]["md5"] == md5(fixture_server.tiny.served[other])
+    # the dump's record says the image is no longer a public statistic map: failed, map removed
+    kept_path.write_text(json.dumps({"record": {"id": iid}, "source": {"kind": "dump"}, "missing": "gone"}))
+    block = fetch(client, iid, res)
+    assert block["status"] == "failed" and block["reason"] == "image record: gone"
+    assert not (res / "images" / str(iid) / "map.nii.gz").exists()
+
+
+def test_the_query_rewrites_a_kept_record_only_when_the_record_changed(tmp_path):
+    """The kept records are the download rule's input: rewriting an unchanged one (or one whose
+    source alone changed, e.g. a new export's sha256) would rerun every download and z-map."""
+    import logging
+    import os
+
+    from helpers import SNAPSHOT
+
+    from nvmeta.neurovault.dump import DumpSource
+    from nvmeta.select.query import query_job
+    from nvmeta.testing.dump import snapshot_tables, write_dump
+
+    ids = [990001, 990002]
+    res = tmp_path / "results"
+    sel = res / "analyses" / "a" / "selection.tsv"
+
+    def query(dump):
+        query_job(DumpSource(dump, "https://neurovault.org/media/"), {"image_ids": ids}, sel,
+                  sel.with_name("query_funnel.json"), logging.getLogger("t"), records_dir=res / "records")  # fmt: skip
+
+    tables = snapshot_tables(SNAPSHOT, ids)
+    query(write_dump(tmp_path / "v1.tar.gz", tables))
+    paths = {i: res / "records" / f"{i}.json" for i in ids}
+    for p in paths.values():
+        os.utime(p, ns=(1, 1))
+    tables["statmap"][0]["number_of_subjects"] = 50
+    tables["collection"][0]["name"] = "renamed"  # another export: every record's source differs
+    query(write_dump(tmp_path / "v2.tar.gz", tables))
+    assert paths[990002].stat().st_mtime_ns == 1  # untouched
+    assert paths[990001].stat().st_mtime_ns > 1
+    kept = json.loads(paths[990001].read_text())
+    assert kept["record"]["number_of_subjects"] == 50
+    assert kept["source"]["path"].endswith("v2.tar.gz")

@@ -14,9 +14,10 @@ from conftest import fast_config, md5, nifti_bytes
 
 from nvmeta.images.download import fetch_image
 from nvmeta.neurovault import make_client
-from nvmeta.neurovault.dump import DumpError, DumpSource
+from nvmeta.neurovault.dump import TABLES, DumpError, DumpSource
+from nvmeta.neurovault.dump_files import dump_digest
 from nvmeta.neurovault.layout import write_snapshot
-from nvmeta.select.query import query_job, read_selection_ids, run_query, select
+from nvmeta.select.query import EmptySelection, query_job, read_selection_ids, run_query, select
 from nvmeta.testing.dump import write_dump
 from nvmeta.testing.server import FixtureServer
 
@@ -381,3 +382,399 @@ def test_workflow_selects_from_the_dump_without_api_requests(tmp_path, dump):
     funnel = json.loads((wf / "results/analyses/d/query_funnel.json").read_text())
     assert funnel["source"]["sha256"] == hashlib.sha256(dump.read_bytes()).hexdigest()
     assert funnel["selected"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# one export, unique keys, required columns, one boolean parser, values kept as written
+# ------------------------------------------------------------------------------------------------
+def test_two_exports_in_one_directory_or_archive_fail_naming_both(tmp_path):
+    """Tables were taken from whichever export came first in path order (a directory) or the first
+    folder of the archive: rows of two days mixed, or the old export used silently."""
+    old, new = dump_tables(), dump_tables()
+    new["statmap"][0]["number_of_subjects"] = "50"
+    d = tmp_path / "exports"
+    write_dump(d / "2022_export", old, packed=False)
+    write_dump(d / "2024_export", new, packed=False)
+    with pytest.raises(
+        DumpError, match=r"more than one export \(statmaps tables in 2022_export/, 2024_export/\)"
+    ):
+        DumpSource(d, MEDIA)
+    with pytest.raises(DumpError, match="2022_export/, 2024_export/"):
+        dump_digest(d)  # the query rule's params say so before any job
+    # an archive holding old/ and new/
+    import io
+
+    arc = tmp_path / "two.tar.gz"
+    with tarfile.open(arc, "w:gz") as tar:
+        for folder, src in (("old", d / "2022_export"), ("new", d / "2024_export")):
+            for f in sorted(src.iterdir()):
+                data = f.read_bytes()
+                info = tarfile.TarInfo(f"{folder}/{f.name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DumpError, match=r"statmaps tables in new/, old/"):
+        DumpSource(arc, MEDIA)
+
+
+@pytest.mark.parametrize(
+    ("table", "row", "match"),
+    [
+        ("collection", {"id": 1, "name": "dup", "private": "t"}, r"statmaps_collection.csv has 2 rows sharing a id \(1\)"),
+        ("item", {"id": 10, "collection_id": 3}, r"statmaps_basecollectionitem.csv has 2 rows sharing a id \(10\)"),
+        ("statmap", {"image_ptr_id": 11, "map_type": "T"}, r"statmaps_statisticmap.csv has 2 rows sharing a image_ptr_id \(11\)"),
+        ("image", {"basecollectionitem_ptr_id": 12, "file": "x"}, "statmaps_image.csv has 2 rows sharing"),
+        ("task", {"name": "other", "cog_atlas_id": "trm_pain"}, "statmaps_cognitiveatlastask.csv has 2 rows sharing a cog_atlas_id"),
+    ],
+)  # fmt: skip
+def test_a_duplicated_key_is_an_error(tmp_path, table, row, match):
+    """The first row used to win: a collection listed twice, the second time private, stayed public."""
+    tables = dump_tables()
+    tables[table].append(row)
+    with pytest.raises(DumpError, match=match):
+        DumpSource(write_dump(tmp_path / "dup.tar.gz", tables), MEDIA)
+
+
+@pytest.mark.parametrize(
+    ("table", "column"),
+    [("item", "collection_id"), ("collection", "private"), ("task", "cog_atlas_id"), ("contrast", "cog_atlas_id"),
+     ("image", "file"), ("statmap", "image_ptr_id")],
+)  # fmt: skip
+def test_a_missing_column_is_one_clear_error(tmp_path, monkeypatch, table, column):
+    """A table without collection_id or a task table without cog_atlas_id raised a pandas KeyError."""
+    import nvmeta.testing.dump as tdump
+
+    monkeypatch.setitem(tdump.COLUMNS, table, [c for c in tdump.COLUMNS[table] if c != column])
+    path = write_dump(tmp_path / "cut.tar.gz", dump_tables())
+    with pytest.raises(DumpError) as err:
+        DumpSource(path, MEDIA)
+    msg = str(err.value)
+    assert f"{TABLES[table]} has no column {column!r}" in msg and "Fix:" in msg
+
+
+@pytest.mark.parametrize(
+    ("spelling", "public"),
+    [("f", True), ("false", True), ("F", True), ("0", True), ("FALSE", True), ("No", True),
+     ("t", False), ("true", False), ("T", False), ("1", False), ("yes", False)],
+)  # fmt: skip
+def test_every_boolean_spelling_means_the_same(tmp_path, spelling, public):
+    """private 'false', 'F' or '0' made every collection private (only 'f' was public)."""
+    tables = dump_tables()
+    for col in tables["collection"]:
+        if col["private"] == "f":
+            col["private"] = spelling
+    for stat in tables["statmap"]:
+        stat["is_thresholded"] = {"f": spelling, "t": "T"}[stat["is_thresholded"]]
+    src = DumpSource(write_dump(tmp_path / "b.tar.gz", tables), MEDIA)
+    assert [c["id"] for c in src.iter_results("collections/")] == ([1, 3, 4] if public else [])
+    if public:
+        assert src.image(10)["is_thresholded"] is False and src.image(13)["is_thresholded"] is True
+        assert src.source_counts()["excluded"] == {
+            "private collection (private = true)": 1,
+            "collection of unknown privacy (private empty: not selected)": 1,
+        }
+
+
+def test_a_database_boolean_the_terms_name_is_a_boolean_as_on_the_api(tmp_path, monkeypatch):
+    """A collection field outside the standard ones (e.g. used_smoothing, one of the ~90) stayed the
+    string 't', so `collection_terms: {used_smoothing: true}` matched nothing on a dump."""
+    import nvmeta.testing.dump as tdump
+
+    monkeypatch.setitem(tdump.COLUMNS, "collection", [*tdump.COLUMNS["collection"], "used_smoothing"])
+    tables = dump_tables()
+    for col, flag in zip(tables["collection"], ["t", "t", "f", "", "t"], strict=True):
+        col["used_smoothing"] = flag
+    terms = {"collection_terms": {"used_smoothing": True}, "max_images": "all"}
+    src = DumpSource(write_dump(tmp_path / "u.tar.gz", tables), MEDIA, collection_fields={"used_smoothing"})
+    assert src.collection(1)["used_smoothing"] is True and src.collection(4)["used_smoothing"] is None
+    assert {r["collection_id"] for r in run_query(src, terms, LOG)} == {1}
+
+
+def test_an_unknown_boolean_spelling_names_the_column_and_value(tmp_path):
+    tables = dump_tables()
+    tables["statmap"][2]["not_mni"] = "maybe"
+    with pytest.raises(
+        DumpError, match=r"statmaps_statisticmap.csv column not_mni: 'maybe' is not a boolean .* in 1 row"
+    ):
+        DumpSource(write_dump(tmp_path / "b.tar.gz", tables), MEDIA)
+
+
+def test_an_all_private_dump_says_so_when_nothing_is_selected(tmp_path):
+    """'collections examined: 0, loosen the terms' said nothing about privacy."""
+    tables = dump_tables()
+    for col in tables["collection"]:
+        col["private"] = {"f": "t"}.get(col["private"], col["private"])
+    src = DumpSource(write_dump(tmp_path / "p.tar.gz", tables), MEDIA)
+    sel = tmp_path / "a" / "selection.tsv"
+    with pytest.raises(EmptySelection) as err:
+        query_job(src, {}, sel, sel.with_name("query_funnel.json"), LOG, key_prefix="analyses.a")
+    msg = str(err.value)
+    assert "left out by the source before any term:\n" in msg and "collections examined: 0" in msg
+    assert "\n    private collection (private = true): 4\n" in msg
+    assert "\n    collection of unknown privacy (private empty: not selected): 1\n" in msg
+    assert "check that it is an unmodified export (its private column)" in msg
+    assert "loosen" not in msg
+
+
+def test_values_that_are_not_numbers_are_kept_as_written_and_counted(tmp_path):
+    """number_of_subjects inf or 1e400 crashed (pandas IntCastingNaNError); twenty, nan, 0x14 became
+    a silent missing value. Now each is kept as written, for the image's QC to name."""
+    tables = dump_tables()
+    raw = {10: "inf", 11: "1e400", 13: "twenty", 15: "nan", 31: "0x14"}
+    for stat in tables["statmap"]:
+        if stat["image_ptr_id"] in raw:
+            stat["number_of_subjects"] = raw[stat["image_ptr_id"]]
+    tables["statmap"][1]["statistic_parameters"] = "NaN"
+    src = DumpSource(write_dump(tmp_path / "n.tar.gz", tables), MEDIA)
+    for iid, value in raw.items():
+        assert src.image(iid)["number_of_subjects"] == value
+    assert src.image(33)["number_of_subjects"] == 22 and type(src.image(33)["number_of_subjects"]) is int
+    assert src.image(30)["number_of_subjects"] == 0 and src.image(11)["statistic_parameters"] == "NaN"
+    counts = src.source_counts()["flagged"]
+    assert counts == {
+        "statmaps_statisticmap.csv column number_of_subjects: not a finite number (kept as written)": 5,
+        "statmaps_statisticmap.csv column statistic_parameters: not a finite number (kept as written)": 1,
+    }
+    _, funnel = select(src, {"max_images": "all"}, LOG)
+    assert funnel["flagged_by_source"] == counts
+    # the selection carries them as written too (qc.tsv reads the selection)
+    sel = tmp_path / "a" / "selection.tsv"
+    query_job(src, {"image_ids": [13]}, sel, sel.with_name("query_funnel.json"), LOG)
+    assert pd.read_csv(sel, sep="\t", dtype=str)["number_of_subjects"].tolist() == ["twenty"]
+
+
+def test_rows_with_invalid_ids_are_counted_in_the_funnel(tmp_path):
+    """An image whose id is 'abc' or empty was dropped with no count anywhere."""
+    tables = dump_tables()
+    by_id = {r["id"]: r for r in tables["item"]}
+    by_id[12]["id"] = "abc"
+    by_id[15]["id"] = ""
+    by_id[33]["collection_id"] = "3.0"
+    tables["statmap"][-1]["image_ptr_id"] = "-40"
+    tables["collection"].append({"id": "x7", "name": "bad", "private": "f"})
+    src = DumpSource(write_dump(tmp_path / "i.tar.gz", tables), MEDIA)
+    _, funnel = select(src, {"max_images": "all", "default_terms": False}, LOG)
+    assert funnel["excluded_by_source"] == {
+        "collection of unknown privacy (private empty: not selected)": 1,
+        "private collection (private = true)": 1,
+        "statmaps_basecollectionitem.csv column collection_id: not a positive integer (row left out)": 1,
+        "statmaps_basecollectionitem.csv column id: not a positive integer (row left out)": 2,
+        "statmaps_collection.csv column id: not a positive integer (row left out)": 1,
+        "statmaps_statisticmap.csv column image_ptr_id: not a positive integer (row left out)": 1,
+    }
+    assert [r["id"] for r in run_query(src, {"max_images": "all", "default_terms": False}, LOG)] == [
+        10, 11, 13, 14, 30, 31, 32
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# a bound on one field's size
+# ------------------------------------------------------------------------------------------------
+def _raw_field(value: str) -> bytes:
+    """A field as csv.writer writes it (quoted when it holds a comma, quote or newline)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([value])
+    return buf.getvalue()[:-1].encode()
+
+
+def test_field_bound_measures_fields_as_a_csv_parser_splits_them():
+    """Random fields with commas, quotes and newlines, fed in random chunks: the longest raw field
+    (csv.writer's output for each field, the independent reference) passes a bound of its length
+    and fails a bound one byte shorter, wherever the chunks split it."""
+    import random
+
+    from nvmeta.neurovault.dump_files import _FieldBound
+
+    rng = random.Random(7)
+    alphabet = 'ab,"\n x'
+    rows = [
+        [("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))) for _ in range(5)]
+        for _ in range(300)
+    ]
+    data = b"".join(b",".join(_raw_field(f) for f in row) + b"\n" for row in rows)
+    longest = max(len(_raw_field(f)) for row in rows for f in row)
+    for _trial in range(20):
+        cuts = sorted(rng.sample(range(1, len(data)), 30))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        ok = _FieldBound(longest, "t")
+        for c in chunks:
+            ok.feed(c)
+        short = _FieldBound(longest - 1, "t")
+        with pytest.raises(DumpError, match="a field of more than"):
+            for c in chunks:
+                short.feed(c)
+
+
+BIG_FIELD = r"""
+import resource, sys
+from nvmeta.neurovault.dump import DumpSource, DumpError
+try:
+    DumpSource(sys.argv[1], "https://neurovault.org/media/")
+    print("read")
+except DumpError as exc:
+    print("error:", exc)
+print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def test_a_200_mb_field_stops_the_read_with_bounded_memory(tmp_path):
+    """A 200 MB description in one row took 480 MB to read; the default bound (10 MB) stops it while
+    streaming. Peak RSS of the reading process against the same process on the dump without it."""
+    import os
+    import subprocess
+    import sys
+
+    def peak(path):
+        proc = subprocess.run(
+            [sys.executable, "-c", BIG_FIELD, str(path)],
+            capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )  # fmt: skip
+        lines = proc.stdout.splitlines()
+        return lines[0], float(lines[-1].split()[1])
+
+    small = write_dump(tmp_path / "small", dump_tables(), packed=False)
+    tables = dump_tables()
+    tables["item"][0]["description"] = "x" * (200 * 2**20)
+    big = write_dump(tmp_path / "big", tables, packed=False)
+    first, base_mb = peak(small)
+    assert first == "read"
+    first, big_mb = peak(big)
+    assert first.startswith("error:") and "a field of more than 10000000 bytes" in first
+    assert "statmaps_basecollectionitem.csv" in first and "neurovault.max_dump_field_bytes" in first
+    assert big_mb < base_mb + 60, (base_mb, big_mb)
+
+
+# ------------------------------------------------------------------------------------------------
+# the content digest the query rule's params carry
+# ------------------------------------------------------------------------------------------------
+def test_dump_digest_is_the_recorded_sha256_and_follows_content_not_mtime(tmp_path, caplog):
+    cache = tmp_path / "cache.json"
+    tar = write_dump(tmp_path / "e.tar.gz", dump_tables())
+    assert dump_digest(tar, cache) == DumpSource(tar, MEDIA).identity["sha256"]
+    d = write_dump(tmp_path / "dir", dump_tables(), packed=False)
+    first = dump_digest(d, cache)
+    assert first == DumpSource(d, MEDIA).identity["sha256"]
+    with caplog.at_level(logging.INFO, logger="nvmeta.neurovault.dump_files"):
+        assert dump_digest(d, cache) == first
+    assert "hashing" not in caplog.text  # known files are not read again
+    # edited in place, size and mtime kept (what an editor with preserve-timestamps or cp -p leaves)
+    csv_file = d / TABLES["statmap"]
+    st = csv_file.stat()
+    text = csv_file.read_text()
+    csv_file.write_text(text.replace(",20,", ",50,", 1))
+    os_utime(csv_file, st)
+    assert csv_file.stat().st_size == st.st_size and csv_file.stat().st_mtime_ns == st.st_mtime_ns
+    second = dump_digest(d, cache)
+    assert second != first and second == DumpSource(d, MEDIA).identity["sha256"]
+
+
+def os_utime(path, st):
+    import os
+
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _tree(root):
+    """Every file under ``root`` with its size and mtime (what a dry run must leave as it was)."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_workflow_reruns_the_query_when_the_dump_content_changes_whatever_its_mtime(tmp_path):
+    """Snakemake's mtime trigger missed a replaced export: an archive copied over with an older mtime
+    (cp -p, rsync -a), a CSV edited in place, a directory re-extracted over from an archive (old
+    mtimes): "Nothing to be done", and selection.tsv kept the old sha256. The query rule's params
+    now carry the export's sha256; a touched export with the same content reruns nothing; a dry run
+    changes nothing under results/."""
+    import os
+    import shutil
+
+    from helpers import make_workdir, run_snakemake
+
+    analyses = {"d": {"image_terms": {"map_type": "Z map"}, "default_terms": False}}
+    target = "results/analyses/d/selection.tsv"
+
+    def ids(wf):
+        return pd.read_csv(wf / target, sep="\t", dtype=str)["image_id"].tolist()
+
+    def sha(wf):
+        return pd.read_csv(wf / target, sep="\t", dtype=str)["record_source"].iloc[0].rsplit("sha256=", 1)[1]
+
+    def queried(proc):
+        return "checkpoint query:\n" in proc.stdout  # "localcheckpoint" when run, "checkpoint" in a dry run
+
+    # --- a .tar.gz replaced by another export with an older mtime
+    live = tmp_path / "live.tar.gz"
+    shutil.copy2(write_dump(tmp_path / "v1.tar.gz", dump_tables()), live)
+    wf = make_workdir(tmp_path, {"neurovault": {"url": "https://neurovault.org/api/", "dump": str(live)},
+                                 "analyses": analyses})  # fmt: skip
+    run_snakemake(wf, "--keep-going", target, timeout=600)
+    assert ids(wf) == ["11"]
+    v2 = dump_tables()
+    v2["statmap"][0]["map_type"] = "Z"  # image 10 becomes a Z map
+    newer = write_dump(tmp_path / "v2.tar.gz", v2)
+    os.utime(newer, (1_000_000_000, 1_000_000_000))  # older than everything under results/
+    shutil.copy2(newer, live)  # cp -p: content and the old mtime
+    before = _tree(wf / "results")
+    dry = run_snakemake(wf, "--keep-going", "-n", target, timeout=600)
+    assert queried(dry) and _tree(wf / "results") == before
+    proc = run_snakemake(wf, "--keep-going", target, timeout=600)
+    assert queried(proc) and ids(wf) == ["10", "11"]
+    assert sha(wf) == hashlib.sha256(live.read_bytes()).hexdigest()
+    # the same content with a new mtime: nothing to do
+    os.utime(live)
+    proc = run_snakemake(wf, "--keep-going", target, timeout=600)
+    assert not queried(proc), proc.stdout[-2000:]
+
+    # --- an unpacked export: edited in place (mtime kept), then re-extracted over (old mtimes)
+    d = tmp_path / "unpacked"
+    write_dump(d, dump_tables(), packed=False)
+    (wf / "test.yaml").write_text(
+        __import__("yaml").safe_dump(
+            {"neurovault": {"url": "https://neurovault.org/api/", "dump": str(d)}, "analyses": analyses}
+        )  # fmt: skip
+    )
+    run_snakemake(wf, "--keep-going", target, timeout=600)
+    assert ids(wf) == ["11"]
+    stat_csv = d / TABLES["statmap"]
+    st = stat_csv.stat()
+    rows = stat_csv.read_text().splitlines(keepends=True)
+    edited = [r.replace(",Z,", ",T,", 1) if r.startswith("11,") else r for r in rows]
+    edited = [r.replace(",T,", ",Z,", 1) if r.startswith("33,") else r for r in edited]
+    stat_csv.write_text("".join(edited))
+    os.utime(stat_csv, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc = run_snakemake(wf, "--keep-going", target, timeout=600)
+    assert queried(proc) and ids(wf) == ["33"]
+    with tarfile.open(newer) as tar:  # v2 (10 and 11 Z maps), members with mtime 0
+        for member in tar.getmembers():
+            member.name = member.name.split("/", 1)[1]
+            tar.extract(member, d, filter="data")
+    assert stat_csv.stat().st_mtime < 10
+    proc = run_snakemake(wf, "--keep-going", target, timeout=600)
+    assert queried(proc) and ids(wf) == ["10", "11"]
+    proc = run_snakemake(wf, "--keep-going", target, timeout=600)
+    assert not queried(proc)
+
+
+@pytest.mark.parametrize("broken", ["missing", "two exports"])
+def test_workflow_with_an_unusable_dump_stops_before_any_job(tmp_path, broken):
+    """A missing dump surfaced as Snakemake's MissingInputException, two exports in its directory
+    not at all; each is now one message before any job, naming the problem and the fix."""
+    from helpers import make_workdir, run_snakemake
+
+    path = tmp_path / "nope.tar.gz"
+    if broken == "two exports":
+        path = tmp_path / "exports"
+        for name in ("a", "b"):
+            write_dump(path / name, dump_tables(), packed=False)
+    analyses = {"d": {"image_terms": {"map_type": "T map"}}}
+    wf = make_workdir(tmp_path, {"neurovault": {"dump": str(path)}, "analyses": analyses})
+    proc = run_snakemake(wf, "-n", check=False, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 1 and "Traceback" not in out and "Nothing was run." in out
+    expected = "no such file or directory" if broken == "missing" else "more than one export"
+    assert out.count("nvmeta: neurovault.dump: ") == 1, out[-2000:]
+    if broken == "two exports":
+        expected += " (statmaps tables in a/, b/)"
+    assert expected in out and "Fix: set neurovault.dump to one NeuroVault export" in out

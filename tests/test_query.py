@@ -462,6 +462,12 @@ def test_query_spec_canonical_and_url():
     assert analysis_query_spec(a, "https://other.org/api/")["url"] == "https://other.org/api/"
     assert analysis_query_spec(a, "snap/dir/")["url"] == "snap/dir"
     assert analysis_query_spec({"max_images": None}, URL)["max_images"] == 100
+    # the dump's path and content digest are in the spec of a dump selection only (an API
+    # selection's spec, the query rule's params, stays as it was: no rerun)
+    assert not {"dump", "dump_sha256"} & set(analysis_query_spec(a, URL, dump_sha256="ab"))
+    with_dump = analysis_query_spec(a, URL, dump="x.tar.gz", dump_sha256="ab")
+    assert (with_dump["dump"], with_dump["dump_sha256"]) == ("x.tar.gz", "ab")
+    assert analysis_query_spec(a, URL, dump="x.tar.gz", dump_sha256="cd") != with_dump
 
 
 def test_query_spec_explicit_mode_drops_terms():
@@ -599,9 +605,9 @@ def test_funnel_counts_rejections_per_term(small):
     )
     assert ids(records) == [10, 11]
     # independent count: the first failing term of each listed image, in the effective order
-    image_terms, collection_terms = __import__("nvmeta.select.filters").select.filters.build_terms(
-        {"image_terms": {"number_of_subjects": {"ge": 10}}}, "a"
-    )
+    from nvmeta.select.filters import build_terms
+
+    image_terms, collection_terms = build_terms({"image_terms": {"number_of_subjects": {"ge": 10}}}, "a")
     listed = [im for cid in (1, 3) for im in small.listings[cid]]
     expected = dict.fromkeys(image_terms, 0)
     for im in listed:
@@ -625,10 +631,15 @@ def test_query_job_fails_on_an_empty_selection_with_its_funnel(tmp_path, small):
     assert "analyses.a: the query selected no image" in msg
     assert "images examined: 7, matched: 0" in msg and "rejected by image_terms.map_type: 5" in msg
     assert not sel.exists()
-    assert json.loads(fun.read_text())["selected"] == 0
+    # the funnel is kept where the message says, beside the outputs (which Snakemake removes)
+    failed = tmp_path / "a" / "query_funnel.failed.json"
+    assert f"Funnel (kept in {failed})" in msg and not fun.exists()
+    assert json.loads(failed.read_text())["selected"] == 0
+    assert json.loads(failed.read_text())["images_rejected_by_term"]["image_terms.map_type"] == 5
     records = query.query_job(small, {}, sel, fun, LOG)
     assert read_selection_ids(sel) == ids(records) == [10, 11, 31]
     assert json.loads(fun.read_text())["selected"] == 3
+    assert not failed.exists()  # the failure is over: no stale failed funnel
 
 
 def test_funnel_filters_agree_with_build_filters(small):
@@ -664,6 +675,15 @@ def test_workflow_fails_on_misspelled_field_and_empty_selection(tmp_path):
     assert "analyses.none: the query selected no image" in out and "rejected by image_terms.map_type" in out
     assert not any((wf / "results/analyses" / a / "selection.tsv").exists() for a in analyses)
     assert not (wf / "results/images").exists()
+    # each error once (it was printed three times, plus a traceback), and the funnel is where the
+    # message says although Snakemake removed the failed job's outputs
+    assert out.count("the query selected no image") == 1 and out.count("no examined record has a field") == 1
+    assert "Traceback" not in out and "EmptySelection" not in out
+    failed = "results/analyses/none/query_funnel.failed.json"
+    assert f"Funnel (kept in {failed})" in out
+    assert not (wf / "results/analyses/none/query_funnel.json").exists()
+    funnel = json.loads((wf / failed).read_text())
+    assert funnel["selected"] == 0 and funnel["images_rejected_by_term"]["image_terms.map_type"] > 0
 
 
 def test_explicit_selection_of_exactly_max_images_is_not_called_truncated(caplog):

@@ -230,3 +230,93 @@ def test_g_dropped_method_is_swept_by_a_real_run_never_by_a_dry_run(setup):
     assert digest(meta_b / "stouffer" / "z.nii.gz") == stouffer_b
     assert digest(wf / "results/analyses/A/meta/stouffer/z.nii.gz") == stouffer_a
     assert sorted(p.name for p in meta_b.iterdir()) == ["stouffer"] and requests == 0
+
+
+# ----------------------------------------------------------------------------- a changed dump
+def dump_config(url: str, dump: Path) -> dict:
+    cfg = config(url)
+    cfg["neurovault"]["dump"] = str(dump)
+    cfg["analyses"]["A"]["meta"]["methods"] = ["stouffer", "fixed_effects_hedges"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def dump_setup(tmp_path_factory):
+    from nvmeta.testing.dump import snapshot_tables, write_dump
+
+    tmp = tmp_path_factory.mktemp("dump_reruns")
+    dump = tmp / "export.tar.gz"
+    write_dump(dump, snapshot_tables(SNAPSHOT, A_IDS + B_IDS))
+    with FixtureServer(SNAPSHOT) as srv:
+        cfg = dump_config(srv.url, dump)
+        wf = make_workdir(tmp, cfg)
+        proc = run_snakemake(wf)
+        assert len(ran(proc.stdout, "download")) == len(A_IDS) + len(B_IDS)
+        assert not [p for p in srv.requests if "/api/" in p]  # records from the dump only
+        yield srv, wf, cfg, dump
+
+
+def test_h_a_changed_record_in_a_new_dump_reaches_every_consumer(dump_setup):
+    """A new export in which image 990001 has number_of_subjects 50 instead of 25, copied over the
+    old one with an older mtime (cp -p): the query reran but qc.json, metadata.json and every g and
+    weight kept 25. Now exactly that image's download (map reused, record rewritten) and z-map
+    rerun, and every consumer reads 50; the other images are untouched."""
+    import json
+    import os
+    import shutil
+
+    import pandas as pd
+    from scipy import stats
+
+    from nvmeta.testing.dump import snapshot_tables, write_dump
+
+    srv, wf, cfg, dump = dump_setup
+    iid, others = A_IDS[0], [*A_IDS[1:], *B_IDS]
+    images = wf / "results/images"
+    assert json.loads((images / f"{iid}/qc.json").read_text())["n"] == 25
+    untouched = {
+        i: (digest(images / f"{i}/metadata.json"), digest(images / f"{i}/zmap.nii.gz")) for i in others
+    }
+    tables = snapshot_tables(SNAPSHOT, A_IDS + B_IDS)
+    for stat in tables["statmap"]:
+        if stat["image_ptr_id"] == iid:
+            stat["number_of_subjects"] = 50
+    new = write_dump(dump.with_name("export_2024.tar.gz"), tables)
+    os.utime(new, (1_000_000_000, 1_000_000_000))
+    shutil.copy2(new, dump)
+    proc, requests, media = rerun(srv, wf, cfg)
+    out = proc.stdout
+    assert sorted(wc["analysis"] for wc in ran(out, "query")) == ["A", "B"]
+    assert ran(out, "download") == [{"image_id": str(iid)}]
+    assert ran(out, "zmap") == [{"image_id": str(iid)}]
+    assert requests == 0 and media == 0, "the map on disk is reused"
+    for name in ("metadata.json", "metadata.cache.json"):
+        assert json.loads((images / f"{iid}/{name}").read_text())["number_of_subjects"] == 50
+    qc = json.loads((images / f"{iid}/qc.json").read_text())
+    assert (qc["n"], qc["df"], qc["n_source"]) == (50, 49.0, "number_of_subjects")
+    # g and var(g) from the new z-map with n = 50, df = 49: scipy's t quantile and Hedges' formulas
+    mask = np.asarray(nib.load(wf / "results/template/mask.nii.gz").dataobj) > 0
+    z = nib.load(images / f"{iid}/zmap.nii.gz").get_fdata()[mask]
+    ok = np.isfinite(z)
+    t = stats.t.isf(stats.norm.sf(z[ok]), 49)
+    j = 1 - 3 / (4 * 49 - 1)
+    d = t / np.sqrt(50)
+    g = nib.load(images / f"{iid}/g.nii.gz").get_fdata()[mask][ok]
+    varg = nib.load(images / f"{iid}/varg.nii.gz").get_fdata()[mask][ok]
+    np.testing.assert_allclose(g, j * d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(varg, 49 * (1 + 50 * d**2) * j**2 / (50 * 47) - d**2, rtol=1e-5, atol=1e-6)
+    # the fan-ins read it too: the QC table, the inputs table of the meta-analysis
+    qc_tsv = pd.read_csv(wf / "results/analyses/A/qc.tsv", sep="\t").set_index("image_id")
+    assert qc_tsv.loc[iid, "number_of_subjects"] == 50 and qc_tsv.loc[iid, "n"] == 50
+    inputs = pd.read_csv(wf / "results/analyses/A/figures/inputs.tsv", sep="\t").set_index("image_id")
+    assert inputs.loc[iid, "n"] == 50
+    sel = pd.read_csv(wf / "results/analyses/B/selection.tsv", sep="\t")
+    assert set(sel["record_source"]) == {
+        f"dump {dump.resolve()} bytes={dump.stat().st_size} sha256={hashlib.sha256(dump.read_bytes()).hexdigest()}"
+    }
+    assert {
+        i: (digest(images / f"{i}/metadata.json"), digest(images / f"{i}/zmap.nii.gz")) for i in others
+    } == untouched
+    # nothing changed since: nothing runs
+    proc, requests, _ = rerun(srv, wf, cfg)
+    assert [r for r, _ in jobs(proc.stdout) if r != "all"] == [] and requests == 0

@@ -195,7 +195,9 @@ def fetch_image(
     records_dir : path-like, optional
         Where the query kept the selected images' full records (``{id}.json``); default
         ``out_dir/../../records`` (``results/records``). A kept record is used instead of asking the
-        API (except in ``overwrite`` mode), so the download costs one request, the file.
+        API (except in ``overwrite`` mode), so the download costs one request, the file. A kept record
+        that differs from the one in ``metadata.json`` (the query read a new dump, or the server's
+        record changed) is written anew, with the map already on disk when its file is the same.
     log : logging.Logger, optional
 
     Returns
@@ -222,78 +224,128 @@ def fetch_image(
     meta_path, map_path = out_dir / "metadata.json", out_dir / "map.nii.gz"
     for stale in remove_stale_temps(map_path, meta_path):
         log.info("image %s: removed %s left by an interrupted run", iid, stale.name)
-
-    # A copy of the last good metadata.json: Snakemake deletes a job's declared outputs before a
-    # forced rerun (--forcerun download), and the record must then come from disk, not the server,
-    # in offline and download_new modes.
-    cache_path = out_dir / "metadata.cache.json"
-
-    def finish(record: dict, block: dict) -> dict:
-        if block["status"] != "ok":
-            for path in (map_path, cache_path):  # map.nii.gz (and its record copy) exist iff status ok
-                if path.exists():
-                    path.unlink()
-        record = dict(record)
-        record["nvmeta"] = block
-        if block["status"] == "ok":
-            write_json(cache_path, record)
-        write_json(meta_path, record)  # last, atomically
-        level = logging.INFO if block["status"] == "ok" else logging.WARNING
-        log.log(
-            level, "image %s: %s%s", iid, block["status"], f" ({block['reason']})" if block["reason"] else ""
-        )
-        return {"image_id": iid, **block}
-
-    def usable(obj: object) -> bool:
-        return isinstance(obj, dict) and isinstance(obj.get("nvmeta"), dict) and obj.get("id") == iid
-
-    existing = _read_json(meta_path) if mode != "overwrite" else None
-    from_cache = False
-    if not usable(existing):
-        existing = _read_json(cache_path) if mode != "overwrite" else None
-        from_cache = usable(existing)
-        if not from_cache:
-            existing = None
-    if existing is not None:
-        block = existing["nvmeta"]
-        if block.get("status") == "ok" and map_is_valid(map_path, block.get("map_md5")):
-            if from_cache:
-                write_json(meta_path, existing)  # restored as it was: byte-identical output
-            log.info("image %s: already on disk, reused", iid)
-            return {"image_id": iid, **block}
-        if mode == "offline" and block.get("status") == "failed":
-            return {"image_id": iid, **block}
-
-    if mode == "offline":
-        record = {k: v for k, v in existing.items() if k != "nvmeta"} if existing else {"id": iid}
-        return finish(record, _nvmeta_block(reason=OFFLINE_MISSING))
-
-    # The record: the one the query kept from its listing or the dump (results/records/{id}.json) when there is
-    # one, so a download costs one request (the file); mode overwrite asks the API again.
+    finish = _Finish(iid, out_dir, log)
     from_dump = getattr(client, "dump", None) is not None
+
+    # The record the query kept from its listing or the dump (results/records/{id}.json): used instead
+    # of asking the API (a download then costs one request, the file); mode overwrite asks again.
     records = Path(records_dir) if records_dir is not None else out_dir.parent.parent / "records"
     kept = _kept_record(records / f"{iid}.json", iid)
     if kept is not None and kept[1].get("missing"):  # the dump has no such public statistic map
         return finish({"id": iid}, _nvmeta_block(reason=f"image record: {kept[1]['missing']}"))
-    if kept is not None and (mode != "overwrite" or from_dump or kept[1].get("kind") == "dump"):
-        record, record_source = kept
-    elif from_dump:
-        reason = "image record: not in the query's selection from the dump (no kept record; rerun the query)"
-        return finish({"id": iid}, _nvmeta_block(reason=reason))
-    else:
-        try:
-            record = client.image(iid)
-        except NeuroVaultError as e:
-            return finish({"id": iid}, _nvmeta_block(reason=f"image record: {e}"))
-        describe = getattr(client, "describe_source", None)
-        record_source = {
-            **(describe() if callable(describe) else {"kind": "api"}),
-            "request": f"images/{iid}/",
-        }
 
-    collection, collection_error = _collection(
-        client, record.get("collection_id"), cache_dir, mode, fetch=not from_dump
-    )
+    def collection(rec: dict) -> tuple[dict | None, str | None]:
+        return _collection(client, rec.get("collection_id"), cache_dir, mode, fetch=not from_dump)
+
+    existing = finish.existing(mode)
+    done = _reuse(existing, kept, finish, collection, mode) if existing is not None else None
+    if done is not None:
+        return done
+    if mode == "offline":
+        old = {k: v for k, v in existing.items() if k != "nvmeta"} if existing else {"id": iid}
+        return finish(kept[0] if kept is not None else old, _nvmeta_block(reason=OFFLINE_MISSING))
+    got = _record(client, iid, kept, mode, from_dump)
+    if isinstance(got, str):
+        return finish({"id": iid}, _nvmeta_block(reason=got))
+    record, record_source = got
+    return _fetch_map(client, record, record_source, finish, mode, existing is None, collection(record))
+
+
+def _record(
+    client: Any, iid: int, kept: tuple[dict, dict] | None, mode: str, from_dump: bool
+) -> tuple[dict, dict] | str:
+    """``(record, record_source)``: the kept one, else (not from the dump) the API's; or why none."""
+    if kept is not None and (mode != "overwrite" or from_dump or kept[1].get("kind") == "dump"):
+        return kept
+    if from_dump:
+        return "image record: not in the query's selection from the dump (no kept record; rerun the query)"
+    try:
+        record = client.image(iid)
+    except NeuroVaultError as e:
+        return f"image record: {e}"
+    describe = getattr(client, "describe_source", None)
+    return record, {**(describe() if callable(describe) else {"kind": "api"}), "request": f"images/{iid}/"}
+
+
+class _Finish:
+    """Writes an image's outputs: ``map.nii.gz`` exists iff the status is ok, ``metadata.json`` last.
+
+    ``metadata.cache.json`` is a copy of the last good ``metadata.json``: Snakemake deletes a job's
+    declared outputs before it reruns it (a forced rerun, a changed record), and what was downloaded
+    must then come from disk, not the server, in offline and download_new modes.
+    """
+
+    def __init__(self, iid: int, out_dir: Path, log: logging.Logger) -> None:
+        self.iid, self.log = iid, log
+        self.meta_path, self.map_path = out_dir / "metadata.json", out_dir / "map.nii.gz"
+        self.cache_path = out_dir / "metadata.cache.json"
+        self.from_cache = False
+
+    def __call__(self, record: dict, block: dict) -> dict:
+        if block["status"] != "ok":
+            for path in (self.map_path, self.cache_path):
+                if path.exists():
+                    path.unlink()
+        record = {**record, "nvmeta": block}
+        if block["status"] == "ok":
+            write_json(self.cache_path, record)
+        write_json(self.meta_path, record)  # last, atomically
+        level = logging.INFO if block["status"] == "ok" else logging.WARNING
+        reason = f" ({block['reason']})" if block["reason"] else ""
+        self.log.log(level, "image %s: %s%s", self.iid, block["status"], reason)
+        return {"image_id": self.iid, **block}
+
+    def existing(self, mode: str) -> dict | None:
+        """The image's last ``metadata.json`` (or its copy), None in overwrite mode or when unusable."""
+        if mode == "overwrite":
+            return None
+        for path, cached in ((self.meta_path, False), (self.cache_path, True)):
+            obj = _read_json(path)
+            if isinstance(obj, dict) and isinstance(obj.get("nvmeta"), dict) and obj.get("id") == self.iid:
+                self.from_cache = cached
+                return obj
+        return None
+
+
+def _reuse(
+    existing: dict, kept: tuple[dict, dict] | None, finish: _Finish, collection: Any, mode: str
+) -> dict | None:
+    """The outputs from what is on disk when they are still right (None: fetch as usual).
+
+    A record that changed since the download (the query kept a new one, e.g. another
+    ``number_of_subjects`` in a new dump) is written with the map already on disk when its file is
+    the same, so that every consumer of ``metadata.json`` reads the new record.
+    """
+    iid, block = finish.iid, existing["nvmeta"]
+    ok = block.get("status") == "ok" and map_is_valid(finish.map_path, block.get("map_md5"))
+    old = {k: v for k, v in existing.items() if k != "nvmeta"}
+    if kept is None or kept[0] == old:
+        if ok:
+            if finish.from_cache:
+                write_json(finish.meta_path, existing)  # restored as it was: byte-identical output
+            finish.log.info("image %s: already on disk, reused", iid)
+            return {"image_id": iid, **block}
+        if mode == "offline" and block.get("status") == "failed":
+            return {"image_id": iid, **block}
+        return None
+    record, source = kept
+    changed = sorted(k for k in old.keys() | record.keys() if old.get(k) != record.get(k))
+    finish.log.info("image %s: record changed since the download (%s)", iid, ", ".join(changed))
+    if not ok or record.get("file") != old.get("file"):
+        return None  # the map is fetched again (offline: not on disk)
+    col, col_error = collection(record)
+    new = {k: v for k, v in block.items() if k != "collection_error"}
+    new.update(collection=col, record_source=source, **({"collection_error": col_error} if col_error else {}))
+    finish.log.info("image %s: map on disk reused with the new record", iid)
+    return finish(record, new)
+
+
+def _fetch_map(
+    client: Any, record: dict, record_source: dict, finish: _Finish, mode: str, fresh: bool, collection: tuple
+) -> dict:
+    """Download ``record``'s file to ``map.nii.gz`` and write ``metadata.json`` (whatever the outcome)."""
+    iid, map_path = finish.iid, finish.map_path
+    collection, collection_error = collection
     extra = {"collection_error": collection_error} if collection_error else {}
     url = record.get("file")
     block = _nvmeta_block(
@@ -316,7 +368,7 @@ def fetch_image(
 
     # download_new: a map left by a run killed before metadata.json was written is reused when it is
     # the served bytes themselves (.nii.gz source) and still verifies.
-    if mode == "download_new" and existing is None and map_path.is_file() and isinstance(url, str):
+    if mode == "download_new" and fresh and map_path.is_file() and isinstance(url, str):
         try:
             url_ok = client.check_file_url(url)
             reuse = url_ok.lower().split("?")[0].endswith(".nii.gz") and map_is_valid(map_path)
@@ -332,7 +384,7 @@ def fetch_image(
                 source_url=url_ok,
                 source_format="nii.gz",
             )
-            log.info("image %s: map already on disk, reused", iid)
+            finish.log.info("image %s: map already on disk, reused", iid)
             return finish(record, block)
 
     try:

@@ -65,7 +65,14 @@ def query_client(nv_cfg: dict, results_dir: str | os.PathLike, log=None, analysi
         from nvmeta.neurovault.urls import media_base
 
         image_fields, collection_fields = dump_fields(analysis_cfg or {})
-        return DumpSource(nv_cfg["dump"], media_base(nv_cfg["url"]), image_fields, collection_fields, log=log)
+        return DumpSource(
+            nv_cfg["dump"],
+            media_base(nv_cfg["url"]),
+            image_fields,
+            collection_fields,
+            log=log,
+            max_field_bytes=nv_cfg.get("max_dump_field_bytes"),
+        )
     if nv_cfg["mode"] == "offline" and nv_cfg["url"].startswith(("http://", "https://")):
         if analysis_cfg is not None and not (
             analysis_cfg.get("image_ids") or analysis_cfg.get("collection_ids")

@@ -5,8 +5,12 @@ CSV file per table of the ``statmaps`` application, see ``docs/neurovault-dump.m
 reads such an export (the ``.tar.gz`` itself or its unpacked directory), keeps the public collections
 only, and normalises every statistic map to the field names and labels of the REST API's records
 (``map_type: T map``, ``analysis_level: group``, ``cognitive_paradigm_cogatlas`` = the task's name,
-``file`` = the public media URL, booleans from ``'t'``/``'f'``), so that the query's filters run on
-them unchanged. It answers the same reads as the other sources (``iter_results("collections/")``,
+``file`` = the public media URL, booleans, keys and numbers parsed by
+:mod:`nvmeta.neurovault.dump_columns`), so that the query's filters run on them unchanged. Which files
+make the one export, its digest and the bound on a field's size: :mod:`nvmeta.neurovault.dump_files`.
+What the dump leaves out before any term (private collections, rows with an invalid key) and the
+values it keeps as written are counted by reason (:meth:`DumpSource.source_counts`, in the query's
+funnel). It answers the same reads as the other sources (``iter_results("collections/")``,
 ``iter_results("collections/{cid}/images/")``, ``image(id)``, ``collection(cid)``) from memory.
 
 Lean by construction: only the columns the API fields (and the analysis' terms) need are parsed
@@ -18,31 +22,22 @@ key ``None`` (the "None / Other" task) is a real key, not a missing value.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
-from nvmeta.neurovault.errors import NeuroVaultError, NotFound, UnsafeInput
+from nvmeta.neurovault.dump_columns import check_unique, convert, py_values, relabel
+from nvmeta.neurovault.dump_files import TABLES, DumpError, iter_tables
+from nvmeta.neurovault.errors import NotFound, UnsafeInput
 from nvmeta.neurovault.ids import check_image_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ANALYSIS_LEVELS", "MAP_TYPES", "TABLES", "DumpError", "DumpSource"]
-
-#: table -> CSV file name in the export
-TABLES = {
-    "collection": "statmaps_collection.csv",
-    "item": "statmaps_basecollectionitem.csv",
-    "image": "statmaps_image.csv",
-    "statmap": "statmaps_statisticmap.csv",
-    "task": "statmaps_cognitiveatlastask.csv",
-    "contrast": "statmaps_cognitiveatlascontrast.csv",
-}
+__all__ = ["ANALYSIS_LEVELS", "MAP_TYPES", "TABLES", "DumpError", "DumpSource", "dump_fields"]
 
 #: database code -> the API's label (NeuroVault's ``StatisticMap.MAP_TYPE_CHOICES``)
 MAP_TYPES = {
@@ -62,10 +57,10 @@ MAP_TYPES = {
 }
 ANALYSIS_LEVELS = {"G": "group", "S": "single-subject", "M": "meta-analysis", "Other": "other"}
 
-# API field -> (table, column, kind). kind: int, float, bool, text (empty stays ""), str (empty -> None)
+# API field -> (table, column, kind); kinds: nvmeta.neurovault.dump_columns.convert
 _IMAGE_FIELDS: dict[str, tuple[str, str, str]] = {
-    "id": ("item", "id", "int"),
-    "collection_id": ("item", "collection_id", "int"),
+    "id": ("item", "id", "key"),
+    "collection_id": ("item", "collection_id", "key"),
     "name": ("item", "name", "text"),
     "description": ("item", "description", "text"),
     "add_date": ("item", "add_date", "str"),
@@ -94,7 +89,7 @@ _IMAGE_FIELDS: dict[str, tuple[str, str, str]] = {
     "cognitive_paradigm_description_url": ("statmap", "cognitive_paradigm_description_url", "str"),
 }
 _COLLECTION_FIELDS: dict[str, tuple[str, str]] = {
-    "id": ("id", "int"),
+    "id": ("id", "key"),
     "name": ("name", "text"),
     "DOI": ("DOI", "str"),
     "authors": ("authors", "str"),
@@ -105,91 +100,40 @@ _COLLECTION_FIELDS: dict[str, tuple[str, str]] = {
     "owner": ("owner_id", "int"),
     "journal_name": ("journal_name", "str"),
 }
-_KEYS = {"item": "id", "image": "basecollectionitem_ptr_id", "statmap": "image_ptr_id"}
+_KEYS = {"item": "id", "image": "basecollectionitem_ptr_id", "statmap": "image_ptr_id", "collection": "id"}
+#: columns a table must have (the joins, privacy, the task and contrast names, the file)
+_REQUIRED = {
+    "collection": ("id", "private"),
+    "item": ("id", "collection_id"),
+    "image": ("basecollectionitem_ptr_id", "file"),
+    "statmap": ("image_ptr_id",),
+    "task": ("cog_atlas_id", "name"),
+    "contrast": ("cog_atlas_id", "name"),
+}
+_KINDS = {
+    "collection": {c: k for c, k in _COLLECTION_FIELDS.values()} | {"private": "bool"},
+    **{
+        t: {c: k for tt, c, k in _IMAGE_FIELDS.values() if tt == t} | {_KEYS[t]: "key"}
+        for t in ("item", "image", "statmap")
+    },
+}
 _CHUNK = 200_000
+_PRIVATE = "private collection (private = true)"
+_PRIVACY_UNKNOWN = "collection of unknown privacy (private empty: not selected)"
 
 
-class DumpError(NeuroVaultError):
-    """The dump cannot be read (missing table or column, not a tar.gz of CSV tables)."""
+def _default_max_field_bytes() -> int:
+    from nvmeta.workflow.config import defaults
+
+    return int(defaults("neurovault")["max_dump_field_bytes"])
 
 
-class _HashingReader:
-    """A read-only file wrapper that hashes what is read (the checksum costs no second pass)."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.sha = raw, hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _convert(col: Any, kind: str) -> Any:
-    """One CSV column (strings, missing-value detection off) -> the API's values, compactly."""
-    import numpy as np
+def _postgres_bools(col: Any) -> bool:
+    """Whether a column the API fields do not name holds PostgreSQL's booleans only (``t``/``f``)."""
     import pandas as pd
 
-    if kind == "text":
-        return col.astype("category") if col.nunique() < len(col) // 2 else col
-    if kind == "str":
-        out = col.where(col != "")
-        return out.astype("category")
-    if kind == "bool":
-        return col.map({"t": True, "f": False, "true": True, "false": False}).astype("boolean")
-    num = pd.to_numeric(col.where(col != ""), errors="coerce")
-    if kind == "int":
-        rounded = num.round()
-        if bool(((rounded != num) & num.notna()).any()):
-            return num.astype("float64")  # e.g. number_of_subjects "20.5": kept as it is, QC judges it
-        return num.astype("Int64")
-    return num.astype(np.float64)
-
-
-def _relabel(values: Any, fn: Any) -> Any:
-    """A categorical column with each category replaced by ``fn(category)`` (None: missing)."""
-    import pandas as pd
-
-    if not isinstance(values.dtype, pd.CategoricalDtype):
-        values = values.astype("category")
-    cats = values.cat.categories.tolist()
-    new = [fn(c) for c in cats]
-    labels = pd.Index([v for v in dict.fromkeys(new) if v is not None], dtype=object)
-    pos = {v: k for k, v in enumerate(labels)}
-    lut = [pos[v] if v is not None else -1 for v in new] + [-1]
-    import numpy as np
-
-    codes = np.asarray(lut, dtype=np.int64)[values.cat.codes.to_numpy()]
-    return pd.Series(pd.Categorical.from_codes(codes, categories=labels), index=values.index)
-
-
-def _py(values: Any) -> list:
-    """A pandas column as a list of plain Python values (None for missing)."""
-    import pandas as pd
-
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        cats = values.cat.categories.tolist()
-        return [None if c < 0 else cats[c] for c in values.cat.codes.tolist()]
-    if str(values.dtype) in ("Int64", "boolean"):
-        return [None if v is pd.NA else v for v in values.astype(object).tolist()]
-    out = values.tolist()
-    if values.dtype.kind == "f":
-        return [None if v != v else v for v in out]
-    return out
+    values = {v for v in pd.unique(col) if isinstance(v, str) and v}
+    return bool(values) and values <= {"t", "f"}
 
 
 class DumpSource:
@@ -203,14 +147,24 @@ class DumpSource:
     media_base : str
         Media root the ``file`` column is appended to (``https://neurovault.org/media/``).
     image_fields, collection_fields : iterable of str, optional
-        Extra API fields (e.g. the analysis' term fields) to read when the tables have them.
+        Extra API fields (e.g. the analysis' term fields) to read when the tables have them (a
+        column holding only PostgreSQL's ``t``/``f`` becomes a boolean, as the API serves it).
     log : logging.Logger, optional
+    max_field_bytes : int, optional
+        Largest CSV field accepted (``neurovault.max_dump_field_bytes``; default: the schema's).
+
+    Raises
+    ------
+    DumpError
+        Not one readable export (see :mod:`~nvmeta.neurovault.dump_files`), a required table or
+        column missing, a key appearing twice, a boolean column holding another spelling.
 
     Attributes
     ----------
     identity : dict
         ``{"kind": "dump", "path", "bytes", "sha256"}`` of the export (for a directory: total bytes
-        and the sha256 of the tables' sha256 digests, by file name).
+        and the sha256 of the tables' sha256 digests, by file name: the digest
+        :func:`~nvmeta.neurovault.dump_files.dump_digest` computes).
     n_requests : int
         Always 0: the dump answers everything from memory.
     """
@@ -224,25 +178,30 @@ class DumpSource:
         image_fields: Iterable[str] = (),
         collection_fields: Iterable[str] = (),
         log: logging.Logger | None = None,
+        max_field_bytes: int | None = None,
     ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.media_base = media_base if media_base.endswith("/") else media_base + "/"
         self.log = log or logger
         self.n_requests = 0
         self.last_listing: dict | None = None
+        self.max_field_bytes = max_field_bytes or _default_max_field_bytes()
         self._extra_image = set(image_fields) - set(_IMAGE_FIELDS)
         self._extra_collection = set(collection_fields) - set(_COLLECTION_FIELDS)
-        self._load()
+        self.excluded: Counter = Counter()
+        self.notes: Counter = Counter()
+        tables, self.identity = iter_tables(self.path, self.max_field_bytes, self._read)
+        missing = [TABLES[n] for n in ("collection", "item", "image", "statmap") if n not in tables]
+        if missing:
+            raise DumpError(f"neurovault.dump: table(s) {', '.join(missing)} not found in {self.path}")
+        self._build(tables)
 
     # -- reading -----------------------------------------------------------------------------------
-    def _wanted(self, table: str, header: list[str] | None = None) -> set[str]:
-        if table == "collection":
-            base = {c for c, _ in _COLLECTION_FIELDS.values()} | {"private"}
-            return base | self._extra_collection
+    def _wanted(self, table: str) -> set[str]:
         if table in ("task", "contrast"):
             return {"cog_atlas_id", "name"}
-        base = {col for t, col, _ in _IMAGE_FIELDS.values() if t == table} | {_KEYS[table]}
-        return base | self._extra_image
+        extra = self._extra_collection if table == "collection" else self._extra_image
+        return set(_KINDS[table]) | extra
 
     def _read(self, table: str, fileobj: BinaryIO) -> Any:
         """One table, needed columns only, in chunks converted as they come."""
@@ -262,108 +221,77 @@ class DumpSource:
                 encoding_errors="replace",
             )
             for chunk in reader:
+                if not chunks:
+                    self._check_columns(table, chunk.columns)
                 chunks.append(self._convert_table(table, chunk))
         except (ValueError, pd.errors.ParserError) as exc:
             raise DumpError(f"dump table {TABLES[table]}: not a readable CSV table ({exc})") from None
-        if not chunks:
-            raise DumpError(f"dump table {TABLES[table]} is empty (no header)")
         df = pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
+        for col in set(df.columns) - set(_KINDS.get(table, {})) - {"cog_atlas_id", "name"}:
+            if _postgres_bools(df[col]):  # a field the terms name, stored as a database boolean
+                df[col] = df[col].astype(object).map({"t": True, "f": False}).astype("boolean")
+        if table in ("task", "contrast"):
+            check_unique(table, df, "cog_atlas_id")
+        elif table in _KEYS:
+            df = df[df[_KEYS[table]].notna()]
+            check_unique(table, df, _KEYS[table])
         return df
+
+    def _check_columns(self, table: str, columns: Iterable[str]) -> None:
+        missing = [c for c in _REQUIRED[table] if c not in set(columns)]
+        if missing:
+            raise DumpError(
+                f"neurovault.dump: {TABLES[table]} has no column {', '.join(map(repr, missing))} "
+                f"(nvmeta needs {', '.join(_REQUIRED[table])}). Fix: use an unmodified NeuroVault "
+                "export (docs/neurovault-dump.md lists the tables and columns)."
+            )
 
     def _convert_table(self, table: str, chunk: Any) -> Any:
         import pandas as pd
 
         if table in ("task", "contrast"):
             return chunk
-        out = {}
-        for col in chunk.columns:
-            if table == "collection":
-                kind = next((k for c, k in _COLLECTION_FIELDS.values() if c == col), "str")
-                if col == "private":
-                    kind = "str"
-            else:
-                kind = next((k for t, c, k in _IMAGE_FIELDS.values() if t == table and c == col), "str")
-                if col == _KEYS[table]:
-                    kind = "int"
-            out[col] = _convert(chunk[col], kind)
-        return pd.DataFrame(out)
+        kinds = _KINDS[table]
+        return pd.DataFrame(
+            {
+                col: convert(
+                    chunk[col],
+                    kinds.get(col, "str"),
+                    f"{TABLES[table]} column {col}",
+                    self.excluded,
+                    self.notes,
+                )
+                for col in chunk.columns
+            }
+        )
 
-    def _load(self) -> None:
-        tables: dict[str, Any] = {}
-        if self.path.is_dir():
-            files = {}
-            for name, fname in TABLES.items():
-                found = sorted(self.path.rglob(fname))
-                if found:
-                    files[name] = found[0]
-            digests = hashlib.sha256()
-            size = 0
-            for name in sorted(files, key=lambda n: TABLES[n]):
-                digests.update(f"{TABLES[name]} {_sha256(files[name])}\n".encode())
-                size += files[name].stat().st_size
-                with open(files[name], "rb") as fh:
-                    tables[name] = self._read(name, fh)
-            sha = digests.hexdigest()
-        elif self.path.is_file():
-            with open(self.path, "rb") as raw:
-                reader = _HashingReader(raw)
-                try:
-                    with tarfile.open(fileobj=reader, mode="r|gz") as tar:
-                        for member in tar:
-                            base = member.name.rsplit("/", 1)[-1]
-                            name = next((n for n, f in TABLES.items() if f == base), None)
-                            if name is None or not member.isfile() or name in tables:
-                                continue
-                            fh = tar.extractfile(member)
-                            if fh is not None:
-                                tables[name] = self._read(name, fh)
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    raise DumpError(f"neurovault.dump: not a readable .tar.gz export ({exc})") from None
-                reader.drain()
-            sha, size = reader.sha.hexdigest(), reader.size
-        else:
-            raise DumpError(f"neurovault.dump: no such file or directory: {self.path}")
-        missing = [TABLES[n] for n in ("collection", "item", "image", "statmap") if n not in tables]
-        if missing:
-            raise DumpError(f"neurovault.dump: table(s) {', '.join(missing)} not found in {self.path}")
-        self.identity = {"kind": "dump", "path": str(self.path), "bytes": size, "sha256": sha}
-        self._build(tables)
+    def _public_collections(self, col: Any) -> Any:
+        """The public collections (``private`` explicitly false); the others are counted."""
+        private = col["private"]
+        self.excluded[_PRIVATE] += int(private.eq(True).sum())
+        self.excluded[_PRIVACY_UNKNOWN] += int(private.isna().sum())
+        return col[private.eq(False).fillna(False)].copy()
 
     def _build(self, t: dict[str, Any]) -> None:
         import numpy as np
         import pandas as pd
 
-        col = t["collection"]
-        for need in ("id", "private"):
-            if need not in col.columns:
-                raise DumpError(f"neurovault.dump: {TABLES['collection']} has no column {need!r}")
-        # private collections are never selected (only an explicit 'f' is public)
-        public = col[(col["private"].astype(object) == "f") & col["id"].notna()].copy()
-        n_private = len(col) - len(public)
+        public = self._public_collections(t["collection"])
         item, image, stat = t["item"], t["image"], t["statmap"]
-        for name, df, key in (
-            ("item", item, "id"),
-            ("image", image, _KEYS["image"]),
-            ("statmap", stat, _KEYS["statmap"]),
-        ):
-            if key not in df.columns:
-                raise DumpError(f"neurovault.dump: {TABLES[name]} has no column {key!r}")
-        item = item[item["collection_id"].isin(public["id"].dropna().astype("int64"))]
+        item = item[item["collection_id"].notna() & item["collection_id"].isin(public["id"].astype("int64"))]
         counts = item["collection_id"].value_counts()
         public["number_of_images"] = public["id"].map(counts).fillna(0).astype("int64")
         df = stat.merge(image, left_on=_KEYS["statmap"], right_on=_KEYS["image"], how="inner")
         df = df.merge(item, left_on=_KEYS["statmap"], right_on="id", how="inner", suffixes=("", "_item"))
         df = df.drop(columns=[c for c in (_KEYS["statmap"], _KEYS["image"]) if c in df.columns])
-        df = df[df["id"].notna()]
         df = df.sort_values(["collection_id", "id"], kind="stable").reset_index(drop=True)
         # labels instead of codes
         if "map_type" in df.columns:
-            df["map_type"] = _relabel(df["map_type"], lambda c: MAP_TYPES.get(c, c))
+            df["map_type"] = relabel(df["map_type"], lambda c: MAP_TYPES.get(c, c))
         if "analysis_level" in df.columns:
-            df["analysis_level"] = _relabel(df["analysis_level"], lambda c: ANALYSIS_LEVELS.get(c, c))
-        if "file" in df.columns:
-            media = self.media_base
-            df["file"] = _relabel(df["file"], lambda p: media + quote(str(p), safe="/"))
+            df["analysis_level"] = relabel(df["analysis_level"], lambda c: ANALYSIS_LEVELS.get(c, c))
+        media = self.media_base
+        df["file"] = relabel(df["file"], lambda p: media + quote(str(p), safe="/"))
         for field, table in (
             ("cognitive_paradigm_cogatlas", "task"),
             ("cognitive_contrast_cogatlas", "contrast"),
@@ -371,14 +299,13 @@ class DumpSource:
             key_col = f"{field}_id"
             names = dict(zip(t[table]["cog_atlas_id"], t[table]["name"], strict=True)) if table in t else {}
             if key_col in df.columns:
-                df[field] = _relabel(df[key_col], lambda k, names=names: names.get(k))
+                df[field] = relabel(df[key_col], lambda k, names=names: names.get(k))
             else:
                 df[field] = pd.Categorical([None] * len(df))
         df["image_type"] = pd.Categorical(["statistic_map"] * len(df))
         df["file_size"] = pd.array([pd.NA] * len(df), dtype="Int64")
-        # the API's URL fields
-        self._fields = [c for c in df.columns]
-        self._columns = [_py(df[c]) for c in self._fields]
+        self._fields = list(df.columns)
+        self._columns = [py_values(df[c]) for c in self._fields]
         self._ids = df["id"].to_numpy(dtype=np.int64)
         cids = df["collection_id"].to_numpy(dtype=np.int64)
         self._bounds: dict[int, tuple[int, int]] = {}
@@ -387,22 +314,26 @@ class DumpSource:
             ends = np.r_[starts[1:], len(cids)]
             self._bounds = {int(cids[s]): (int(s), int(e)) for s, e in zip(starts, ends, strict=True)}
         public = public.sort_values("id").drop(columns=["private"])
-        cfields = [c for c in public.columns]
+        cfields = list(public.columns)
         api_name = {c: f for f, (c, _) in _COLLECTION_FIELDS.items()}
-        ccols = [_py(public[c]) for c in cfields]
+        ccols = [py_values(public[c]) for c in cfields]
         self._collections = {}
         for row in zip(*ccols, strict=True):
             rec = {api_name.get(c, c): v for c, v in zip(cfields, row, strict=True)}
             rec["private"] = False
             self._collections[int(rec["id"])] = rec
+        self.excluded = Counter({k: v for k, v in self.excluded.items() if v})
+        for what, counts in (("left out", self.excluded), ("kept as written", self.notes)):
+            for reason, n in sorted(counts.items()):
+                # private collections are a normal part of every export; anything else is a defect of the file
+                level = logging.INFO if reason == _PRIVATE else logging.WARNING
+                self.log.log(level, "dump %s: %d %s: %s", self.path.name, n, what, reason)
         self.log.info(
-            "dump %s (%d bytes, sha256 %s): %d public collections (%d private or unknown left out), "
-            "%d statistic maps in public collections",
+            "dump %s (%d bytes, sha256 %s): %d public collections, %d statistic maps in public collections",
             self.path.name,
             self.identity["bytes"],
             self.identity["sha256"][:12],
             len(self._collections),
-            n_private,
             len(self._ids),
         )
 
@@ -410,6 +341,11 @@ class DumpSource:
     def describe_source(self) -> dict[str, Any]:
         """Where the records came from (recorded with the selection)."""
         return dict(self.identity)
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """What the dump left out before any term (``excluded``: private collections, rows with an
+        invalid key) and values it kept as written (``flagged``), by reason, for the query's funnel."""
+        return {"excluded": dict(sorted(self.excluded.items())), "flagged": dict(sorted(self.notes.items()))}
 
     def _record(self, i: int) -> dict[str, Any]:
         return dict(zip(self._fields, (c[i] for c in self._columns), strict=True))

@@ -114,3 +114,46 @@ def write_dump(
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
     return dest
+
+
+def snapshot_tables(root: str | os.PathLike, image_ids: Iterable[int]) -> dict[str, list[dict[str, Any]]]:
+    """The tables of an export holding ``image_ids`` as the API records of a snapshot directory
+    (``api/images/{id}.json``, ``api/collections/{cid}.json``) serve them: labels back to their
+    database codes, ``file`` relative to the media root, a task row per task name (the snapshot's
+    records name tasks without their Cognitive Atlas ids). The records a :class:`DumpSource` makes
+    of these tables are the snapshot's, field for field, for the fields the dump holds."""
+    import json
+
+    from nvmeta.neurovault.dump import ANALYSIS_LEVELS, MAP_TYPES
+
+    root = Path(root)
+    codes = {label: code for code, label in MAP_TYPES.items()}
+    levels = {label: code for code, label in ANALYSIS_LEVELS.items()}
+    tables: dict[str, list[dict[str, Any]]] = {k: [] for k in TABLES}
+    tasks: dict[str, str] = {}
+    cids: list[int] = []
+    for iid in image_ids:
+        rec = json.loads((root / "api" / "images" / f"{iid}.json").read_text())
+        task = rec.get("cognitive_paradigm_cogatlas")
+        task_id = rec.get("cognitive_paradigm_cogatlas_id") or (
+            tasks.setdefault(task, f"trm_{len(tasks) + 1}") if task else None
+        )
+        if task:
+            tasks[task] = task_id
+        if rec["collection_id"] not in cids:
+            cids.append(rec["collection_id"])
+        item = {k: rec.get(k) for k in COLUMNS["item"]}
+        tables["item"].append({**item, "polymorphic_ctype_id": 30})
+        image = {k: rec.get(k) for k in COLUMNS["image"] if k != "basecollectionitem_ptr_id"}
+        image["file"] = rec["file"].split("/media/", 1)[1]
+        tables["image"].append({**image, "basecollectionitem_ptr_id": iid, "data": "{}"})
+        stat = {k: rec.get(k) for k in COLUMNS["statmap"] if k != "image_ptr_id"}
+        stat.update(map_type=codes[rec["map_type"]], analysis_level=levels.get(rec.get("analysis_level")))
+        tables["statmap"].append({**stat, "image_ptr_id": iid, "cognitive_paradigm_cogatlas_id": task_id})
+    for cid in cids:
+        col = json.loads((root / "api" / "collections" / f"{cid}.json").read_text())
+        tables["collection"].append(
+            {**{k: col.get(k) for k in COLUMNS["collection"]}, "owner_id": col["owner"]}
+        )
+    tables["task"] = [{"name": name, "cog_atlas_id": key} for name, key in tasks.items()]
+    return tables

@@ -9,6 +9,15 @@ localrules:
 
 
 rule download:
+    input:
+        # The record the query kept for this image, when there is one. The query rewrites it only
+        # when the record changed, so a changed record (e.g. another number_of_subjects in a new
+        # dump) reruns this download and hence the z-map; an unchanged one reruns nothing.
+        record=lambda wildcards: [
+            path
+            for path in [f"{RESULTS}/records/{wildcards.image_id}.json"]
+            if os.path.exists(path)
+        ],
     output:
         f"{IMAGES}/metadata.json",
     log:

@@ -1,5 +1,12 @@
 # Resolve each analysis into its selection of images (a checkpoint: the per-image jobs are
-# known only once it has run). Re-runs when the part of the config that selects images changes.
+# known only once it has run). Re-runs when the part of the config that selects images changes,
+# or the content of neurovault.dump does (whatever its mtime): the params carry its sha256.
+
+from nvmeta.neurovault.dump_files import dump_digest_or_exit
+
+# Hashed once per export and cached under .snakemake/ by size, mtime, ctime and inode (a replaced
+# file always has a new ctime); an unusable dump stops here, before any job.
+DUMP_SHA256 = dump_digest_or_exit(config["neurovault"].get("dump"))
 
 
 localrules:
@@ -7,11 +14,6 @@ localrules:
 
 
 checkpoint query:
-    input:
-        # a changed dump file re-runs the query (its path is in the params too)
-        dump=lambda wildcards: (
-            [config["neurovault"]["dump"]] if config["neurovault"].get("dump") else []
-        ),
     output:
         selection=report(
             f"{ANALYSIS}/selection.tsv",
@@ -32,6 +34,7 @@ checkpoint query:
             config["analyses"][wildcards.analysis],
             config["neurovault"]["url"],
             dump=config["neurovault"].get("dump"),
+            dump_sha256=DUMP_SHA256,
         ),
     script:
         "../../scripts/query.py"
