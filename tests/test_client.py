@@ -736,3 +736,24 @@ def test_shared_retry_helper(caplog):
     assert calls == [1]
     with pytest.raises(KeyError):  # not retried
         retry(lambda a: {}["k"], attempts=5, retry_on=OSError, what="x", again="again", log=log)
+
+
+def test_a_number_too_large_for_a_float_is_kept_as_written(tmp_path):
+    """``"number_of_subjects": 1e400`` in a reply parsed to inf: the query's JSON outputs (written
+    with allow_nan=False) then crashed the job. It is kept as the text it was sent as, and the
+    per-image stage names it."""
+    from nvmeta.images.stats import resolve_sample_size
+    from nvmeta.io import write_json
+    from nvmeta.neurovault.layout import write_snapshot
+
+    record = {"id": 7, "collection_id": 3, "map_type": "T map", "number_of_subjects": 25, "file": None}
+    root = write_snapshot(tmp_path / "snap", [record], [{"id": 3, "name": "c"}])
+    path = root / "api" / "images" / "7.json"
+    path.write_text(path.read_text().replace('"number_of_subjects": 25', '"number_of_subjects": 1e400'))
+    with FixtureServer(root) as srv:
+        for client in (make_client({"url": str(root)}), make_client({"url": srv.url, "retries": 0})):
+            got = client.image(7)
+            assert got["number_of_subjects"] == "1e400"
+            write_json(tmp_path / "record.json", got)  # no ValueError: Out of range float values
+            size = resolve_sample_size(got, {"df": "n-1"}, max_n=100_000, need_df=True)
+            assert size.n is None and "'1e400' is not finite" in size.reason

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from nvmeta.neurovault.errors import (
 )
 from nvmeta.neurovault.retry import retry
 from nvmeta.neurovault.urls import NEUROVAULT_HOSTS, canonical_url, short_url
+from nvmeta.neurovault.verify import loads_record
 
 #: cap on a server's Retry-After (seconds); a longer wait fails the request instead of hanging a job
 RETRY_AFTER_MAX = 120
@@ -233,8 +233,7 @@ class HTTPClient(BaseClient):
         if "html" in ctype.lower() or head.startswith((b"<!doctype", b"<html", b"<")):
             raise NotJSON("server returned HTML instead of JSON", url)
         try:
-            # NaN/Infinity are not JSON: read them as null (NeuroVault itself sends null)
-            return json.loads(body, parse_constant=lambda _c: None)
+            return loads_record(body)
         except ValueError:
             raise NotJSON(f"invalid JSON reply from {short_url(url)}", url) from None
 

@@ -24,6 +24,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from nvmeta.neurovault.verify import loads_record
+
 PUBLIC_BASE = "https://neurovault.org"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -199,7 +201,7 @@ def _read_dir(d: Path) -> dict[int, dict]:
         return out
     for p in d.glob("*.json"):
         if p.stem.isdigit():
-            out[int(p.stem)] = json.loads(p.read_text())
+            out[int(p.stem)] = loads_record(p.read_text())
     return out
 
 

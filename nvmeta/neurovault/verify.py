@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import math
 import os
 import zlib
 from pathlib import Path
@@ -12,11 +14,28 @@ from typing import Any
 
 from nvmeta.neurovault.errors import CorruptFile, TooLarge
 
+
+def _finite_or_text(text: str) -> float | str:
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
+def loads_record(text: str | bytes) -> Any:
+    """Parse a JSON reply or record as NeuroVault sends it.
+
+    ``NaN``/``Infinity`` are not JSON: they are read as null (NeuroVault itself sends null). A number
+    too large for a float (``1e400``) is kept as the text it was written as, so that the per-image
+    stage names it ("'1e400' is not finite") instead of an ``inf`` that no JSON output can hold.
+    """
+    return json.loads(text, parse_constant=lambda _c: None, parse_float=_finite_or_text)
+
+
 #: a compressed map may decompress to at most this many times ``max_file_bytes``
 MAX_DECOMPRESSION_RATIO = 16
 
 __all__ = [
     "MAX_DECOMPRESSION_RATIO",
+    "loads_record",
     "check_gzip",
     "check_nifti",
     "convert_analyze",
