@@ -176,6 +176,8 @@ def selection(analysis):
     if batches_requested(workflow):
         for other in config["analyses"]:
             checkpoints.query.get(analysis=other)
+        if config.get("atlas") is not None:
+            checkpoints.atlas_query.get()
     path = checkpoints.query.get(analysis=analysis).output[0]
     try:
         return _read_selection(path, os.stat(path).st_mtime_ns)
@@ -204,8 +206,12 @@ def per_image(pattern, analysis=None):
 def _collection_of():
     """image id -> collection id over every readable selection on disk (for per-collection overrides)."""
     out = {}
-    for analysis in config["analyses"]:
-        path = Path(RESULTS) / "analyses" / analysis / "selection.tsv"
+    paths = [
+        Path(RESULTS) / "analyses" / a / "selection.tsv" for a in config["analyses"]
+    ]
+    if config.get("atlas") is not None:
+        paths.insert(0, Path(RESULTS) / "atlas" / "selection.tsv")
+    for path in paths:
         try:
             pairs = _read_selection(str(path), path.stat().st_mtime_ns)
         except (OSError, ValueError, csv.Error):
@@ -302,7 +308,9 @@ def all_outputs(wildcards):
             out += ica_outputs(analysis)
         if spec.get("cbma") is not None:
             out += cbma_outputs(analysis)  # workflow/rules/cbma.smk
-    return out
+        if spec.get("decode") is not None:
+            out += decode_outputs(analysis)  # workflow/rules/decode.smk
+    return out + atlas_outputs()  # workflow/rules/atlas.smk
 
 
 # --- cbma (workflow/rules/cbma.smk) ---

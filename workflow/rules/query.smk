@@ -6,6 +6,13 @@ localrules:
     query,
 
 
+def query_selection_cfg(analysis):
+    """An analysis' selection config, with the hygiene terms under its own when it asks for them."""
+    from nvmeta.select.hygiene import with_hygiene
+
+    return with_hygiene(analysis) if analysis.get("hygiene") else analysis
+
+
 checkpoint query:
     input:
         # a changed dump file re-runs the query (its path is in the params too)
@@ -29,7 +36,7 @@ checkpoint query:
         nv_connections=1,
     params:
         spec=lambda wildcards: analysis_query_spec(
-            config["analyses"][wildcards.analysis],
+            query_selection_cfg(config["analyses"][wildcards.analysis]),
             config["neurovault"]["url"],
             dump=config["neurovault"].get("dump"),
         ),
