@@ -199,6 +199,13 @@ def test_held_out_maps_decode_to_their_task_first(world):
         assert (part["n_maps"] == 12).all()
     summary = json.loads((a / "decode/summary.json").read_text())
     assert summary["pool_maps"] == 48 and summary["n_decodable"] == 4
+    from nvmeta.decode.decoding import describe_decoding
+
+    lines = describe_decoding(a / "decode/decoding.tsv")
+    first = held.maps[0]
+    assert len(lines) == len(sources) and lines[0].startswith(
+        f"map/{first.image_id} resembles {first.task} (r = "
+    )
     assert (a / "decode/decoding.png").stat().st_size > 10_000
 
 
@@ -289,6 +296,11 @@ def test_no_decodable_term_is_said_loudly(world, caplog):
         df = decode(world, a, [("map", world["zmaps"][ts.maps[0].image_id])], n_null=19)
     assert df["r"].isna().all() and df["note"].str.startswith("not decodable").all()
     assert "No atlas term is decodable" in json.loads((a / "decode/summary.json").read_text())["note"]
+    from nvmeta.decode.decoding import describe_decoding
+
+    assert describe_decoding(a / "decode/decoding.tsv")[0].startswith(
+        "map: no atlas term to decode against (not decodable"
+    )
     assert any("no atlas term is" in r.getMessage().lower() for r in caplog.records)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "MIN_COMMON_VOXELS",
     "correlate",
     "decode_analysis",
+    "describe_decoding",
     "load_sources",
     "top_labels",
 ]
@@ -296,8 +297,12 @@ def decode_analysis(
                     .to_dict("records")) for n, _ in sources},
     }  # fmt: skip
     write_json(out_json, _jsonable(summary))
-    log.info("decode: %d source(s) x %d decodable term(s); null pool %d maps x %d voxels, %d draws",
-             len(sources), len(refs), pool.size, pool.voxels.size, int(decode["n_null"]))  # fmt: skip
+    null = (
+        f"null: {int(decode['n_null'])} draws from {pool.size} maps x {pool.voxels.size} voxels"
+        if refs
+        else "no null"
+    )
+    log.info("decode: %d source(s) x %d decodable term(s); %s", len(sources), len(refs), null)
     return df
 
 
@@ -311,3 +316,23 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def describe_decoding(decoding_tsv: str | os.PathLike, n_terms: int = 3) -> list[str]:
+    """One plain-language line per result map of ``decoding.tsv`` (for an overview page): its top
+    ``n_terms`` terms with r and p, or why it has none."""
+    import pandas as pd
+
+    df = pd.read_csv(decoding_tsv, sep="\t", keep_default_na=False, na_values=[""])
+    lines = []
+    for source, part in df.groupby("source", sort=False):
+        top = part[part["r"].notna()].sort_values("rank").head(n_terms)
+        if top.empty:
+            lines.append(f"{source}: no atlas term to decode against ({part['note'].iloc[0]})")
+            continue
+        terms = "; ".join(
+            f"{t} (r = {r:.2f}" + ("" if p != p else f", p = {p:.3g}") + ")"
+            for t, r, p in zip(top["term"], top["r"], top["p_null"], strict=True)
+        )
+        lines.append(f"{source} resembles {terms}")
+    return lines

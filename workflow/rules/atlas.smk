@@ -2,11 +2,9 @@
 # default the Cognitive Atlas task) with the analyses' own query, convert them with the shared
 # per-image jobs, QC them, then one job per term builds its reference map. A term's job depends on
 # its own maps only, so a new map of one task reruns that task's job (and the fan-in) only.
+# Helpers (atlas_ids, atlas_members, ...) are in common.smk.
 
-from nvmeta.decode.atlas import selection_cfg as atlas_selection_cfg
-from nvmeta.decode.terms import SLUG as TERM_SLUG, read_members
-
-ATLAS = f"{RESULTS}/atlas"
+from nvmeta.decode.terms import SLUG as TERM_SLUG
 
 
 wildcard_constraints:
@@ -16,64 +14,6 @@ wildcard_constraints:
 localrules:
     atlas_query,
     atlas_terms,
-
-
-def atlas_ids():
-    """Image ids of the atlas' selection, once its query checkpoint has run (batches: once every
-    query has, as selection() in common.smk)."""
-    if batches_requested(workflow):
-        for other in config["analyses"]:
-            checkpoints.query.get(analysis=other)
-    path = checkpoints.atlas_query.get().output.selection
-    try:
-        return [i for i, _ in _read_selection(path, os.stat(path).st_mtime_ns)]
-    except (OSError, ValueError, csv.Error) as exc:
-        raise WorkflowError(
-            f"{path} is unreadable ({exc}). Fix: run the same command again with "
-            "--forcerun atlas_query."
-        )
-
-
-def atlas_per_image(pattern):
-    return lambda wildcards: [pattern.format(image_id=i) for i in atlas_ids()]
-
-
-@functools.lru_cache(maxsize=4)
-def _atlas_members(path, mtime_ns):
-    return read_members(path)
-
-
-def atlas_members():
-    """{slug: [(image_id, collection_id, n)]} of the eligible terms (after checkpoint atlas_terms)."""
-    path = checkpoints.atlas_terms.get().output.members
-    return _atlas_members(path, os.stat(path).st_mtime_ns)
-
-
-def atlas_term_names():
-    import pandas as pd
-
-    path = checkpoints.atlas_terms.get().output.terms
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    return dict(zip(df["slug"], df["term"]))
-
-
-def atlas_outputs():
-    """What the atlas block produces (for all_outputs)."""
-    if config.get("atlas") is None:
-        return []
-    return [
-        f"{ATLAS}/{name}"
-        for name in ("selection.tsv", "qc.tsv", "funnel.tsv", "atlas.tsv", "atlas.png")
-    ]
-
-
-def atlas_term_files(name):
-    return lambda wildcards: [f"{ATLAS}/{s}/{name}" for s in sorted(atlas_members())]
-
-
-#: The atlas keys a term's reference depends on (min_maps / min_collections decide which terms
-#: exist, in checkpoint atlas_terms, and leave the references themselves alone).
-ATLAS_TERM_KEYS = ["method", "min_fraction", "null_voxels", "random_state"]
 
 
 checkpoint atlas_query:
@@ -162,21 +102,8 @@ checkpoint atlas_terms:
     params:
         min_maps=lambda wildcards: config["atlas"]["min_maps"],
         min_collections=lambda wildcards: config["atlas"]["min_collections"],
-    run:
-        # In-process: a light table job between two checkpoints.
-        from nvmeta.decode.terms import write_terms
-        from nvmeta.workflow.logs import job_log
-
-        with job_log("nvmeta.decode.terms", log[0], echo=True) as logger:
-            write_terms(
-                input.groups,
-                input.qc,
-                params.min_maps,
-                params.min_collections,
-                output.terms,
-                output.members,
-                logger,
-            )
+    script:
+        "../../scripts/atlas_terms.py"
 
 
 rule atlas_term:

@@ -1,70 +1,7 @@
 # Decoding (analyses.<name>.decode): each result map of an analysis against the task atlas
 # (workflow/rules/atlas.smk). Two jobs per analysis: the leave-out references (the atlas without
 # the analysis' own maps; the ICA labels read them too), then the correlations and their null.
-
-from nvmeta.decode.references import leave_out_sets
-
-
-def decode_config(wildcards):
-    return config["analyses"][wildcards.analysis]["decode"]
-
-
-def _left_out(analysis):
-    """{slug: [image ids]} of the atlas maps an analysis' leave-out takes out of each term."""
-    path = checkpoints.query.get(analysis=analysis).output[0]
-    images, collections = leave_out_sets(
-        path, config["analyses"][analysis]["decode"]["leave_out"]
-    )
-    out = {}
-    for slug, members in atlas_members().items():
-        gone = [m[0] for m in members if m[0] in images or m[1] in collections]
-        if gone:
-            out[slug] = gone
-    return out
-
-
-def decode_sources(analysis):
-    """(name, path) of every result map an analysis decodes, in a fixed order."""
-    spec = config["analyses"][analysis]
-    d = f"{RESULTS}/analyses/{analysis}"
-    out = [
-        (f"meta/{m}", f"{d}/meta/{m}/z.nii.gz")
-        for m in (spec["meta"] or {}).get("methods", [])
-    ]
-    out += [
-        (f"cbma/{m}", f"{d}/cbma/{m}/z.nii.gz")
-        for m in (spec.get("cbma") or {}).get("methods", [])
-    ]
-    if spec["ica"] is not None:
-        out.append(("ica", f"{d}/ica/components.nii.gz"))
-    return out
-
-
-def decode_outputs(analysis):
-    d = f"{RESULTS}/analyses/{analysis}/decode"
-    return [f"{d}/decoding.tsv", f"{d}/decoding.png", f"{d}/references.tsv"]
-
-
-def ica_decode_inputs(analysis):
-    """Extra inputs of an ICA job whose labels come from decoding (decode block and an atlas)."""
-    if (
-        config["analyses"][analysis].get("decode") is None
-        or config.get("atlas") is None
-    ):
-        return {}
-    d = f"{RESULTS}/analyses/{analysis}/decode"
-    return {"references": f"{d}/references.tsv", "reference_maps": f"{d}/references"}
-
-
-def decode_mem_mb(wildcards, input):
-    """The pool (atlas maps x null_voxels float32, twice while it is read), the references over the
-    mask (float32, and NiMARE's float32 copy per common mask) and a random draw's float64 sums.
-    """
-    n_pool = sum(len(m) for m in atlas_members().values())
-    voxels = _meta_mask_voxels(input)
-    pool = 8 * n_pool * config["atlas"]["null_voxels"]
-    refs = 12 * len(input.maps) * voxels
-    return 1500 + (pool + refs) // 2**20
+# Helpers (decode_sources, decode_mem_mb, ...) are in common.smk.
 
 
 rule decode_references:

@@ -6,13 +6,6 @@ localrules:
     query,
 
 
-def query_selection_cfg(analysis):
-    """An analysis' selection config, with the hygiene terms under its own when it asks for them."""
-    from nvmeta.select.hygiene import with_hygiene
-
-    return with_hygiene(analysis) if analysis.get("hygiene") else analysis
-
-
 checkpoint query:
     input:
         # a changed dump file re-runs the query (its path is in the params too)
