@@ -459,7 +459,13 @@ def e2e_config(snap: Path, probe_cid: int) -> dict:
                 "meta": {"methods": ["stouffer"], "jackknife": False},
                 "ica": {"n_components": 2, "n_terms": 2},
                 "decode": {"n_null": 99},
-            }
+            },
+            # an analysis that opts into the hygiene terms: the Neuroscout and temporary collections go
+            "clean": {
+                "image_terms": {"cognitive_paradigm_cogatlas": E2E_TASKS[1]},
+                "max_images": 1000,
+                "hygiene": True,
+            },  # fmt: skip
         },
     }
 
@@ -484,6 +490,9 @@ def test_workflow_atlas_decode_and_a_rerun_of_one_term(tmp_path):
     funnel = json.loads((res / "atlas/query_funnel.json").read_text())
     assert funnel["collections_rejected_by_term"]["collection_terms.owner"] == 1
     assert funnel["collections_rejected_by_term"]["collection_terms.name"] == 1
+    clean = json.loads((res / "analyses/clean/query_funnel.json").read_text())
+    assert clean["selected"] == 9 and clean["collections_rejected_by_term"]["collection_terms.owner"] == 1
+    assert clean["collections_rejected_by_term"]["collection_terms.name"] == 1
     refs = pd.read_csv(res / "analyses/probe/decode/references.tsv", sep="\t")
     assert refs.set_index("term").loc[E2E_TASKS[0], "n_maps"] == 9
     dec = pd.read_csv(res / "analyses/probe/decode/decoding.tsv", sep="\t")

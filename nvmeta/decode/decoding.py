@@ -201,6 +201,48 @@ def _null_columns(rows: list[dict], sources, commons, refs, pool, atlas, decode,
             row["null_p95"] = float(np.percentile(dist, 95))
 
 
+def _rows(sources, rs, table) -> list[dict]:
+    """One ``decoding.tsv`` row per source and atlas term (r, or the note saying why there is none)."""
+    rows = []
+    for name, _ in sources:
+        r, common = rs[name]
+        for row in table.itertuples(index=False):
+            rec = dict.fromkeys(DECODING_COLUMNS)
+            rec.update(source=name, term=row.term, slug=row.slug, n_maps=int(row.n_maps),
+                       n_collections=int(row.n_collections), n_voxels=int(common.sum()), r=float("nan"),
+                       note="")  # fmt: skip
+            if not row.decodable:
+                rec["note"] = f"not decodable: {row.reason}"
+            else:
+                rec["r"] = r[row.slug]
+                if not np.isfinite(rec["r"]):
+                    rec["note"] = (
+                        f"common mask of {int(common.sum())} voxels (< {MIN_COMMON_VOXELS}) or a constant map"
+                    )
+            rows.append(rec)
+    return rows
+
+
+def _ranked(rows: list[dict], sources) -> Any:
+    """The rows as a table: rank of r within each source, BH q over its p-values, sources in order."""
+    import pandas as pd
+
+    from nvmeta.meta.correction import bh_q
+
+    df = pd.DataFrame(rows, columns=DECODING_COLUMNS)
+    df["r"] = df["r"].astype(float)
+    df["rank"] = df.groupby("source")["r"].rank(ascending=False, method="min")
+    for name in df["source"].unique():
+        sel = (df["source"] == name) & df["p_null"].notna()
+        if sel.any():
+            df.loc[sel, "q_null"] = bh_q(df.loc[sel, "p_null"].to_numpy(dtype=float))
+    order = {name: i for i, (name, _) in enumerate(sources)}
+    df = df.sort_values(["source", "rank", "term"], key=lambda c: c.map(order) if c.name == "source" else c,
+                        na_position="last").reset_index(drop=True)  # fmt: skip
+    df["rank"] = df["rank"].astype("Int64")
+    return df
+
+
 def decode_analysis(
     source_items: Sequence[tuple[str, str | os.PathLike]],
     references_tsv: str | os.PathLike,
@@ -229,13 +271,10 @@ def decode_analysis(
     atlas, decode : mapping
         The validated ``atlas`` block and the analysis' ``decode`` block.
     """
-    import pandas as pd
-
     from nvmeta.decode.figures import decoding_figure
     from nvmeta.decode.null import load_pool
     from nvmeta.decode.references import leave_out_sets, read_references
     from nvmeta.io import write_json, write_tsv
-    from nvmeta.meta.correction import bh_q
     from nvmeta.meta.units import mask_data
 
     log = log or logger
@@ -244,38 +283,12 @@ def decode_analysis(
     refs = _load_refs(table, mask_img, mask)
     sources = load_sources(source_items, mask_img, mask)
     rs = correlate(sources, refs, mask_img, mask)
-    rows = []
-    for name, _ in sources:
-        r, common = rs[name]
-        for row in table.itertuples(index=False):
-            rec = dict.fromkeys(DECODING_COLUMNS)
-            rec.update(source=name, term=row.term, slug=row.slug, n_maps=int(row.n_maps),
-                       n_collections=int(row.n_collections), n_voxels=int(common.sum()), r=float("nan"),
-                       note="")  # fmt: skip
-            if not row.decodable:
-                rec["note"] = f"not decodable: {row.reason}"
-            else:
-                rec["r"] = r[row.slug]
-                if not np.isfinite(rec["r"]):
-                    rec["note"] = (
-                        f"common mask of {int(common.sum())} voxels (< {MIN_COMMON_VOXELS}) or a constant map"
-                    )
-            rows.append(rec)
+    rows = _rows(sources, rs, table)
     images, collections = leave_out_sets(selection_tsv, decode["leave_out"])
     pool = load_pool(sample_paths, images, collections)
     if refs and pool.size:
         _null_columns(rows, sources, {n: rs[n][1] for n, _ in sources}, refs, pool, atlas, decode, log)
-    df = pd.DataFrame(rows, columns=DECODING_COLUMNS)
-    df["r"] = df["r"].astype(float)
-    df["rank"] = df.groupby("source")["r"].rank(ascending=False, method="min")
-    for name in df["source"].unique():
-        sel = (df["source"] == name) & df["p_null"].notna()
-        if sel.any():
-            df.loc[sel, "q_null"] = bh_q(df.loc[sel, "p_null"].to_numpy(dtype=float))
-    order = {name: i for i, (name, _) in enumerate(sources)}
-    df = df.sort_values(["source", "rank", "term"], key=lambda c: c.map(order) if c.name == "source" else c,
-                        na_position="last").reset_index(drop=True)  # fmt: skip
-    df["rank"] = df["rank"].astype("Int64")
+    df = _ranked(rows, sources)
     write_tsv(out_tsv, df)
     note = None
     if not refs:
@@ -283,9 +296,9 @@ def decode_analysis(
             "No atlas term is decodable after leaving out this analysis' own maps (references.tsv says why)."
         )
         log.warning("decode: %s", note)
-    elif pool.size <= max(int(k) for k in df.loc[df["r"].notna(), "n_maps"]):
-        note = (f"The null pool holds only {pool.size} map(s): random references of a term's size are the "
-                "term's own maps, so the null cannot tell a match from chance (p = 1).")  # fmt: skip
+    elif pool.size in set(df.loc[df["r"].notna(), "n_maps"].astype(int)):
+        note = (f"The null pool holds only {pool.size} map(s), as many as a term's reference: its random "
+                "references are the term's own maps, so the null cannot tell a match from chance (p = 1).")  # fmt: skip
         log.warning("decode: %s", note)
     decoding_figure(df, out_png, int(decode["n_top"]), note)
     summary = {

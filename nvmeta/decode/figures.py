@@ -108,12 +108,13 @@ def decoding_figure(table: Any, out_png: str | os.PathLike, n_top: int, note: st
     plt = _plt()
     sources = list(dict.fromkeys(table["source"]))
     ok = table[np.isfinite(table["r"].astype(float))]
-    head = "Decoding against the task atlas (red: empirical p <= 0.05 against random references)"
-    head += f"\n{note}" if note else ""
+    tail = f"\n{note}" if note else ""
     if len(sources) > MAX_PANELS and not ok.empty:
-        fig = _heatmap(plt, ok, sources, n_top, head)
+        head = "Decoding against the task atlas: r of each map with the top terms (*: empirical p <= 0.05)"
+        fig = _heatmap(plt, ok, sources, n_top, head + tail)
     else:
-        fig = _panels(plt, ok, sources, n_top, head)
+        head = "Decoding against the task atlas (red: empirical p <= 0.05 against random references)"
+        fig = _panels(plt, ok, sources, n_top, head + tail)
     _save(fig, out_png)
     plt.close(fig)
     return Path(out_png)
@@ -175,5 +176,5 @@ def _heatmap(plt, ok, sources, n_top: int, head: str):
                   ha="right", fontsize=7)  # fmt: skip
     ax.set_yticks(range(len(sources)), sources, fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.03, label="r")
-    fig.suptitle(head + "\n(heat map: r of each map with the top terms; *: p <= 0.05)", fontsize=10)
+    fig.suptitle(head, fontsize=10)
     return fig
