@@ -8,6 +8,15 @@ from nvmeta.neurovault import make_client
 from nvmeta.workflow.logs import job_logger
 
 log = job_logger("nvmeta.ica", snakemake.log[0])
+labeler = None
+if "references" in snakemake.input.keys():  # labels from decoding against the task atlas
+    from nvmeta.decode.decoding import top_labels
+
+    def labeler(volume):
+        return top_labels(snakemake.input.references, volume, load_mask(snakemake.input.mask),
+                          int(snakemake.params.ica["n_terms"]))  # fmt: skip
+
+
 run_ica(
     snakemake.input.qc,
     path_lookup(snakemake.input.zmaps, "zmaps"),
@@ -18,4 +27,5 @@ run_ica(
     log,
     client_factory=lambda: make_client(snakemake.config["neurovault"]),
     threads=snakemake.threads,
+    labeler=labeler,
 )

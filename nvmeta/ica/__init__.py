@@ -850,6 +850,7 @@ def run_ica(
     threads: int = 1,
     neurosynth_cache_for: Callable[[int], Path] | None = None,
     plots: bool = True,
+    labeler: Callable[[np.ndarray], list[list[tuple[str, float]]] | None] | None = None,
 ) -> dict:
     """Cross-study ICA of an analysis' included z-maps, with term labels; writes every output into ``outdir``.
 
@@ -879,6 +880,10 @@ def run_ica(
         image's ``metadata.json``).
     plots : bool
         Write ``component_{k}.png`` (tests and benchmarks may switch it off).
+    labeler : callable, optional
+        ``components volume (X, Y, Z, k) -> [[(term, r), ...] per component]`` or None: labels from
+        decoding against the task atlas (:func:`nvmeta.decode.decoding.top_labels`). A component it
+        gives no term keeps its image-text label; None (no decodable term) keeps them all.
 
     Returns
     -------
@@ -992,6 +997,9 @@ def run_ica(
     )
     loadings = termlib.component_term_loadings(dec.mixing, tw.matrix)
     tops = termlib.top_terms(loadings, tw.vocabulary, int(cfg["n_terms"]))
+    tops, label_sources, decoded_note = termlib.decoded_labels(tops, labeler, volume)
+    if decoded_note:
+        warn.append(decoded_note)
     rows = [
         {"component": k, "rank": rank + 1, "term": term, "weight": weight}
         for k, picked in enumerate(tops)
@@ -1009,9 +1017,8 @@ def run_ica(
     titles = []
     thresholds = []
     for k in range(k_out):
-        title = (
-            f"IC{k}: " + ", ".join(t for t, _ in tops[k]) if tops[k] else f"IC{k} (no term loads positively)"
-        )
+        shown_terms = [f"{t} (r={w:.2f})" if label_sources[k] == "atlas" else t for t, w in tops[k]]
+        title = f"IC{k}: " + ", ".join(shown_terms) if tops[k] else f"IC{k} (no term loads positively)"
         titles.append(title)
         # the components have unit variance over the voxels used: show the 10 % largest |values|
         threshold = float(np.percentile(np.abs(dec.components[k]), 90))
@@ -1045,6 +1052,7 @@ def run_ica(
         "term_source_requested": tw.requested,
         "term_source": tw.source,
         "term_fallback": tw.fallback,
+        "label_sources": label_sources,
         "n_vocabulary": int(len(tw.vocabulary)),
         "neurosynth": tw.info or None,
         "titles": titles,

@@ -42,6 +42,7 @@ __all__ = [
     "BOILERPLATE_WORDS",
     "TermWeights",
     "component_term_loadings",
+    "decoded_labels",
     "image_term_weights",
     "indistinct_labels",
     "metadata_term_weights",
@@ -488,3 +489,43 @@ def indistinct_labels(tops: Sequence[Sequence[tuple[str, float]]]) -> str | None
             "not tell the components apart, the labels describe the whole selection"
         )
     return None
+
+
+def decoded_labels(
+    tops: list[list[tuple[str, float]]], labeler: Callable[[Any], Any] | None, volume: Any
+) -> tuple[list[list[tuple[str, float]]], list[str], str | None]:
+    """Component labels from decoding against the task atlas, the image-text ``tops`` as the fallback.
+
+    Parameters
+    ----------
+    tops : list
+        The image-text labels (:func:`top_terms`).
+    labeler : callable or None
+        ``volume -> [[(term, r), ...] per component]`` or None (:func:`nvmeta.decode.decoding.top_labels`).
+    volume : ndarray
+        The components (X, Y, Z, k).
+
+    Returns
+    -------
+    (list, list of str, str or None)
+        The labels, each component's label source (``"atlas"`` or ``"metadata"``) and a note when the
+        fallback was used.
+    """
+    if labeler is None:
+        return tops, ["metadata"] * len(tops), None
+    decoded = labeler(volume)
+    if decoded is None:
+        note = "labels from the images' texts: no atlas term is decodable for this analysis (decode/references.tsv)"
+        return tops, ["metadata"] * len(tops), note
+    out, sources = [], []
+    for k, fallback in enumerate(tops):
+        got = decoded[k] if k < len(decoded) else []
+        out.append(got if got else fallback)
+        sources.append("atlas" if got else "metadata")
+    missing = [k for k, s in enumerate(sources) if s == "metadata"]
+    note = (
+        f"components {missing} correlate positively with no atlas term: image-text labels"
+        if missing
+        else None
+    )
+    return out, sources, note

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from nvmeta.select.funnel import EmptySelection, Funnel, describe_funnel
@@ -491,12 +491,17 @@ def _keep(path: Any, payload: Mapping[str, Any], compare: tuple[str, ...] | None
 
 def query_rule(
     config: Mapping[str, Any],
-    analysis: str,
+    analysis: str | None,
     selection_path: str | os.PathLike,
     funnel_path: str | os.PathLike,
     log_path: str | os.PathLike,
+    selection_cfg: Mapping[str, Any] | None = None,
+    on_records: Callable[[list[dict], logging.Logger], None] | None = None,
 ) -> int:
-    """Rule ``query`` (``scripts/query.py``): select, and say once why when the query cannot.
+    """Rules ``query`` and ``atlas_query``: select, and say once why when the query cannot.
+
+    ``analysis`` names the analysis whose block selects (``selection_cfg`` None), or is None for the
+    task atlas, whose ``selection_cfg`` is given; ``on_records`` then receives the selected records.
 
     An expected failure (nothing selected, a term no record carries, an unreadable dump, the
     server failing) is logged once, to the job's log only: Snakemake prints a failed job's log
@@ -516,8 +521,16 @@ def query_rule(
     from nvmeta.workflow.logs import job_logger
 
     log = job_logger("nvmeta.select.query", log_path)
-    results = Path(selection_path).parents[2]
-    analysis_cfg = config["analyses"][analysis]
+    # results/analyses/{a}/selection.tsv, results/atlas/selection.tsv
+    results = Path(selection_path).parents[1 if analysis is None else 2]
+    if analysis is None:
+        analysis_cfg, key_prefix = selection_cfg, "atlas"
+    else:
+        analysis_cfg, key_prefix = config["analyses"][analysis], f"analyses.{analysis}"
+    if analysis_cfg.get("hygiene"):  # the atlas' hygiene terms under the analysis' own
+        from nvmeta.select.hygiene import with_hygiene
+
+        analysis_cfg = with_hygiene(analysis_cfg)
     try:
         # The dump when neurovault.dump is set; in offline mode with a server URL, the records of
         # earlier downloads; else the API (or a snapshot directory).
@@ -528,10 +541,12 @@ def query_rule(
             selection_path,
             funnel_path,
             log,
-            key_prefix=f"analyses.{analysis}",
+            key_prefix=key_prefix,
             records_dir=results / "records",
             collections_dir=results / "collections",
         )
+        if on_records is not None:
+            on_records(records, log)
     except (EmptySelection, ConfigError, IncompleteListing, NeuroVaultError) as exc:
         root = logging.getLogger("nvmeta")
         for handler in list(root.handlers):

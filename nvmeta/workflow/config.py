@@ -22,7 +22,7 @@ from nvmeta.errors import ConfigError
 #: The one config schema; every default lives here and nowhere else.
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 #: Blocks that :func:`defaults` knows: top-level keys and per-analysis ``$defs`` blocks.
-_ANALYSIS_BLOCKS = ("meta", "ica", "cbma")
+_ANALYSIS_BLOCKS = ("meta", "ica", "cbma", "decode")
 
 
 def _dotted(path: Any) -> str:
@@ -203,6 +203,7 @@ def check_config(
     for name, analysis in config["analyses"].items():
         problems.extend(_check_analysis(name, analysis))
     problems.extend(_check_overrides(config["conversion"]))
+    problems.extend(_check_decoding(config))
     problems.extend(_check_paths(config, Path(basedir)))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -394,6 +395,35 @@ def _check_analysis(name: str, analysis: dict) -> list[str]:
             "image_terms/collection_terms, or max_images (the first max_images images passing "
             "the default terms, like nilearn's fetch_neurovault)."
         )
+    return problems
+
+
+def _check_decoding(config: dict) -> list[str]:
+    """The atlas' selection terms, and what every ``decode`` block needs (an atlas, something to decode)."""
+    from nvmeta.decode.atlas import selection_cfg
+    from nvmeta.select.query import validate_query
+
+    problems: list[str] = []
+    atlas = config.get("atlas")
+    if atlas is not None:
+        try:
+            validate_query(selection_cfg(atlas), "atlas")
+        except ConfigError as exc:
+            problems.append(f"config key {exc}")
+    for name, analysis in config["analyses"].items():
+        if analysis.get("decode") is None:
+            continue
+        key = f"analyses.{name}.decode"
+        if atlas is None:
+            problems.append(
+                f"config key {key}: decoding needs a task atlas to decode against. Fix: add a "
+                "top-level `atlas: {}` block (README, 'Decoding'), or remove the decode block."
+            )
+        if all(analysis.get(block) is None for block in ("meta", "cbma", "ica")):
+            problems.append(
+                f"config key {key}: the analysis has no result map to decode (no meta, cbma or ica "
+                "block). Fix: add one of them, or remove the decode block."
+            )
     return problems
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
+from nvmeta.decode.atlas import selection_cfg as atlas_selection_cfg
+from nvmeta.decode.references import leave_out_sets
+from nvmeta.decode.terms import read_members
 from nvmeta.select.query import analysis_query_spec
 from nvmeta.snakemake_groups import batches_requested, install as install_stable_groups
 from nvmeta.snakemake_timers import cancel_scheduler_timers
@@ -176,6 +179,8 @@ def selection(analysis):
     if batches_requested(workflow):
         for other in config["analyses"]:
             checkpoints.query.get(analysis=other)
+        if config.get("atlas") is not None:
+            checkpoints.atlas_query.get()
     path = checkpoints.query.get(analysis=analysis).output[0]
     try:
         return _read_selection(path, os.stat(path).st_mtime_ns)
@@ -204,8 +209,12 @@ def per_image(pattern, analysis=None):
 def _collection_of():
     """image id -> collection id over every readable selection on disk (for per-collection overrides)."""
     out = {}
-    for analysis in config["analyses"]:
-        path = Path(RESULTS) / "analyses" / analysis / "selection.tsv"
+    paths = [
+        Path(RESULTS) / "analyses" / a / "selection.tsv" for a in config["analyses"]
+    ]
+    if config.get("atlas") is not None:
+        paths.insert(0, Path(RESULTS) / "atlas" / "selection.tsv")
+    for path in paths:
         try:
             pairs = _read_selection(str(path), path.stat().st_mtime_ns)
         except (OSError, ValueError, csv.Error):
@@ -302,7 +311,9 @@ def all_outputs(wildcards):
             out += ica_outputs(analysis)
         if spec.get("cbma") is not None:
             out += cbma_outputs(analysis)  # workflow/rules/cbma.smk
-    return out
+        if spec.get("decode") is not None:
+            out += decode_outputs(analysis)  # workflow/rules/decode.smk
+    return out + atlas_outputs()  # workflow/rules/atlas.smk
 
 
 # --- cbma (workflow/rules/cbma.smk) ---
@@ -415,3 +426,151 @@ def overview_inputs(wildcards):
             f"{d}/ica/component_{k}.png" for k in range(spec["ica"]["n_components"])
         ]
     return out
+
+
+# --- task atlas and decoding (workflow/rules/atlas.smk, decode.smk) ---
+ATLAS = f"{RESULTS}/atlas"
+
+
+def query_selection_cfg(analysis):
+    """An analysis' selection config, with the hygiene terms under its own when it asks for them."""
+    from nvmeta.select.hygiene import with_hygiene
+
+    return with_hygiene(analysis) if analysis.get("hygiene") else analysis
+
+
+def _sweep_incomplete_atlas_query():
+    """A selection without its funnel or groups (killed, or an older nvmeta's) is queried anew: a
+    checkpoint with an output missing is neither rerun nor complete for Snakemake."""
+    path = Path(ATLAS) / "selection.tsv"
+    if path.is_file() and not all(
+        (path.with_name(n)).is_file() for n in ("query_funnel.json", "groups.tsv")
+    ):
+        logger.warning(
+            f"{path} has no query_funnel.json or groups.tsv beside it; removed, "
+            "the atlas query runs again."
+        )
+        path.unlink()
+
+
+if config.get("atlas") is not None:
+    _sweep_incomplete_atlas_query()
+
+
+def atlas_ids():
+    """Image ids of the atlas' selection, once its query checkpoint has run (batches: once every
+    query has, as selection() in common.smk)."""
+    if batches_requested(workflow):
+        for other in config["analyses"]:
+            checkpoints.query.get(analysis=other)
+    path = checkpoints.atlas_query.get().output.selection
+    try:
+        return [i for i, _ in _read_selection(path, os.stat(path).st_mtime_ns)]
+    except (OSError, ValueError, csv.Error) as exc:
+        raise WorkflowError(
+            f"{path} is unreadable ({exc}). Fix: run the same command again with "
+            "--forcerun atlas_query."
+        )
+
+
+def atlas_per_image(pattern):
+    return lambda wildcards: [pattern.format(image_id=i) for i in atlas_ids()]
+
+
+@functools.lru_cache(maxsize=4)
+def _atlas_members(path, mtime_ns):
+    return read_members(path)
+
+
+def atlas_members():
+    """{slug: [(image_id, collection_id, n)]} of the eligible terms (after checkpoint atlas_terms)."""
+    path = checkpoints.atlas_terms.get().output.members
+    return _atlas_members(path, os.stat(path).st_mtime_ns)
+
+
+def atlas_term_names():
+    import pandas as pd
+
+    path = checkpoints.atlas_terms.get().output.terms
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return dict(zip(df["slug"], df["term"]))
+
+
+def atlas_outputs():
+    """What the atlas block produces (for all_outputs)."""
+    if config.get("atlas") is None:
+        return []
+    return [
+        f"{ATLAS}/{name}"
+        for name in ("selection.tsv", "qc.tsv", "funnel.tsv", "atlas.tsv", "atlas.png")
+    ]
+
+
+def atlas_term_files(name):
+    return lambda wildcards: [f"{ATLAS}/{s}/{name}" for s in sorted(atlas_members())]
+
+
+#: The atlas keys a term's reference depends on (min_maps / min_collections decide which terms
+#: exist, in checkpoint atlas_terms, and leave the references themselves alone).
+ATLAS_TERM_KEYS = ["method", "min_fraction", "null_voxels", "random_state"]
+
+
+def decode_config(wildcards):
+    return config["analyses"][wildcards.analysis]["decode"]
+
+
+def _left_out(analysis):
+    """{slug: [image ids]} of the atlas maps an analysis' leave-out takes out of each term."""
+    path = checkpoints.query.get(analysis=analysis).output[0]
+    images, collections = leave_out_sets(
+        path, config["analyses"][analysis]["decode"]["leave_out"]
+    )
+    out = {}
+    for slug, members in atlas_members().items():
+        gone = [m[0] for m in members if m[0] in images or m[1] in collections]
+        if gone:
+            out[slug] = gone
+    return out
+
+
+def decode_sources(analysis):
+    """(name, path) of every result map an analysis decodes, in a fixed order."""
+    spec = config["analyses"][analysis]
+    d = f"{RESULTS}/analyses/{analysis}"
+    out = [
+        (f"meta/{m}", f"{d}/meta/{m}/z.nii.gz")
+        for m in (spec["meta"] or {}).get("methods", [])
+    ]
+    out += [
+        (f"cbma/{m}", f"{d}/cbma/{m}/z.nii.gz")
+        for m in (spec.get("cbma") or {}).get("methods", [])
+    ]
+    if spec["ica"] is not None:
+        out.append(("ica", f"{d}/ica/components.nii.gz"))
+    return out
+
+
+def decode_outputs(analysis):
+    d = f"{RESULTS}/analyses/{analysis}/decode"
+    return [f"{d}/decoding.tsv", f"{d}/decoding.png", f"{d}/references.tsv"]
+
+
+def ica_decode_inputs(analysis):
+    """Extra inputs of an ICA job whose labels come from decoding (decode block and an atlas)."""
+    if (
+        config["analyses"][analysis].get("decode") is None
+        or config.get("atlas") is None
+    ):
+        return {}
+    d = f"{RESULTS}/analyses/{analysis}/decode"
+    return {"references": f"{d}/references.tsv", "reference_maps": f"{d}/references"}
+
+
+def decode_mem_mb(wildcards, input):
+    """The pool (every term's sample.npz, twice while it is read), the references over the mask
+    (float32, and NiMARE's float32 copy per common mask) and a random draw's float64 sums. Before
+    the samples exist this counts none of them: Snakemake evaluates resources again once a job's
+    inputs exist, before it runs or is submitted."""
+    pool = sum(os.path.getsize(p) for p in input.samples if os.path.exists(p))
+    refs = 12 * len(input.maps) * _meta_mask_voxels(input)
+    return 1500 + (2 * pool + refs) // 2**20

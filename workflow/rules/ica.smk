@@ -23,7 +23,9 @@ for _analysis in analyses_with("ica"):
     rule:
         name:
             f"ica_{_analysis}"
+        # with a decode block and an atlas, the labels come from decoding (decode.smk)
         input:
+            **ica_decode_inputs(_analysis),
             qc=f"{RESULTS}/analyses/{_analysis}/qc.tsv",
             zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz", _analysis),
             metadata=per_image(
