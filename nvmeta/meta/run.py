@@ -258,7 +258,7 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
                 outputs.to_img(np.where(reported, fit.maps["I2"], np.nan), mask, affine),
                 outdir / "est.png",
                 cfg,
-                f"{LABELS.get(method, method)}: pooled Hedges' g (unthresholded), {plan.n_maps} maps",
+                f"{LABELS.get(method, method)}: pooled Hedges' g (unthresholded), {plan.n_maps} map{'s' * (plan.n_maps != 1)}",
             )
 
     # The mosaic shows what survives the method's correction (FDR; permutation: its FWE map)
@@ -266,11 +266,15 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         shown, corr = z_fwe, f"FWE p < {alpha:g}"
     else:
         shown, corr = z_fdr, f"FDR {q_txt}"
-    units = f"{plan.n_maps} maps" + (f" in {n_units} collections" if n_units != plan.n_maps else "")
-    title = f"{LABELS.get(method, method)}, {units}, {corr}, |z| >= {float(cfg['threshold']):g} shown"
+    title = outputs.z_title(LABELS.get(method, method), plan.n_maps, n_units, corr, float(cfg["threshold"]))
+    if n_units < k_min:
+        empty = f"not computed: {n_units} usable map{'s' * (n_units != 1)} (at least {k_min} needed)"
+    elif n_rep == 0:
+        empty = f"not computed: no voxel has data in at least {k_min} maps"
+    else:
+        empty = f"no voxel survives {corr} with |z| > {float(cfg['threshold']):g}"
     with outputs.frozen_gc():
-        outputs.plot_z(outputs.to_img(shown, mask, affine), outdir / "z.png", cfg, title,
-                       empty_note=f"no voxel survives {corr} with |z| >= {float(cfg['threshold']):g}")  # fmt: skip
+        outputs.plot_z(outputs.to_img(shown, mask, affine), outdir / "z.png", cfg, title, empty_note=empty)
     summary["seconds_estimation"] = round(t_est, 3)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(outdir / "summary.json", summary)
