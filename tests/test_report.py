@@ -505,13 +505,14 @@ def test_overview_page_states_the_funnel_and_results(report, probe):
 
 def test_methods_paragraph_and_its_references(report):
     """Every key the paragraph cites has its BibTeX entry; the counts it gives are the run's."""
+    import html
     import re
 
     wf = report[0]
     for name, spec in CONFIG["analyses"].items():
         d = wf / "results/analyses" / name
         page = (d / "methods.html").read_text(encoding="utf-8")
-        latex = re.search(r"<pre>(.*)</pre>", page, flags=re.S).group(1)
+        latex = html.unescape(re.search(r"<pre>(.*)</pre>", page, flags=re.S).group(1))
         cited = {k for m in re.finditer(r"\\citep\{([^}]*)\}", latex) for k in m.group(1).split(",")}
         bib = (d / "references.bib").read_text(encoding="utf-8")
         entries = set(re.findall(r"^@\w+\{([^,]+),", bib, flags=re.M))
@@ -520,7 +521,7 @@ def test_methods_paragraph_and_its_references(report):
         chain = ", ".join(f"{int(r['count']):,} {r['stage']}" for r in funnel.to_dict("records"))
         assert f"Images: {chain}." in latex
         assert "Stouffer's method" in latex and "Benjamini" not in latex  # cited by key in the LaTeX
-        assert "(Benjamini & Hochberg, 1995)" in page  # and by author-year in the text
+        assert "(Benjamini & Hochberg, 1995)" in html.unescape(page)  # and by author-year in the text
         if "permutation" in spec["meta"]["methods"]:
             assert "the permutation test used 200 sign flips" in latex
 
