@@ -15,4 +15,5 @@ input_figures(
     snakemake.wildcards.analysis,
     threads=snakemake.threads,
     logger=log,
+    cut_coords=snakemake.params.cut_coords,
 )

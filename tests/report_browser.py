@@ -37,7 +37,6 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser")
 # No network in the sandbox: keep the browser from phoning home and from trying QUIC.
 CHROMIUM_FLAGS = (
     "--headless",
-    "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
     "--no-first-run",
@@ -47,6 +46,13 @@ CHROMIUM_FLAGS = (
     "--hide-scrollbars",
 )
 PROBE_ID = "nvmeta-probe"
+
+
+def chromium_flags() -> tuple[str, ...]:
+    """:data:`CHROMIUM_FLAGS`, plus ``--no-sandbox`` when running as root (chromium refuses to start
+    its sandbox as root: "Running as root without --no-sandbox is not supported")."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    return CHROMIUM_FLAGS + (("--no-sandbox",) if root else ())
 
 
 def find_chromium() -> str | None:
@@ -139,7 +145,7 @@ def run_chromium(
         netlog = Path(tmp) / "netlog.json"
         cmd = [
             chrome,
-            *CHROMIUM_FLAGS,
+            *chromium_flags(),
             f"--user-data-dir={profile}",
             f"--virtual-time-budget={budget_ms}",
             f"--log-net-log={netlog}",
@@ -391,7 +397,11 @@ _PROBE_JS = r"""
     });
   } else {
     steps.push(function () {
-      app.setView({navbarMode: "subcategory", category: finalView.category, subcategory: finalView.subcategory});
+      if (finalView.subcategory) {
+        app.setView({navbarMode: "subcategory", category: finalView.category, subcategory: finalView.subcategory});
+      } else {
+        app.showCategory(finalView.category);
+      }
     });
     if (finalView.result) {
       steps.push(function () {
@@ -472,13 +482,16 @@ def screenshot_view(
     report: Path,
     png: Path,
     category: str,
-    subcategory: str,
+    subcategory: str | None,
     result: str | None = None,
     size: tuple[int, int] = (1400, 1000),
 ) -> dict:
-    """Screenshot of the report with ``category``/``subcategory`` open in the navigation and, if
+    """Screenshot of the report with ``category``/``subcategory`` open in the navigation (only the
+    category, listing its subcategories, when ``subcategory`` is None) and, if
     given, the image or HTML result named ``result`` (a file name such as ``z.png``, or the end of its path such as
     ``stouffer/z.png``) shown in the content pane."""
+    if result and not subcategory:
+        raise ValueError("a result is shown from its subcategory: give the subcategory too")
     view = {"category": category, "subcategory": subcategory, "result": result}
     with tempfile.TemporaryDirectory(prefix="nvmeta-view-") as tmp:
         page = _probe_copy(Path(report), Path(tmp) / "report.html", view, 200)
@@ -494,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("report", type=Path)
     ap.add_argument("--outdir", type=Path, default=Path("report-shots"))
     ap.add_argument(
-        "--view", default=None, help="category/subcategory to screenshot, e.g. pain/Meta-analysis"
+        "--view",
+        default=None,
+        help="analysis (category) or category/subcategory to screenshot, e.g. pain or pain/Meta-analysis",
     )
     ap.add_argument("--result", default=None, help="image result of that view to show, e.g. z.png")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install chromium when missing")
@@ -517,9 +532,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{v['kind']:12s} {where:55s} images: {imgs or '-'}  downloads: {', '.join(v['downloads']) or '-'}"
         )
     if args.view:
-        category, subcategory = args.view.split("/", 1)
-        png = args.outdir / f"{category}_{subcategory}.png".replace(" ", "_")
-        screenshot_view(chrome, args.report, png, category, subcategory, args.result)
+        category, _, subcategory = args.view.partition("/")
+        png = args.outdir / "_".join(x for x in (category, subcategory) if x).replace(" ", "_")
+        png = png.with_suffix(".png")
+        if not subcategory and args.result:
+            print("--result needs --view category/subcategory")
+            return 2
+        screenshot_view(chrome, args.report, png, category, subcategory or None, args.result)
         print("view screenshot:", png.resolve())
     return 0
 

@@ -217,3 +217,43 @@ def test_input_figures_write_every_file(tmp_path, cap):
 def test_figures_block_defaults_are_in_the_schema():
     d = defaults("figures")
     assert d == {"glass_brain_max_maps": 50, "correlation_max_maps": 1000}
+
+
+def test_one_map_has_no_correlation_matrix_and_figures_keep_their_size(tmp_path):
+    """With 1 included map there is no pair to correlate: the figure says so (a 1 × 1 "matrix" said
+    nothing). Under NiMARE's rcParams (savefig.bbox: tight) every figure keeps its designed size."""
+    import matplotlib
+
+    _write_inputs(tmp_path, n_maps=1)
+    out = {k: tmp_path / "fig" / f"inputs_{k}.png" for k in ("mean_z", "coverage", "correlation", "glass")}
+    out["table"] = tmp_path / "fig" / "inputs.tsv"
+    images = tmp_path / "images"
+    zmaps = path_lookup(sorted(images.glob("*/zmap.nii.gz")), "zmaps")
+    qcs = path_lookup(sorted(images.glob("*/qc.json")), "qcjson")
+    with matplotlib.rc_context({"savefig.bbox": "tight"}):
+        s = input_figures(tmp_path / "qc.tsv", zmaps, qcs, tmp_path / "mask.nii.gz", out, defaults("figures"), "toy",
+                          cut_coords=[-10, 0, 10])  # fmt: skip
+    assert s.n_maps == 1 and len(s.corr_ids) == 1
+    assert _png_size(out["correlation"]) == (900, 200)  # the message figure, not a matrix
+    assert _png_size(out["mean_z"]) == _png_size(out["coverage"]) == (1400, 340)
+
+
+def test_glass_items_give_name_and_contrast(tmp_path):
+    from nvmeta.figures.plotting import glass_items
+
+    pd.DataFrame(
+        [
+            dict(
+                image_id=3, status="included", contrast_definition="pain vs rest", name="pain_01: T statistic"
+            ),
+            dict(image_id=1, status="excluded", contrast_definition="x", name="b"),
+            dict(image_id=2, status="included", contrast_definition="map two", name="map two"),
+            dict(image_id=5, status="included", contrast_definition=None, name=None),
+        ]
+    ).to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
+    items = glass_items(tmp_path / "qc.tsv", lambda i: tmp_path / f"{i}.nii.gz")
+    assert items == [
+        (3, "pain_01: T statistic — pain vs rest", tmp_path / "3.nii.gz"),
+        (2, "map two", tmp_path / "2.nii.gz"),
+        (5, "", tmp_path / "5.nii.gz"),
+    ]

@@ -39,7 +39,7 @@ CONFIG = {
     "analyses": {
         "pain": {
             "image_ids": PAIN_IDS,
-            "meta": {"methods": ["stouffer", "fisher"]},
+            "meta": {"methods": ["stouffer", "fisher", "permutation"], "n_perm": 200},
             "ica": {"n_components": 2, "n_runs": 2, "random_state": 0},
         },
         "edge": {"image_ids": EDGE_IDS, "meta": {"methods": ["stouffer"]}},
@@ -56,6 +56,7 @@ def expected_results() -> dict[str, dict[str, set[str]]]:
         subs = {
             "Selection and QC": {f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"},
             "Analysis overview": {f"{d}/overview.html"},
+            "Methods": {f"{d}/methods.html", f"{d}/references.bib"},
             "Inputs": {
                 f"{d}/figures/{f}"
                 for f in (
@@ -167,7 +168,7 @@ def test_report_is_self_contained(chrome, report, probe, tmp_path):
 
 
 def test_landing_page_lists_every_analysis(chrome, report):
-    _, html, _ = report
+    wf, html, _ = report
     run = rb.dump_dom(chrome, html)
     visible = rb.visible_text(run.stdout)
     # the React app rendered (the static page only has the loading screen)
@@ -178,9 +179,19 @@ def test_landing_page_lists_every_analysis(chrome, report):
     joined = " ".join(visible)
     # workflow description, rendered from workflow/report/workflow.rst with the run's config
     assert "nvmeta: image-based meta-analysis and ICA of NeuroVault statistical maps" in joined
-    assert "image ids 990001, 990002, 990003, 990004, 990005, 990006" in joined
+    # each analysis' card, as the run wrote it: its funnel and headline lines, and a link to the analysis
+    import html as _html
+    import re
+
+    for name in CONFIG["analyses"]:
+        card = (wf / f"results/analyses/{name}/overview_card.html").read_text()
+        for para in re.findall(r"<p class='[^']*'>(.*?)</p>", card):
+            assert _html.unescape(para) in joined, (name, para)
+    assert run.stdout.count("javascript:app.showCategory(") >= len(CONFIG["analyses"])
+    assert "Stouffer (6 maps): " in joined and "Stouffer (1 map): not computed: 1 usable map" in joined
     assert "stouffer" in joined and "fisher" in joined and "ICA with 2 components, 2 run(s)" in joined
-    for cite in ("Stouffer et al. 1949", "Fisher 1925", "Benjamini & Hochberg 1995", "Fonov et al. 2011"):
+    for cite in ("Stouffer et al. 1949", "Fisher 1925", "Benjamini & Hochberg 1995", "Fonov et al. 2011",
+                 "DerSimonian & Laird 1986", "Peraza et al. 2025", "Turkeltaub et al. 2002", "Wager et al. 2007"):  # fmt: skip
         assert cite in joined, cite
     assert "|t| up to 1000" in joined
     assert "System Message" not in joined, "docutils error rendered into the report"
@@ -292,6 +303,9 @@ def test_screenshots(chrome, report, shots_dir):
     )
     _not_blank(view)
     keep_shot(view)
+    # the command line with a category only (it crashed: "not enough values to unpack")
+    assert rb.main([str(html), "--outdir", str(shots_dir), "--view", "pain", "--no-install"]) == 0
+    _not_blank(shots_dir / "pain.png")
     print(f"screenshots: {landing} {view}")
 
 
@@ -417,6 +431,8 @@ def test_inputs_table_matches_the_zmaps(report):
 
 
 def test_overview_page_states_the_funnel_and_results(report, probe):
+    """The overview's facts against the run's own files: funnel, every method's counts (the permutation
+    test's FWE line), peaks from the thresholded maps, the ICA's component count."""
     import json
 
     import nibabel as nib
@@ -424,6 +440,7 @@ def test_overview_page_states_the_funnel_and_results(report, probe):
 
     wf = report[0]
     by_path = {v["path"]: v for v in probe["views"] if v["kind"] == "result"}
+    labels = {"stouffer": "Stouffer", "fisher": "Fisher", "permutation": "Permutation t-test"}
     for name, spec in CONFIG["analyses"].items():
         d = wf / "results/analyses" / name
         page = (d / "overview.html").read_text(encoding="utf-8")
@@ -436,22 +453,46 @@ def test_overview_page_states_the_funnel_and_results(report, probe):
         assert f"{selected:,} images selected, {included:,} included" in text
         if selected > included:
             qc = pd.read_csv(d / "qc.tsv", sep="\t", keep_default_na=False)
-            for reason in qc.loc[qc["status"] != "included", "reason"].unique()[:3]:
+            for reason in qc.loc[qc["status"] != "included", "reason"].value_counts().index[:3]:
                 assert reason in text, reason
         for method in spec["meta"]["methods"]:
             s = json.loads((d / f"meta/{method}/summary.json").read_text())
-            if s["n_significant_fdr"]:
-                assert f"{s['n_significant_fdr']:,} voxels survived" in text, method
-                img = nib.load(d / f"meta/{method}/z_fdr.nii.gz")
+            maps = f"{s['k_maps']} map{'s' * (s['k_maps'] != 1)}"
+            assert f"{labels[method]} ({maps}) — " in text, method
+            if s["k_units"] < s["min_maps_effective"]:
+                assert f"{labels[method]} ({maps}) — not computed: {s['k_units']} usable map" in text
+                continue
+            if method == "permutation":  # its own family-wise error result first
+                n = s["n_significant_fwe"]
+                assert f"{labels[method]} ({maps}) — {n:,} voxels at FWE p < 0.05 (permutation)" in text
+                assert f"FDR q < 0.05: {s['n_significant_fdr']:,}" in text
+                shown = d / f"meta/{method}/z_fwe.nii.gz"
+            else:
+                n = s["n_significant_fdr"]
+                assert (f"{n:,} voxels at FDR q < 0.05" if n else "no voxel survives FDR q < 0.05") in text
+                shown = d / f"meta/{method}/z_fdr.nii.gz"
+            assert f"Bonferroni: {s['n_significant_bonferroni']:,}" in text
+            if n:
+                img = nib.load(shown)
                 data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64))
                 ijk = np.unravel_index(np.argmax(np.abs(data)), data.shape)
                 x, y, zz = nib.affines.apply_affine(img.affine, ijk)
-                assert f"z = {data[ijk]:.1f} at MNI ({x:.0f}, {y:.0f}, {zz:.0f}) mm" in text, method
-            else:
-                assert "No voxel survived" in text
-        # key figures embedded: each method's mosaic, the mean z and coverage maps
-        assert page.count('<img src="data:image/png;base64,') == len(spec["meta"]["methods"]) + 2 + min(
-            4, (spec.get("ica") or {}).get("n_components", 0)
+                assert f"peak z = {data[ijk]:.1f} at MNI ({x:.0f}, {y:.0f}, {zz:.0f}) mm" in text, method
+        if spec.get("ica"):
+            ica = json.loads((d / "ica/summary.json").read_text())
+            assert ica["n_components"] == spec["ica"]["n_components"]
+            assert (
+                f"ICA — {ica['n_components']} components from {ica['n_maps']} maps (FastICA, 2 runs" in text
+            )
+            for title in ica["titles"]:
+                assert title in text
+        # small enough for the report to show it (a data: URL under 2 MiB in Chromium)
+        from nvmeta.figures.overview import MAX_PAGE_BYTES
+
+        assert len(page.encode("utf-8")) <= MAX_PAGE_BYTES
+        # each figure once: every method's mosaic, the three input figures, the ICA components
+        assert page.count('<img src="data:image/png;base64,') == len(spec["meta"]["methods"]) + 3 + (
+            (spec.get("ica") or {}).get("n_components", 0)
         )
         # in the app: the first subcategory of the analysis, shown in the content pane
         v = by_path[f"results/analyses/{name}/overview.html"]
@@ -460,6 +501,29 @@ def test_overview_page_states_the_funnel_and_results(report, probe):
     cat = next(x for x in probe["views"] if x["kind"] == "category" and x["category"] == "pain")
     subs = [line for line in cat["text"].split("\n") if line in expected_results()["pain"]]
     assert subs[0] == "Analysis overview", subs
+
+
+def test_methods_paragraph_and_its_references(report):
+    """Every key the paragraph cites has its BibTeX entry; the counts it gives are the run's."""
+    import html
+    import re
+
+    wf = report[0]
+    for name, spec in CONFIG["analyses"].items():
+        d = wf / "results/analyses" / name
+        page = (d / "methods.html").read_text(encoding="utf-8")
+        latex = html.unescape(re.search(r"<pre>(.*)</pre>", page, flags=re.S).group(1))
+        cited = {k for m in re.finditer(r"\\citep\{([^}]*)\}", latex) for k in m.group(1).split(",")}
+        bib = (d / "references.bib").read_text(encoding="utf-8")
+        entries = set(re.findall(r"^@\w+\{([^,]+),", bib, flags=re.M))
+        assert cited and cited == entries, cited ^ entries
+        funnel = pd.read_csv(d / "funnel.tsv", sep="\t", keep_default_na=False)
+        chain = ", ".join(f"{int(r['count']):,} {r['stage']}" for r in funnel.to_dict("records"))
+        assert f"Images: {chain}." in latex
+        assert "Stouffer's method" in latex and "Benjamini" not in latex  # cited by key in the LaTeX
+        assert "(Benjamini & Hochberg, 1995)" in html.unescape(page)  # and by author-year in the text
+        if "permutation" in spec["meta"]["methods"]:
+            assert "the permutation test used 200 sign flips" in latex
 
 
 def test_screenshots_of_the_overview_and_inputs(chrome, report, shots_dir):

@@ -53,6 +53,7 @@ import nibabel as nib
 import numpy as np
 
 from nvmeta.io import atomic_path, read_json, write_json, write_tsv
+from nvmeta.workflow.quiet import Known, quiet
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,14 @@ ESTIMATORS: dict[str, tuple[str, str]] = {
     "mkda": ("nimare.meta.cbma.mkda", "MKDADensity"),
     "kda": ("nimare.meta.cbma.mkda", "KDA"),
 }
+
+#: NiMARE 0.22 (the version nvmeta pins) warns on every fit of a ``Dataset``, which NiMARE 1.0 will
+#: drop; the fit itself is unchanged.
+DATASET_DEPRECATED = Known(
+    "Passing a Dataset to a NiMARE algorithm is deprecated",
+    "NiMARE 0.22, which nvmeta pins, still fits a Dataset; the deprecation is for NiMARE 1.0",
+    category=FutureWarning,
+)
 
 #: The FWE maps NiMARE's ``FWECorrector(method="montecarlo")`` returns, written with NiMARE's
 #: own (BIDS-like) names.
@@ -507,7 +516,8 @@ def _run_cbma(method, peaks_tsv, mask_img, cfg, outdir, n_cores, log) -> dict:
         n_cores,
     )
     t_fit = time.perf_counter()
-    result = est.fit(dset)
+    with quiet(DATASET_DEPRECATED, log=log):
+        result = est.fit(dset)
     t_corr = time.perf_counter()
     corrector = FWECorrector(
         method="montecarlo",
@@ -531,8 +541,10 @@ def _run_cbma(method, peaks_tsv, mask_img, cfg, outdir, n_cores, log) -> dict:
     z_sig_img = nib.Nifti1Image(z_sig, imgs["z"].affine)
     table = _clusters_table(z_sig_img)
     write_tsv(outdir / "clusters.tsv", table)
-    title = f"{method} ({type(est).__name__}): {len(exps)} experiments, cluster FWE p < {alpha}"
-    _plot(imgs["z"], z_sig_img, outdir / "z.png", title)
+    from nvmeta.figures.cbma_maps import plot_cbma
+
+    plot_cbma(imgs["z"], z_sig_img, outdir / "z.png", f"{method.upper()} (NiMARE {type(est).__name__})",
+          len(exps), alpha, cfg, n_clusters=len(pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce").dropna()))  # fmt: skip
 
     summary: dict[str, Any] = {
         "method": method,
@@ -585,40 +597,6 @@ def _clusters_table(z_sig_img: nib.Nifti1Image) -> Any:
         np.asarray(z_sig_img.dataobj), z_sig_img.affine, lambda signed: signed > 0, signs=(1.0,)
     )
     return table[_CLUSTER_COLUMNS] if len(table) else pd.DataFrame(columns=_CLUSTER_COLUMNS)
-
-
-def _plot(z_img: nib.Nifti1Image, z_sig_img: nib.Nifti1Image, out_png: Path, title: str) -> None:
-    """Mosaic of the CBMA z map (|z| > 1.96) with the significant clusters outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from nilearn import plotting
-
-    z = np.nan_to_num(np.asarray(z_img.dataobj, dtype=np.float32), nan=0.0)
-    fig = plt.figure(figsize=(14, 3))
-    try:
-        display = plotting.plot_stat_map(
-            nib.Nifti1Image(z, z_img.affine),
-            display_mode="z",
-            cut_coords=[-20, -8, 4, 16, 28, 40, 52, 64],
-            threshold=1.96,
-            cmap="hot",
-            symmetric_cbar=False,
-            vmin=0,
-            title=title,
-            figure=fig,
-        )
-        sig = (np.asarray(z_sig_img.dataobj) > 0).astype(np.int8)
-        if sig.any():
-            display.add_contours(
-                nib.Nifti1Image(sig, z_img.affine), levels=[0.5], colors="lime", linewidths=1.2
-            )
-        with atomic_path(out_png) as tmp:
-            display.savefig(str(tmp), dpi=100)
-        display.close()
-    finally:
-        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------
@@ -829,49 +807,7 @@ def overlap(
     if out_png is not None:
         first = next(iter(ibma_dirs))
         with _frozen_gc():
-            _plot_overlap(ibma_dirs[first], first, cbma_dirs, table, mask_img, alpha, sgn, Path(out_png))
+            from nvmeta.figures.cbma_maps import plot_overlap
+
+            plot_overlap(ibma_dirs[first], first, cbma_dirs, table, mask_img, alpha, sgn, Path(out_png))
     return table
-
-
-def _plot_overlap(ibma_dir, ibma_name, cbma_dirs, table, mask_img, alpha, sgn, out_png: Path) -> None:
-    """The IBMA FDR z map (colour) with each CBMA method's cluster-FWE clusters outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from nilearn import plotting
-
-    z = np.nan_to_num(
-        np.asarray(nib.load(Path(ibma_dir) / "z_fdr.nii.gz").dataobj, dtype=np.float32), nan=0.0
-    )
-    z = np.where(z * sgn > 0, z, 0.0).astype(np.float32)
-    colours = ["lime", "cyan", "magenta"]
-    parts = []
-    for i, name in enumerate(cbma_dirs):
-        sel = table[
-            (table.ibma_method == ibma_name) & (table.cbma_method == name) & (table.cbma_level == "cluster")
-        ]
-        dice = float(sel["dice"].iloc[0]) if len(sel) else float("nan")
-        parts.append(f"{name} ({colours[i % 3]}) Dice {dice:.2f}")
-    fig = plt.figure(figsize=(14, 3.2))
-    try:
-        display = plotting.plot_stat_map(
-            nib.Nifti1Image(z, mask_img.affine),
-            display_mode="z",
-            cut_coords=[-20, -8, 4, 16, 28, 40, 52, 64],
-            threshold=1e-6,
-            title=f"IBMA {ibma_name} FDR (colour) vs CBMA cluster FWE p<{alpha}: " + "; ".join(parts),
-            figure=fig,
-        )
-        for i, d in enumerate(cbma_dirs.values()):
-            logp = np.asarray(nib.load(Path(d) / f"{LEVEL_MAPS['cluster']}.nii.gz").dataobj)
-            sig = significant_mask(logp, alpha).astype(np.int8)
-            if sig.any():
-                display.add_contours(
-                    nib.Nifti1Image(sig, mask_img.affine), levels=[0.5], colors=colours[i % 3], linewidths=1.2
-                )
-        with atomic_path(out_png) as tmp:
-            display.savefig(str(tmp), dpi=100)
-        display.close()
-    finally:
-        plt.close(fig)

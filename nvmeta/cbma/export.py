@@ -38,8 +38,17 @@ import nibabel as nib
 import pandas as pd
 
 from nvmeta.io import atomic_path, read_json, write_json
+from nvmeta.workflow.quiet import Known, quiet
 
 logger = logging.getLogger(__name__)
+
+#: NiMARE logs this whenever a Dataset's masker is replaced by one on another grid; nvmeta replaces
+#: the default one by the template mask on purpose, and NiMARE's own comment says it has no effect.
+MASKER_NOTE = Known(
+    "New masker does not match old masker",
+    "nvmeta sets the template mask as the Dataset's masker on purpose (NiMARE: no effect)",
+    logger_name="nimare.dataset",
+)
 
 __all__ = ["build_studyset", "studyset_to_dataset", "export"]
 
@@ -236,7 +245,8 @@ def studyset_to_dataset(studyset: dict, mask_img: nib.Nifti1Image, results_dir: 
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         dset = convert_nimads_to_dataset(studyset)
-        dset.masker = mask_img
+        with quiet(MASKER_NOTE, log=logger):
+            dset.masker = mask_img
         dset.update_path(os.path.abspath(results_dir))
         # NiMARE 0.22.1's convert_nimads_to_dataset reads point values as a list of
         # {kind, value} but its Studyset gives them as a dict, so z_stat and the per-point

@@ -11,472 +11,28 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 import os
-import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvmeta.io import atomic_path
+import numpy as np
+
+from nvmeta.figures.glass import glass_brain_grid, grid_shape
 
 logger = logging.getLogger(__name__)
 _LOGGER = logger  # input_figures() takes a parameter named logger
 
-__all__ = ["glass_brain_grid", "grid_shape", "input_figures", "input_summary", "INPUT_TABLE_COLUMNS"]
-
-#: Up to this many maps each panel is a 3-view ('ortho') glass brain, beyond it a single
-#: axial ('z') projection, so that 100 maps still fit one readable figure.
-ORTHO_MAX = 24
-
-
-def _savefig(fig: Any, path: str | os.PathLike, dpi: int) -> None:
-    """Save ``fig`` at its own size (white background), whatever the process' rcParams say.
-
-    Importing NiMARE sets matplotlib's ``savefig.bbox`` to "tight" for the whole process, which
-    crops every later figure to its content: the PNG would then depend on what else was imported.
-    """
-    import matplotlib
-
-    with matplotlib.rc_context({"savefig.bbox": "standard"}):
-        fig.savefig(path, dpi=dpi, facecolor="white")
-
-
-def grid_shape(n: int) -> tuple[int, int, str]:
-    """Columns, rows and nilearn ``display_mode`` of the panel grid for ``n`` maps."""
-    if n <= ORTHO_MAX:
-        ncols = 1 if n == 1 else 2 if n <= 4 else 3 if n <= 12 else 4
-        mode = "ortho"
-    else:
-        ncols = min(10, max(5, math.ceil(math.sqrt(n * 1.2))))
-        mode = "z"
-    nrows = max(1, math.ceil(n / ncols))
-    return ncols, nrows, mode
-
-
-def _panel_input(item, threshold: float, width_chars: int):
-    """Title, finite float32 image (NaN -> 0) and symmetric colour limit of one z-map."""
-    import nibabel as nib
-    import numpy as np
-
-    image_id, title, path = item
-    contrast = str(title).strip() if title is not None and str(title).strip() not in ("", "nan") else ""
-    label = textwrap.shorten(f"{image_id}: {contrast or '(no contrast)'}", width=width_chars, placeholder="…")
-    img = nib.load(path)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    finite = np.isfinite(data)
-    vmax = float(np.max(np.abs(data[finite]))) if finite.any() else 1.0
-    vmax = max(vmax, threshold + 1e-3, 1e-3)
-    img = nib.Nifti1Image(np.where(finite, data, 0).astype(np.float32), img.affine)
-    return label, img, vmax
-
-
-def _glass_kwargs(mode: str, threshold: float) -> dict:
-    """The ``plot_glass_brain`` arguments of every panel (the map and its colour limits aside)."""
-    return {
-        "display_mode": mode,
-        "threshold": threshold,
-        "plot_abs": False,
-        "colorbar": mode == "ortho",
-        "cmap": "cold_hot",
-        "annotate": False,
-        "black_bg": False,
-    }
-
-
-def _panel_figure(panel_w: float, panel_h: float, dpi: int):
-    """The white figure of one glass-brain panel."""
-    import matplotlib.pyplot as plt
-
-    return plt.figure(figsize=(panel_w, panel_h), dpi=dpi, facecolor="white")
-
-
-def _rgba(fig):
-    """Draw ``fig`` (Agg) and return a copy of its RGBA pixels."""
-    import numpy as np
-
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba()).copy()
-
-
-def _plot_glass(fig, img, vmax: float, mode: str, threshold: float):
-    """``plot_glass_brain`` of one map into ``fig``; return the display."""
-    from nilearn import plotting
-
-    return plotting.plot_glass_brain(img, figure=fig, vmin=-vmax, vmax=vmax, **_glass_kwargs(mode, threshold))
-
-
-def _panel(img, vmax: float, mode: str, panel_w: float, panel_h: float, dpi: int, threshold: float):
-    """One glass brain drawn by ``plot_glass_brain`` in its own figure, as an RGBA array."""
-    import matplotlib.pyplot as plt
-
-    pfig = _panel_figure(panel_w, panel_h, dpi)
-    try:
-        _plot_glass(pfig, img, vmax, mode, threshold)
-        return _rgba(pfig)
-    finally:
-        plt.close(pfig)
-
-
-def _schematic_as_collection(ax) -> bool:
-    """Replace the brain schematic's path patches on ``ax`` by one PathCollection drawn alike.
-
-    nilearn's schematic is ~260 ``PathPatch`` per view; matplotlib's per-artist drawing
-    overhead (a graphics context and a transform chain each) is ~1/3 of a reused panel.
-    One ``PathCollection`` with the same paths, edge colours (alpha included), line
-    widths, transform, join and cap style, clipped to the Axes box as the patches are
-    (``add_patch`` and ``add_collection`` both clip to the Axes background rectangle),
-    makes the same Agg calls path by path, in the same order and z-order. Done only
-    when the patches are all that is plotted on ``ax`` and share those properties;
-    returns whether it was done (the pixels are checked by :func:`_first_panel`).
-    """
-    from matplotlib.collections import PathCollection
-    from matplotlib.patches import PathPatch
-
-    patches = list(ax.patches)
-    others = (ax.images, ax.lines, ax.collections, ax.texts, ax.artists, ax.tables, ax.child_axes)
-    if not patches or any(len(a) for a in others):
-        return False
-    first = patches[0]
-    for p in patches:
-        if (
-            type(p) is not PathPatch
-            or p.get_transform() is not first.get_transform()
-            or p.get_facecolor()[3] != 0
-            or p.get_linestyle() != "solid"
-            or p.get_hatch()
-            or p.get_sketch_params() is not None
-            or p.get_path_effects()
-            or not p.get_visible()
-            or not p.get_clip_on()
-            or p.get_clip_path() is not None
-            or p.get_clip_box() is None
-            or p.get_clip_box().bounds != ax.bbox.bounds
-            or (p.get_joinstyle(), p.get_capstyle(), p.get_antialiased(), p.get_zorder())
-            != (first.get_joinstyle(), first.get_capstyle(), first.get_antialiased(), first.get_zorder())
-        ):
-            return False
-    collection = PathCollection(
-        [p.get_path() for p in patches],
-        edgecolors=[p.get_edgecolor() for p in patches],
-        linewidths=[p.get_linewidth() for p in patches],
-        facecolors="none",
-        transform=first.get_transform(),
-        joinstyle=first.get_joinstyle(),
-        capstyle=first.get_capstyle(),
-        antialiaseds=first.get_antialiased(),
-        zorder=first.get_zorder(),
-    )
-    for p in patches:
-        p.remove()
-    ax.add_collection(collection, autolim=False)  # clipped to ax.patch, as add_patch does
-    return True
-
-
-class _ReusedGlassBrain:
-    """One nilearn glass-brain display whose overlay is swapped map after map.
-
-    ``plot_glass_brain`` builds a new display for every map, and with it nilearn's brain
-    schematic: ~260 matplotlib patches per view whose ``Axes.add_patch`` (data-limit
-    updates) costs most of a panel. Here the first map is drawn by ``plot_glass_brain``
-    (its pixels: :attr:`first`); :meth:`make_reusable` then removes its overlay (the
-    schematic and the axes layout do not depend on the map) and records that state, and
-    :meth:`render` does for each map what ``plot_glass_brain`` does after building the
-    display: ``display.add_overlay`` with the map's colour limits, then removes what the
-    overlay added so that the next map starts from the same state; the schematic is drawn
-    by one collection per view (:func:`_schematic_as_collection`). :func:`_first_panel`
-    checks :meth:`render` of the first map against :attr:`first` pixel for pixel, and
-    :func:`_glass_rasters` falls back to ``plot_glass_brain`` per map on any difference.
-
-    Parameters
-    ----------
-    img : nibabel.Nifti1Image
-        The first map (finite values).
-    vmax : float
-        Its colour limit.
-    mode : {"ortho", "z"}
-        nilearn ``display_mode``.
-    panel_w, panel_h : float
-        Figure size in inches.
-    dpi : int
-        Figure resolution.
-    threshold : float
-        |z| below which voxels are not drawn.
-    """
-
-    def __init__(
-        self, img, vmax: float, mode: str, panel_w: float, panel_h: float, dpi: int, threshold: float
-    ):
-        self.mode = mode
-        self.threshold = threshold
-        self.fig = _panel_figure(panel_w, panel_h, dpi)
-        try:
-            self.display = _plot_glass(self.fig, img, vmax, mode, threshold)
-            self.first = _rgba(self.fig)
-        except BaseException:
-            self.close()
-            raise
-
-    def make_reusable(self) -> None:
-        """Remove the first map's overlay, draw the schematic as one collection per view, record the state.
-
-        Raises
-        ------
-        RuntimeError
-            If the display does not hold what nilearn 0.13's ``plot_glass_brain`` adds:
-            one image and one set of object bounds per view on top of the schematic's.
-        """
-        views = self.display.axes.values()
-        # BaseAxes._object_bounds (private): the schematic's bounds, then those of each
-        # overlay (its supra-threshold voxels), which set the view limits and, through the
-        # display's axes locator, the widths of the views. Cut back to the schematic's
-        # after each map so that one map's extent (voxels outside the schematic) does not
-        # change the next panels; nilearn has no public way to drop bounds.
-        if any(len(dax.ax.images) != 1 or len(getattr(dax, "_object_bounds", ())) != 2 for dax in views):
-            raise RuntimeError("unexpected glass-brain display: not one overlay image and bounds per view")
-        keep = [self.display.frame_axes, *(dax.ax for dax in views)]
-        for ax in list(self.fig.axes):
-            if ax not in keep:
-                ax.remove()  # the colour bar's axes
-        for dax in views:
-            dax.ax.images[0].remove()
-            del dax._object_bounds[1:]
-            dax.ax.axis(dax.get_object_bounds())  # the limits nilearn set from the schematic
-            _schematic_as_collection(dax.ax)
-        self._clear_colorbar_flag()
-        self._axes = list(self.fig.axes)
-        self._children = {id(ax): list(ax.get_children()) for ax in self._axes}
-        self._limits = {id(ax): (ax.get_xlim(), ax.get_ylim()) for ax in self._axes}
-        self._bounds = {key: list(dax._object_bounds) for key, dax in self.display.axes.items()}
-
-    def _clear_colorbar_flag(self) -> None:
-        """Mark the display as without colour bar, as before any overlay."""
-        # BaseSlicer._colorbar (private): add_overlay refuses a second colour bar and the
-        # axes locator leaves room for one while it is set; no public way to clear it
-        if not hasattr(self.display, "_colorbar"):
-            raise RuntimeError("nilearn display without _colorbar")
-        self.display._colorbar = False
-
-    def render(self, img, vmax: float):
-        """Draw one map; return the RGBA array of ``plot_glass_brain(img, vmin=-vmax, vmax=vmax, ...)``.
-
-        Parameters
-        ----------
-        img : nibabel.Nifti1Image
-            3D map with finite values.
-        vmax : float
-            Colour limit (the colour bar spans ``-vmax`` to ``vmax``).
-
-        Returns
-        -------
-        numpy.ndarray
-            ``(height, width, 4)`` uint8 pixels of the figure.
-        """
-        from nilearn.image import check_niimg_3d
-
-        kw = _glass_kwargs(self.mode, self.threshold)
-        # what plot_glass_brain passes to add_overlay: with vmin == -vmax its colour-bar
-        # range is (vmin, vmax) (nilearn.plotting._utils.get_colorbar_and_data_ranges),
-        # the overlay is resampled continuously and shown with nearest interpolation, the
-        # tick format and transparency are add_overlay's defaults
-        try:
-            self.display.add_overlay(
-                check_niimg_3d(img, dtype="auto"),
-                threshold=self.threshold,
-                colorbar=kw["colorbar"],
-                cmap=kw["cmap"],
-                vmin=-vmax,
-                vmax=vmax,
-                cbar_vmin=-vmax,
-                cbar_vmax=vmax,
-                interpolation="nearest",
-                resampling_interpolation="continuous",
-            )
-            return _rgba(self.fig)
-        finally:
-            self._reset()
-
-    def _reset(self) -> None:
-        """Remove what the last overlay added (images, colour-bar axes, bounds, limits)."""
-        for ax in list(self.fig.axes):
-            if ax not in self._axes:
-                ax.remove()  # the colour bar's axes
-        for ax in self._axes:
-            kept = {id(a) for a in self._children[id(ax)]}
-            for artist in ax.get_children():
-                if id(artist) not in kept:
-                    artist.remove()
-            xlim, ylim = self._limits[id(ax)]
-            ax.set_xlim(xlim)
-            ax.set_ylim(ylim)
-        for key, dax in self.display.axes.items():
-            dax._object_bounds[:] = self._bounds[key]  # private, see make_reusable
-        self._clear_colorbar_flag()
-        if list(self.fig.axes) != self._axes or any(
-            list(ax.get_children()) != self._children[id(ax)] for ax in self._axes
-        ):
-            raise RuntimeError("the glass-brain display could not be reset to its state without overlay")
-
-    def close(self) -> None:
-        """Close the figure."""
-        import matplotlib.pyplot as plt
-
-        plt.close(self.fig)
-
-
-def _first_panel(img, vmax: float, args: tuple):
-    """The first map's ``plot_glass_brain`` RGBA and a :class:`_ReusedGlassBrain` drawing it alike, or None (logged)."""
-    import gc
-
-    import numpy as np
-
-    reused = _ReusedGlassBrain(img, vmax, *args)
-    try:
-        reused.make_reusable()
-        if np.array_equal(reused.render(img, vmax), reused.first):
-            # its ~800 schematic artists, walked by each gc.collect() that nilearn runs per
-            # map, join the frozen heap (given back when _glass_rasters' frozen_gc ends)
-            gc.freeze()
-            return reused.first, reused
-        logger.warning("glass brain on a reused display differs from plot_glass_brain's: one figure per map")
-    except Exception:  # whatever fails here, plot_glass_brain per map still works
-        logger.warning("reused glass-brain display failed: one figure per map", exc_info=True)
-    reused.close()
-    return reused.first, None
-
-
-def _glass_rasters(
-    items, mode: str, panel_w: float, panel_h: float, dpi: int, threshold: float, width_chars: int
-):
-    """``(title, RGBA array)`` of every map's glass brain, drawn on one reused display.
-
-    The first map is drawn by ``plot_glass_brain`` and again on the same display made
-    reusable (:class:`_ReusedGlassBrain`); the other maps are drawn on that display if the
-    two are equal pixel for pixel, else (another nilearn or matplotlib) or if the reused
-    display fails, each map by ``plot_glass_brain`` in its own figure as before, with a
-    warning. Maps are read one at a time; the heap is frozen for the garbage collector
-    while they are drawn (nilearn runs ``gc.collect()`` for every image it reads).
-    """
-    from nvmeta.meta import frozen_gc
-
-    args = (mode, panel_w, panel_h, dpi, threshold)
-    out = []
-    reused = None
-    with frozen_gc():
-        try:
-            for k, item in enumerate(items):
-                label, img, vmax = _panel_input(item, threshold, width_chars)
-                rgba = None
-                if reused is not None:
-                    try:
-                        rgba = reused.render(img, vmax)
-                    except Exception:  # fall back as for a pixel difference
-                        logger.warning("reused glass-brain display failed: one figure per map", exc_info=True)
-                        reused.close()
-                        reused = None
-                if rgba is None:
-                    if k == 0 and len(items) > 1:
-                        rgba, reused = _first_panel(img, vmax, args)
-                    else:
-                        rgba = _panel(img, vmax, *args)
-                out.append((label, rgba))
-        finally:
-            if reused is not None:
-                reused.close()
-    return out
-
-
-def glass_brain_grid(
-    items: Sequence[tuple[int, str | None, str | os.PathLike]],
-    out_png: str | os.PathLike,
-    *,
-    threshold: float = 3.0,
-    dpi: int = 100,
-    suptitle: str | None = None,
-) -> Path:
-    """One figure with a glass brain of every included z-map, titled with id and contrast.
-
-    Parameters
-    ----------
-    items : sequence of (image_id, title, zmap_path)
-        ``title`` is typically the contrast definition (or the map name); None/empty is
-        shown as "(no contrast)". Long titles are shortened.
-    out_png : path-like
-        Output PNG (written atomically).
-    threshold : float, default=3.0
-        |z| below which voxels are not drawn.
-    dpi : int, default=100
-        Resolution of the saved figure.
-    suptitle : str, optional
-        Figure title (default: "<n> input z-maps").
-
-    Returns
-    -------
-    pathlib.Path
-        ``out_png``.
-
-    Notes
-    -----
-    Layout: up to 24 maps, ortho (3-view) glass brains in up to 4 columns; above that,
-    axial projections in 5–10 columns (100 maps: 10 × 10). Colours are signed (cold-hot),
-    symmetric per map, with a colour bar only in ortho mode.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    out_png = Path(out_png)
-    n = len(items)
-    if n == 0:
-        fig = plt.figure(figsize=(6, 2))
-        fig.text(0.5, 0.5, "no included z-map", ha="center", va="center", fontsize=14)
-        with atomic_path(out_png) as tmp:
-            _savefig(fig, tmp, dpi)
-        plt.close(fig)
-        return out_png
-
-    ncols, nrows, mode = grid_shape(n)
-    panel_w, panel_h = (5.2, 2.0) if mode == "ortho" else (2.0, 2.4)
-    title_pad = 0.35  # inches above each panel for its title
-    width_chars = 52 if mode == "ortho" else 28
-    fontsize = 9 if mode == "ortho" else 7
-    # nilearn runs gc.collect() several times per plot: ~0.5 s each with the objects that
-    # nilearn/matplotlib/scipy keep alive, and growing with every panel's artists if they
-    # all live in one figure. So the glass brains are drawn in a small figure of their own
-    # (one display reused for all maps, see _glass_rasters) and pasted into the grid as
-    # images, with the heap frozen while they are drawn so that those collections stay cheap.
-    importlib.import_module("nilearn.plotting")
-    panels = _glass_rasters(items, mode, panel_w, panel_h, dpi, threshold, width_chars)
-    head = 0.5
-    fig_w = ncols * panel_w
-    fig_h = nrows * (panel_h + title_pad) + head
-    fig = plt.figure(figsize=(fig_w, fig_h), facecolor="white")
-    try:
-        for i, (label, rgba) in enumerate(panels):
-            row, col = divmod(i, ncols)
-            bottom = fig_h - head - (row + 1) * (panel_h + title_pad)
-            ax = fig.add_axes((col / ncols, bottom / fig_h, 1 / ncols, panel_h / fig_h))
-            ax.imshow(rgba, interpolation="nearest")
-            ax.set_axis_off()
-            # not drawn either way (axis off), but a visible y axis has its ticks laid out
-            # for every title placement (~1/5 of the grid's drawing); same pixels
-            ax.xaxis.set_visible(False)
-            ax.yaxis.set_visible(False)
-            ax.set_title(label, fontsize=fontsize, pad=2)
-        fig.suptitle(
-            suptitle or f"{n} input z-map{'s' if n != 1 else ''} (|z| > {threshold:g})",
-            y=1 - 0.2 * head / fig_h,
-            va="top",
-            fontsize=12,
-        )
-        with atomic_path(out_png) as tmp:
-            _savefig(fig, tmp, dpi)
-    finally:
-        plt.close(fig)
-    return out_png
+__all__ = [
+    "INPUT_TABLE_COLUMNS",
+    "glass_brain_grid",
+    "glass_items",
+    "grid_shape",
+    "input_figures",
+    "input_summary",
+]
 
 
 def inputs_from_qc(qc_tsv: str | os.PathLike, zmap_path_for) -> list[tuple[int, str | None, Path]]:
@@ -517,6 +73,8 @@ CORR_VALUE_BUDGET = 20_000_000
 #: Axial cuts of the mean z and coverage mosaics: this many, evenly spaced between the 5th and
 #: 95th percentiles of the template mask's z coordinates (MNI 2 mm: -44 ... 66 mm).
 N_INPUT_CUTS = 8
+#: The mean z mosaic leaves \|mean z\| at or below this uncoloured, so that the anatomy shows.
+MEAN_Z_THRESHOLD = 1.0
 
 
 @dataclass
@@ -739,131 +297,109 @@ def input_summary(
     )
 
 
-def _volume(values, mask, affine):
-    """A NIfTI of ``values`` (mask order) on the mask's grid, NaN outside the mask."""
+def _volume(values, mask, affine, fill: float = np.nan):
+    """A NIfTI of ``values`` (mask order) on the mask's grid, ``fill`` outside the mask."""
     import nibabel as nib
-    import numpy as np
 
-    vol = np.full(mask.shape, np.nan, dtype=np.float32)
+    vol = np.full(mask.shape, fill, dtype=np.float32)
     vol[mask] = values
-    return nib.Nifti1Image(vol, affine)
-
-
-def _save(display_or_fig, out_png: Path, dpi: int) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = getattr(display_or_fig, "frame_axes", None)
-    fig = fig.figure if fig is not None else display_or_fig
-    with atomic_path(out_png) as tmp:
-        _savefig(fig, tmp, dpi)
-    plt.close(fig)
+    return nib.Nifti1Image(np.nan_to_num(vol, nan=0.0), affine)
 
 
 def plot_mean_z(
-    summary: InputSummary, mask_img: Any, out_png: str | os.PathLike, title: str, dpi: int = 100
+    summary: InputSummary,
+    mask_img: Any,
+    out_png: str | os.PathLike,
+    title: str,
+    cut_coords: Sequence[float] | None = None,
+    dpi: int = 100,
 ) -> Path:
-    """Axial mosaic of the mean z map (signed, symmetric colour bar labelled "mean z")."""
+    """Axial mosaic of the mean z map, drawn as the meta-analysis mosaics are (colours, anatomy, cuts).
+
+    Voxels with \\|mean z\\| at or below :data:`MEAN_Z_THRESHOLD` are left uncoloured so that the
+    anatomy shows; the colour limit is robust (:func:`nvmeta.figures.maps.robust_scale`, stated).
+    """
     import matplotlib.pyplot as plt
-    import numpy as np
-    from nilearn import plotting
+
+    from nvmeta.figures import maps
 
     mask = np.asarray(mask_img.dataobj) > 0
-    img = _volume(summary.mean_z, mask, mask_img.affine)
-    finite = np.isfinite(summary.mean_z)
-    vmax = float(np.max(np.abs(summary.mean_z[finite]))) if finite.any() else 1.0
-    fig = plt.figure(figsize=(14, 3.2), facecolor="white")
-    display = plotting.plot_stat_map(
-        _nan_to_zero(img),
-        display_mode="z",
-        cut_coords=input_cuts(mask_img),
-        figure=fig,
-        cmap="cold_hot",
-        vmax=max(vmax, 1e-3),
-        colorbar=True,
-        title=None,
-        black_bg=False,
-        annotate=True,
-    )
-    if getattr(display, "_cbar", None) is not None:
-        _label_colorbar(display._cbar, "mean z")
-    fig.suptitle(title, fontsize=12, y=0.99)
-    _save(fig, Path(out_png), dpi)
-    return Path(out_png)
-
-
-def _label_colorbar(cbar, text: str) -> None:
-    """Label a nilearn display's colour bar on its left side (the right edge of the figure clips)."""
-    cbar.ax.yaxis.set_label_position("left")
-    cbar.ax.set_ylabel(text, fontsize=10)
+    scale = maps.robust_scale(summary.mean_z, MEAN_Z_THRESHOLD)
+    with maps.pinned():
+        fig = plt.figure(figsize=(14, 3.4))
+        maps.mosaic_row(
+            fig, (0.0, 0.0, 1.0, 1.0), _volume(summary.mean_z, mask, mask_img.affine),
+            cut_coords=cut_coords or input_cuts(mask_img), title=title,
+            subtitle=f"|mean z| > {MEAN_Z_THRESHOLD:g} shown; " + scale.note("|mean z|"),
+            vmin=-scale.vmax, vmax=scale.vmax, threshold=MEAN_Z_THRESHOLD, cbar_label="mean z",
+            empty_note=f"no voxel with |mean z| > {MEAN_Z_THRESHOLD:g}",
+        )  # fmt: skip
+        return maps.save(fig, Path(out_png), dpi)
 
 
 def input_cuts(mask_img: Any, n: int = N_INPUT_CUTS) -> list[float]:
     """``n`` axial cut coordinates (mm) through the template mask (see :data:`N_INPUT_CUTS`)."""
-    import numpy as np
-
     ijk = np.argwhere(np.asarray(mask_img.dataobj) > 0)
     z = ijk @ mask_img.affine[2, :3] + mask_img.affine[2, 3]
     lo, hi = np.percentile(z, [5, 95])
     return [float(round(c)) for c in np.linspace(lo, hi, n)]
 
 
-def _nan_to_zero(img):
-    import nibabel as nib
-    import numpy as np
-
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return nib.Nifti1Image(np.where(np.isfinite(data), data, 0.0).astype(np.float32), img.affine)
-
-
 def plot_coverage(
-    summary: InputSummary, mask_img: Any, out_png: str | os.PathLike, title: str, dpi: int = 100
+    summary: InputSummary,
+    mask_img: Any,
+    out_png: str | os.PathLike,
+    title: str,
+    cut_coords: Sequence[float] | None = None,
+    dpi: int = 100,
 ) -> Path:
-    """Axial mosaic of how many maps have data at each template-mask voxel (0..n, colour bar labelled)."""
+    """Axial mosaic of the maps with data at each mask voxel: count and relative coverage (NiMARE's).
+
+    The colour bar reads both: the number of maps (0..n) and, in brackets, the fraction of the n
+    included maps, which is NiMARE's relative coverage map. Voxels no map covers stay uncoloured.
+    """
     import matplotlib.pyplot as plt
-    import nibabel as nib
-    import numpy as np
-    from nilearn import plotting
+    from matplotlib.ticker import MaxNLocator
+
+    from nvmeta.figures import maps
 
     mask = np.asarray(mask_img.dataobj) > 0
     n = max(1, summary.n_maps)
-    vol = np.zeros(mask.shape, dtype=np.float32)
-    vol[mask] = summary.count
-    img = nib.Nifti1Image(vol, mask_img.affine)
-    fig = plt.figure(figsize=(14, 3.2), facecolor="white")
-    # Voxels no map covers are left transparent (threshold 0.5): the anatomy shows through there.
-    display = plotting.plot_stat_map(
-        img,
-        display_mode="z",
-        cut_coords=input_cuts(mask_img),
-        figure=fig,
-        cmap="viridis",
-        threshold=0.5,
-        vmin=0,
-        vmax=n,
-        symmetric_cbar=False,
-        cbar_tick_format="%d",
-        colorbar=True,
-        black_bg=False,
-        annotate=True,
+    ticks = sorted(
+        {0, n, *(int(t) for t in MaxNLocator(5, integer=True).tick_values(0, n) if 0 < t < 0.9 * n)}
     )
-    if getattr(display, "_cbar", None) is not None:
-        _label_colorbar(display._cbar, "maps with data")
-    fig.suptitle(title, fontsize=12, y=0.99)
-    _save(fig, Path(out_png), dpi)
-    return Path(out_png)
+    with maps.pinned():
+        fig = plt.figure(figsize=(14, 3.4))
+        maps.mosaic_row(
+            fig, (0.0, 0.0, 1.0, 1.0), _volume(summary.count.astype(np.float32), mask, mask_img.affine, 0.0),
+            cut_coords=cut_coords or input_cuts(mask_img), title=title,
+            subtitle="colour: number of included maps with data at the voxel (relative coverage in brackets); no colour: no map",
+            cmap="viridis", vmin=0.0, vmax=float(n), threshold=0.5, cbar_label="maps with data",
+            cbar_ticks=ticks, cbar_fmt=lambda t: f"{t:.0f} ({100 * t / n:.0f} %)",
+        )  # fmt: skip
+        return maps.save(fig, Path(out_png), dpi)
 
 
 def plot_correlation(summary: InputSummary, out_png: str | os.PathLike, title: str, dpi: int = 100) -> Path:
-    """The map x map correlation matrix, maps ordered by collection, collection boundaries drawn."""
+    """The map x map correlation matrix, maps ordered by collection, collection boundaries drawn.
+
+    With fewer than 2 maps there is no pair to correlate: the figure says so instead of a 1 × 1
+    "matrix".
+    """
     import matplotlib.pyplot as plt
 
+    from nvmeta.figures import maps
+
     k = len(summary.corr_ids)
+    if k < 2:
+        return _message_figure(
+            Path(out_png),
+            f"{title.splitlines()[0]}\nnot drawn: {k} map{'s' * (k != 1)}, no pair of maps to correlate",
+            dpi,
+        )
     side = float(min(12.0, max(6.0, 4 + k / 12)))
-    fig, ax = plt.subplots(figsize=(side + 1.6, side), facecolor="white")
-    if k == 0:
-        ax.text(0.5, 0.5, "no included map", ha="center", va="center", fontsize=14, transform=ax.transAxes)
-        ax.set_axis_off()
-    else:
+    with maps.pinned():
+        fig, ax = plt.subplots(figsize=(side + 1.6, side))
         im = ax.imshow(summary.corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         cbar.set_label("Pearson r (voxels where both maps have data)", fontsize=10)
@@ -890,19 +426,40 @@ def plot_correlation(summary: InputSummary, out_png: str | os.PathLike, title: s
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel(f"maps ordered by collection ({len(starts)} collections)")
-    ax.set_title(title, fontsize=11)
-    fig.tight_layout()
-    _save(fig, Path(out_png), dpi)
-    return Path(out_png)
+        ax.set_title(title, fontsize=11)
+        fig.tight_layout()
+        return maps.save(fig, Path(out_png), dpi)
 
 
 def _message_figure(out_png: Path, text: str, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(9, 2), facecolor="white")
-    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, wrap=True)
-    _save(fig, out_png, dpi)
-    return out_png
+    from nvmeta.figures import maps
+
+    with maps.pinned():
+        fig = plt.figure(figsize=(9, 2))
+        fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, wrap=True)
+        return maps.save(fig, out_png, dpi)
+
+
+def glass_items(qc_tsv: str | os.PathLike, zmap_path_for) -> list[tuple[int, str, Path]]:
+    """(image_id, title, zmap path) of every included image for the glass brains: name and contrast.
+
+    Both are given (the name often tells maps apart where the contrast is the same for all); the
+    grid lifts the words common to every title into its own title.
+    """
+    from nvmeta.meta import read_included
+
+    out = []
+    for r in read_included(qc_tsv).to_dict("records"):
+        texts = [
+            t.strip()
+            for t in (r.get("name"), r.get("contrast_definition"))
+            if isinstance(t, str) and t.strip()
+        ]
+        texts = list(dict.fromkeys(texts))
+        out.append((int(r["image_id"]), " — ".join(texts), Path(zmap_path_for(int(r["image_id"])))))
+    return out
 
 
 def input_figures(
@@ -915,6 +472,7 @@ def input_figures(
     analysis: str,
     threads: int = 1,
     logger: logging.Logger | None = None,
+    cut_coords: Sequence[float] | None = None,
 ) -> InputSummary:
     """Every input figure and the per-map table of one analysis (rule ``input_figures``).
 
@@ -937,13 +495,15 @@ def input_figures(
         Threads reading maps ahead.
     logger : logging.Logger, optional
         Defaults to the module logger.
+    cut_coords : sequence of float, optional
+        Axial cuts of the mean z and coverage mosaics: the analysis' ``meta.cut_coords``, so that
+        they show the slices of the meta-analysis mosaics (default: :func:`input_cuts`).
 
     Returns
     -------
     InputSummary
     """
     import nibabel as nib
-    import numpy as np
 
     from nvmeta.io import write_tsv
 
@@ -968,19 +528,13 @@ def input_figures(
             for key in ("mean_z", "coverage"):
                 _message_figure(Path(out[key]), f"{analysis}: no included z-map")
         else:
-            plot_mean_z(
-                s,
-                mask_img,
-                out["mean_z"],
-                f"{analysis}: mean z of {n} included map{'s' * (n != 1)} (per voxel, over the maps with data)",
-            )
+            plot_mean_z(s, mask_img, out["mean_z"],
+                        f"{analysis}: mean z of {n} included map{'s' * (n != 1)} (per voxel, over the maps with data)",
+                        cut_coords)  # fmt: skip
             full = float(np.mean(s.count == n)) if s.n_mask else 0.0
-            plot_coverage(
-                s,
-                mask_img,
-                out["coverage"],
-                f"{analysis}: maps with data per voxel (of {n}); {100 * full:.0f} % of the template mask covered by every map; no colour: no map",
-            )
+            plot_coverage(s, mask_img, out["coverage"],
+                          f"{analysis}: coverage of {n} included map{'s' * (n != 1)}; "
+                          f"{100 * full:.0f} % of the template mask has data in every map", cut_coords)  # fmt: skip
         what = (
             f"{k} × {k} maps"
             if k == n
@@ -998,9 +552,10 @@ def input_figures(
         )
     cap = int(cfg["glass_brain_max_maps"])
     if n <= cap:
-        items = inputs_from_qc(qc_tsv, zmap_of)
         glass_brain_grid(
-            items, out["glass"], suptitle=f"{analysis}: {n} input z-map{'s' * (n != 1)} (|z| > 3)"
+            glass_items(qc_tsv, zmap_of),
+            out["glass"],
+            suptitle=f"{analysis}: {n} input z-map{'s' * (n != 1)} (|z| > 3)",
         )
     else:
         _message_figure(
@@ -1009,6 +564,8 @@ def input_figures(
             "glass brains not drawn (see the mean z, coverage and correlation figures and inputs.tsv)",
         )
         log.info("%d included maps > figures.glass_brain_max_maps = %d: glass brains not drawn", n, cap)
+    if k < 2:
+        log.info("correlation matrix not drawn: %d map, no pair to correlate", k)
     log.info(
         "%d included maps summarised (mean z, coverage); correlation matrix of %d maps on %d voxels; table of %d images",
         n,

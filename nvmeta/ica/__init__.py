@@ -760,28 +760,28 @@ def _unmask(values: np.ndarray, mask: np.ndarray, columns: np.ndarray) -> np.nda
 
 
 def _plot_component(volume: np.ndarray, affine: np.ndarray, threshold: float, title: str, dest: Path) -> None:
-    """One component as nilearn's ``plot_stat_map`` (ortho), thresholded, with its colour bar."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """One component as nilearn's ``plot_stat_map`` (ortho), thresholded, with its labelled colour bar."""
     import matplotlib.pyplot as plt
     import nibabel as nib
     from nilearn import plotting
 
-    from nvmeta.io import atomic_path
+    from nvmeta.figures import maps
 
-    img = nib.Nifti1Image(np.nan_to_num(volume, nan=0.0).astype(np.float32), affine)
-    fig = plt.figure(figsize=(10, 3.6))
-    with warnings.catch_warnings():
+    data = np.nan_to_num(volume, nan=0.0).astype(np.float32)
+    vmax = max(float(np.max(np.abs(data))), threshold * 1.05 + 1e-6)
+    img = nib.Nifti1Image(data, affine)
+    with maps.pinned(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        display = plotting.plot_stat_map(
-            img, threshold=threshold, colorbar=True, cbar_tick_format="%.1f", title=None, figure=fig
-        )
+        fig = plt.figure(figsize=(10, 3.6))
+        ax = fig.add_axes([0.0, 0.04, 0.88, 0.86])  # room below for the cut labels
+        plotting.plot_stat_map(
+            img, threshold=threshold, colorbar=False, title=None, figure=fig, axes=ax, vmin=-vmax, vmax=vmax,
+            symmetric_cbar=False, cmap="RdBu_r",
+        )  # fmt: skip
+        maps.colorbar(fig, [0.9, 0.1, 0.016, 0.72], "RdBu_r", -vmax, vmax, "component value (unit variance)",
+                      hidden=(-threshold, threshold), marks=(threshold, -threshold), fmt="{:.2g}")  # fmt: skip
         fig.suptitle(title, fontsize=10, y=0.995, va="top")
-        with atomic_path(dest) as tmp:
-            display.savefig(str(tmp), dpi=100)
-        display.close()
-    plt.close("all")
+        maps.save(fig, dest)
 
 
 def remove_stale_temps(outdir: str | os.PathLike, n_components: int) -> list[Path]:

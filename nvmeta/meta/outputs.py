@@ -115,42 +115,38 @@ def n_clusters(table) -> int:
     return int(pd.to_numeric(table["Cluster Size (mm3)"], errors="coerce").notna().sum()) if len(table) else 0
 
 
+def z_title(label: str, n_maps: int, n_units: int, correction: str, threshold: float) -> str:
+    """Title of a method's z mosaic: method, maps (collections), correction and display threshold."""
+    maps = f"{n_maps} map{'s' * (n_maps != 1)}"
+    if n_units != n_maps:
+        maps += f" in {n_units} collection{'s' * (n_units != 1)}"
+    return f"{label}, {maps}: z where {correction}, |z| > {threshold:g} shown"
+
+
 def plot_z(z_img, out_png: Path, cfg: dict, title: str, empty_note: str | None = None) -> None:
     """The z mosaic (nilearn ``plot_stat_map``, axial cuts of ``cut_coords``), colour bar labelled z.
 
-    When no voxel is non-zero, ``empty_note`` (e.g. "no voxel survives FDR q < 0.05") is written
-    across the figure instead of leaving an empty brain to be read as a result.
+    The colour limit is ``meta.vmax`` when set, else the 99th percentile of \\|z\\| over the voxels
+    shown (:func:`nvmeta.figures.maps.robust_scale`); the figure states it and what it clips.
+    When no voxel is shown, ``empty_note`` (e.g. "no voxel survives FDR q < 0.05", or "not
+    computed: 1 usable map") is written across the figure instead of leaving an empty brain to be
+    read as a result.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from nilearn import plotting
+
+    from nvmeta.figures import maps
 
     data = np.nan_to_num(np.asarray(z_img.dataobj, dtype=np.float32), nan=0.0)
-    empty = not np.any(np.abs(data) >= float(cfg["threshold"]))
-    fig = plt.figure(figsize=(14, 3))
-    try:
-        display = plotting.plot_stat_map(
-            nib.Nifti1Image(data, z_img.affine),
-            display_mode="z",
-            threshold=cfg["threshold"],
-            cut_coords=list(cfg["cut_coords"]),
-            vmax=cfg["vmax"] if not empty else (cfg["vmax"] or float(cfg["threshold"]) + 1.0),
-            title=title,
-            figure=fig,
-            colorbar=not empty,
-        )
-        if empty:
-            fig.text(0.5, 0.45, empty_note or "no voxel to show", ha="center", va="center", fontsize=18,
-                     color="black", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.3"})  # fmt: skip
-        else:
-            fig.text(0.945, 0.5, "z score", ha="center", va="center", rotation=90, fontsize=11)
-        with atomic_path(out_png) as tmp:
-            display.savefig(str(tmp), dpi=100)
-        display.close()
-    finally:
-        plt.close(fig)
+    thr = float(cfg["threshold"])
+    scale = maps.robust_scale(data, thr, cfg.get("vmax"))
+    with maps.pinned():
+        fig = plt.figure(figsize=(14, 3.4))
+        maps.mosaic_row(
+            fig, (0.0, 0.0, 1.0, 1.0), nib.Nifti1Image(data, z_img.affine), cut_coords=cfg["cut_coords"],
+            title=title, subtitle=scale.note(), vmin=-scale.vmax, vmax=scale.vmax, threshold=thr,
+            cbar_label="z", empty_note=empty_note or "no voxel to show",
+        )  # fmt: skip
+        maps.save(fig, out_png)
 
 
 def cluster_labels(thr: np.ndarray, mask: np.ndarray, affine: np.ndarray, min_voxels: int = 0):
@@ -194,36 +190,41 @@ def cluster_labels(thr: np.ndarray, mask: np.ndarray, affine: np.ndarray, min_vo
 
 
 def plot_effect(g_img, i2_img, out_png: Path, cfg: dict, title: str) -> None:
-    """Pooled g mosaic (colour bar in g units) with the I² mosaic (0–100 %) beside it."""
-    import matplotlib
+    """Pooled g mosaic (colour bar in g) above the I² mosaic (a fraction, 0–1, as ``I2.nii.gz``).
 
-    matplotlib.use("Agg", force=False)
+    g: signed, colour limit :func:`nvmeta.figures.maps.robust_scale` (stated on the figure).
+    I²: every voxel with a value is coloured, I² = 0 included (it is drawn as a layer of the colour
+    of 0 under the map, since nilearn leaves a value equal to its threshold undrawn); voxels without
+    a value (fewer than ``meta.min_maps`` maps) stay uncoloured.
+    """
+    import matplotlib as mpl
     import matplotlib.pyplot as plt
-    from nilearn import plotting
+    from matplotlib.colors import ListedColormap
+
+    from nvmeta.figures import maps
 
     g = np.asarray(g_img.dataobj, dtype=np.float32)
-    i2 = np.asarray(i2_img.dataobj, dtype=np.float32) * 100.0
-    finite = np.isfinite(g)
-    gmax = float(np.nanpercentile(np.abs(g[finite]), 99.5)) if finite.any() else 1.0
-    gmax = gmax if gmax > 0 else 1.0
+    i2 = np.asarray(i2_img.dataobj, dtype=np.float32)
+    has = np.isfinite(i2)
+    scale = maps.robust_scale(g, 0.0)
     cuts = list(cfg["cut_coords"])
-    fig = plt.figure(figsize=(14, 5.6))
-    try:
-        top = fig.add_axes([0.0, 0.5, 1.0, 0.5])
-        bottom = fig.add_axes([0.0, 0.0, 1.0, 0.5])
-        d1 = plotting.plot_stat_map(
-            nib.Nifti1Image(np.nan_to_num(g, nan=0.0), g_img.affine), display_mode="z", cut_coords=cuts,
-            vmax=gmax, threshold=0.0, title=f"{title} (colour bar: g)", figure=fig, axes=top,
-            cbar_tick_format="%.2g",
+    zero = mpl.colormaps["viridis"](0.0)
+    n_zero = int((has & (i2 == 0)).sum())
+    with maps.pinned():
+        fig = plt.figure(figsize=(14, 6.8))
+        maps.mosaic_row(
+            fig, (0.0, 0.5, 1.0, 0.5), nib.Nifti1Image(np.nan_to_num(g, nan=0.0), g_img.affine), cut_coords=cuts,
+            title=title, subtitle=scale.note("|g|"), vmin=-scale.vmax, vmax=scale.vmax, threshold=0.0,
+            cbar_label="Hedges' g (pooled)",
         )  # fmt: skip
-        d2 = plotting.plot_stat_map(
-            nib.Nifti1Image(np.nan_to_num(i2, nan=0.0), i2_img.affine), display_mode="z", cut_coords=cuts,
-            vmin=0.0, vmax=100.0, cmap="viridis", symmetric_cbar=False, threshold=0.0,
-            title="I² heterogeneity (colour bar: %)", figure=fig, axes=bottom, cbar_tick_format="%.0f",
+        maps.mosaic_row(
+            fig, (0.0, 0.0, 1.0, 0.5), nib.Nifti1Image(has.astype(np.float32), i2_img.affine), cut_coords=cuts,
+            title="I² heterogeneity: share of the variation between maps beyond sampling error (fraction, 0–1)",
+            subtitle=f"every voxel with a value is coloured; {n_zero:,} voxels have I² = 0 "
+            f"({100 * n_zero / max(1, int(has.sum())):.0f} % of those with a value)",
+            cmap=ListedColormap([zero]), vmin=0.0, vmax=1.0, threshold=0.5, cbar_label="I² (fraction)",
+            cbar_map=("viridis", 0.0, 1.0), cbar_ticks=[0, 0.25, 0.5, 0.75, 1.0], cbar_fmt="{:.2g}",
+            overlays=[{"img": nib.Nifti1Image(np.nan_to_num(i2, nan=0.0), i2_img.affine), "threshold": 0.0,
+                       "cmap": "viridis", "vmin": 0.0, "vmax": 1.0}],
         )  # fmt: skip
-        with atomic_path(out_png) as tmp:
-            fig.savefig(str(tmp), dpi=100)
-        d1.close()
-        d2.close()
-    finally:
-        plt.close(fig)
+        maps.save(fig, out_png)

@@ -213,7 +213,9 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         shown, corr = z_fwe, f"FWE p < {alpha:g}"
 
     _jackknife(estimator, z, z_fdr_clusters, plan, mask, affine, cfg, outdir, summary, log)
-    _figures(method, fit, plan, shown, corr, mask, affine, cfg, outdir, effect=est_cls.needs == "effect")
+    _figures(
+        method, fit, plan, shown, corr, mask, affine, cfg, outdir, est_cls.needs == "effect", (k_min, n_rep)
+    )
     summary["seconds_estimation"] = round(t_est, 3)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(outdir / "summary.json", summary)
@@ -279,9 +281,11 @@ def _tabulate(zthr, label, path, method, mask, affine, cfg, n_rep, notes, log):
     return table, zthr
 
 
-def _figures(method, fit, plan, shown, corr, mask, affine, cfg, outdir, effect: bool) -> None:
-    """est.png (effect-size methods: pooled g and I²) and z.png (the corrected z map ``shown``)."""
+def _figures(method, fit, plan, shown, corr, mask, affine, cfg, outdir, effect: bool, counts) -> None:
+    """est.png (effect-size methods: pooled g and I²) and z.png (the corrected z map ``shown``);
+    ``counts`` = (k_min, voxels reported) say why a figure is empty."""
     label = LABELS.get(method, method)
+    k_min, n_rep = counts
     if effect:
         with outputs.frozen_gc():
             outputs.plot_effect(
@@ -289,14 +293,18 @@ def _figures(method, fit, plan, shown, corr, mask, affine, cfg, outdir, effect: 
                 outputs.to_img(np.where(fit.reported, fit.maps["I2"], np.nan), mask, affine),
                 outdir / "est.png",
                 cfg,
-                f"{label}: pooled Hedges' g (unthresholded), {plan.n_maps} maps",
+                f"{label}: pooled Hedges' g (unthresholded), {plan.n_maps} map{'s' * (plan.n_maps != 1)}",
             )
     n_units = len(plan.units)
-    units = f"{plan.n_maps} maps" + (f" in {n_units} collections" if n_units != plan.n_maps else "")
-    title = f"{label}, {units}, {corr}, |z| >= {float(cfg['threshold']):g} shown"
+    title = outputs.z_title(label, plan.n_maps, n_units, corr, float(cfg["threshold"]))
+    if n_units < k_min:
+        empty = f"not computed: {n_units} usable map{'s' * (n_units != 1)} (at least {k_min} needed)"
+    elif n_rep == 0:
+        empty = f"not computed: no voxel has data in at least {k_min} maps"
+    else:
+        empty = f"no voxel survives {corr} with |z| > {float(cfg['threshold']):g}"
     with outputs.frozen_gc():
-        outputs.plot_z(outputs.to_img(shown, mask, affine), outdir / "z.png", cfg, title,
-                       empty_note=f"no voxel survives {corr} with |z| >= {float(cfg['threshold']):g}")  # fmt: skip
+        outputs.plot_z(outputs.to_img(shown, mask, affine), outdir / "z.png", cfg, title, empty_note=empty)
 
 
 def _jackknife(estimator, z, z_fdr, plan, mask, affine, cfg, outdir, summary, log) -> None:

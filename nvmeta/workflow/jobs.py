@@ -82,28 +82,23 @@ def qc_job(analysis: str, input: Any, output: Any, log: Any, qc_cfg: dict) -> No
         )
 
 
-def overview_job(analysis: str, input: Any, output: Any, log: Any, methods: list[str]) -> None:  # noqa: A002
-    """Rule ``overview``: an analysis' first page in the report (:func:`nvmeta.figures.overview.write_overview`)."""
+def overview_job(  # noqa: A002
+    analysis: str, input: Any, output: Any, log: Any, methods: list[str], cbma_methods: list[str]
+) -> None:
+    """Rule ``overview``: an analysis' first page and its landing-page card (:func:`nvmeta.figures.overview.write_overview`)."""
     from nvmeta.figures.overview import write_overview
 
-    meta_dirs = {m: Path(p).parent for m, p in zip(methods, input.get("summaries", []), strict=True)}
-    figures = []
-    if "mean_z" in input.keys():
-        figures.append((input.mean_z, "Mean z of the included maps (per voxel, over the maps with data)."))
-        figures.append((input.coverage, "Coverage: how many included maps have data at each voxel."))
     with job_log(f"nvmeta.figures.overview.{analysis}", log[0], echo=True) as logger:
         # runs whenever the method list changes: the folders of dropped methods must not look current
         from nvmeta.workflow.stale import remove_stale_meta_outputs
 
         remove_stale_meta_outputs(Path(output[0]).parent, methods, logger)
         write_overview(
-            output[0],
+            output.page,
             analysis,
-            input.funnel,
-            input.qc,
-            meta_dirs=meta_dirs,
-            figures=figures,
-            ica_terms_tsv=input.get("ica_terms"),
-            ica_figures=input.get("ica_png", []),
+            {key: input[key] for key in input.keys()},
+            methods,
+            cbma_methods,
+            card_html=output.card,
             logger=logger,
         )

@@ -304,7 +304,7 @@ def all_outputs(wildcards):
     for analysis, spec in config["analyses"].items():
         d = f"{RESULTS}/analyses/{analysis}"
         out += [f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"]
-        out.append(f"{d}/overview.html")
+        out += [f"{d}/overview.html", f"{d}/methods.html", f"{d}/references.bib"]
         if spec["meta"] is not None:
             out += meta_outputs(analysis)
         if spec["ica"] is not None:
@@ -406,25 +406,53 @@ def meta_runtime(wildcards, input, attempt):
     return permutation_runtime_minutes(len(input.zmaps), voxels, n_perm) * attempt
 
 
-# --- overview page (workflow/rules/report.smk) ---
-def overview_inputs(wildcards):
-    """What the overview page of an analysis reads: its funnel and QC table, and the outputs of
-    the fan-ins the analysis runs."""
+# --- overview page and methods paragraph (workflow/rules/report.smk) ---
+def methods_inputs(wildcards):
+    """What the methods paragraph of an analysis reads: its funnel and QC table, the summary of
+    every fan-in it runs."""
     spec = config["analyses"][wildcards.analysis]
     d = f"{RESULTS}/analyses/{wildcards.analysis}"
     out = {"funnel": f"{d}/funnel.tsv", "qc": f"{d}/qc.tsv"}
     if spec["meta"] is not None:
+        out["summaries"] = [
+            f"{d}/meta/{m}/summary.json" for m in spec["meta"]["methods"]
+        ]
+    if spec.get("cbma") is not None:
+        out["cbma_summaries"] = [
+            f"{d}/cbma/{m}/summary.json" for m in spec["cbma"]["methods"]
+        ]
+    if spec["ica"] is not None:
+        out["ica_summary"] = f"{d}/ica/summary.json"
+    return out
+
+
+def overview_inputs(wildcards):
+    """What the overview page of an analysis reads: the methods paragraph's inputs, each
+    result's thresholded map and figures, and the tables behind its one-line results."""
+    spec = config["analyses"][wildcards.analysis]
+    d = f"{RESULTS}/analyses/{wildcards.analysis}"
+    out = methods_inputs(wildcards)
+    if spec["meta"] is not None:
         methods = spec["meta"]["methods"]
-        out["summaries"] = [f"{d}/meta/{m}/summary.json" for m in methods]
         out["z_fdr"] = [f"{d}/meta/{m}/z_fdr.nii.gz" for m in methods]
         out["z_png"] = [f"{d}/meta/{m}/z.png" for m in methods]
-        out["mean_z"] = f"{d}/figures/inputs_mean_z.png"
-        out["coverage"] = f"{d}/figures/inputs_coverage.png"
+        out["est_png"] = [
+            f"{d}/meta/{m}/est.png" for m in methods if m in EFFECT_METHODS
+        ]
+        for key in ("mean_z", "coverage", "correlation"):
+            out[key] = f"{d}/figures/inputs_{key}.png"
+    if spec.get("cbma") is not None:
+        out["cbma_png"] = [f"{d}/cbma/{m}/z.png" for m in spec["cbma"]["methods"]]
+        if spec["meta"] is not None:
+            out["overlap"] = f"{d}/overlap.tsv"
+            out["overlap_png"] = f"{d}/figures/ibma_vs_cbma.png"
     if spec["ica"] is not None:
         out["ica_terms"] = f"{d}/ica/terms.tsv"
         out["ica_png"] = [
             f"{d}/ica/component_{k}.png" for k in range(spec["ica"]["n_components"])
         ]
+        if spec["ica"]["n_runs"] > 1:
+            out["ica_stability"] = f"{d}/ica/stability.tsv"
     return out
 
 

@@ -211,5 +211,9 @@ rule input_figures:
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:
         figures=config["figures"],
+        # the mean z and coverage mosaics show the slices of the meta-analysis mosaics
+        cut_coords=lambda wildcards: config["analyses"][wildcards.analysis]["meta"][
+            "cut_coords"
+        ],
     script:
         "../../scripts/input_figures.py"
