@@ -392,7 +392,7 @@ def _check(cfg):
         ),
         ({"method": "dersimonian_laird"}, {}, "atlas.method", "stouffer"),
         ({}, {"leave_out": "nothing"}, "analyses.a.decode.leave_out", "collections"),
-        ({}, {"n_null": 5}, "analyses.a.decode.n_null", "minimum"),
+        ({}, {"n_null": 5}, "analyses.a.decode.n_null", ">= 10"),
     ],
 )
 def test_broken_decoding_config_stops_naming_the_key(atlas, decode_block, key, says):

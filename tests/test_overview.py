@@ -301,3 +301,27 @@ def test_page_stays_under_what_the_report_can_show(run):
         len(m.group(1).split("; ")) for m in re.finditer(r"Not embedded \(page size\): (.*?); see this", page)
     )
     assert page.count('<img src="data:image/png;base64,') + named == n_figures
+
+
+def test_decoding_line_names_each_result_maps_closest_terms(tmp_path):
+    """The overview's decoding line: per source its top terms with r and p, or why it has none."""
+    import pandas as pd
+
+    from nvmeta.figures import facts
+
+    rows = [
+        {"source": "meta/stouffer", "term": "pain task", "r": 0.61, "rank": 1, "p_null": 0.002, "note": ""},
+        {"source": "meta/stouffer", "term": "n-back", "r": 0.12, "rank": 2, "p_null": 0.4, "note": ""},
+        {"source": "ica/component_0", "term": "pain task", "r": None, "rank": None, "p_null": None,
+         "note": "0 map(s) after leaving out 21"},
+    ]  # fmt: skip
+    tsv = tmp_path / "decoding.tsv"
+    pd.DataFrame(rows).to_csv(tsv, sep="\t", index=False)
+    line = facts.decoding_line(tsv, tmp_path / "decoding.png", {"warnings": []})
+    assert line.title == "Decoding" and line.status == "ok"
+    assert "meta/stouffer resembles pain task (r = 0.61, p = 0.002); n-back (r = 0.12, p = 0.4)" in line.text
+    assert "ica/component_0: no atlas term to decode against (0 map(s) after leaving out 21)" in line.text
+    assert facts.decoding_line(tmp_path / "absent.tsv", None, None) is None
+    only_none = pd.DataFrame(rows[2:])
+    only_none.to_csv(tsv, sep="\t", index=False)
+    assert facts.decoding_line(tsv, None, None).status == "none"

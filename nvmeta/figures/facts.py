@@ -282,6 +282,22 @@ def ica_line(summary: dict | None, terms_tsv, stability_tsv, pngs: Sequence[Path
     return Line("ICA", text, figures, "ok" if conv_ok else "warn", section="ICA")
 
 
+def decoding_line(decoding_tsv, png, summary: dict | None) -> Line | None:
+    """Decoding, one line: each result map's closest atlas terms with r and the null's p, or why none."""
+    if decoding_tsv is None or not Path(decoding_tsv).exists():
+        return None
+    from nvmeta.decode.decoding import describe_decoding
+
+    lines = describe_decoding(decoding_tsv)
+    decodable = [ln for ln in lines if " resembles " in ln]
+    text = "; ".join(lines) + "." if lines else "no result map to decode."
+    status = "ok" if decodable else "none"
+    if summary and summary.get("warnings"):
+        status = "warn" if decodable else status
+    figures = [(Path(png), "Decoding: top atlas terms per result map")] if png is not None else []
+    return Line("Decoding", text, figures, status, section="Decoding")
+
+
 def inputs_line(n_maps: int, mean_z, coverage, correlation, full_coverage: float | None = None) -> Line:
     """Inputs, one line: the mean z, NiMARE's relative coverage / maps-per-voxel map, the similarity matrix."""
     parts = ["mean z", "coverage (maps per voxel and relative coverage)"]

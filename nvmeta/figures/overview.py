@@ -178,6 +178,11 @@ def collect_lines(
     if ic is not None:
         lines.append(ic)
         warnings += [("ica", str(w)) for w in (ica or {}).get("warnings", [])]
+    dec_summary = facts.read_json(_one(inputs, "decode_summary"))
+    dec = facts.decoding_line(_one(inputs, "decoding"), _one(inputs, "decoding_png"), dec_summary)
+    if dec is not None:
+        lines.append(dec)
+        warnings += [("decode", str(w)) for w in (dec_summary or {}).get("warnings", [])]
     return funnel, lines, warnings
 
 
@@ -254,7 +259,8 @@ def write_overview(
         ``summaries``, ``z_png`` (one per method, in ``methods`` order), ``est_png`` (effect-size
         methods), ``mean_z``, ``coverage``, ``correlation``; with a cbma block ``cbma_summaries``,
         ``cbma_png`` (``cbma_methods`` order), ``overlap``, ``overlap_png``; with an ica block
-        ``ica_summary``, ``ica_terms``, ``ica_png``, optionally ``ica_stability``.
+        ``ica_summary``, ``ica_terms``, ``ica_png``, optionally ``ica_stability``; with a decode block
+        ``decoding``, ``decoding_png``, ``decode_summary``.
     methods, cbma_methods : sequence of str
         The configured meta-analysis and CBMA methods.
     sections : sequence of Line

@@ -453,6 +453,10 @@ def overview_inputs(wildcards):
         ]
         if spec["ica"]["n_runs"] > 1:
             out["ica_stability"] = f"{d}/ica/stability.tsv"
+    if spec.get("decode") is not None:
+        out["decoding"] = f"{d}/decode/decoding.tsv"
+        out["decoding_png"] = f"{d}/decode/decoding.png"
+        out["decode_summary"] = f"{d}/decode/summary.json"
     return out
 
 
