@@ -140,6 +140,9 @@ def check_config(config: dict, schema_path: str | os.PathLike, basedir: str | os
     for name, analysis in config["analyses"].items():
         problems.extend(_check_analysis(name, analysis))
     problems.extend(_check_overrides(config["conversion"]))
+    from nvmeta.images.record_rules import pattern_problems
+
+    problems.extend(pattern_problems(config["qc"]))
     problems.extend(_check_paths(config, Path(basedir)))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -295,6 +295,7 @@ def all_outputs(wildcards):
     for analysis, spec in config["analyses"].items():
         d = f"{RESULTS}/analyses/{analysis}"
         out += [f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"]
+        out.append(f"{d}/figures/qc_consensus.png")
         out.append(f"{d}/overview.html")
         if spec["meta"] is not None:
             out += meta_outputs(analysis)
