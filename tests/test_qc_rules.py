@@ -176,9 +176,12 @@ def test_consensus_equals_an_independent_median_and_correlation(planted):
     assert info["lower_fence"] == pytest.approx(q1 - 1.5 * (q3 - q1))
 
 
-def test_leave_one_out_median_equals_numpy_with_ties_and_gaps():
+@pytest.mark.parametrize("block_bytes", [64_000_000, 8 * 11 * 7])  # one block / many blocks
+def test_leave_one_out_median_equals_numpy_with_ties_and_gaps(block_bytes, monkeypatch):
+    import nvmeta.images.consensus as consensus
     from nvmeta.images.consensus import median_stats
 
+    monkeypatch.setattr(consensus, "MEDIAN_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(0)
     for k in (2, 3, 4, 5, 10, 11):
         d = rng.normal(size=(k, 500)).round(1)  # ties
@@ -298,3 +301,38 @@ def test_iqr_fences_by_hand():
     assert cons.info["n_voxels"] == 2_000 and cons.info["n_signal_voxels"] == 400
     few = assess(data[:, :1_100], np.ones(6, dtype=bool), inverted_r=-0.2, iqr_factor=1.5)
     assert np.isnan(few.r[0]) and few.info["n_undefined"] == 1  # ~20 of its signal voxels have data
+
+
+def test_qc_figure_classes_and_files(planted, tmp_path):
+    from nvmeta.figures.qc import judged_maps, plot_consensus
+
+    root, sel, truth = planted
+    out = tmp_path / "a"
+    write_qc(sel, image_dir_for(root), None, out / "qc.tsv", out / "funnel.tsv", mask_img=MASK,
+             consensus_json=out / "qc_consensus.json")  # fmt: skip
+    maps = judged_maps(out / "qc.tsv")
+    kinds = {int(i): k for i, k in zip(maps["image_id"], maps["kind"], strict=True)}
+    assert {kinds[i] for i, t in truth.items() if t == "inverted"} == {"inverted contrast"}
+    assert {kinds[i] for i, t in truth.items() if t == "outlier"} == {"outlier"}
+    assert {kinds[i] for i, t in truth.items() if t == "good"} == {"kept"}
+    assert not any(truth[i] in ("duplicate", "name", "weak") for i in kinds)  # not judged by the consensus
+    assert maps["consensus_r"].is_monotonic_increasing
+    png = plot_consensus(out / "qc.tsv", out / "qc_consensus.json", out / "qc.png", "a")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (out / "none.json").write_text(json.dumps({"status": "not computed", "reason": "3 maps < 10"}))
+    assert plot_consensus(out / "qc.tsv", out / "none.json", out / "none.png").stat().st_size > 0
+
+
+def test_inverted_off_leaves_anticorrelated_maps_to_the_outlier_fences(planted, tmp_path):
+    from nvmeta.figures.qc import plot_consensus
+
+    root, sel, truth = planted
+    out = tmp_path / "a"
+    cfg = {**defaults("qc"), "inverted": "off"}
+    qc, _ = write_qc(sel, image_dir_for(root), cfg, out / "qc.tsv", out / "funnel.tsv", mask_img=MASK,
+                     consensus_json=out / "qc_consensus.json")  # fmt: skip
+    kinds = _by_kind(qc, truth)
+    for row in kinds["inverted"]:
+        assert "outlier: r = -" in row["flags"] and "inverted" not in row["flags"]
+    assert json.loads((out / "qc_consensus.json").read_text())["inverted_r"] is None
+    assert plot_consensus(out / "qc.tsv", out / "qc_consensus.json", out / "qc.png").exists()

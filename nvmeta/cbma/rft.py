@@ -10,7 +10,7 @@ size), so it is written here from the published formulas, those of FSL's ``clust
   stationary field with Gaussian autocorrelation, the lag-1 correlation of the standardised map
   is ``rho = 1 - E[(z_i - z_{i+1})^2] / 2`` and ``FWHM = sqrt(-2 ln 2 / ln rho)`` voxels. Signal
   raises the map's variance more than its differences, so on a map with signal the FWHM is
-  over-estimated and the test is conservative;
+  over-estimated rather than under-estimated, which makes the test conservative;
 - resels ``R = V / (FWHM_x FWHM_y FWHM_z)``; expected number of clusters above ``u``
   (3-D Euler characteristic density, the term FSL uses):
   ``E[m] = R (4 ln 2)^(3/2) (2 pi)^-2 (u^2 - 1) exp(-u^2 / 2)``;

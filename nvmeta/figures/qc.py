@@ -115,14 +115,11 @@ def plot_consensus(
         "--",
         f"lower fence (Q1 - {info['iqr_factor']:g} IQR)",
     )
-    _hline(ax, info.get("upper_fence"), COLOURS["outlier"], ":", "upper fence (not applied)")
-    _hline(
-        ax,
-        info.get("inverted_r"),
-        COLOURS["inverted contrast"],
-        "--",
-        f"inverted: r < {info['inverted_r']:g}",
-    )
+    if (info.get("upper_fence") or np.inf) <= 1.0:  # above 1 it bounds nothing
+        _hline(ax, info.get("upper_fence"), COLOURS["outlier"], ":", "upper fence (not applied)")
+    if info.get("inverted_r") is not None:  # None: qc.inverted is off
+        label = f"inverted: r < {info['inverted_r']:g}"
+        _hline(ax, info["inverted_r"], COLOURS["inverted contrast"], "--", label)
     for kind, colour in COLOURS.items():
         sel = (maps["kind"] == kind).to_numpy()
         if sel.any():
@@ -137,8 +134,8 @@ def plot_consensus(
     ax.set_xlabel("maps, sorted by r")
     ax.set_ylabel("r with the consensus")
     ax.set_title(
-        f"{analysis}: each map vs the voxelwise median z of {info['n_maps']} maps "
-        f"({info['n_signal_voxels']:,} signal voxels)",
+        f"{analysis}: each of {info['n_maps']} maps vs the voxelwise median z of the others "
+        f"(~{info['n_signal_voxels']:,} signal voxels)",
         fontsize=10,
     )
     ax.legend(loc="lower right", fontsize=7, ncol=2, frameon=False)

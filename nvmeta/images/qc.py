@@ -365,13 +365,15 @@ def _map_rules(
     dups = find_duplicates(load, len(kept), threshold=float(cfg["duplicate_r"]), memory_bytes=memory_bytes)
     cons = None
     agreeing: set[int] = set()
+    # with qc.inverted off an anticorrelated map is judged by the outlier fences like any other
+    inverted_r = float(cfg["inverted_r"]) if cfg["inverted"] != "off" else -math.inf
     members = np.array([m not in dups for m in range(len(kept))], dtype=bool)
     if sample is not None and members.sum() >= cfg["consensus_min_maps"]:
-        cons = assess(sample.data, members, float(cfg["inverted_r"]), float(cfg["outlier_iqr"]))
+        cons = assess(sample.data, members, inverted_r, float(cfg["outlier_iqr"]))
         dups, agreeing = _resolve_flipped(dups, cons.r, load, log, rows, kept)
         if agreeing:  # the consensus of the maps now kept
             members = np.array([m not in dups for m in range(len(kept))], dtype=bool)
-            cons = assess(sample.data, members, float(cfg["inverted_r"]), float(cfg["outlier_iqr"]))
+            cons = assess(sample.data, members, inverted_r, float(cfg["outlier_iqr"]))
     for j, (i, r) in sorted(dups.items()):
         row, other = rows[kept[j]], rows[kept[i]]
         kind = "sign-flipped copy" if r < 0 else "duplicate"

@@ -160,15 +160,7 @@ def write_qc_selection(
             z = 1.3 * _smooth_noise(rng, mask.shape, noise_sigma_vox)
         else:
             raise ValueError(f"unknown planted kind {kind!r}")
-        if kind == "name":
-            rec["name"] = NAME_BAD[k % len(NAME_BAD)]
-        elif kind == "file":
-            rec["file"] = FILE_BAD[k % len(FILE_BAD)]
-            if rec["file"].startswith("cope"):
-                z = z / 5.0  # parameter estimates: a few percent signal change
-        elif kind == "single_subject":
-            rec["n"] = 1
-        z = np.where(mask, z, np.nan).astype(np.float32)
+        z = np.where(mask, _label(kind, k, rec, z), np.nan).astype(np.float32)
         made[pos] = z
         truth[image_id] = kind
         rows.append(_write_image(root, image_id, z, mask_img, rec, make_zmap))
@@ -177,6 +169,19 @@ def write_qc_selection(
     sel_path.parent.mkdir(parents=True, exist_ok=True)
     sel.to_csv(sel_path, sep="\t", index=False)
     return sel_path, truth
+
+
+def _label(kind: str, k: int, rec: dict, z: np.ndarray) -> np.ndarray:
+    """The name, file name or sample size of a bad map of the record rules (``rec`` in place)."""
+    if kind == "name":
+        rec["name"] = NAME_BAD[k % len(NAME_BAD)]
+    elif kind == "file":
+        rec["file"] = FILE_BAD[k % len(FILE_BAD)]
+        if rec["file"].startswith("cope"):
+            return z / 5.0  # parameter estimates: a few percent signal change
+    elif kind == "single_subject":
+        rec["n"] = 1
+    return z
 
 
 def _write_image(root: Path, image_id: int, z: np.ndarray, mask_img, rec: dict, make_zmap) -> dict:
