@@ -1,4 +1,4 @@
-"""Rule cbma_peaks: peaks of every included z-map of an analysis (peaks.tsv)."""
+"""Rule cbma_peaks: peaks of every included z-map of an analysis (peaks.tsv, peak_thresholds.tsv)."""
 
 from nvmeta.cbma import peaks_table
 from nvmeta.workflow.logs import job_logger
@@ -10,6 +10,7 @@ peaks_table(
     path_lookup(snakemake.input.zmaps, "zmaps"),
     path_lookup(snakemake.input.qcjson, "qcjson"),
     snakemake.params.cbma,
-    snakemake.output[0],
+    snakemake.output.peaks,
     log,
+    thresholds_tsv=snakemake.output.thresholds,
 )

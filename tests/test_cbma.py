@@ -91,7 +91,12 @@ def test_peaks_equal_nilearn_full_volume():
     z = (noise / noise.std() * 1.6).astype(np.float32)  # smooth noise: many clusters, sub-peaks
     affine = np.array([[-2.0, 0, 0, 40], [0, 2, 0, -50], [0, 0, 2, -20], [0, 0, 0, 1]])
     img = nib.Nifti1Image(z, affine)
-    cfg = {**defaults("cbma"), "min_cluster_voxels": 5}
+    cfg = {
+        **defaults("cbma"),
+        "min_cluster_voxels": 5,
+        "peaks_from": "unthresholded",
+        "max_peaks_per_cluster": 4,
+    }
     ours = cbma.extract_peaks(img, cfg)
     ref = get_clusters_table(
         img,
@@ -119,7 +124,8 @@ def test_peak_rules_threshold_and_cluster_size(mask_img):
     z[20:22, 50:52, 40:42] = 8.0  # 8 voxels: below min_cluster_voxels = 10
     z[60:63, 50:53, 40:43] = 3.0999  # below threshold
     z[60, 80, 40] = np.nan
-    out = cbma.extract_peaks(nib.Nifti1Image(z, mask_img.affine), defaults("cbma"))
+    unthresholded = {**defaults("cbma"), "peaks_from": "unthresholded"}
+    out = cbma.extract_peaks(nib.Nifti1Image(z, mask_img.affine), unthresholded)
     assert len(out) == 1
     row = out.iloc[0]
     xyz = mask_img.affine[:3, :3] @ np.array([41, 51, 41]) + mask_img.affine[:3, 3]
@@ -452,3 +458,178 @@ def test_stale_temporaries_are_swept(tmp_path, mask_img):
         out,
     )
     assert not stale.exists() and len(pd.read_csv(out, sep="\t")) == 4
+
+
+# ----------------------------------------------------------------------------------------
+# peaks from each map's own corrected inference
+# ----------------------------------------------------------------------------------------
+
+PLANTED_FOCI_VOX = [(15, 20, 15, 7.0), (45, 20, 15, 7.0), (30, 50, 40, 7.0), (30, 35, 28, -7.0)]
+
+
+def _smooth_null(rng, shape, sigma, pad=12):
+    """A stationary unit-variance Gaussian field (white noise smoothed, the padding cropped)."""
+    from scipy import ndimage
+
+    f = ndimage.gaussian_filter(rng.standard_normal(tuple(s + 2 * pad for s in shape)), sigma)
+    f = f[pad:-pad, pad:-pad, pad:-pad]
+    return f / f.std()
+
+
+@pytest.fixture(scope="module")
+def planted_map():
+    """Smooth noise (FWHM 3.5 voxels, 7 mm) plus three positive foci and one negative (sd 3 voxels), 2 mm grid."""
+    rng = np.random.default_rng(11)
+    shape = (60, 72, 60)
+    z = _smooth_null(rng, shape, 1.5)
+    grid = np.indices(shape).astype(float)
+    for i, j, k, amp in PLANTED_FOCI_VOX:
+        z += amp * np.exp(-((grid[0] - i) ** 2 + (grid[1] - j) ** 2 + (grid[2] - k) ** 2) / (2 * 3.0**2))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    z[:2] = np.nan  # no data: never a peak, not a test
+    return nib.Nifti1Image(z.astype(np.float32), affine)
+
+
+@pytest.mark.parametrize("correction", ["cluster_fwe", "ari", "fdr", "bonferroni"])
+def test_corrected_peaks_recover_planted_foci_and_not_the_noise(planted_map, correction):
+    cfg = {**defaults("cbma"), "peak_correction": correction}
+    peaks, summary = cbma.peaks.map_peaks(planted_map, cfg)
+    xyz = peaks[["x", "y", "z"]].to_numpy()
+    foci = np.array([f[:3] for f in PLANTED_FOCI_VOX], float) * 2.0
+    signs = np.array([np.sign(f[3]) for f in PLANTED_FOCI_VOX])
+    # every planted focus has a peak of its sign within 6 mm (3 voxels: the noise moves the maximum)
+    for focus, sign in zip(foci, signs, strict=True):
+        same = peaks["z_value"].to_numpy() * sign > 0
+        assert np.linalg.norm(xyz[same] - focus, axis=1).min() <= 6.0, (correction, focus)
+    d = np.linalg.norm(xyz[:, None, :] - foci[None], axis=2).min(axis=1)
+    if correction == "fdr":
+        # FDR bounds the share of false voxels, not their number: surviving voxels where the blobs
+        # are < 0.01 (> 21 mm from every focus) are at most 10 % of the surviving voxels
+        z = np.asarray(planted_map.dataobj)
+        ijk = np.indices(z.shape).reshape(3, -1).T * 2.0
+        far = (np.linalg.norm(ijk[:, None, :] - foci[None], axis=2).min(axis=1) > 21.4).reshape(z.shape)
+        above = np.zeros(z.shape, bool)
+        for s in summary:
+            sign = 1.0 if s["sign"] == "positive" else -1.0
+            above |= np.nan_to_num(sign * z, nan=-np.inf) > s["z_threshold"]
+        assert (above & far).sum() <= 0.1 * above.sum()
+    else:
+        # family-wise: every peak is on a planted focus's blob (within 12 mm), no noise peak survives
+        assert d.max() <= 12.0, (correction, peaks[d > 12.0])
+    # at most max_peaks_per_cluster (3) per cluster
+    assert peaks["peak"].str.replace("[0-9]+", "", regex=True).isin(["", "a", "b"]).all()
+    assert {s["sign"] for s in summary} == {"positive", "negative"}
+
+
+def test_uncorrected_peaks_include_the_noise(planted_map):
+    """The old extraction (|z| >= 3.1, every cluster of >= 10 voxels) takes noise clusters too."""
+    cfg = {**defaults("cbma"), "peaks_from": "unthresholded", "max_peaks_per_cluster": 4}
+    peaks = cbma.extract_peaks(planted_map, cfg)
+    foci = np.array([f[:3] for f in PLANTED_FOCI_VOX], float) * 2.0
+    d = np.linalg.norm(peaks[["x", "y", "z"]].to_numpy()[:, None, :] - foci[None], axis=2).min(axis=1)
+    assert (d > 12.0).sum() >= 3
+
+
+def test_max_peaks_per_cluster_keeps_nilearns_first_rows():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    noise = ndimage.gaussian_filter(rng.standard_normal((40, 44, 36)), 2.0)
+    img = nib.Nifti1Image((noise / noise.std() * 1.6).astype(np.float32), np.diag([2.0, 2, 2, 1]))
+    cfg = {**defaults("cbma"), "peaks_from": "unthresholded", "min_cluster_voxels": 5}
+    four = cbma.extract_peaks(img, {**cfg, "max_peaks_per_cluster": 4})
+    assert four["peak"].str.endswith("a").any()  # clusters with sub-peaks exist
+    assert len(cbma.extract_peaks(img, {**cfg, "max_peaks_per_cluster": 1})) < len(four)
+    for m in (1, 2, 3):
+        got = cbma.extract_peaks(img, {**cfg, "max_peaks_per_cluster": m})
+        keep = four["peak"].str.replace("[0-9]+", "", regex=True).isin(["", "a", "b"][:m])
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), four[keep].reset_index(drop=True))
+
+
+def test_voxel_level_thresholds_equal_an_independent_computation(planted_map):
+    """fdr: Benjamini-Hochberg (statsmodels) on the one-sided p of the map's voxels; bonferroni: alpha / n."""
+    from scipy.stats import norm
+    from statsmodels.stats.multitest import multipletests
+
+    z = np.asarray(planted_map.dataobj, dtype=np.float32)
+    valid = np.isfinite(z)
+    data = np.where(valid, z, 0).astype(np.float32)
+    for sign in (1.0, -1.0):
+        p = norm.sf(sign * z[valid].astype(np.float64))
+        reject = multipletests(p, alpha=0.05, method="fdr_bh")[0]
+        got = cbma.peaks.surviving(
+            data, valid, planted_map.affine, sign, {**defaults("cbma"), "peak_correction": "fdr"}
+        )
+        assert reject.sum() > 100 and np.array_equal(got["above"][valid], reject)
+        bonf = cbma.peaks.surviving(data, valid, planted_map.affine, sign, {**defaults("cbma"), "peak_correction": "bonferroni"})  # fmt: skip
+        assert bonf["z_threshold"] == pytest.approx(norm.isf(0.05 / valid.sum()))
+        assert np.array_equal(bonf["above"][valid], sign * z[valid] > bonf["z_threshold"])
+
+
+def test_ari_keeps_every_cluster_with_a_hommel_rejection():
+    """A cluster holding a voxel Hommel's procedure rejects (statsmodels) has a true discovery (ARI)."""
+    from scipy import ndimage
+    from scipy.stats import norm
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(4)
+    shape = (18, 18, 18)
+    z = _smooth_null(rng, shape, 1.0, pad=4)
+    z[4:8, 4:8, 4:8] += 4.5
+    z[12:15, 11:14, 10:13] += 2.8  # weaker: may or may not pass
+    valid = np.ones(shape, bool)
+    cfg = {**defaults("cbma"), "peak_correction": "ari"}
+    got = cbma.peaks.surviving(z.astype(np.float32), valid, np.eye(4), 1.0, cfg)["above"]
+    hommel = multipletests(norm.sf(z.ravel()), alpha=0.05, method="hommel")[0].reshape(shape)
+    labels, n = ndimage.label(z > 3.1)
+    assert hommel.any()
+    for k in range(1, n + 1):
+        if (hommel & (labels == k)).any():
+            assert got[labels == k].all(), k
+    assert not (got & (labels == 0)).any()
+
+
+def test_rft_smoothness_and_cluster_fwe_on_null_fields():
+    """Random field theory on simulated null fields: the FWHM of the kernel is recovered and the
+    family-wise rate of cluster_fwe is at most alpha (RFT is conservative at these smoothnesses), while
+    every null field has a cluster above 3.1 (uncorrected cluster peaks would all be false)."""
+    from scipy import ndimage
+
+    from nvmeta.cbma.rft import critical_cluster_size, smoothness_fwhm
+
+    rng = np.random.default_rng(0)
+    shape = (48, 48, 48)
+    sigma = 2.0
+    hits = {0.05: 0, 0.5: 0}
+    any_cluster = 0
+    fwhms = []
+    n = 80
+    for _ in range(n):
+        f = _smooth_null(rng, shape, sigma)
+        fwhm = smoothness_fwhm(f, np.ones(shape, bool))
+        fwhms.append(fwhm)
+        labels, m = ndimage.label(f > 3.1)
+        biggest = np.bincount(labels.ravel())[1:].max() if m else 0
+        any_cluster += m > 0
+        for alpha in hits:
+            hits[alpha] += biggest >= critical_cluster_size(f.size, fwhm, 3.1, alpha)
+    assert np.mean(fwhms, axis=0) == pytest.approx([np.sqrt(8 * np.log(2)) * sigma] * 3, rel=0.03)
+    assert hits[0.05] / n <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / n)
+    assert 0.2 <= hits[0.5] / n <= 0.6  # calibrated, not vacuous
+    assert any_cluster == n
+
+
+def test_peak_thresholds_table(tmp_path, mask_img):
+    qc_tsv = write_planted(tmp_path / "results", mask_img, n_images=2)
+    root = tmp_path / "results"
+    out = qc_tsv.parent / "cbma" / "peaks.tsv"
+    thr = qc_tsv.parent / "cbma" / "peak_thresholds.tsv"
+    cbma.peaks_table(qc_tsv, lambda i: root / "images" / str(i) / "zmap.nii.gz",
+                     lambda i: root / "images" / str(i) / "qc.json", defaults("cbma"), out, thresholds_tsv=thr)  # fmt: skip
+    t = pd.read_csv(thr, sep="\t")
+    assert list(t.columns) == cbma.peaks.THRESHOLD_COLUMNS
+    assert len(t) == 4 and set(t["correction"]) == {"cluster_fwe"} and (t["cluster_k"] >= 1).all()
+    peaks = pd.read_csv(out, sep="\t")
+    counts = peaks.groupby(["image_id", "sign"]).size()
+    for row in t.itertuples():
+        assert counts.get((row.image_id, row.sign), 0) == row.n_peaks

@@ -24,7 +24,7 @@ def test_defaults_filled():
     assert cfg["neurovault"]["max_connections"] == 2
     assert cfg["template"]["mask"] == "mni152_2mm"
     assert cfg["conversion"]["df"] == "n-2"
-    assert cfg["qc"]["min_coverage"] == 0.5
+    assert cfg["qc"]["min_coverage"] == 0.4
     a = cfg["analyses"]["a"]
     assert a["meta"]["min_maps"] == 2 and a["meta"]["alpha"] == 0.05
     assert a["ica"] is None and a["default_terms"] is True and a["image_terms"] == {}

@@ -11,14 +11,11 @@ Entry points used by the Snakemake scripts:
 
 Peaks
 -----
-Peaks are the local maxima that nilearn's :func:`~nilearn.reporting.get_clusters_table`
-reports (it is reused as is): in each face-connected cluster of voxels with
-``|z| >= cbma.peak_threshold`` and at least ``cbma.min_cluster_voxels`` voxels, the cluster
-maximum and up to three sub-peaks at least ``cbma.peak_distance`` mm apart, for both signs.
-NiMARE has no peak extraction of its own for statistical maps (its CBMA works from reported
-coordinates), so nilearn's table is the real part here. These are *not* the peaks the
-authors reported: they come from the unthresholded map on the template grid, with one
-threshold for every map.
+:mod:`nvmeta.cbma.peaks`: by default the peaks of what survives each map's own corrected
+inference (``cbma.peaks_from``, ``cbma.peak_correction``), as the authors would report them, from
+nilearn's :func:`~nilearn.reporting.get_clusters_table` rows of each surviving cluster (at most
+``cbma.max_peaks_per_cluster``, ``cbma.peak_distance`` mm apart). NiMARE has no peak extraction
+of its own for statistical maps (its CBMA works from reported coordinates).
 
 Negative peaks are their own contrast: a map's peaks with ``z < 0`` (deactivations) form a
 separate experiment from its positive peaks. ``cbma.sign`` chooses which experiments enter
@@ -45,14 +42,15 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from nvmeta.io import atomic_path, read_json, write_json, write_tsv
+from nvmeta.cbma.peaks import PEAK_COLUMNS, extract_peaks, peaks_table
+from nvmeta.io import atomic_path, write_json, write_tsv
 from nvmeta.workflow.quiet import Known, quiet
 
 logger = logging.getLogger(__name__)
@@ -68,20 +66,6 @@ __all__ = [
     "significant_mask",
     "overlap",
     "read_included",
-]
-
-#: Columns of ``peaks.tsv``.
-PEAK_COLUMNS = [
-    "image_id",
-    "collection_id",
-    "sign",
-    "peak",
-    "x",
-    "y",
-    "z",
-    "z_value",
-    "cluster_voxels",
-    "sample_size",
 ]
 
 #: Registry of the CBMA estimators: config name -> (NiMARE module, class name).
@@ -150,144 +134,6 @@ def read_included(qc_tsv: str | os.PathLike):
     df["image_id"] = df["image_id"].astype(int)
     df["collection_id"] = pd.to_numeric(df["collection_id"], errors="coerce").astype("Int64")
     return df
-
-
-# ----------------------------------------------------------------------------------------
-# peaks
-# ----------------------------------------------------------------------------------------
-
-
-def extract_peaks(z_img: nib.Nifti1Image, cfg: dict) -> Any:
-    """Peaks of one z-map (both signs), via nilearn's ``get_clusters_table``.
-
-    Parameters
-    ----------
-    z_img : nibabel.Nifti1Image
-        A template-grid z-map (NaN = no data; no data is never above a threshold).
-    cfg : dict
-        The analysis' ``cbma`` block: ``peak_threshold``, ``peak_distance``,
-        ``min_cluster_voxels``.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``sign`` (``positive``/``negative``), ``peak`` (nilearn's cluster id: ``3``
-        for a cluster maximum, ``3a`` for a sub-peak), ``x, y, z`` (mm, the grid's affine),
-        ``z_value`` and ``cluster_voxels`` (the size of the peak's cluster, also on sub-peak
-        rows). Empty when no cluster passes.
-    """
-    import pandas as pd
-
-    from nvmeta.meta.clusters import peaks_table
-
-    cols = ["sign", "peak", "x", "y", "z", "z_value", "cluster_voxels"]
-    data = np.asarray(z_img.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    # NaN means "no data": it can never pass a threshold, so it is excluded (0 is below it).
-    data = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
-    thr = np.float32(cfg["peak_threshold"])
-    # get_clusters_table works on the full volume once per cluster (center of mass, maximum
-    # filters): peaks_table calls it on each cluster's bounding box, which gives the same
-    # peaks in a fraction of the time (measured: ~2 s -> ~0.05 s per map on the MNI 2 mm grid).
-    # The rule here is |z| >= threshold (nilearn keeps values > threshold).
-    table = peaks_table(data, z_img.affine, lambda signed: signed >= thr,
-                        min_voxels=int(cfg["min_cluster_voxels"]), min_distance=float(cfg["peak_distance"]))  # fmt: skip
-    if table.empty:
-        return pd.DataFrame(columns=cols)
-    z_value = table["Peak Stat"].astype(np.float64)
-    return pd.DataFrame(
-        {
-            "sign": np.where(z_value > 0, "positive", "negative"),
-            "peak": table["Cluster ID"],
-            "x": table["X"].astype(np.float64),
-            "y": table["Y"].astype(np.float64),
-            "z": table["Z"].astype(np.float64),
-            "z_value": z_value,
-            # the size of the peak's cluster on its sub-peak rows too
-            "cluster_voxels": table["Cluster Size (voxels)"].ffill().astype(np.int64),
-        }
-    )[cols]
-
-
-def peaks_table(
-    qc_tsv: str | os.PathLike,
-    zmap_path_for: Callable[[int], Path],
-    qc_json_for: Callable[[int], Path],
-    cfg: dict,
-    out_tsv: str | os.PathLike,
-    log: logging.Logger | None = None,
-) -> Any:
-    """Extract the peaks of every included map of an analysis and write ``peaks.tsv``.
-
-    Parameters
-    ----------
-    qc_tsv : path-like
-        The analysis' ``qc.tsv`` (rows with status ``included`` are used, in file order).
-    zmap_path_for, qc_json_for : callable
-        ``image_id -> Path`` of the image's template-grid ``zmap.nii.gz`` / its ``qc.json``
-        (whose ``n`` is the sample size, contract C3).
-    cfg : dict
-        The analysis' ``cbma`` block.
-    out_tsv : path-like
-        ``results/analyses/{a}/cbma/peaks.tsv`` (columns :data:`PEAK_COLUMNS`).
-    log : logging.Logger, optional
-        Defaults to the module logger.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The table written.
-    """
-    import nilearn.reporting  # noqa: F401 - imported before the heap is frozen (see _frozen_gc)
-    import pandas as pd
-
-    from nvmeta.images.download import remove_stale_temps
-
-    remove_stale_temps(out_tsv)  # temporaries of a killed earlier attempt
-    log = log or logger
-    rows = read_included(qc_tsv)
-    parts = []
-    no_peaks = []
-    t0 = time.perf_counter()
-    with _frozen_gc():
-        for row in rows.itertuples(index=False):
-            image_id = int(row.image_id)
-            qc = read_json(qc_json_for(image_id))
-            n = qc.get("n")
-            peaks = extract_peaks(nib.load(zmap_path_for(image_id)), cfg)
-            if peaks.empty:
-                no_peaks.append(image_id)
-                continue
-            peaks.insert(0, "collection_id", row.collection_id)
-            peaks.insert(0, "image_id", image_id)
-            peaks["sample_size"] = n
-            parts.append(peaks)
-    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PEAK_COLUMNS)
-    table = table[PEAK_COLUMNS]
-    table["collection_id"] = table["collection_id"].astype("Int64")
-    table["sample_size"] = pd.to_numeric(table["sample_size"], errors="coerce").astype("Int64")
-    seconds = time.perf_counter() - t0
-    log.info(
-        "peaks: %d peaks (%d positive, %d negative) from %d maps in %.2f s (%.1f ms per map)",
-        len(table),
-        int((table["sign"] == "positive").sum()),
-        int((table["sign"] == "negative").sum()),
-        len(rows),
-        seconds,
-        1000 * seconds / max(len(rows), 1),
-    )
-    if no_peaks:
-        log.warning(
-            "peaks: %d map(s) have no cluster of >= %d voxels with |z| >= %s, so no peak "
-            "(they cannot enter the CBMA): %s",
-            len(no_peaks),
-            cfg["min_cluster_voxels"],
-            cfg["peak_threshold"],
-            no_peaks,
-        )
-    write_tsv(out_tsv, table)
-    return table
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,27 +1,32 @@
 """Per-analysis QC table and funnel: which images are used, which are left out and why.
 
 :func:`build_qc` reads the selection (``selection.tsv``) and, for each image, its ``metadata.json`` (download) and
-``qc.json`` (per-image job), then applies the analysis-level rules, in this order, to the images still included:
+``qc.json`` (per-image job), then applies the analysis-level rules, in this order, to the images still included
+(README, "QC rules", gives each rule's reference):
 
-1. coverage < ``qc.min_coverage`` (default 0.5)       -> ``"low coverage: 0.31 < 0.5"``
-2. max |z| < ``qc.min_max_abs_z`` (default 1.96)      -> ``"max |z| < 1.96 (probably not a t/z map)"``
-3. max |z| > ``qc.max_abs_z`` (default 50)            -> ``"max |z| > 50"``
-4. duplicates and sign-flipped copies: Pearson r on the voxels both maps have data in; when
+1. not a task contrast, by name or file name (``qc.exclude_names``, ``qc.exclude_files``), or a single-subject
+   map labelled group (``qc.exclude_single_subject``), :mod:`nvmeta.images.record_rules`
+                                                      -> ``'not a task contrast: name matches qc.exclude_names.ppi ("PPI")'``
+2. coverage < ``qc.min_coverage`` (default 0.4)       -> ``"low coverage: 0.31 < 0.4"``
+3. max |z| < ``qc.min_max_abs_z`` (default 1.96)      -> ``"max |z| < 1.96 (probably not a t/z map)"``
+4. max |z| > ``qc.max_abs_z`` (default 50)            -> ``"max |z| > 50"``
+5. duplicates and sign-flipped copies: Pearson r on the voxels both maps have data in; when
    ``|r| > qc.duplicate_r`` (default 0.99) the map that comes first in selection order is kept and the other is
    excluded: ``"duplicate of image 12 (r=0.999)"`` or ``"sign-flipped copy of image 12 (r=-0.999)"``. Maps are
-   compared with the maps kept so far only, and need at least ``MIN_SHARED_VOXELS`` shared voxels.
+   compared with the maps kept so far only, and need at least ``MIN_SHARED_VOXELS`` shared voxels. Of a
+   sign-flipped pair, the map that correlates better with the consensus is kept instead.
+6. inverted contrasts and outlier maps, from each map's correlation with the consensus of the maps left
+   (:mod:`nvmeta.images.consensus`; ``qc.inverted`` and ``qc.outliers``: flag, by default, or exclude).
+   The consensus is computed from the maps the duplicate search reads, in the same pass.
 
-Soft warnings go to the ``flags`` column (``"; "``-separated) and do not exclude.
+Soft warnings go to the ``flags`` column (``"; "``-separated) and do not exclude; inverted contrasts and outliers
+are flags unless configured to exclude. ``consensus_r`` is each map's r with the consensus.
 
 The funnel has one row per stage, ``selected -> downloaded -> converted -> passed QC``: ``count`` images reach the
-stage, ``excluded_here`` are lost at it and ``reasons`` breaks those down (``"2 × download failed: ...; 1 × ..."``).
+stage, ``excluded_here`` are lost at it and ``reasons`` breaks those down (``"2 × download failed: ...; 1 × ..."``);
+on the last row ``flagged`` counts the included maps with a flag and ``flags`` breaks the flags down.
 
-Duplicate search cost (:func:`find_duplicates`): every map is read once. Up to 64 maps all pairs are computed
-exactly (shared-voxel sums from chunked matrix products of the data and validity matrices). Above, all pairs are
-screened on a fixed, evenly spaced subsample of 2,000 mask voxels and only pairs with
-``|r_sub| > duplicate_r - 0.05`` are checked exactly on all voxels: the pairwise cost falls ~110x on the MNI 2 mm
-mask. Maps are held in memory when ``k x v`` float32 fit in ``memory_bytes`` (default 2 GB, about 2,000 maps);
-above, only the subsample is held (10,000 maps: 80 MB) and candidate pairs are re-read.
+The duplicate search and its cost: :mod:`nvmeta.images.duplicates`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nvmeta.images.consensus import CONSENSUS_BYTES, ConsensusSample, assess
+from nvmeta.images.duplicates import (  # noqa: F401 - re-exported: the QC rule and tests name them here
+    DUPLICATE_SEARCH_BYTES,
+    MIN_SHARED_VOXELS,
+    _exact_pair,
+    _pairwise_r,
+    find_duplicates,
+)
+from nvmeta.images.record_rules import record_reason
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +71,10 @@ QC_COLUMNS = [
     "max_abs_z",
     "z_min",
     "z_max",
+    "consensus_r",
 ]
-FUNNEL_COLUMNS = ["stage", "count", "excluded_here", "reasons"]
+FUNNEL_COLUMNS = ["stage", "count", "excluded_here", "reasons", "flagged", "flags"]
 STAGES = ["selected", "downloaded", "converted", "passed QC"]
-#: Pairs of maps sharing fewer voxels than this are never called duplicates.
-MIN_SHARED_VOXELS = 100
 #: Soft-warning thresholds (flags only).
 FLAG_LOW_COVERAGE = 0.8
 FLAG_HIGH_Z = 30.0
@@ -92,8 +106,12 @@ def reason_key(reason: str | None) -> str:
     """Group exclusion reasons for the funnel: drop image-specific numbers (coverage value, image id, r)."""
     if not reason:
         return ""
+    if reason.startswith("not a task contrast"):  # drop the quoted name
+        return reason.split(' ("', 1)[0]
     for prefix in (
         "low coverage",
+        "inverted contrast",
+        "outlier",
         "duplicate of image",
         "sign-flipped copy of image",
         "too many volumes",
@@ -107,188 +125,22 @@ def reason_key(reason: str | None) -> str:
     return reason
 
 
-def _reasons_summary(reasons: Iterable[str]) -> str:
-    counts = Counter(reason_key(r) for r in reasons)
+def _summary(keys: Iterable[str]) -> str:
+    counts = Counter(keys)
     return "; ".join(f"{n} × {key}" for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Duplicates
-# --------------------------------------------------------------------------------------------------------------
+def _reasons_summary(reasons: Iterable[str]) -> str:
+    return _summary(reason_key(r) for r in reasons)
 
 
-def _standardise(x: np.ndarray) -> np.ndarray:
-    """Centre and scale a masked vector over its finite entries (Pearson r on any subset is unchanged).
-
-    float32 arithmetic with float64 accumulation of the mean and standard deviation.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    ok = np.isfinite(x)
-    vals = x[ok]
-    if vals.size < 2:
-        return x.copy()
-    mu = vals.mean(dtype=np.float64)
-    sd = vals.std(dtype=np.float64)
-    out = x - np.float32(mu)
-    if sd > 0:
-        out *= np.float32(1.0 / sd)
-    return out
+def flag_key(flag: str) -> str:
+    """Group flags for the funnel: the text before the first colon (``"outlier: r = 0.05 ..."`` -> ``"outlier"``)."""
+    return flag.split(":", 1)[0]
 
 
-def _pairwise_r(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pearson r between rows of ``a`` and rows of ``b`` on shared finite entries, and the shared counts.
-
-    ``a``: (p, v), ``b``: (q, v) float32 with NaN = no data. Returns (r, n) of shape (p, q), r NaN where
-    undefined. Uses four matrix products: n = Va Vbᵀ, Sx = Xa Vbᵀ, Sy = Va Xbᵀ, Sxy = Xa Xbᵀ,
-    Sxx = Xa² Vbᵀ, Syy = Va Xb²ᵀ (X = data with NaN -> 0, V = validity).
-    """
-    va = np.isfinite(a)
-    vb = np.isfinite(b)
-    xa = np.where(va, a, 0).astype(np.float32)
-    xb = np.where(vb, b, 0).astype(np.float32)
-    fa = va.astype(np.float32)
-    fb = vb.astype(np.float32)
-    n = (fa @ fb.T).astype(np.float64)
-    sx = (xa @ fb.T).astype(np.float64)
-    sy = (fa @ xb.T).astype(np.float64)
-    sxy = (xa @ xb.T).astype(np.float64)
-    sxx = ((xa * xa) @ fb.T).astype(np.float64)
-    syy = (fa @ (xb * xb).T).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cov = n * sxy - sx * sy
-        var_x = n * sxx - sx * sx
-        var_y = n * syy - sy * sy
-        r = cov / np.sqrt(var_x * var_y)
-    r[(n < 2) | ~(var_x > 0) | ~(var_y > 0)] = np.nan
-    return np.clip(r, -1.0, 1.0), n
-
-
-def _exact_pair(x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-    ok = np.isfinite(x) & np.isfinite(y)
-    n = int(ok.sum())
-    if n < 2:
-        return float("nan"), n
-    xs = x[ok].astype(np.float64)
-    ys = y[ok].astype(np.float64)
-    xs -= xs.mean()
-    ys -= ys.mean()
-    den = math.sqrt(float(xs @ xs) * float(ys @ ys))
-    return (float(xs @ ys) / den if den > 0 else float("nan")), n
-
-
-#: Memory the duplicate search may use to hold every map (float32); with more maps it holds a
-#: 2,000-voxel subsample and re-reads candidates. The QC rule's ``mem_mb`` is bounded by it.
-DUPLICATE_SEARCH_BYTES = 2_000_000_000
-
-
-def find_duplicates(
-    load: Callable[[int], np.ndarray],
-    k: int,
-    threshold: float = 0.99,
-    min_shared: int = MIN_SHARED_VOXELS,
-    memory_bytes: int = DUPLICATE_SEARCH_BYTES,
-    chunk: int = 256,
-    screen_voxels: int = 2_000,
-    screen_margin: float = 0.05,
-    exact_max_maps: int = 64,
-) -> dict[int, tuple[int, float]]:
-    """Find near-duplicate and sign-flipped maps among ``k`` maps, keeping the first in order.
-
-    Up to ``exact_max_maps`` maps (or maps of at most ``screen_voxels`` voxels), every pair's Pearson r on its
-    shared voxels is computed exactly by chunked matrix products. Above, all pairs are screened on a fixed,
-    evenly spaced subsample of ``screen_voxels`` voxels (the same shared-voxel r, ~110x fewer voxels on the MNI
-    2 mm mask), and only pairs with ``|r_sub| > threshold - screen_margin`` are checked exactly on all voxels.
-    At r near 0.99 the subsample's standard error is ~(1 - r^2) / sqrt(2000) = 4.5e-4, so the 0.05 margin is
-    ~110 standard errors: a true duplicate is not missed unless its maps share only a few hundred voxels.
-    The decision on every reported pair is the exact one.
-
-    Parameters
-    ----------
-    load : callable
-        ``load(i)`` returns map ``i`` as a 1-D float32 vector over the template mask voxels (NaN = no data);
-        every map has the same length. Called once per map, plus twice per candidate pair when the maps do
-        not fit in ``memory_bytes``.
-    k : int
-        Number of maps, in selection order.
-    threshold : float
-        ``|r| > threshold`` on shared voxels makes a pair duplicates.
-    min_shared : int
-        Minimum number of shared voxels for a pair to be compared.
-    memory_bytes : int
-        Budget for holding all maps (float32); above it only the subsample is held and candidates are re-read.
-    chunk : int
-        Rows per block of the pairwise products.
-    screen_voxels, screen_margin : int, float
-        Subsample size and threshold margin of the screening.
-    exact_max_maps : int
-        Up to this many maps, all pairs are computed exactly on all voxels (no screening).
-
-    Returns
-    -------
-    dict
-        ``{j: (i, r)}``: map ``j`` is excluded as a copy of the earlier kept map ``i`` with correlation ``r``.
-    """
-    if k < 2:
-        return {}
-    first = _standardise(load(0))
-    v = first.size
-    hold = k * v * 4 <= memory_bytes
-    screen = v > screen_voxels and (k > exact_max_maps or not hold)
-    hold = hold or not screen  # (not screening means v <= screen_voxels: small enough to hold)
-    data = None
-    if screen:
-        idx = np.unique(np.linspace(0, v - 1, screen_voxels).round().astype(np.int64))
-        screen_min_shared = max(2, int(min_shared * idx.size / v))
-    if hold:
-        data = np.empty((k, v), dtype=np.float32)
-        data[0] = first
-        for i in range(1, k):
-            data[i] = _standardise(load(i))
-        sub = data[:, idx] if screen else data
-    else:
-        sub = np.empty((k, idx.size), dtype=np.float32)
-        sub[0] = first[idx]
-        for i in range(1, k):
-            sub[i] = _standardise(load(i))[idx]
-    del first
-
-    # candidate pairs (i < j), computed by row blocks against all earlier rows
-    pairs: dict[int, list[tuple[int, float]]] = {}
-    for start in range(1, k, chunk):
-        stop = min(k, start + chunk)
-        r, n = _pairwise_r(sub[start:stop], sub[:stop])
-        for jj in range(stop - start):
-            j = start + jj
-            rj = r[jj, :j]
-            nj = n[jj, :j]
-            if screen:
-                hit = np.flatnonzero((np.abs(rj) > threshold - screen_margin) & (nj >= screen_min_shared))
-            else:
-                hit = np.flatnonzero((np.abs(rj) > threshold) & (nj >= min_shared))
-            if hit.size:
-                pairs[j] = [(int(i), float(rj[i])) for i in hit]
-
-    out: dict[int, tuple[int, float]] = {}
-    cache: dict[int, np.ndarray] = {}
-
-    def full(m: int) -> np.ndarray:
-        if data is not None:
-            return data[m]
-        if m not in cache:
-            cache[m] = load(m)
-        return cache[m]
-
-    for j in sorted(pairs):
-        for i, r_ij in pairs[j]:
-            if i in out:  # only compare with maps that are kept
-                continue
-            if screen:
-                r_ij, n_ij = _exact_pair(full(i), full(j))
-                if not (abs(r_ij) > threshold and n_ij >= min_shared):
-                    continue
-            out[j] = (i, r_ij)
-            break
-    return out
+def _flags_summary(flags: Iterable[str]) -> str:
+    return _summary(flag_key(f) for f in flags)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,6 +180,59 @@ def _empty(x: Any) -> Any:
     return x
 
 
+def _image_row(rec: dict, d: Path, cfg: Mapping[str, Any], log: logging.Logger) -> tuple[dict, str | None]:
+    """One selection row's QC row and the funnel stage it is lost at (None: still included).
+
+    The per-image outcome (download, conversion) first, then the record rules (name, file name,
+    single subject), then coverage and the z range.
+    """
+    image_id = int(float(rec["image_id"]))
+    row: dict[str, Any] = {c: None for c in QC_COLUMNS}
+    row.update(
+        image_id=image_id,
+        collection_id=_int(rec.get("collection_id")),
+        name=_empty(rec.get("name")),
+        contrast_definition=_empty(rec.get("contrast_definition")),
+        number_of_subjects=_int(rec.get("number_of_subjects")),
+    )
+    meta = _read_json(d / "metadata.json")
+    nv = (meta or {}).get("nvmeta") or {}
+    qc = _read_json(d / "qc.json")
+    if qc is not None:  # the one resolved sample size (contract C3), not the record's
+        row.update(n=_int(qc.get("n")), n_source=qc.get("n_source"))
+    if meta is None or nv.get("status") != "ok":
+        if meta is None:
+            reason = "download failed: metadata.json missing"
+        else:
+            reason = (qc or {}).get("reason") or f"download failed: {nv.get('reason') or 'unknown reason'}"
+        row.update(status="excluded", reason=reason)
+        return row, "downloaded"
+    if qc is None:
+        reason = "not converted: qc.json missing"
+        log.warning("image %s: %s", image_id, reason)
+        row.update(status="excluded", reason=reason)
+        return row, "converted"
+    for key in ("df", "df_source", "coverage", "max_abs_z", "z_min", "z_max"):
+        row[key] = qc.get(key)
+    if row["collection_id"] is None:
+        row["collection_id"] = _int(qc.get("collection_id"))
+    if qc.get("status") != "included":
+        row.update(status="excluded", reason=qc.get("reason") or "excluded (no reason given)")
+        return row, "converted"
+    reason = record_reason(rec, cfg)
+    cov, mz = _num(qc.get("coverage")), _num(qc.get("max_abs_z"))
+    if reason is not None:
+        pass
+    elif cov is None or cov < cfg["min_coverage"]:
+        reason = f"low coverage: {_fmt(cov or 0.0)} < {_fmt(cfg['min_coverage'])}"
+    elif mz is None or mz < cfg["min_max_abs_z"]:
+        reason = f"max |z| < {_fmt(cfg['min_max_abs_z'])} (probably not a t/z map)"
+    elif mz > cfg["max_abs_z"]:
+        reason = f"max |z| > {_fmt(cfg['max_abs_z'])}"
+    row.update(status="excluded" if reason else "included", reason=reason)
+    return row, ("passed QC" if reason else None)
+
+
 def build_qc(
     selection_tsv: str | os.PathLike,
     image_dir_for: Callable[[int], Path],
@@ -335,6 +240,7 @@ def build_qc(
     logger: logging.Logger | None = None,
     mask_img: Any = None,
     memory_bytes: int = DUPLICATE_SEARCH_BYTES,
+    consensus_bytes: int = CONSENSUS_BYTES,
 ):
     """Build the per-analysis QC table and funnel.
 
@@ -354,12 +260,16 @@ def build_qc(
         Template mask used to vectorise the z-maps for the duplicate search; by default the voxels where any
         included map has data (same result: voxels outside the mask are NaN in every z-map).
     memory_bytes : int
-        Memory budget of the duplicate search (see module docstring).
+        Memory budget of the duplicate search (:mod:`nvmeta.images.duplicates`).
+    consensus_bytes : int
+        Memory budget of the consensus' voxel subsample (:class:`nvmeta.images.consensus.ConsensusSample`).
 
     Returns
     -------
     qc_df : pandas.DataFrame
         One row per selected image in selection order, columns :data:`QC_COLUMNS`.
+        ``qc_df.attrs["consensus"]`` describes the consensus (:func:`nvmeta.images.consensus.assess`'s
+        ``info``, or why it was not computed).
     funnel_df : pandas.DataFrame
         Columns :data:`FUNNEL_COLUMNS`, one row per stage in :data:`STAGES`.
     """
@@ -375,103 +285,180 @@ def build_qc(
     rows: list[dict] = []
     stage_lost: dict[str, list[str]] = {s: [] for s in STAGES[1:]}
     for rec in sel.to_dict("records"):
-        image_id = int(float(rec["image_id"]))
-        d = Path(image_dir_for(image_id))
-        row: dict[str, Any] = {c: None for c in QC_COLUMNS}
-        row.update(
-            image_id=image_id,
-            collection_id=_int(rec.get("collection_id")),
-            name=_empty(rec.get("name")),
-            contrast_definition=_empty(rec.get("contrast_definition")),
-            number_of_subjects=_int(rec.get("number_of_subjects")),
-        )
-        meta = _read_json(d / "metadata.json")
-        nv = (meta or {}).get("nvmeta") or {}
-        qc = _read_json(d / "qc.json")
-        if qc is not None:  # the one resolved sample size (contract C3), not the record's
-            row.update(n=_int(qc.get("n")), n_source=qc.get("n_source"))
-        if meta is None or nv.get("status") != "ok":
-            if meta is None:
-                reason = "download failed: metadata.json missing"
-            else:
-                reason = (qc or {}).get(
-                    "reason"
-                ) or f"download failed: {nv.get('reason') or 'unknown reason'}"
-            row.update(status="excluded", reason=reason)
-            stage_lost["downloaded"].append(reason)
-            rows.append(row)
-            continue
-        if qc is None:
-            reason = "not converted: qc.json missing"
-            log.warning("image %s: %s", image_id, reason)
-            row.update(status="excluded", reason=reason)
-            stage_lost["converted"].append(reason)
-            rows.append(row)
-            continue
-        for key in ("df", "df_source", "coverage", "max_abs_z", "z_min", "z_max"):
-            row[key] = qc.get(key)
-        if row["collection_id"] is None:
-            row["collection_id"] = _int(qc.get("collection_id"))
-        if qc.get("status") != "included":
-            reason = qc.get("reason") or "excluded (no reason given)"
-            row.update(status="excluded", reason=reason)
-            stage_lost["converted"].append(reason)
-            rows.append(row)
-            continue
-        reason = None
-        cov, mz = _num(qc.get("coverage")), _num(qc.get("max_abs_z"))
-        if cov is None or cov < cfg["min_coverage"]:
-            reason = f"low coverage: {_fmt(cov or 0.0)} < {_fmt(cfg['min_coverage'])}"
-        elif mz is None or mz < cfg["min_max_abs_z"]:
-            reason = f"max |z| < {_fmt(cfg['min_max_abs_z'])} (probably not a t/z map)"
-        elif mz > cfg["max_abs_z"]:
-            reason = f"max |z| > {_fmt(cfg['max_abs_z'])}"
-        row.update(status="excluded" if reason else "included", reason=reason)
-        if reason:
-            stage_lost["passed QC"].append(reason)
+        row, stage = _image_row(rec, Path(image_dir_for(int(float(rec["image_id"])))), cfg, log)
+        if stage is not None:
+            stage_lost[stage].append(row["reason"])
         rows.append(row)
 
-    # duplicates among the maps still included
-    kept = [i for i, r in enumerate(rows) if r["status"] == "included"]
-    if len(kept) >= 2:
-        log.info("duplicate search over %d maps (|r| > %s)", len(kept), cfg["duplicate_r"])
-        vox = _vector_index(mask_img, [image_dir_for(rows[i]["image_id"]) for i in kept])
+    consensus = _map_rules(
+        rows, image_dir_for, cfg, mask_img, (memory_bytes, consensus_bytes), stage_lost["passed QC"], log
+    )
 
-        def load(m: int) -> np.ndarray:
-            return _load_vector(Path(image_dir_for(rows[kept[m]]["image_id"])) / "zmap.nii.gz", vox)
-
-        dups = find_duplicates(
-            load, len(kept), threshold=float(cfg["duplicate_r"]), memory_bytes=memory_bytes
-        )
-        for j, (i, r) in sorted(dups.items()):
-            row, other = rows[kept[j]], rows[kept[i]]
-            kind = "sign-flipped copy" if r < 0 else "duplicate"
-            reason = f"{kind} of image {other['image_id']} (r={r:.3f})"
-            row.update(status="excluded", reason=reason)
-            stage_lost["passed QC"].append(reason)
-            log.info("image %s: %s", row["image_id"], reason)
-
+    flagged = []
     for row in rows:
-        row["flags"] = "; ".join(_flags(row, cfg)) if row["status"] == "included" else None
-        for key in ("coverage", "max_abs_z", "z_min", "z_max", "df"):
+        extra = row.pop("_flags", [])
+        flags = _flags(row, cfg) + extra if row["status"] == "included" else []
+        row["flags"] = "; ".join(flags) if row["status"] == "included" else None
+        flagged.extend(flags)
+        for key in ("coverage", "max_abs_z", "z_min", "z_max", "df", "consensus_r"):
             row[key] = _num(row[key])
 
     qc_df = pd.DataFrame(rows, columns=QC_COLUMNS)
     for col in ("image_id", "collection_id", "number_of_subjects", "n"):
         qc_df[col] = qc_df[col].astype("Int64")
+    qc_df.attrs["consensus"] = consensus
 
     count = len(rows)
-    funnel = [{"stage": "selected", "count": count, "excluded_here": 0, "reasons": ""}]
+    funnel = [
+        {"stage": "selected", "count": count, "excluded_here": 0, "reasons": "", "flagged": 0, "flags": ""}
+    ]
     for stage in STAGES[1:]:
         lost = stage_lost[stage]
         count -= len(lost)
+        last = stage == STAGES[-1]
         funnel.append(
-            {"stage": stage, "count": count, "excluded_here": len(lost), "reasons": _reasons_summary(lost)}
+            {
+                "stage": stage,
+                "count": count,
+                "excluded_here": len(lost),
+                "reasons": _reasons_summary(lost),
+                "flagged": int(qc_df["flags"].fillna("").astype(bool).sum()) if last else 0,
+                "flags": _flags_summary(flagged) if last else "",
+            }
         )
     funnel_df = pd.DataFrame(funnel, columns=FUNNEL_COLUMNS)
     n_inc = int((qc_df["status"] == "included").sum())
     log.info("QC: %d selected, %d included", len(rows), n_inc)
     return qc_df, funnel_df
+
+
+def _map_rules(
+    rows: list[dict],
+    image_dir_for: Callable[[int], Path],
+    cfg: Mapping[str, Any],
+    mask_img: Any,
+    budgets: tuple[int, int],
+    lost: list[str],
+    log: logging.Logger,
+) -> dict:
+    """The rules that read the maps, in one pass: duplicates, then the consensus rules.
+
+    Updates ``rows`` in place (status, reason, ``consensus_r``, ``_flags``) and appends the
+    reasons of the maps it excludes to ``lost``; returns the consensus description.
+    """
+    kept = [i for i, r in enumerate(rows) if r["status"] == "included"]
+    wanted = cfg["inverted"] != "off" or cfg["outliers"] != "off"
+    if len(kept) < 2:
+        return _not_computed(len(kept), cfg, wanted)
+    log.info("duplicate search over %d maps (|r| > %s)", len(kept), cfg["duplicate_r"])
+    vox = _vector_index(mask_img, [image_dir_for(rows[i]["image_id"]) for i in kept])
+    memory_bytes, consensus_bytes = budgets
+    enough = wanted and len(kept) >= cfg["consensus_min_maps"]
+    sample = ConsensusSample(len(kept), vox.size, consensus_bytes) if enough else None
+
+    def load(m: int) -> np.ndarray:
+        x = _load_vector(Path(image_dir_for(rows[kept[m]]["image_id"])) / "zmap.nii.gz", vox)
+        if sample is not None:
+            sample.store(m, x)
+        return x
+
+    dups = find_duplicates(load, len(kept), threshold=float(cfg["duplicate_r"]), memory_bytes=memory_bytes)
+    cons = None
+    agreeing: set[int] = set()
+    # with qc.inverted off an anticorrelated map is judged by the outlier fences like any other
+    inverted_r = float(cfg["inverted_r"]) if cfg["inverted"] != "off" else -math.inf
+    members = np.array([m not in dups for m in range(len(kept))], dtype=bool)
+    if sample is not None and members.sum() >= cfg["consensus_min_maps"]:
+        cons = assess(sample.data, members, inverted_r, float(cfg["outlier_iqr"]))
+        dups, agreeing = _resolve_flipped(dups, cons.r, load, log, rows, kept)
+        if agreeing:  # the consensus of the maps now kept
+            members = np.array([m not in dups for m in range(len(kept))], dtype=bool)
+            cons = assess(sample.data, members, inverted_r, float(cfg["outlier_iqr"]))
+    for j, (i, r) in sorted(dups.items()):
+        row, other = rows[kept[j]], rows[kept[i]]
+        kind = "sign-flipped copy" if r < 0 else "duplicate"
+        reason = f"{kind} of image {other['image_id']} (r={r:.3f})"
+        if i in agreeing:
+            reason += ", which agrees with the consensus"
+        row.update(status="excluded", reason=reason)
+        lost.append(reason)
+        log.info("image %s: %s", row["image_id"], reason)
+    if cons is None:
+        return _not_computed(int(members.sum()), cfg, wanted)
+    _apply_consensus(cons, [rows[i] for i in kept], cfg, lost, log)
+    return cons.info
+
+
+def _not_computed(k: int, cfg: Mapping[str, Any], wanted: bool) -> dict:
+    if not wanted:
+        why = "qc.inverted and qc.outliers are off"
+    else:
+        why = f"{k} maps after the duplicate search < qc.consensus_min_maps = {cfg['consensus_min_maps']}"
+    return {"status": "not computed", "reason": why, "n_maps": k}
+
+
+def _resolve_flipped(dups, r_cons, load, log, rows, kept):
+    """Of each group of copies that holds sign-flipped ones, keep the copy that agrees with the consensus.
+
+    The duplicate search keeps the first map of a group; when a sign-flipped copy correlates better
+    with the consensus than that first map (the OHBM 2025 tutorial's rule for inverted pairs), it is
+    kept instead and the others are re-pointed at it with their exact r. Returns the new ``dups``
+    and the set of maps kept this way.
+    """
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for j, (i, r) in dups.items():
+        groups.setdefault(i, []).append((j, r))
+    out = dict(dups)
+    agreeing: set[int] = set()
+    for i, copies in groups.items():
+        flipped = [j for j, r in copies if r < 0 and np.isfinite(r_cons[j])]
+        if not flipped or not np.isfinite(r_cons[i]):
+            continue
+        best = max(flipped, key=lambda j: r_cons[j])
+        if r_cons[best] <= r_cons[i]:
+            continue
+        del out[best]
+        agreeing.add(best)
+        keeper = load(best)
+        for m in [i] + [j for j, _ in copies if j != best]:
+            r, _ = _exact_pair(keeper, load(m))
+            out[m] = (best, r)
+        log.info(
+            "image %s is kept instead of its sign-flipped copy image %s: r with the consensus %.3f vs %.3f",
+            rows[kept[best]]["image_id"], rows[kept[i]]["image_id"], r_cons[best], r_cons[i],
+        )  # fmt: skip
+    return out, agreeing
+
+
+def _apply_consensus(cons: Any, kept_rows: list[dict], cfg: Mapping[str, Any], lost: list[str], log) -> None:
+    """Record each map's r with the consensus; flag or exclude inverted contrasts and outliers."""
+    lower = cons.info["lower_fence"]
+    for m, row in enumerate(kept_rows):
+        r = float(cons.r[m])
+        row["consensus_r"] = r if math.isfinite(r) else None
+        if row["status"] != "included":
+            continue
+        if cons.inverted[m]:
+            text = f"inverted contrast: r = {r:.2f} with the consensus < qc.inverted_r = {_fmt(cfg['inverted_r'])}"
+            action = cfg["inverted"]
+        elif cons.outlier[m]:
+            text = f"outlier: r = {r:.2f} with the consensus < lower IQR fence {lower:.2f}"
+            action = cfg["outliers"]
+        else:
+            continue
+        if action == "exclude":
+            row.update(status="excluded", reason=text)
+            lost.append(text)
+        elif action == "flag":
+            row.setdefault("_flags", []).append(text)
+        else:
+            continue
+        log.info("image %s: %s (%s)", row["image_id"], text, "excluded" if action == "exclude" else "flagged")
+    info = cons.info
+    log.info(
+        "consensus of %d maps on %d voxels (%d signal voxels): %d inverted, %d outliers (lower fence %.3f)",
+        info["n_maps"], info["n_voxels"], info["n_signal_voxels"], info["n_inverted"], info["n_outliers"], lower,
+    )  # fmt: skip
 
 
 def _int(x: Any) -> int | None:
@@ -506,11 +493,22 @@ def write_qc(
     funnel_tsv: str | os.PathLike,
     logger: logging.Logger | None = None,
     mask_img: Any = None,
+    consensus_json: str | os.PathLike | None = None,
 ):
-    """Build (:func:`build_qc`) and write ``qc.tsv`` and ``funnel.tsv`` atomically; return both tables."""
-    from nvmeta.io import write_tsv
+    """Build (:func:`build_qc`) and write ``qc.tsv``, ``funnel.tsv`` (and ``consensus.json``) atomically.
+
+    Returns both tables.
+    """
+    from nvmeta.io import write_json, write_tsv
 
     qc_df, funnel_df = build_qc(selection_tsv, image_dir_for, qc_cfg, logger=logger, mask_img=mask_img)
     write_tsv(qc_tsv, qc_df)
     write_tsv(funnel_tsv, funnel_df)
+    if consensus_json is not None:
+        write_json(consensus_json, _json_ready(qc_df.attrs.get("consensus", {})))
     return qc_df, funnel_df
+
+
+def _json_ready(info: Mapping[str, Any]) -> dict:
+    """NaN -> None (strict JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in info.items()}

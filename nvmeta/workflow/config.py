@@ -204,6 +204,9 @@ def check_config(
         problems.extend(_check_analysis(name, analysis))
     problems.extend(_check_overrides(config["conversion"]))
     problems.extend(_check_decoding(config))
+    from nvmeta.images.record_rules import pattern_problems
+
+    problems.extend(pattern_problems(config["qc"]))
     problems.extend(_check_paths(config, Path(basedir)))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

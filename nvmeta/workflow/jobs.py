@@ -79,6 +79,7 @@ def qc_job(analysis: str, input: Any, output: Any, log: Any, qc_cfg: dict) -> No
             output.funnel,
             logger=logger,
             mask_img=load_mask(os.fspath(input.mask)),
+            consensus_json=output.consensus,
         )
 
 

@@ -4,7 +4,15 @@
 
 CBMA_METHODS = ["ale", "mkda", "kda"]
 # Keys of the cbma block the peak extraction depends on (changing n_iters keeps the peaks).
-CBMA_PEAK_KEYS = ["peak_threshold", "peak_distance", "min_cluster_voxels"]
+CBMA_PEAK_KEYS = [
+    "peaks_from",
+    "peak_correction",
+    "peak_alpha",
+    "peak_threshold",
+    "peak_distance",
+    "max_peaks_per_cluster",
+    "min_cluster_voxels",
+]
 # NiMARE's FWE map names (nvmeta.cbma.FWE_MAPS) and the uncorrected maps written next to them.
 CBMA_MAPS = [
     "z",
@@ -29,13 +37,14 @@ rule cbma_peaks:
         zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
         qcjson=per_image(f"{RESULTS}/images/{{image_id}}/qc.json"),
     output:
-        report(
+        peaks=report(
             f"{ANALYSIS}/cbma/peaks.tsv",
             caption="../report/cbma_peaks.rst",
             category="{analysis}",
             subcategory="IBMA vs CBMA",
             labels={"result": "extracted peaks", "method": "all maps"},
         ),
+        thresholds=f"{ANALYSIS}/cbma/peak_thresholds.tsv",
     log:
         f"{LOGS}/cbma/{{analysis}}_peaks.log",
     conda:
@@ -43,6 +52,7 @@ rule cbma_peaks:
     threads: 1
     resources:
         # one map at a time (~0.2 GB measured); 0.2-6 s per map (real maps vs smooth noise)
+        # plus nilearn's per-map inference
         mem_mb=1500,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 10,
     params:

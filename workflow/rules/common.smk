@@ -304,6 +304,7 @@ def all_outputs(wildcards):
     for analysis, spec in config["analyses"].items():
         d = f"{RESULTS}/analyses/{analysis}"
         out += [f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"]
+        out.append(f"{d}/figures/qc_consensus.png")
         out += [f"{d}/overview.html", f"{d}/methods.html", f"{d}/references.bib"]
         if spec["meta"] is not None:
             out += meta_outputs(analysis)

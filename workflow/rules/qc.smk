@@ -1,6 +1,8 @@
-# Per analysis: the QC table (every selected image, included or excluded with its reason)
-# and the funnel (selected -> downloaded -> converted -> passed QC).
+# Per analysis: the QC table (every selected image, included or excluded with its reason),
+# the funnel (selected -> downloaded -> converted -> passed QC), the consensus the inverted and
+# outlier rules compare each map with, and its figure.
 
+from nvmeta.images.consensus import CONSENSUS_BYTES
 from nvmeta.images.qc import DUPLICATE_SEARCH_BYTES
 
 
@@ -25,15 +27,18 @@ rule qc:
             subcategory="Selection and QC",
             labels={"result": "funnel"},
         ),
+        consensus=f"{ANALYSIS}/qc_consensus.json",
     log:
         f"{LOGS}/qc/{{analysis}}.log",
     conda:
         "../../envs/nvmeta.yaml"
     resources:
         # the maps themselves up to the duplicate search's budget (about 2,000 maps), then a
-        # subsample (measured, BENCHMARKS.md issue 12: 2,000 maps 2.0 GB, 5,000 maps 0.36 GB)
+        # subsample (measured, BENCHMARKS.md issue 12: 2,000 maps 2.0 GB, 5,000 maps 0.36 GB),
+        # plus the consensus subsample (about 1 MB per map up to its budget)
         mem_mb=lambda wildcards, input: 1000
         + min(2 * len(input.zmaps), DUPLICATE_SEARCH_BYTES // 2**20 + 600)
+        + min(len(input.zmaps), CONSENSUS_BYTES // 2**20)
         + len(input.zmaps) // 100,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:
@@ -43,3 +48,25 @@ rule qc:
         from nvmeta.workflow.jobs import qc_job
 
         qc_job(wildcards.analysis, input, output, log, params.qc)
+
+
+rule qc_figure:
+    input:
+        qc=f"{ANALYSIS}/qc.tsv",
+        consensus=f"{ANALYSIS}/qc_consensus.json",
+    output:
+        report(
+            f"{ANALYSIS}/figures/qc_consensus.png",
+            caption="../report/qc_consensus.rst",
+            category="{analysis}",
+            subcategory="Selection and QC",
+            labels={"result": "similarity to the consensus"},
+        ),
+    log:
+        f"{LOGS}/qc/{{analysis}}_figure.log",
+    conda:
+        "../../envs/nvmeta.yaml"
+    resources:
+        mem_mb=1000,
+    script:
+        "../../scripts/qc_figure.py"
