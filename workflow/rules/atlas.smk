@@ -67,6 +67,7 @@ rule atlas_qc:
             subcategory="Selection and QC",
             labels={"result": "funnel"},
         ),
+        consensus=f"{ATLAS}/qc_consensus.json",
     log:
         f"{LOGS}/atlas/qc.log",
     conda:
@@ -75,10 +76,13 @@ rule atlas_qc:
         # as rule qc (workflow/rules/qc.smk): the duplicate search's budget, then a subsample
         mem_mb=lambda wildcards, input: 1000
         + min(2 * len(input.zmaps), DUPLICATE_SEARCH_BYTES // 2**20 + 600)
+        + min(len(input.zmaps), CONSENSUS_BYTES // 2**20)
         + len(input.zmaps) // 100,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:
-        qc=config["qc"],
+        # The atlas pools every task: a consensus across tasks says nothing about one map, so the
+        # inverted-contrast and outlier rules (made for one question's maps) are off here.
+        qc={**config["qc"], "inverted": "off", "outliers": "off"},
     run:
         from nvmeta.workflow.jobs import qc_job
 
