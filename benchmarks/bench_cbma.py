@@ -1,9 +1,9 @@
-"""CBMA benchmarks (issue 13), each stage in a fresh subprocess (peak RSS = that stage's).
+"""CBMA benchmarks, each stage in a fresh subprocess (peak RSS = that stage's).
 
 1. Peak extraction per map: ``nvmeta.cbma.extract_peaks`` vs nilearn's ``get_clusters_table``
    called on the full volume (the same peaks; nvmeta calls it once per cluster on the cluster's
    bounding box), on planted maps with smooth noise (many clusters, like real group maps).
-2. CBMA fan-in vs NiMARE by hand on the same peaks: ``nvmeta.cbma.run_cbma`` (whole job:
+2. CBMA fan-in vs NiMARE by hand on the same peaks: ``nvmeta.cbma.estimate.run_cbma`` (whole job:
    Dataset, fit, Monte-Carlo FWE, every map written, cluster table, figure) vs the NiMARE
    tutorial's recipe (Dataset from the peaks, ``fit``, ``FWECorrector.transform``,
    ``save_maps``), timed after imports in both.
@@ -108,10 +108,10 @@ print(json.dumps({{"ok": True}}))
 
 _CBMA_NVMETA = """
 import nimare.correct, nimare.meta.cbma, nilearn.plotting, nilearn.reporting
-from nvmeta import cbma
+from nvmeta.cbma.estimate import run_cbma
 cfg = {{**defaults("cbma"), "n_iters": {iters}, "study": "image"}}
 t0 = time.perf_counter()
-s = cbma.run_cbma({method!r}, work / "peaks_{n}.tsv", mask_img, cfg, work / "nvmeta_{method}_{n}")
+s = run_cbma({method!r}, work / "peaks_{n}.tsv", mask_img, cfg, work / "nvmeta_{method}_{n}")
 dt = time.perf_counter() - t0
 print(json.dumps({{"seconds": dt, "fit": s["seconds_fit"], "fwe": s["seconds_fwe"], "rss_mb": rss_mb()}}))
 """

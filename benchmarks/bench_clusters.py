@@ -1,4 +1,4 @@
-"""Benchmark: the meta job's cluster tables (issue 14) vs nilearn's ``get_clusters_table``.
+"""Benchmark: the meta job's cluster tables vs nilearn's ``get_clusters_table``.
 
 On the demo's 21 pain maps (``bench_meta.prepare_pain``: t → z, MNI152 2 mm mask grid),
 ``nvmeta.meta.run_method("stouffer")`` writes the FDR and Bonferroni maps; then, in one process
@@ -8,7 +8,7 @@ after the imports, with the heap frozen as in the job (``nvmeta.meta.frozen_gc``
 - ``nvmeta``: :func:`nvmeta.meta.outputs.clusters_table` (two-sided, ``meta.min_cluster_voxels``),
   which calls nilearn once per cluster on the cluster's bounding box (:mod:`nvmeta.meta.clusters`);
 - ``nilearn``: ``get_clusters_table`` on the full volume with the same threshold and
-  ``cluster_threshold`` (what the job called before issue 14).
+  ``cluster_threshold``, the call a job makes on the whole map.
 
 The two tables are checked equal (coordinates, peak values, sizes, order).
 

@@ -15,7 +15,7 @@ collections of ``--collection-size`` images, 50 distinct files of 0.3-2.3 MB reu
   ``--select ids``: explicit ``image_ids``, the same two runs (the query asks for the first id's
   record of each collection, then lists that collection for the others; the downloads reuse the
   records). ``--select ids-downloads``: explicit ``image_ids``, the downloads only (the query is not
-  run, so each download asks for its record, as before issue 12). Snakemake start-up and DAG
+  run, so each download asks for its record). Snakemake start-up and DAG
   building are included.
 - **nilearn**: ``nilearn.datasets.fetch_neurovault_ids(image_ids=ids, data_dir=tmp)`` in this process, with
   ``_NEUROVAULT_BASE_URL`` (and the collections/images URLs derived from it at import) pointed at the

@@ -35,10 +35,12 @@ NVMETA = r"""
 import json, logging, sys, time
 t0 = time.perf_counter()
 from nvmeta.neurovault.dump import DumpSource
-from nvmeta.select.query import select
-cfg = {"image_terms": {"map_type": "T map", "analysis_level": "group", "modality": "fMRI-BOLD"},
-       "max_images": "all"}
-src = DumpSource(sys.argv[1], "https://neurovault.org/media/", cfg["image_terms"].keys())
+from nvmeta.select.query import analysis_selection, select
+from nvmeta.workflow.config import defaults
+cfg = {**analysis_selection({**defaults("analysis"), "image_terms": {"map_type": "T map", "analysis_level": "group",
+                                                                       "modality": "fMRI-BOLD"}}), "max_images": None}
+src = DumpSource(sys.argv[1], "https://neurovault.org/media/", cfg["image_terms"].keys(),
+                 max_field_bytes=defaults("neurovault")["max_dump_field_bytes"])
 t1 = time.perf_counter()
 records, funnel = select(src, cfg, logging.getLogger("bench"))
 t2 = time.perf_counter()

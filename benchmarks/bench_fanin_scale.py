@@ -1,4 +1,4 @@
-"""Fan-ins at scale (issue 12): QC, every meta-analysis method and ICA on 2,000 / 5,000 / 20,000 maps.
+"""Fan-ins at scale: QC, every meta-analysis method and ICA on 2,000 / 5,000 / 20,000 maps.
 
 For each number of maps N and each fan-in, one fresh subprocess runs the fan-in's ``nvmeta``
 function exactly as its rule calls it, with all its outputs (tables, maps, figures), and reports

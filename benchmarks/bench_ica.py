@@ -259,9 +259,10 @@ def pain_convergence(threads: int = 2) -> None:
                 d / "metadata.json",
                 snap / manifest[i],
                 mask_img,
-                {"df": "n-1"},
+                {**defaults("conversion"), "df": "n-1"},
                 d / "z.nii.gz",
                 d / "qc.json",
+                defaults("qc"),
             )
             paths.append(d / "z.nii.gz")
         mask, affine = ica._mask_image(mask_img)

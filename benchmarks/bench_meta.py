@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from nvmeta.testing import demo_pain_maps as pain_maps  # noqa: E402
+from nvmeta.workflow.config import defaults
 
 
 def _rss_mb() -> float:
@@ -241,7 +242,7 @@ def prepare_effect(d: Path, n_maps: int, pool: int, seed: int = 0) -> None:
         z = np.where(mask, t_to_z(t.astype(np.float64), n - 1.0), np.nan).astype(np.float32)
         nib.save(nib.Nifti1Image(z, mask_img.affine), pd_ / "zmap.nii.gz")
         qc = {"n": n, "df": n - 1.0, "image_id": j, "collection_id": j}
-        write_effect_maps(z, qc, {}, {}, mask_img, pd_ / "g.nii.gz", pd_ / "varg.nii.gz")
+        write_effect_maps(z, qc, {}, defaults("conversion"), mask_img, pd_ / "g.nii.gz", pd_ / "varg.nii.gz")
         (pd_ / "qc.json").write_text(json.dumps(qc))
     rows = [
         {

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nvmeta.workflow.config import defaults
+
 SNAPSHOT = Path(__file__).resolve().parents[1] / "tests" / "data" / "snapshot"  # the bundled demo snapshot
 MAPS = {
     "pain_01 (T, 2 mm lattice)": (
@@ -42,8 +44,10 @@ JOB = """
 import sys
 from nvmeta.images.template import load_mask
 from nvmeta.images.zmap import make_zmap
+from nvmeta.workflow.config import defaults
 meta, src, out = sys.argv[1:4]
-make_zmap(meta, src, load_mask("mni152_2mm"), {{"df": "n-2"}}, out + "/zmap.nii.gz", out + "/qc.json")
+make_zmap(meta, src, load_mask("mni152_2mm"), {{**defaults("conversion"), "df": "n-2"}}, out + "/zmap.nii.gz",
+          out + "/qc.json", defaults("qc"))
 """
 
 
@@ -113,13 +117,27 @@ def main() -> None:
             d.mkdir()
             meta = _write_meta(d, fields)
             make_zmap(
-                meta, src, mask, {"df": "n-2"}, d / "zmap.nii.gz", d / "qc.json"
+                meta,
+                src,
+                mask,
+                {**defaults("conversion"), "df": "n-2"},
+                d / "zmap.nii.gz",
+                d / "qc.json",
+                defaults("qc"),
             )  # warm-up (nilearn import)
             inproc, inproc_cpu = [], []
             for _ in range(args.repeat):
                 c0 = time.process_time()
                 t0 = time.perf_counter()
-                qc = make_zmap(meta, src, mask, {"df": "n-2"}, d / "zmap.nii.gz", d / "qc.json")
+                qc = make_zmap(
+                    meta,
+                    src,
+                    mask,
+                    {**defaults("conversion"), "df": "n-2"},
+                    d / "zmap.nii.gz",
+                    d / "qc.json",
+                    defaults("qc"),
+                )
                 inproc.append(time.perf_counter() - t0)
                 inproc_cpu.append(time.process_time() - c0)
             assert qc["status"] == "included", qc

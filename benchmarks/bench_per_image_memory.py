@@ -1,4 +1,4 @@
-"""Peak memory of one z-map job on a map that is small on disk but large decoded (issue 10 item 7).
+"""Peak memory of one z-map job on a map that is small on disk but large decoded.
 
 Builds a gzipped NIfTI whose header says ``SHAPE`` voxels of ``DTYPE`` (a smooth blob of t values in a
 constant field, ``--background``, so every voxel has data yet the file is a few MB), then runs ``make_zmap`` on it in a fresh subprocess
@@ -40,12 +40,11 @@ from nvmeta.images.zmap import make_zmap
 import nvmeta.images.resample, nvmeta.images.stats, scipy.ndimage  # everything a job imports, before the baseline
 meta, src, out, limits, mask_path = sys.argv[1:6]
 mask = load_mask(mask_path)  # as the rule does: the template rule's mask file
+from nvmeta.workflow.config import defaults
 base = hwm()
-args = [meta, src, mask, {"df": "n-2"}, out + "/zmap.nii.gz", out + "/qc.json"]
-if limits != "none":
-    from nvmeta.workflow.config import defaults
-    args.append({**defaults("qc"), **json.loads(limits)})
-qc = make_zmap(*args)
+conversion = {**defaults("conversion"), "df": "n-2"}
+limits = defaults("qc") if limits == "none" else {**defaults("qc"), **json.loads(limits)}
+qc = make_zmap(meta, src, mask, conversion, out + "/zmap.nii.gz", out + "/qc.json", limits)
 peak = hwm()
 print(json.dumps({"baseline_mb": base, "peak_mb": peak, "status": qc["status"], "reason": qc["reason"]}))
 """

@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_snapshot import load_note, make_snapshot, make_workdir, snakemake  # noqa: E402
 
+from nvmeta.workflow.config import defaults
+
 
 def _clean(wf: Path, ids: list[int]) -> None:
     for i in ids:
@@ -48,7 +50,13 @@ def _inprocess(wf: Path, ids: list[int], out: Path) -> float:
     def one(i: int) -> dict:
         d = wf / "results" / "images" / str(i)
         return make_zmap(
-            d / "metadata.json", d / "map.nii.gz", mask, conv, out / f"{i}.nii.gz", out / f"{i}.json"
+            d / "metadata.json",
+            d / "map.nii.gz",
+            mask,
+            {**defaults("conversion"), **conv},
+            out / f"{i}.nii.gz",
+            out / f"{i}.json",
+            defaults("qc"),
         )
 
     one(ids[0])  # warm-up: nilearn import for the first interpolated map, caches

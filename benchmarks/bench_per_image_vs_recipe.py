@@ -114,7 +114,13 @@ def main() -> None:
 
             def nv(d=d, src=src):
                 return make_zmap(
-                    d / "metadata.json", src, mask, conversion, d / "zmap.nii.gz", d / "qc.json", limits
+                    d / "metadata.json",
+                    src,
+                    mask,
+                    {**defaults("conversion"), **conversion},
+                    d / "zmap.nii.gz",
+                    d / "qc.json",
+                    limits,
                 )
 
             qc = nv()  # warm-up (imports, OS cache)

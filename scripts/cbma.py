@@ -3,7 +3,7 @@
 import logging
 from pathlib import Path
 
-from nvmeta.cbma import run_cbma
+from nvmeta.cbma.estimate import run_cbma
 from nvmeta.images.template import load_mask
 from nvmeta.workflow.logs import job_logger
 

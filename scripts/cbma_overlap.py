@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from nvmeta.cbma import overlap
+from nvmeta.cbma.overlap import overlap
 from nvmeta.images.template import load_mask
 from nvmeta.workflow.logs import job_logger
 

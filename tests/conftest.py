@@ -179,7 +179,10 @@ def fixture_server(tiny_snapshot):
 
 def fast_config(url: str, **kw) -> dict:
     """``config["neurovault"]`` with tiny backoff/timeouts for tests."""
+    from nvmeta.workflow.config import defaults
+
     cfg = {
+        **defaults("neurovault"),
         "url": url,
         "mode": "download_new",
         "timeout": 2.0,

@@ -34,3 +34,13 @@ def run_snakemake(
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
     return proc
+
+
+def selection(cfg: dict | None = None, **replace) -> dict:
+    """What the query reads of an analysis block ``cfg`` given in part: completed from the schema's
+    defaults, then :func:`nvmeta.select.spec.analysis_selection` (a null ``max_images`` becomes the
+    mode's cap); ``replace`` sets keys of the result (``max_images=None``: no limit, also with terms)."""
+    from nvmeta.select.spec import analysis_selection
+    from nvmeta.workflow.config import defaults
+
+    return {**analysis_selection({**defaults("analysis"), **(cfg or {})}), **replace}

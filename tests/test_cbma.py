@@ -1,4 +1,4 @@
-"""CBMA beside IBMA (issue 13): peaks from the maps, NiMARE CBMA, overlap, NiMARE export.
+"""CBMA beside IBMA: peaks from the maps, NiMARE CBMA, overlap, NiMARE export.
 
 References: planted truth (synthetic maps with foci at known coordinates), nilearn's own
 ``get_clusters_table`` on the full volume, NiMARE 0.22 itself (``Dataset.load``, ``ALE`` and
@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from nvmeta import cbma
+from nvmeta.cbma import estimate, overlap
 from nvmeta.testing.planted import FOCI, NEG_FOCUS, write_planted
 from nvmeta.workflow.config import defaults
 
@@ -47,7 +48,7 @@ def planted(tmp_path_factory, mask_img):
         adir / "cbma" / "peaks.tsv",
     )
     summaries = {
-        m: cbma.run_cbma(m, adir / "cbma" / "peaks.tsv", mask_img, cfg, adir / "cbma" / m)
+        m: estimate.run_cbma(m, adir / "cbma" / "peaks.tsv", mask_img, cfg, adir / "cbma" / m)
         for m in cfg["methods"]
     }
     return {"root": root, "qc": qc_tsv, "adir": adir, "cfg": cfg, "peaks": peaks, "summaries": summaries}
@@ -152,12 +153,12 @@ def test_experiments_pool_a_collection():
             "sample_size": [20, 20, 30, None, None],
         }
     )
-    by_coll = cbma._experiments(peaks, "collection", "positive")
+    by_coll = estimate._experiments(peaks, "collection", "positive")
     assert [e["id"] for e in by_coll] == ["collection-10", "collection-11"]
     assert by_coll[0]["x"] == [0.0, 10.0, 20.0] and by_coll[0]["sample_sizes"] == [20, 30]
     assert by_coll[0]["image_ids"] == [1, 2]
     assert by_coll[1]["sample_sizes"] is None  # image 3 has no n: ALE must leave it out
-    by_image = cbma._experiments(peaks, "image", "negative")
+    by_image = estimate._experiments(peaks, "image", "negative")
     assert [(e["id"], e["x"]) for e in by_image] == [("image-3", [40.0])]
 
 
@@ -169,7 +170,7 @@ def test_experiments_pool_a_collection():
 @pytest.mark.parametrize("method", ["ale", "mkda", "kda"])
 def test_cbma_maxima_at_planted_foci(planted, method):
     d = planted["adir"] / "cbma" / method
-    for name in cbma.BASE_MAPS + cbma.FWE_MAPS:
+    for name in estimate.BASE_MAPS + estimate.FWE_MAPS:
         assert (d / f"{name}.nii.gz").is_file(), name
     stat_img = nib.load(d / "stat.nii.gz")
     stat = np.nan_to_num(np.asarray(stat_img.dataobj, dtype=np.float64))
@@ -197,8 +198,8 @@ def test_cbma_maxima_at_planted_foci(planted, method):
     assert summary["n_experiments"] == 20 and summary["n_foci"] == 60
     assert summary["n_significant_cluster_fwe"] > 0
     # the significant clusters contain the foci; clusters.tsv lists them
-    logp = np.asarray(nib.load(d / f"{cbma.LEVEL_MAPS['cluster']}.nii.gz").dataobj)
-    sig = cbma.significant_mask(logp, 0.05)
+    logp = np.asarray(nib.load(d / f"{estimate.LEVEL_MAPS['cluster']}.nii.gz").dataobj)
+    sig = estimate.significant_mask(logp, 0.05)
     inv = np.linalg.inv(aff)
     for focus in FOCI:
         i, j, k = np.round(inv[:3, :3] @ np.array(focus) + inv[:3, 3]).astype(int)
@@ -222,7 +223,7 @@ def test_ale_without_sample_size_is_left_out(tmp_path, mask_img):
         cfg,
         peaks_tsv,
     )
-    s = cbma.run_cbma("ale", peaks_tsv, mask_img, cfg, qc_tsv.parent / "cbma" / "ale")
+    s = estimate.run_cbma("ale", peaks_tsv, mask_img, cfg, qc_tsv.parent / "cbma" / "ale")
     assert s["n_experiments"] == 2
     assert any("images [1001]" in w for w in s["warnings"])
     assert any("fewer than ~17" in w for w in s["warnings"])
@@ -235,7 +236,7 @@ def test_cbma_with_no_peak_says_why(tmp_path, mask_img):
     peaks_tsv = tmp_path / "peaks.tsv"
     pd.DataFrame(columns=cbma.PEAK_COLUMNS).to_csv(peaks_tsv, sep="\t", index=False)
     with pytest.raises(ValueError, match="no included map has a positive peak"):
-        cbma.run_cbma("mkda", peaks_tsv, mask_img, {**defaults("cbma"), "n_iters": 5}, tmp_path / "out")
+        estimate.run_cbma("mkda", peaks_tsv, mask_img, {**defaults("cbma"), "n_iters": 5}, tmp_path / "out")
     assert not (tmp_path / "out" / "z.nii.gz").exists()
 
 
@@ -275,10 +276,10 @@ def test_overlap_dice_and_peak_distance_by_hand(tmp_path):
     logp_voxel[5, 5, 5] = 1.0  # p = 0.1: not significant
     d = tmp_path / "cbma" / "ale"
     _save(z, affine, d / "z.nii.gz")
-    _save(logp_cluster, affine, d / f"{cbma.LEVEL_MAPS['cluster']}.nii.gz")
-    _save(logp_voxel, affine, d / f"{cbma.LEVEL_MAPS['voxel']}.nii.gz")
+    _save(logp_cluster, affine, d / f"{estimate.LEVEL_MAPS['cluster']}.nii.gz")
+    _save(logp_voxel, affine, d / f"{estimate.LEVEL_MAPS['voxel']}.nii.gz")
     cfg = {**defaults("cbma"), "sign": "positive", "cluster_threshold": 0.05}
-    table = cbma.overlap(
+    table = overlap.overlap(
         {"stouffer": tmp_path / "meta" / "stouffer"},
         {"ale": d},
         mask_img,
@@ -288,7 +289,7 @@ def test_overlap_dice_and_peak_distance_by_hand(tmp_path):
         tmp_path / "overlap.png",
     )
     on_disk = pd.read_csv(tmp_path / "overlap.tsv", sep="\t")
-    assert list(on_disk.columns) == cbma.OVERLAP_COLUMNS
+    assert list(on_disk.columns) == overlap.OVERLAP_COLUMNS
     cl = on_disk[on_disk.cbma_level == "cluster"].iloc[0]
     assert (cl.n_ibma, cl.n_cbma, cl.n_both) == (64, 72, 32)
     assert cl.dice == pytest.approx(2 * 32 / (64 + 72))
@@ -303,7 +304,7 @@ def test_overlap_dice_and_peak_distance_by_hand(tmp_path):
     assert len(clusters) == 3 and clusters["peak_distance_mm"].isna().sum() == 1
     assert len(table) == 2 and (tmp_path / "overlap.png").stat().st_size > 5_000
     # the negative sign compares with the negative IBMA box (8 voxels), which no CBMA voxel touches
-    neg = cbma.overlap(
+    neg = overlap.overlap(
         {"stouffer": tmp_path / "meta" / "stouffer"},
         {"ale": d},
         mask_img,

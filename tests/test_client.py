@@ -30,6 +30,7 @@ from nvmeta.neurovault import (
     make_client,
 )
 from nvmeta.testing.server import FixtureServer
+from nvmeta.workflow.config import defaults
 
 
 @pytest.fixture
@@ -48,20 +49,27 @@ def leftovers(d: Path, keep=()) -> list[str]:
 # construction, ids, URLs
 # ------------------------------------------------------------------------------------------------
 def test_make_client_kinds(tiny_snapshot, out):
-    c = make_client({"url": "https://neurovault.org/api/"})
+    c = make_client({**defaults("neurovault"), "url": "https://neurovault.org/api/"})
     assert isinstance(c, HTTPClient) and c.base == "https://neurovault.org/api/"
     assert c.timeout == (30.0, 30.0) and c.mode == "download_new" and not c.offline
-    assert make_client({"url": "http://neurovault.org/api"}).base == "https://neurovault.org/api/"
-    assert make_client({"url": "https://neurovault.org/api/", "timeout": [3, 60]}).timeout == (3.0, 60.0)
-    assert make_client({"url": "https://neurovault.org/api/", "mode": "offline"}).offline
-    s = make_client({"url": str(tiny_snapshot.root)})
+    assert (
+        make_client({**defaults("neurovault"), "url": "http://neurovault.org/api"}).base
+        == "https://neurovault.org/api/"
+    )
+    assert make_client(
+        {**defaults("neurovault"), "url": "https://neurovault.org/api/", "timeout": [3, 60]}
+    ).timeout == (3.0, 60.0)
+    assert make_client(
+        {**defaults("neurovault"), "url": "https://neurovault.org/api/", "mode": "offline"}
+    ).offline
+    s = make_client({**defaults("neurovault"), "url": str(tiny_snapshot.root)})
     assert isinstance(s, SnapshotClient)
     with pytest.raises(ConfigError, match="neurovault.url"):
-        make_client({"url": str(out / "missing")})
+        make_client({**defaults("neurovault"), "url": str(out / "missing")})
     with pytest.raises(ConfigError, match="neurovault.url"):
-        make_client({"url": "ftp://neurovault.org/api/"})
+        make_client({**defaults("neurovault"), "url": "ftp://neurovault.org/api/"})
     with pytest.raises(ConfigError, match="neurovault.mode"):
-        make_client({"url": "https://neurovault.org/api/", "mode": "sometimes"})
+        make_client({**defaults("neurovault"), "url": "https://neurovault.org/api/", "mode": "sometimes"})
 
 
 @pytest.mark.parametrize("good,expected", [(1, 1), ("151", 151), (396069, 396069)])
@@ -123,7 +131,7 @@ def test_unsafe_file_urls_refused_without_request(fixture_server, client, out, b
 
 
 def test_neurovault_http_file_url_allowed_when_configured_on_neurovault():
-    c = make_client({"url": "https://neurovault.org/api/"})
+    c = make_client({**defaults("neurovault"), "url": "https://neurovault.org/api/"})
     assert (
         c.check_file_url("http://neurovault.org/media/images/1/a.nii.gz")
         == "https://neurovault.org/media/images/1/a.nii.gz"
@@ -141,7 +149,12 @@ def test_get_json_trailing_slash_and_user_agent(fixture_server, client):
     assert client.get_json("collections/11")["id"] == 11
     assert fixture_server.requests == ["/api/images/101/", "/api/collections/11/"]  # no 301 needed
     assert {e["user_agent"] for e in fixture_server.log} == {"nvmeta-tests"}
-    assert "nvmeta/" in make_client({"url": "https://neurovault.org/api/"}).session.headers["User-Agent"]
+    assert (
+        "nvmeta/"
+        in make_client({**defaults("neurovault"), "url": "https://neurovault.org/api/"}).session.headers[
+            "User-Agent"
+        ]
+    )
 
 
 def test_not_found_forbidden(fixture_server, client):
@@ -302,7 +315,7 @@ def test_iter_results_big_listing_cap(out):
         ids = [r["id"] for r in c.iter_results("images/", limit=10_000)]
         assert ids == list(range(1, 1004))
         assert srv.requests == ["/api/images/?limit=1000&offset=0", "/api/images/?limit=1000&offset=1000"]
-    s = make_client({"url": str(out / "big")})
+    s = make_client({**defaults("neurovault"), "url": str(out / "big")})
     assert [r["id"] for r in s.iter_results("images/", limit=10_000)] == list(range(1, 1004))
     assert s.last_listing["pages"] == 2
 
@@ -629,7 +642,7 @@ def test_download_5xx_then_success(fixture_server, client, out):
 # snapshot client: same interface, same answers, no network
 # ------------------------------------------------------------------------------------------------
 def test_snapshot_client_matches_http(fixture_server, client, out):
-    s = make_client({"url": str(fixture_server.tiny.root)})
+    s = make_client({**defaults("neurovault"), "url": str(fixture_server.tiny.root)})
     for path in ("images/", "collections/", "collections/13/images/"):
         a = list(s.iter_results(path, limit=4))
         b = list(client.iter_results(path, limit=4))
@@ -684,13 +697,12 @@ def test_under_reported_count_listing_followed_to_the_end(fixture_server, client
 
 
 def test_client_settings_come_from_the_schema():
-    """C1: no defaults dict in the client; a partial block is completed from the schema only."""
+    """No defaults dict in the client: every setting comes from the block, built from the schema's defaults."""
     import nvmeta.neurovault
-    from nvmeta.workflow.config import defaults
 
     assert not hasattr(nvmeta.neurovault, "DEFAULTS")
     d = defaults("neurovault")
-    c = make_client({"url": "https://neurovault.org/api/"})
+    c = make_client({**defaults("neurovault"), "url": "https://neurovault.org/api/"})
     assert (c.backoff, c.max_json_bytes, c.max_file_bytes, c.retries) == (
         d["backoff"],
         d["max_json_bytes"],
@@ -751,9 +763,14 @@ def test_a_number_too_large_for_a_float_is_kept_as_written(tmp_path):
     path = root / "api" / "images" / "7.json"
     path.write_text(path.read_text().replace('"number_of_subjects": 25', '"number_of_subjects": 1e400'))
     with FixtureServer(root) as srv:
-        for client in (make_client({"url": str(root)}), make_client({"url": srv.url, "retries": 0})):
+        for client in (
+            make_client({**defaults("neurovault"), "url": str(root)}),
+            make_client({**defaults("neurovault"), "url": srv.url, "retries": 0}),
+        ):
             got = client.image(7)
             assert got["number_of_subjects"] == "1e400"
             write_json(tmp_path / "record.json", got)  # no ValueError: Out of range float values
-            size = resolve_sample_size(got, {"df": "n-1"}, max_n=100_000, need_df=True)
+            size = resolve_sample_size(
+                got, {**defaults("conversion"), "df": "n-1"}, max_n=100_000, need_df=True
+            )
             assert size.n is None and "'1e400' is not finite" in size.reason

@@ -1,4 +1,4 @@
-"""nvmeta.meta.clusters: nilearn's cluster table computed cluster by cluster is nilearn's table (issue 14).
+"""nvmeta.meta.clusters: nilearn's cluster table computed cluster by cluster is nilearn's table.
 
 Reference: nilearn's own :func:`~nilearn.reporting.get_clusters_table` on the full volume, row for
 row (coordinates, peak values and their dtype, sizes, order); its cluster numbers are compared after

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import selection as query_selection
 
 from nvmeta.decode.decoding import decode_analysis
 from nvmeta.decode.null import Pool, load_pool, pairwise_r, sample_references
@@ -31,6 +32,7 @@ from nvmeta.testing.tasks import make_task_maps, run_atlas_stages, small_mask, t
 from nvmeta.workflow.config import defaults
 
 LOG = logging.getLogger("test_decode")
+FIELD_BYTES = defaults("neurovault")["max_dump_field_bytes"]
 TASKS = task_names(4)
 
 
@@ -349,8 +351,8 @@ def test_hygiene_terms_leave_out_the_exports_non_studies_with_funnel_counts(tmp_
     from nvmeta.select.hygiene import with_hygiene
     from nvmeta.select.query import select
 
-    src = DumpSource(hygiene_dump(tmp_path), "https://neurovault.org/media/")
-    cfg = {"image_terms": {"map_type": "Z map"}, "max_images": "all"}
+    src = DumpSource(hygiene_dump(tmp_path), "https://neurovault.org/media/", max_field_bytes=FIELD_BYTES)
+    cfg = query_selection({"image_terms": {"map_type": "Z map"}}, max_images=None)
     records, _ = select(src, cfg, LOG)
     assert len(records) == 1005  # without hygiene: every map
     records, funnel = select(src, with_hygiene(cfg), LOG)

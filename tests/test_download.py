@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 from conftest import fast_config, md5
+from helpers import selection
 
 from nvmeta.images.download import OFFLINE_MISSING, fetch_image
 from nvmeta.neurovault import UnsafeInput, make_client
 from nvmeta.neurovault.layout import write_snapshot
 from nvmeta.testing.server import FixtureServer
+from nvmeta.workflow.config import defaults
 
 NVMETA_KEYS = {"status", "reason", "collection", "md5", "bytes", "source_url", "source_format", "fetched_at"}
 
@@ -246,7 +248,7 @@ def test_collection_error_does_not_fail_image(fixture_server, client, res):
 
 
 def test_snapshot_client_fetch(tiny_snapshot, res):
-    s = make_client({"url": str(tiny_snapshot.root)})
+    s = make_client({**defaults("neurovault"), "url": str(tiny_snapshot.root)})
     assert fetch(s, 101, res)["md5"] == md5(tiny_snapshot.served[101])
     assert meta(res, 101)["file"] == tiny_snapshot.records[101]["file"]
     assert fetch(s, 104, res)["status"] == "ok"
@@ -380,7 +382,7 @@ def test_download_reuses_the_record_the_query_kept(fixture_server, res):
     sel = res / "analyses" / "a" / "selection.tsv"
     records = query_job(
         client,
-        {"collection_ids": [13]},
+        selection({"collection_ids": [13]}),
         sel,
         sel.with_name("query_funnel.json"),
         logging.getLogger("test_download"),
@@ -432,7 +434,7 @@ def test_explicit_ids_of_one_collection_cost_one_record_one_listing_and_one_requ
     fixture_server.reset_log()
     records = query_job(
         client,
-        {"image_ids": ids},
+        selection({"image_ids": ids}),
         sel,
         sel.with_name("query_funnel.json"),
         logging.getLogger("test_download"),
@@ -539,7 +541,7 @@ def test_a_changed_kept_record_rewrites_the_metadata_with_the_map_on_disk(fixtur
     client = make_client(fast_config(fixture_server.url))
     sel = res / "analyses" / "a" / "selection.tsv"
     iid = fixture_server.tiny.ids["many"][0]
-    query_job(client, {"image_ids": [iid]}, sel, sel.with_name("query_funnel.json"),
+    query_job(client, selection({"image_ids": [iid]}), sel, sel.with_name("query_funnel.json"),
               logging.getLogger("test_download"), records_dir=res / "records")  # fmt: skip
     assert fetch(client, iid, res)["status"] == "ok"
     first = meta(res, iid)
@@ -590,7 +592,7 @@ def test_the_query_rewrites_a_kept_record_only_when_the_record_changed(tmp_path)
     sel = res / "analyses" / "a" / "selection.tsv"
 
     def query(dump):
-        query_job(DumpSource(dump, "https://neurovault.org/media/"), {"image_ids": ids}, sel,
+        query_job(DumpSource(dump, "https://neurovault.org/media/", max_field_bytes=defaults("neurovault")["max_dump_field_bytes"]), selection({"image_ids": ids}), sel,
                   sel.with_name("query_funnel.json"), logging.getLogger("t"), records_dir=res / "records")  # fmt: skip
 
     tables = snapshot_tables(SNAPSHOT, ids)

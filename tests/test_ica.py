@@ -500,7 +500,7 @@ def test_neurosynth_terms_and_fallback_when_down(planted, tmp_path, caplog):
     )
     cache = tmp_path / "nscache"
     with FixtureServer(snap) as srv:
-        nv_cfg = {"url": srv.url, "retries": 1, "backoff": 0.0, "timeout": 5}
+        nv_cfg = {**defaults("neurovault"), "url": srv.url, "retries": 1, "backoff": 0.0, "timeout": 5}
         kw = {
             "terms": "neurosynth",
             "neurosynth_url": srv.url + "decode/",
@@ -598,9 +598,10 @@ def pain_matrix(tmp_path_factory):
             d / "metadata.json",
             SNAPSHOT / manifest[i],
             mask_img,
-            {"df": "n-1"},
+            {**defaults("conversion"), "df": "n-1"},
             d / "zmap.nii.gz",
             d / "qc.json",
+            defaults("qc"),
         )
         assert qc["status"] == "included"
         paths.append(d / "zmap.nii.gz")

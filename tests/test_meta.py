@@ -58,7 +58,7 @@ class Study:
         data[self.mask] = np.asarray(vec, dtype=np.float32)
         self.path(image_id).parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(data, self.mask_img.affine), self.path(image_id))
-        # the one resolved sample size of the image (contract C3), as the z-map job writes it
+        # the one resolved sample size of the image, as the z-map job writes it
         qc_n = n if n is not None and np.isfinite(n) and n > 0 else None
         (self.path(image_id).with_name("qc.json")).write_text(json.dumps({"image_id": image_id, "n": qc_n}))
         self.rows.append(

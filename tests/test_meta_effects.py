@@ -23,6 +23,7 @@ from nvmeta.images.effectsize import hedges_j, one_sample, two_sample, write_eff
 from nvmeta.images.stats import t_to_z
 from nvmeta.meta import run_method
 from nvmeta.meta.effects import pool
+from nvmeta.workflow.config import defaults
 
 AFFINE = np.array([[3.0, 0, 0, -15], [0, 3.0, 0, -15], [0, 0, 3.0, -9], [0, 0, 0, 1]])
 SHAPE = (10, 10, 6)
@@ -55,7 +56,7 @@ class EffectStudy:
         z[self.mask] = t_to_z(np.asarray(t, np.float64), n - 1.0)
         nib.save(nib.Nifti1Image(z, AFFINE), d / "zmap.nii.gz")
         qc = {"image_id": image_id, "collection_id": collection_id or image_id, "n": n, "df": n - 1.0}
-        write_effect_maps(z, qc, {}, {}, self.mask_img, d / "g.nii.gz", d / "varg.nii.gz")
+        write_effect_maps(z, qc, {}, defaults("conversion"), self.mask_img, d / "g.nii.gz", d / "varg.nii.gz")
         (d / "qc.json").write_text(json.dumps(qc))
         self.rows.append(
             {"image_id": image_id, "collection_id": collection_id or image_id, "number_of_subjects": n,
@@ -133,7 +134,7 @@ def _zmap_job(tmp_path, record, t, conversion):
     data[np.asarray(mask_img.dataobj) > 0] = t
     nib.save(nib.Nifti1Image(data, AFFINE), d / "map.nii.gz")
     qc = make_zmap(
-        d / "metadata.json", d / "map.nii.gz", mask_img, conversion, d / "zmap.nii.gz", d / "qc.json",
+        d / "metadata.json", d / "map.nii.gz", mask_img, {**defaults("conversion"), **conversion}, d / "zmap.nii.gz", d / "qc.json", defaults("qc"),
         out_effects=(d / "g.nii.gz", d / "varg.nii.gz"),
     )  # fmt: skip
     m = np.asarray(mask_img.dataobj) > 0

@@ -19,6 +19,7 @@ import pytest
 from scipy import special, stats
 
 from nvmeta.meta import run_method
+from nvmeta.workflow.config import defaults
 
 AFFINE = np.array([[3.0, 0, 0, -15], [0, 3.0, 0, -15], [0, 0, 3.0, -9], [0, 0, 0, 1]])
 SHAPE = (8, 8, 6)
@@ -57,7 +58,13 @@ def test_weighted_stouffer_uses_the_resolved_n_from_qc_json(tmp_path):
         nib.save(nib.Nifti1Image(t, AFFINE), d / "map.nii.gz")
         conversion = {"df": "n-1", "n_images": {"11": 20, "12": 5}}
         qc = make_zmap(
-            d / "metadata.json", d / "map.nii.gz", mask_img, conversion, d / "zmap.nii.gz", d / "qc.json"
+            d / "metadata.json",
+            d / "map.nii.gz",
+            mask_img,
+            {**defaults("conversion"), **conversion},
+            d / "zmap.nii.gz",
+            d / "qc.json",
+            defaults("qc"),
         )
         assert qc["status"] == "included" and qc["n"] == {11: 20, 12: 5}[image_id]
     _write_qc(tmp_path / "qc.tsv", [11, 12], 0)  # the record's n = 0 is what qc.tsv carries

@@ -49,7 +49,15 @@ def add_image(root: Path, image_id: int, data, map_type="Z map", n=20, status="o
     (d / "metadata.json").write_text(json.dumps(rec))
     if status == "ok":
         nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), T_AFF), d / "map.nii.gz")
-    make_zmap(d / "metadata.json", d / "map.nii.gz", MASK, {"df": "n-2"}, d / "zmap.nii.gz", d / "qc.json")
+    make_zmap(
+        d / "metadata.json",
+        d / "map.nii.gz",
+        MASK,
+        {**defaults("conversion"), "df": "n-2"},
+        d / "zmap.nii.gz",
+        d / "qc.json",
+        defaults("qc"),
+    )
     return rec
 
 
@@ -179,7 +187,9 @@ def test_configurable_rules(analysis):
 def test_write_qc_and_flags(analysis):
     root, sel = analysis
     out = root / "analyses" / "a"
-    qc, funnel = write_qc(sel, image_dir_for(root), None, out / "qc.tsv", out / "funnel.tsv", mask_img=MASK)
+    qc, funnel = write_qc(
+        sel, image_dir_for(root), defaults("qc"), out / "qc.tsv", out / "funnel.tsv", mask_img=MASK
+    )
     back = pd.read_csv(out / "qc.tsv", sep="\t")
     assert back["image_id"].tolist() == qc["image_id"].tolist()
     assert list(back.columns) == QC_COLUMNS
@@ -241,7 +251,7 @@ def test_too_few_shared_voxels_are_not_duplicates():
 def test_empty_selection(tmp_path):
     sel = tmp_path / "selection.tsv"
     sel.write_text("\t".join(SEL_COLS) + "\n")
-    qc, funnel = build_qc(sel, image_dir_for(tmp_path), None)
+    qc, funnel = build_qc(sel, image_dir_for(tmp_path), defaults("qc"))
     assert qc.empty and list(qc.columns) == QC_COLUMNS
     assert funnel["count"].tolist() == [0, 0, 0, 0]
 
@@ -261,14 +271,22 @@ def test_qc_table_reads_the_resolved_n_from_qc_json(tmp_path):
     (d / "metadata.json").write_text(json.dumps(rec))
     nib.save(nib.Nifti1Image(smooth_field(7) * 2, T_AFF), d / "map.nii.gz")
     conv = {"df": "n-2", "n_images": {"201": 20}}
-    qc = make_zmap(d / "metadata.json", d / "map.nii.gz", MASK, conv, d / "zmap.nii.gz", d / "qc.json")
+    qc = make_zmap(
+        d / "metadata.json",
+        d / "map.nii.gz",
+        MASK,
+        {**defaults("conversion"), **conv},
+        d / "zmap.nii.gz",
+        d / "qc.json",
+        defaults("qc"),
+    )
     assert (qc["n"], qc["df"]) == (20, 18.0)
     sel = pd.DataFrame([{"image_id": 201, "collection_id": 5, "number_of_subjects": 0}]).reindex(
         columns=SEL_COLS
     )
     sel_path = tmp_path / "selection.tsv"
     sel.to_csv(sel_path, sep="\t", index=False)
-    qc_df, _ = build_qc(sel_path, image_dir_for(tmp_path), None, mask_img=MASK)
+    qc_df, _ = build_qc(sel_path, image_dir_for(tmp_path), defaults("qc"), mask_img=MASK)
     row = qc_df.iloc[0]
     assert row["status"] == "included"
     assert row["n"] == 20 and row["n_source"] == "n_images" and row["df"] == 18.0

@@ -258,7 +258,13 @@ def test_flipped_pair_keeps_the_map_that_agrees_with_the_consensus(tmp_path):
     from nvmeta.images.zmap import make_zmap
 
     make_zmap(
-        new / "metadata.json", new / "map.nii.gz", MASK, {"df": "n-1"}, new / "zmap.nii.gz", new / "qc.json"
+        new / "metadata.json",
+        new / "map.nii.gz",
+        MASK,
+        {**defaults("conversion"), "df": "n-1"},
+        new / "zmap.nii.gz",
+        new / "qc.json",
+        defaults("qc"),
     )
     row = s[s["image_id"] == str(inv)].iloc[0].to_dict()
     s = pd.concat([s, pd.DataFrame([{**row, "image_id": "9999"}])], ignore_index=True)
@@ -281,7 +287,7 @@ def test_few_maps_no_consensus_and_the_written_json(planted, tmp_path):
     small = tmp_path / "selection.tsv"
     s.to_csv(small, sep="\t", index=False)
     out = tmp_path / "out"
-    qc, _ = write_qc(small, image_dir_for(root), None, out / "qc.tsv", out / "funnel.tsv", mask_img=MASK,
+    qc, _ = write_qc(small, image_dir_for(root), defaults("qc"), out / "qc.tsv", out / "funnel.tsv", mask_img=MASK,
                      consensus_json=out / "qc_consensus.json")  # fmt: skip
     info = json.loads((out / "qc_consensus.json").read_text())
     assert info["status"] == "not computed" and "< qc.consensus_min_maps = 10" in info["reason"]
@@ -308,7 +314,7 @@ def test_qc_figure_classes_and_files(planted, tmp_path):
 
     root, sel, truth = planted
     out = tmp_path / "a"
-    write_qc(sel, image_dir_for(root), None, out / "qc.tsv", out / "funnel.tsv", mask_img=MASK,
+    write_qc(sel, image_dir_for(root), defaults("qc"), out / "qc.tsv", out / "funnel.tsv", mask_img=MASK,
              consensus_json=out / "qc_consensus.json")  # fmt: skip
     maps = judged_maps(out / "qc.tsv")
     kinds = {int(i): k for i, k in zip(maps["image_id"], maps["kind"], strict=True)}

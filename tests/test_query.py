@@ -6,9 +6,12 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from helpers import selection
 from nilearn.datasets import neurovault as nv
 
 import nvmeta.select.query as query
@@ -17,7 +20,6 @@ from nvmeta.select.query import (
     SELECTION_COLUMNS,
     analysis_query_spec,
     read_selection_ids,
-    resolve_max_images,
     run_query,
     write_selection,
 )
@@ -124,7 +126,7 @@ def small():
 
 
 def test_terms_mode_default_terms_filter_on_client(small):
-    records = run_query(small, {}, LOG)
+    records = run_query(small, selection(), LOG)
     # atlas, null not_mni, ROI/mask, thresholded rejected; collection 2 (number_of_images null) not listed
     assert ids(records) == [10, 11, 31]
     assert "collections/2/images/" not in small.listed()
@@ -154,17 +156,17 @@ def test_terms_mode_matches_nilearn_reference(small):
         if ref_image(im)
     ]
     assert expected == [10, 11]
-    assert ids(run_query(small, cfg, LOG)) == expected
+    assert ids(run_query(small, selection(cfg), LOG)) == expected
 
 
 def test_terms_mode_without_default_terms(small):
-    records = run_query(small, {"default_terms": False, "max_images": "all"}, LOG)
+    records = run_query(small, selection({"default_terms": False}, max_images=None), LOG)
     assert ids(records) == [10, 11, 12, 13, 20, 30, 31, 32]
 
 
 def test_terms_mode_user_term_overrides_default(small):
     cfg = {"image_terms": {"not_mni": {"ne": True}}}
-    assert ids(run_query(small, cfg, LOG)) == [10, 11, 13, 31]
+    assert ids(run_query(small, selection(cfg), LOG)) == [10, 11, 13, 31]
 
 
 def _big_client(n_collections=3, per_collection=60):
@@ -175,21 +177,32 @@ def _big_client(n_collections=3, per_collection=60):
 
 def test_terms_mode_default_max_images_is_100_and_stops_listing():
     client = _big_client()
-    records = run_query(client, {}, LOG)
+    records = run_query(client, selection(), LOG)
     assert len(records) == 100
     assert ids(records) == [1000 + i for i in range(60)] + [2000 + i for i in range(40)]
     assert "collections/3/images/" not in client.listed()
 
 
-@pytest.mark.parametrize(("max_images", "n"), [(5, 5), (None, 100), ("all", 180), (1000, 180)])
+@pytest.mark.parametrize(("max_images", "n"), [(5, 5), (None, 100), (1000, 180)])
 def test_terms_mode_max_images(max_images, n):
-    assert len(run_query(_big_client(), {"max_images": max_images}, LOG)) == n
+    assert len(run_query(_big_client(), selection({"max_images": max_images}), LOG)) == n
+    assert len(run_query(_big_client(), selection(max_images=None), LOG)) == 180  # a selection's None: no cap
+
+
+def test_the_terms_cap_is_the_schema_s():
+    """A null max_images with terms is nilearn's 100, which only the schema writes."""
+    from nvmeta.select.spec import terms_max_images
+    from nvmeta.workflow.config import SCHEMA_PATH
+
+    node = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["analyses"]["additionalProperties"]
+    assert terms_max_images() == node["properties"]["max_images"]["terms_default"] == 100
+    assert selection()["max_images"] == 100 and selection({"image_ids": [1]})["max_images"] is None
 
 
 def test_images_sorted_by_id_within_a_collection():
     images = [image(5, 1), image(3, 1), image(4, 1)]
     client = FakeClient([collection(1, 3)], images, listings={1: images})
-    assert ids(run_query(client, {}, LOG)) == [3, 4, 5]
+    assert ids(run_query(client, selection(), LOG)) == [3, 4, 5]
 
 
 def test_mismatched_collection_and_bad_ids_are_skipped_and_logged(caplog):
@@ -206,7 +219,7 @@ def test_mismatched_collection_and_bad_ids_are_skipped_and_logged(caplog):
     ]
     client = FakeClient([collection(1, 9)], [], listings={1: listed})
     with caplog.at_level(logging.INFO, logger="test_query"):
-        records = run_query(client, {}, LOG)
+        records = run_query(client, selection(), LOG)
     assert ids(records) == [10, 15]
     text = caplog.text
     assert "image 11 has collection_id 2 (listed under 1); skipped" in text
@@ -218,31 +231,31 @@ def test_mismatched_collection_and_bad_ids_are_skipped_and_logged(caplog):
 def test_duplicates_in_a_listing_are_selected_once():
     listed = [image(10, 1), image(11, 1), image(10, 1)]
     client = FakeClient([collection(1, 3)], [], listings={1: listed})
-    assert ids(run_query(client, {}, LOG)) == [10, 11]
+    assert ids(run_query(client, selection(), LOG)) == [10, 11]
 
 
 def test_pinned_collection_fetched_directly(small):
-    records = run_query(small, {"collection_terms": {"id": 3}}, LOG)
+    records = run_query(small, selection({"collection_terms": {"id": 3}}), LOG)
     assert ids(records) == [31]
     assert ("iter", "collections/") not in small.calls
     assert ("collection", 3) in small.calls
 
 
 def test_pinned_by_image_collection_id_in(small):
-    records = run_query(small, {"image_terms": {"collection_id": {"in": [3, 1]}}}, LOG)
+    records = run_query(small, selection({"image_terms": {"collection_id": {"in": [3, 1]}}}), LOG)
     assert ids(records) == [31, 10, 11]  # collections in the given order
     assert ("iter", "collections/") not in small.calls
 
 
 def test_non_pinning_id_term_scans_collections(small):
-    records = run_query(small, {"collection_terms": {"id": {"ge": 3}}}, LOG)
+    records = run_query(small, selection({"collection_terms": {"id": {"ge": 3}}}), LOG)
     assert ids(records) == [31]
     assert ("iter", "collections/") in small.calls
 
 
 def test_progress_is_logged(small, caplog):
     with caplog.at_level(logging.INFO, logger="test_query"):
-        run_query(small, {}, LOG, key_prefix="analyses.demo")
+        run_query(small, selection(), LOG, key_prefix="analyses.demo")
     text = caplog.text
     assert "selection by terms (max_images=100)" in text
     assert "collection 1 (collection 1): 4 image(s) listed, 2 matched; 2 selected so far" in text
@@ -250,13 +263,25 @@ def test_progress_is_logged(small, caplog):
     assert "analyses.demo: 3 image(s) selected" in text
 
 
-def test_bad_config_raises_config_error(small):
-    with pytest.raises(ConfigError, match=r"^analyses\.x\.image_terms\.map_type: unknown filter operator"):
-        run_query(small, {"image_terms": {"map_type": {"like": "T"}}}, LOG, key_prefix="analyses.x")
-    with pytest.raises(ConfigError, match=r"^analyses\.x\.max_images: must be a positive integer"):
-        run_query(small, {"max_images": 0}, LOG, key_prefix="analyses.x")
-    with pytest.raises(ConfigError, match=r"^analyses\.x\.image_ids\[1\]: ids must be positive integers"):
-        run_query(small, {"image_ids": [10, "11"]}, LOG, key_prefix="analyses.x")
+def test_bad_selection_keys_stop_at_the_config_check():
+    """The config check is the one validator of what the query reads: nothing it rejects reaches the query."""
+    from nvmeta.workflow.config import SCHEMA_PATH, check_config
+
+    def check(analysis):
+        snapshot = Path(__file__).parent / "data" / "snapshot"
+        check_config({"neurovault": {"url": str(snapshot)}, "analyses": {"x": analysis}}, SCHEMA_PATH)
+
+    with pytest.raises(ConfigError, match=r"analyses\.x\.image_terms\.map_type: unknown filter operator"):
+        check({"image_terms": {"map_type": {"like": "T"}}})
+    with pytest.raises(ConfigError, match=r"analyses\.x\.max_images = 0 is out of range"):
+        check({"image_terms": {"map_type": "T map"}, "max_images": 0})
+    for bad in ("all", 2.5, True):
+        with pytest.raises(ConfigError, match=r"analyses\.x\.max_images: .* is not of type"):
+            check({"image_terms": {"map_type": "T map"}, "max_images": bad})
+    with pytest.raises(ConfigError, match=r"analyses\.x\.image_ids\.1: '11' is not of type 'integer'"):
+        check({"image_ids": [10, "11"]})
+    with pytest.raises(ConfigError, match=r"analyses\.x\.image_ids: 10 is not of type 'array'"):
+        check({"image_ids": 10})
 
 
 # ----------------------------------------------------------------------------- explicit mode
@@ -270,7 +295,7 @@ def test_explicit_ids_ignore_filters(small, caplog):
         "default_terms": True,
     }
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        records = run_query(small, cfg, LOG, key_prefix="analyses.stopgo")
+        records = run_query(small, selection(cfg), LOG, key_prefix="analyses.stopgo")
     assert ids(records) == [32, 12, 13]
     assert "analyses.stopgo: explicit image_ids/collection_ids given, so image_terms" in caplog.text
     assert ("iter", "collections/") not in small.calls
@@ -278,7 +303,7 @@ def test_explicit_ids_ignore_filters(small, caplog):
 
 def test_explicit_order_and_dedupe(small):
     cfg = {"image_ids": [31, 10, 31], "collection_ids": [3, 1, 3]}
-    records = run_query(small, cfg, LOG)
+    records = run_query(small, selection(cfg), LOG)
     # image ids in the given order, then each collection's images by id; first position wins
     assert ids(records) == [31, 10, 30, 32, 11, 12, 13]
     # explicit images get the name of a collection fetched for collection_ids
@@ -292,7 +317,7 @@ def test_explicit_order_and_dedupe(small):
 
 
 def test_explicit_image_ids_only_have_no_collection_name(small):
-    records = run_query(small, {"image_ids": [10]}, LOG)
+    records = run_query(small, selection({"image_ids": [10]}), LOG)
     assert records[0].get("collection_name") is None
     assert small.calls == [("image", 10)]
 
@@ -301,24 +326,26 @@ def test_explicit_collection_listing_sorted_and_checked(caplog):
     listed = [image(7, 4), image(5, 4), image(6, 9)]
     client = FakeClient([collection(4, 3)], [], listings={4: listed})
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        records = run_query(client, {"collection_ids": [4]}, LOG)
+        records = run_query(client, selection({"collection_ids": [4]}), LOG)
     assert ids(records) == [5, 7]
     assert "image 6 has collection_id 9 (listed under 4); skipped" in caplog.text
 
 
 def test_explicit_no_limit_by_default():
     client = _big_client(n_collections=2, per_collection=120)
-    assert len(run_query(client, {"collection_ids": [1, 2]}, LOG)) == 240
-    assert resolve_max_images({"collection_ids": [1]}) is None
+    assert len(run_query(client, selection({"collection_ids": [1, 2]}), LOG)) == 240
+    assert selection({"collection_ids": [1]})["max_images"] is None
 
 
 def test_explicit_max_images_truncates(caplog):
     client = _big_client(n_collections=2, per_collection=10)
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        records = run_query(client, {"image_ids": [2003], "collection_ids": [1, 2], "max_images": 12}, LOG)
+        records = run_query(
+            client, selection({"image_ids": [2003], "collection_ids": [1, 2], "max_images": 12}), LOG
+        )
     assert ids(records) == [2003] + [1000 + i for i in range(10)] + [2000]
     assert "max_images=12 reached: explicit selection truncated" in caplog.text
-    records = run_query(client, {"collection_ids": [1, 2], "max_images": 10}, LOG)
+    records = run_query(client, selection({"collection_ids": [1, 2], "max_images": 10}), LOG)
     assert ids(records) == [1000 + i for i in range(10)]
     assert client.calls[-1] == ("iter", "collections/1/images/")  # collection 2 never fetched
 
@@ -327,7 +354,7 @@ def test_explicit_record_with_wrong_id_is_skipped(caplog):
     client = FakeClient([], [image(10, 1)])
     client.images[11] = image(99, 1)
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        assert ids(run_query(client, {"image_ids": [10, 11]}, LOG)) == [10]
+        assert ids(run_query(client, selection({"image_ids": [10, 11]}), LOG)) == [10]
     assert "image 11: server returned a record with id 99; skipped" in caplog.text
 
 
@@ -335,7 +362,7 @@ def test_explicit_missing_items(monkeypatch, caplog):
     monkeypatch.setattr(query, "_missing_errors", lambda: (FakeMissing,))
     client = FakeClient([collection(1, 1)], [image(10, 1)], missing_error=FakeMissing)
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        records = run_query(client, {"image_ids": [404, 10], "collection_ids": [777, 1]}, LOG)
+        records = run_query(client, selection({"image_ids": [404, 10], "collection_ids": [777, 1]}), LOG)
     # a missing image is kept as a stub (its download records the failure); a missing collection is skipped
     assert records[0] == {"id": 404}
     assert ids(records) == [404, 10]
@@ -348,7 +375,7 @@ def test_explicit_missing_items(monkeypatch, caplog):
 def test_other_client_errors_propagate():
     client = FakeClient([], [], missing_error=RuntimeError)
     with pytest.raises(RuntimeError):
-        run_query(client, {"image_ids": [1]}, LOG)
+        run_query(client, selection({"image_ids": [1]}), LOG)
 
 
 def test_explicit_missing_items_with_real_client_errors(caplog):
@@ -363,7 +390,7 @@ def test_explicit_missing_items_with_real_client_errors(caplog):
 
     client = Raising([], [])
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        records = run_query(client, {"image_ids": [5], "collection_ids": [6]}, LOG)
+        records = run_query(client, selection({"image_ids": [5], "collection_ids": [6]}), LOG)
     assert records == [{"id": 5}]
 
 
@@ -371,7 +398,7 @@ def test_explicit_missing_items_with_real_client_errors(caplog):
 
 
 def test_write_selection_columns_and_values(tmp_path, small):
-    records = run_query(small, {"image_ids": [10], "collection_ids": [3]}, LOG)
+    records = run_query(small, selection({"image_ids": [10], "collection_ids": [3]}), LOG)
     records[0]["description"] = "line one\nline\ttwo"
     records[0]["statistic_parameters"] = 24.0
     records[0]["number_of_subjects"] = None
@@ -423,9 +450,9 @@ URL = "https://neurovault.org/api/"
 
 def test_query_spec_ignores_non_selection_keys():
     base = {"image_terms": {"map_type": "T map"}, "max_images": 30}
-    spec = analysis_query_spec(base, URL)
+    spec = analysis_query_spec(selection(base), URL)
     other = dict(base, meta={"methods": ["stouffer"]}, ica={"n_components": 8})
-    assert analysis_query_spec(other, URL) == spec
+    assert analysis_query_spec(selection(other), URL) == spec
     assert json.loads(json.dumps(spec)) == spec
     assert spec == {
         "collection_terms": {},
@@ -450,18 +477,20 @@ def test_query_spec_ignores_non_selection_keys():
 )
 def test_query_spec_changes_with_selection_keys(change):
     base = {"image_terms": {"map_type": "T map"}, "max_images": 30}
-    assert analysis_query_spec(dict(base, **change), URL) != analysis_query_spec(base, URL)
+    assert analysis_query_spec(selection(dict(base, **change)), URL) != analysis_query_spec(
+        selection(base), URL
+    )
 
 
 def test_query_spec_canonical_and_url():
-    a = {"image_terms": {"a": {"in": [1, 2]}, "b": 1}}
-    b = {"image_terms": {"b": 1, "a": {"in": [1, 2]}}}
+    a = selection({"image_terms": {"a": {"in": [1, 2]}, "b": 1}})
+    b = selection({"image_terms": {"b": 1, "a": {"in": [1, 2]}}})
     assert list(analysis_query_spec(a, URL)["image_terms"]) == ["a", "b"]
     assert repr(analysis_query_spec(a, URL)) == repr(analysis_query_spec(b, URL))
     assert analysis_query_spec(a, "https://neurovault.org/api")["url"] == URL
     assert analysis_query_spec(a, "https://other.org/api/")["url"] == "https://other.org/api/"
     assert analysis_query_spec(a, "snap/dir/")["url"] == "snap/dir"
-    assert analysis_query_spec({"max_images": None}, URL)["max_images"] == 100
+    assert analysis_query_spec(selection({"max_images": None}), URL)["max_images"] == 100
     # the dump's path and content digest are in the spec of a dump selection only (an API
     # selection's spec, the query rule's params, stays as it was: no rerun)
     assert not {"dump", "dump_sha256"} & set(analysis_query_spec(a, URL, dump_sha256="ab"))
@@ -471,8 +500,8 @@ def test_query_spec_canonical_and_url():
 
 
 def test_query_spec_explicit_mode_drops_terms():
-    a = {"image_ids": [151, 3041], "image_terms": {"map_type": "T map"}, "max_images": None}
-    b = {"image_ids": [151, 3041], "image_terms": {}, "default_terms": False, "collection_ids": []}
+    a = selection({"image_ids": [151, 3041, 151], "image_terms": {"map_type": "T map"}, "max_images": None})
+    b = selection({"image_ids": [151, 3041], "image_terms": {}, "default_terms": False, "collection_ids": []})
     assert analysis_query_spec(a, URL) == analysis_query_spec(b, URL)
     assert analysis_query_spec(a, URL) == {
         "collection_ids": [],
@@ -487,15 +516,17 @@ def test_query_spec_explicit_mode_drops_terms():
 def test_query_module_imports_lean():
     code = (
         "import sys\n"
-        "from nvmeta.select.query import analysis_query_spec\n"
-        "analysis_query_spec({'image_terms': {'map_type': {'in': ['T map']}}}, 'https://x/api/')\n"
+        "from nvmeta.select.query import analysis_query_spec, analysis_selection\n"
+        "block = {'image_ids': [], 'collection_ids': [], 'image_terms': {'map_type': {'in': ['T map']}},\n"
+        "         'collection_terms': {}, 'default_terms': True, 'max_images': None, 'hygiene': False}\n"
+        "assert analysis_query_spec(analysis_selection(block), 'https://x/api/')['max_images'] == 100\n"
         "heavy = [m for m in ('nilearn', 'pandas', 'numpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ----------------------------------------------------------------------------- issue 10: ids, listings, funnel
+# ----------------------------------------------------------------------------- ids, listings, funnel
 
 
 def _write_records(root, images, collections):
@@ -524,11 +555,10 @@ def test_float_ids_from_the_server_validated_once(tmp_path, caplog):
 
     images = [image(i, 1.0) for i in HOSTILE_IDS]
     root = _write_records(tmp_path / "snap", images, [collection(1, len(images))])
-    cfg = {"default_terms": False, "max_images": "all"}
     with FixtureServer(root) as srv, caplog.at_level(logging.WARNING, logger="test_query"):
         client = make_client(fast_config(srv.url))
-        records, funnel = query.select(client, cfg, LOG)
-        explicit = run_query(client, {"image_ids": [5021]}, LOG)
+        records, funnel = query.select(client, selection({"default_terms": False}, max_images=None), LOG)
+        explicit = run_query(client, selection({"image_ids": [5021]}), LOG)
     assert [r["id"] for r in records] == [5021, 5023]
     assert all(type(r["id"]) is int and type(r["collection_id"]) is int for r in records + explicit)
     assert explicit[0]["id"] == 5021 and explicit[0]["collection_id"] == 1
@@ -577,7 +607,7 @@ def test_under_reported_count_is_followed_to_the_end(tmp_path, caplog):
     with FixtureServer(root, max_limit=2) as srv:
         srv.add_fault(r"collections/1/images/", "miscount", count=3)
         with caplog.at_level(logging.WARNING):
-            records = run_query(make_client(fast_config(srv.url)), {"max_images": "all"}, LOG)
+            records = run_query(make_client(fast_config(srv.url)), selection(max_images=None), LOG)
         assert srv.count("collections/1/images/") == 3  # three pages of two
     assert ids(records) == [100, 101, 102, 103, 104, 105]
     assert "count (3) under-reports its items: 6 records" in caplog.text
@@ -586,22 +616,35 @@ def test_under_reported_count_is_followed_to_the_end(tmp_path, caplog):
 def test_misspelled_field_fails_naming_the_closest_fields(small):
     """Issue 10.6: a term on a field no examined record carries fails, with difflib's suggestion."""
     with pytest.raises(ConfigError) as err:
-        run_query(small, {"image_terms": {"map_typ": "T map"}}, LOG, key_prefix="analyses.pain")
+        run_query(small, selection({"image_terms": {"map_typ": "T map"}}), LOG, key_prefix="analyses.pain")
     msg = str(err.value)
     assert msg.startswith("analyses.pain.image_terms.map_typ: no examined record has a field 'map_typ'")
     assert "Did you mean map_type" in msg and "7 image records examined" in msg
     with pytest.raises(ConfigError, match=r"collection_terms.nmae: .*Did you mean name"):
-        run_query(small, {"collection_terms": {"nmae": {"pattern": "coll"}}}, LOG, key_prefix="analyses.pain")
+        run_query(
+            small,
+            selection({"collection_terms": {"nmae": {"pattern": "coll"}}}),
+            LOG,
+            key_prefix="analyses.pain",
+        )
     # a test for missing values on an absent field is legitimate
-    assert ids(run_query(small, {"image_terms": {"smoothness": {"null": True}}}, LOG)) == [10, 11, 31]
-    assert ids(run_query(small, {"image_terms": {"smoothness": {"not_null": False}}}, LOG)) == [10, 11, 31]
+    assert ids(run_query(small, selection({"image_terms": {"smoothness": {"null": True}}}), LOG)) == [
+        10,
+        11,
+        31,
+    ]
+    assert ids(run_query(small, selection({"image_terms": {"smoothness": {"not_null": False}}}), LOG)) == [
+        10,
+        11,
+        31,
+    ]
     with pytest.raises(ConfigError, match="smoothness"):
-        run_query(small, {"image_terms": {"smoothness": {"null": False}}}, LOG)
+        run_query(small, selection({"image_terms": {"smoothness": {"null": False}}}), LOG)
 
 
 def test_funnel_counts_rejections_per_term(small):
     records, funnel = query.select(
-        small, {"image_terms": {"number_of_subjects": {"ge": 10}}}, LOG, key_prefix="analyses.a"
+        small, selection({"image_terms": {"number_of_subjects": {"ge": 10}}}), LOG, key_prefix="analyses.a"
     )
     assert ids(records) == [10, 11]
     # independent count: the first failing term of each listed image, in the effective order
@@ -626,7 +669,9 @@ def test_funnel_counts_rejections_per_term(small):
 def test_query_job_fails_on_an_empty_selection_with_its_funnel(tmp_path, small):
     sel, fun = tmp_path / "a" / "selection.tsv", tmp_path / "a" / "query_funnel.json"
     with pytest.raises(query.EmptySelection) as err:
-        query.query_job(small, {"image_terms": {"map_type": "F map"}}, sel, fun, LOG, key_prefix="analyses.a")
+        query.query_job(
+            small, selection({"image_terms": {"map_type": "F map"}}), sel, fun, LOG, key_prefix="analyses.a"
+        )
     msg = str(err.value)
     assert "analyses.a: the query selected no image" in msg
     assert "images examined: 7, matched: 0" in msg and "rejected by image_terms.map_type: 5" in msg
@@ -636,7 +681,7 @@ def test_query_job_fails_on_an_empty_selection_with_its_funnel(tmp_path, small):
     assert f"Funnel (kept in {failed})" in msg and not fun.exists()
     assert json.loads(failed.read_text())["selected"] == 0
     assert json.loads(failed.read_text())["images_rejected_by_term"]["image_terms.map_type"] == 5
-    records = query.query_job(small, {}, sel, fun, LOG)
+    records = query.query_job(small, selection(), sel, fun, LOG)
     assert read_selection_ids(sel) == ids(records) == [10, 11, 31]
     assert json.loads(fun.read_text())["selected"] == 3
     assert not failed.exists()  # the failure is over: no stale failed funnel
@@ -691,15 +736,15 @@ def test_explicit_selection_of_exactly_max_images_is_not_called_truncated(caplog
     asked for: no "truncated" warning (it used to be printed whenever the cap was reached)."""
     client = _big_client(n_collections=2, per_collection=10)
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        records = run_query(client, {"image_ids": [1003, 2004], "max_images": 2}, LOG)
+        records = run_query(client, selection({"image_ids": [1003, 2004], "max_images": 2}), LOG)
         assert ids(records) == [1003, 2004]
-        records = run_query(client, {"collection_ids": [1], "max_images": 10}, LOG)
+        records = run_query(client, selection({"collection_ids": [1], "max_images": 10}), LOG)
         assert ids(records) == [1000 + i for i in range(10)]
-        records = run_query(client, {"image_ids": [1003, 1003], "max_images": 1}, LOG)
+        records = run_query(client, selection({"image_ids": [1003, 1003], "max_images": 1}), LOG)
         assert ids(records) == [1003]
     assert "truncated" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="test_query"):
-        run_query(client, {"image_ids": [1003, 2004, 2005], "max_images": 2}, LOG)
+        run_query(client, selection({"image_ids": [1003, 2004, 2005], "max_images": 2}), LOG)
     assert "max_images=2 reached: explicit selection truncated" in caplog.text
 
 
@@ -718,7 +763,7 @@ def test_explicit_ids_near_each_other_take_their_records_from_the_collection_lis
     one listing of that collection instead of a record each; the selection is unchanged."""
     wanted = [*range(100, 110), 110, 5000, 5001, 90000]
     client = _prefetch_client()
-    records, funnel = query.select(client, {"image_ids": wanted}, LOG)
+    records, funnel = query.select(client, selection({"image_ids": wanted}), LOG)
     assert ids(records) == wanted
     assert client.calls == [
         ("image", 100),
@@ -732,7 +777,7 @@ def test_explicit_ids_near_each_other_take_their_records_from_the_collection_lis
     # the same records as asked one by one (a local source is never prefetched: compare with it)
     alone = FakeClient(list(client.collections.values()), list(client.images.values()))
     alone.describe_source = lambda: {"kind": "snapshot"}
-    ref, _ = query.select(alone, {"image_ids": wanted}, LOG)
+    ref, _ = query.select(alone, selection({"image_ids": wanted}), LOG)
     assert [c for c in alone.calls if c[0] != "image"] == []
     assert records == ref
     assert all(r.get("collection_name") is None for r in records)  # as before: names only for collection_ids
@@ -744,10 +789,10 @@ def test_explicit_ids_near_each_other_take_their_records_from_the_collection_lis
 def test_explicit_ids_prefetch_nothing_beyond_max_images():
     """With room for one image, the first record fills the selection: no collection listing."""
     client = _prefetch_client()
-    records = run_query(client, {"image_ids": list(range(100, 110)), "max_images": 1}, LOG)
+    records = run_query(client, selection({"image_ids": list(range(100, 110)), "max_images": 1}), LOG)
     assert ids(records) == [100] and client.calls == [("image", 100)]
     client = _prefetch_client()
-    records = run_query(client, {"image_ids": list(range(100, 110)), "max_images": 2}, LOG)
+    records = run_query(client, selection({"image_ids": list(range(100, 110)), "max_images": 2}), LOG)
     # room for one more: one record alone costs less than collection record + listing
     assert ids(records) == [100, 101] and client.calls == [("image", 100), ("image", 101)]
 
@@ -764,7 +809,7 @@ def test_explicit_ids_prefetch_failures_fall_back_on_records_quietly(caplog):
 
     client.iter_results = short
     with caplog.at_level(logging.DEBUG):
-        records = run_query(client, {"image_ids": list(range(100, 110))}, LOG)
+        records = run_query(client, selection({"image_ids": list(range(100, 110))}), LOG)
     assert ids(records) == list(range(100, 110))
     assert [c for c in client.calls if c[0] == "image"] == [("image", i) for i in range(100, 110)]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

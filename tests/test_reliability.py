@@ -40,6 +40,7 @@ from helpers import REPO, SNAKEMAKE, SNAPSHOT, make_workdir
 
 from nvmeta.neurovault.layout import write_snapshot
 from nvmeta.testing.server import FixtureServer
+from nvmeta.workflow.config import defaults
 
 pytestmark = pytest.mark.reliability
 
@@ -1055,7 +1056,7 @@ def test_killed_job_temporaries_are_swept(tmp_path):
     keep = [d / "notes.txt", d / ".map.nii.gz.keep"]
     for p in keep:
         p.write_text("user file")
-    client = make_client({"url": str(SNAPSHOT)})
+    client = make_client({**defaults("neurovault"), "url": str(SNAPSHOT)})
     r = fetch_image(client, 990001, d, "download_new", tmp_path / "results" / "collections")
     assert r["status"] == "ok"
     assert sorted(p.name for p in d.iterdir()) == sorted(
@@ -1073,9 +1074,10 @@ def test_killed_job_temporaries_are_swept(tmp_path):
         d / "metadata.json",
         d / "map.nii.gz",
         load_mask("mni152_2mm"),
-        {"df": "n-1"},
+        {**defaults("conversion"), "df": "n-1"},
         d / "zmap.nii.gz",
         d / "qc.json",
+        defaults("qc"),
     )
     assert qc["status"] == "included"
     assert sorted(p.name for p in d.iterdir()) == sorted(

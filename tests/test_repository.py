@@ -178,3 +178,46 @@ def test_ci_runs_the_linters_before_the_suite():
     ]
     where = [next(i for i, line in enumerate(lines) if step in line) for step in steps]
     assert where == sorted(where) and "set -euo pipefail" in lines
+
+
+#: Modules that may call ``nvmeta.workflow.config.defaults``: the schema's own module, the test-data
+#: builders, and command-line entry points (functions named ``main``), which have no config to read.
+_DEFAULTS_CALLERS = ("nvmeta/workflow/config.py", "nvmeta/testing/")
+#: Still completing a partial block from the schema (``{**defaults("meta"), **cfg}``); to go.
+_DEFAULTS_PENDING = {"nvmeta/meta/run.py"}
+
+
+def _defaults_calls(root) -> list[str]:
+    """``file:line`` of every ``defaults(...)`` call in ``root/nvmeta`` outside the allowed places."""
+    found = []
+    for path in sorted((root / "nvmeta").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(_DEFAULTS_CALLERS) or rel in _DEFAULTS_PENDING:
+            continue
+        tree = ast.parse(path.read_text())
+        in_main = {
+            id(n)
+            for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef) and f.name == "main"
+            for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            func = getattr(node, "func", None)
+            name = getattr(func, "id", getattr(func, "attr", None))
+            if isinstance(node, ast.Call) and name == "defaults" and id(node) not in in_main:
+                found.append(f"{rel}:{node.lineno}")
+    return found
+
+
+def test_the_production_path_takes_the_validated_blocks():
+    """No module completes a partial config block from the schema's defaults: what the workflow hands
+    over is validated and complete, and tests build blocks as ``{**defaults("qc"), ...}``."""
+    assert not _defaults_calls(REPO), "read the validated block instead of completing it from defaults()"
+
+
+def test_defaults_scan_sees_a_completion(tmp_path):
+    (tmp_path / "nvmeta" / "images").mkdir(parents=True)
+    (tmp_path / "nvmeta" / "images" / "x.py").write_text(
+        "def f(cfg):\n    return {**defaults('qc'), **cfg}\n\n\ndef main():\n    return defaults('qc')\n"
+    )
+    assert _defaults_calls(tmp_path) == ["nvmeta/images/x.py:2"]

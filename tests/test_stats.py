@@ -10,6 +10,7 @@ import pytest
 from scipy import special, stats
 
 from nvmeta.images.stats import MISSING_SAMPLE_SIZE, resolve_df, resolve_sample_size, t_to_z
+from nvmeta.workflow.config import defaults
 
 DFS = [1, 2, 3, 5, 10, 30, 100, 1000, 10000, 100000]
 REL_TOL = 1e-6
@@ -247,54 +248,97 @@ def rec(**kw):
 
 
 def test_statistic_parameters_preferred():
-    assert resolve_df(rec(statistic_parameters=23.0, number_of_subjects=25), {}) == (
+    assert resolve_df(rec(statistic_parameters=23.0, number_of_subjects=25), defaults("conversion")) == (
         23.0,
         "statistic_parameters",
         None,
     )
     # without a known n, any finite value >= 1 is plausible
-    assert resolve_df(rec(statistic_parameters=1.0), {}) == (1.0, "statistic_parameters", None)
+    assert resolve_df(rec(statistic_parameters=1.0), defaults("conversion")) == (
+        1.0,
+        "statistic_parameters",
+        None,
+    )
     # numeric strings (e.g. from selection.tsv) are accepted
-    assert resolve_df(rec(statistic_parameters="27.5"), {}) == (27.5, "statistic_parameters", None)
+    assert resolve_df(rec(statistic_parameters="27.5"), defaults("conversion")) == (
+        27.5,
+        "statistic_parameters",
+        None,
+    )
     # preferred over overrides too
     conv = {"df_images": {"101": 5}, "df_collections": {"7": 6}}
-    assert resolve_df(rec(statistic_parameters=40), conv) == (40.0, "statistic_parameters", None)
+    assert resolve_df(rec(statistic_parameters=40), {**defaults("conversion"), **conv}) == (
+        40.0,
+        "statistic_parameters",
+        None,
+    )
     # df == n is still plausible
-    assert resolve_df(rec(statistic_parameters=25, number_of_subjects=25), {})[1] == "statistic_parameters"
+    assert (
+        resolve_df(rec(statistic_parameters=25, number_of_subjects=25), defaults("conversion"))[1]
+        == "statistic_parameters"
+    )
 
 
 @pytest.mark.parametrize("bad", [0.0, 0.5, -3.0, float("nan"), float("inf"), "abc", True, [3], 26.0])
 def test_implausible_statistic_parameters_ignored(bad):
     # 26 > n = 25 is implausible: fall through to the n rule
-    assert resolve_df(rec(statistic_parameters=bad, number_of_subjects=25), {}) == (23.0, "n-2", None)
+    assert resolve_df(rec(statistic_parameters=bad, number_of_subjects=25), defaults("conversion")) == (
+        23.0,
+        "n-2",
+        None,
+    )
 
 
 def test_statistic_parameters_checked_against_config_n():
     conv = {"n_images": {"101": 20}}
-    assert resolve_df(rec(statistic_parameters=30), conv) == (18.0, "n-2", None)
-    assert resolve_df(rec(statistic_parameters=19), conv) == (19.0, "statistic_parameters", None)
+    assert resolve_df(rec(statistic_parameters=30), {**defaults("conversion"), **conv}) == (18.0, "n-2", None)
+    assert resolve_df(rec(statistic_parameters=19), {**defaults("conversion"), **conv}) == (
+        19.0,
+        "statistic_parameters",
+        None,
+    )
 
 
 def test_n_rule_default_and_n_minus_1():
-    assert resolve_df(rec(number_of_subjects=25), {}) == (23.0, "n-2", None)
-    assert resolve_df(rec(number_of_subjects=25), {"df": "n-2"}) == (23.0, "n-2", None)
-    assert resolve_df(rec(number_of_subjects=25), {"df": "n-1"}) == (24.0, "n-1", None)
-    assert resolve_df(rec(number_of_subjects="12"), {"df": "n-1"}) == (11.0, "n-1", None)
-    assert resolve_df(rec(number_of_subjects=3), {}) == (1.0, "n-2", None)
-    assert resolve_df(rec(number_of_subjects=2), {"df": "n-1"}) == (1.0, "n-1", None)
+    assert resolve_df(rec(number_of_subjects=25), defaults("conversion")) == (23.0, "n-2", None)
+    assert resolve_df(rec(number_of_subjects=25), {**defaults("conversion"), "df": "n-2"}) == (
+        23.0,
+        "n-2",
+        None,
+    )
+    assert resolve_df(rec(number_of_subjects=25), {**defaults("conversion"), "df": "n-1"}) == (
+        24.0,
+        "n-1",
+        None,
+    )
+    assert resolve_df(rec(number_of_subjects="12"), {**defaults("conversion"), "df": "n-1"}) == (
+        11.0,
+        "n-1",
+        None,
+    )
+    assert resolve_df(rec(number_of_subjects=3), defaults("conversion")) == (1.0, "n-2", None)
+    assert resolve_df(rec(number_of_subjects=2), {**defaults("conversion"), "df": "n-1"}) == (
+        1.0,
+        "n-1",
+        None,
+    )
     # config may be None / empty
-    assert resolve_df(rec(number_of_subjects=10), None) == (8.0, "n-2", None)
+    assert resolve_df(rec(number_of_subjects=10), defaults("conversion")) == (8.0, "n-2", None)
 
 
 def test_zero_n_is_missing():
     # NIDM maps are stored with n = 0: unknown, not a value to complain about
-    assert resolve_df(rec(number_of_subjects=0), {"df": "n-2"}) == (None, None, MISSING_SAMPLE_SIZE)
+    assert resolve_df(rec(number_of_subjects=0), {**defaults("conversion"), "df": "n-2"}) == (
+        None,
+        None,
+        MISSING_SAMPLE_SIZE,
+    )
 
 
 @pytest.mark.parametrize(("n", "rule", "df"), [(2, "n-2", 0), (1, "n-2", -1), (1, "n-1", 0)])
 def test_n_at_or_below_offset_says_so(n, rule, df):
     """n = 1 used to be reported as "missing sample size": the record has an n, too small for a df."""
-    got = resolve_df(rec(number_of_subjects=n), {"df": rule})
+    got = resolve_df(rec(number_of_subjects=n), {**defaults("conversion"), "df": rule})
     assert got[:2] == (None, None)
     assert got[2] == (
         f"implausible sample size: number_of_subjects = {n} leaves no degrees of freedom for a t map "
@@ -330,7 +374,9 @@ def test_n_at_or_below_offset_says_so(n, rule, df):
 def test_given_but_unusable_n_is_never_silently_missing(value, why):
     """'twenty', 'nan', '0x14', inf or 1e400 in number_of_subjects used to become "missing sample size"
     (or a processing error), as if the record had no n."""
-    s = resolve_sample_size(rec(number_of_subjects=value, statistic_parameters=18), {}, max_n=100_000)
+    s = resolve_sample_size(
+        rec(number_of_subjects=value, statistic_parameters=18), defaults("conversion"), max_n=100_000
+    )
     if why is None:  # empty text is absent: statistic_parameters give the df
         assert (s.n, s.df, s.reason) == (None, 18.0, None)
         return
@@ -339,16 +385,21 @@ def test_given_but_unusable_n_is_never_silently_missing(value, why):
         s.reason == f"implausible sample size: number_of_subjects {why} (set conversion.n_images to override)"
     )
     # an override replaces it, as for any unusable record value
-    s2 = resolve_sample_size(rec(number_of_subjects=value), {"n_images": {101: 30}}, max_n=100_000)
+    s2 = resolve_sample_size(
+        rec(number_of_subjects=value), {**defaults("conversion"), "n_images": {101: 30}}, max_n=100_000
+    )
     assert (s2.n, s2.n_source, s2.df, s2.reason) == (30, "n_images", 28.0, None)
 
 
 def test_numeric_types_from_tables_are_numbers():
-    assert resolve_sample_size(rec(number_of_subjects=np.int64(25)), {}).n == 25
-    assert resolve_sample_size(rec(number_of_subjects=np.float32(25.0)), {}).n == 25
-    assert resolve_sample_size(rec(number_of_subjects=" 25 "), {}).n == 25
-    assert resolve_sample_size(rec(number_of_subjects="2.5e1"), {}).n == 25
-    assert resolve_sample_size(rec(number_of_subjects=np.nan), {}).reason == MISSING_SAMPLE_SIZE
+    assert resolve_sample_size(rec(number_of_subjects=np.int64(25)), defaults("conversion")).n == 25
+    assert resolve_sample_size(rec(number_of_subjects=np.float32(25.0)), defaults("conversion")).n == 25
+    assert resolve_sample_size(rec(number_of_subjects=" 25 "), defaults("conversion")).n == 25
+    assert resolve_sample_size(rec(number_of_subjects="2.5e1"), defaults("conversion")).n == 25
+    assert (
+        resolve_sample_size(rec(number_of_subjects=np.nan), defaults("conversion")).reason
+        == MISSING_SAMPLE_SIZE
+    )
 
 
 TWO_SAMPLE = {"design": "two_sample", "n1": 12, "n2": 8}
@@ -361,14 +412,16 @@ def test_two_sample_design_n_is_the_one_n():
         {"design_collections": {7: TWO_SAMPLE}},
     ):
         table = next(iter(k for k in conv if k.startswith("design")))
-        s = resolve_sample_size(rec(), conv)
+        s = resolve_sample_size(rec(), {**defaults("conversion"), **conv})
         assert (s.n, s.n_source, s.df, s.df_source, s.reason) == (20, table, 18.0, "two_sample", None)
     # the record's n agrees: kept with its source
-    s = resolve_sample_size(rec(number_of_subjects=20), {"design_images": {101: TWO_SAMPLE}})
+    s = resolve_sample_size(
+        rec(number_of_subjects=20), {**defaults("conversion"), "design_images": {101: TWO_SAMPLE}}
+    )
     assert (s.n, s.n_source, s.df, s.df_source) == (20, "number_of_subjects", 18.0, "two_sample")
     # an image entry wins over its collection's
     conv = {"design_images": {101: TWO_SAMPLE}, "design_collections": {7: {**TWO_SAMPLE, "n1": 40}}}
-    assert resolve_sample_size(rec(number_of_subjects=20), conv).n == 20
+    assert resolve_sample_size(rec(number_of_subjects=20), {**defaults("conversion"), **conv}).n == 20
 
 
 @pytest.mark.parametrize(
@@ -380,7 +433,7 @@ def test_two_sample_design_n_is_the_one_n():
 )
 def test_two_sample_design_conflicting_with_n_excludes(fields, conv, source):
     """n1 + n2 = 20 against n = 25 gave g from 12/8 and sqrt(n) weights from 25, without a word."""
-    s = resolve_sample_size(rec(**fields), conv)
+    s = resolve_sample_size(rec(**fields), {**defaults("conversion"), **conv})
     table = "design_images[101]" if "design_images" in conv else "design_collections[7]"
     assert (s.n, s.df) == (None, None)
     assert s.reason == (
@@ -388,13 +441,22 @@ def test_two_sample_design_conflicting_with_n_excludes(fields, conv, source):
         "(an image has one n: fix n1 and n2)"
     )
     # a Z map too: its weights read n
-    assert resolve_sample_size(rec(**fields), conv, need_df=False).reason == s.reason
+    assert (
+        resolve_sample_size(rec(**fields), {**defaults("conversion"), **conv}, need_df=False).reason
+        == s.reason
+    )
 
 
 def test_nidm_zero_n_uses_config_n():
     # NIDM maps carry n = 0: treated as unknown, so n_images / n_collections apply
-    assert resolve_df(rec(number_of_subjects=0), {"n_images": {"101": 30}}) == (28.0, "n-2", None)
-    assert resolve_df(rec(number_of_subjects=0), {"n_collections": {7: 16}, "df": "n-1"}) == (
+    assert resolve_df(rec(number_of_subjects=0), {**defaults("conversion"), "n_images": {"101": 30}}) == (
+        28.0,
+        "n-2",
+        None,
+    )
+    assert resolve_df(
+        rec(number_of_subjects=0), {**defaults("conversion"), "n_collections": {7: 16}, "df": "n-1"}
+    ) == (
         15.0,
         "n-1",
         None,
@@ -403,32 +465,38 @@ def test_nidm_zero_n_uses_config_n():
 
 @pytest.mark.parametrize("key", ["101", 101])
 def test_n_images_any_key_type(key):
-    assert resolve_df(rec(), {"n_images": {key: 12}}) == (10.0, "n-2", None)
+    assert resolve_df(rec(), {**defaults("conversion"), "n_images": {key: 12}}) == (10.0, "n-2", None)
 
 
 @pytest.mark.parametrize("key", ["7", 7])
 def test_n_collections_any_key_type(key):
-    assert resolve_df(rec(), {"n_collections": {key: 12}}) == (10.0, "n-2", None)
+    assert resolve_df(rec(), {**defaults("conversion"), "n_collections": {key: 12}}) == (10.0, "n-2", None)
 
 
 def test_n_images_before_n_collections_and_record_n_first():
     conv = {"n_images": {"101": 12}, "n_collections": {"7": 40}}
-    assert resolve_df(rec(), conv) == (10.0, "n-2", None)
-    assert resolve_df(rec(number_of_subjects=22), conv) == (20.0, "n-2", None)
-    assert resolve_df(rec(id=5), conv) == (38.0, "n-2", None)
+    assert resolve_df(rec(), {**defaults("conversion"), **conv}) == (10.0, "n-2", None)
+    assert resolve_df(rec(number_of_subjects=22), {**defaults("conversion"), **conv}) == (20.0, "n-2", None)
+    assert resolve_df(rec(id=5), {**defaults("conversion"), **conv}) == (38.0, "n-2", None)
 
 
 @pytest.mark.parametrize("key", ["101", 101])
 def test_df_image_override(key):
     conv = {"df_images": {key: 17.5}, "df_collections": {"7": 9}}
-    assert resolve_df(rec(), conv) == (17.5, "override_image", None)
+    assert resolve_df(rec(), {**defaults("conversion"), **conv}) == (17.5, "override_image", None)
 
 
 @pytest.mark.parametrize("key", ["7", 7])
 def test_df_collection_override(key):
-    assert resolve_df(rec(), {"df_collections": {key: 9}}) == (9.0, "override_collection", None)
+    assert resolve_df(rec(), {**defaults("conversion"), "df_collections": {key: 9}}) == (
+        9.0,
+        "override_collection",
+        None,
+    )
     # image override for another image does not apply
-    assert resolve_df(rec(), {"df_images": {"102": 3}, "df_collections": {key: 9}}) == (
+    assert resolve_df(
+        rec(), {**defaults("conversion"), "df_images": {"102": 3}, "df_collections": {key: 9}}
+    ) == (
         9.0,
         "override_collection",
         None,
@@ -438,21 +506,35 @@ def test_df_collection_override(key):
 def test_override_applies_after_n_rule_as_specified():
     conv = {"df_images": {"101": 50}}
     # documented order: a usable n wins over a df override ...
-    assert resolve_df(rec(number_of_subjects=25), conv) == (23.0, "n-2", None)
+    assert resolve_df(rec(number_of_subjects=25), {**defaults("conversion"), **conv}) == (23.0, "n-2", None)
     # ... the override rescues n <= offset and NIDM n = 0
-    assert resolve_df(rec(number_of_subjects=2), conv) == (50.0, "override_image", None)
-    assert resolve_df(rec(number_of_subjects=0), conv) == (50.0, "override_image", None)
+    assert resolve_df(rec(number_of_subjects=2), {**defaults("conversion"), **conv}) == (
+        50.0,
+        "override_image",
+        None,
+    )
+    assert resolve_df(rec(number_of_subjects=0), {**defaults("conversion"), **conv}) == (
+        50.0,
+        "override_image",
+        None,
+    )
 
 
 @pytest.mark.parametrize("bad", [0, -1, "x", None, float("nan")])
 def test_invalid_override_ignored(bad):
-    assert resolve_df(rec(), {"df_images": {"101": bad}}) == (None, None, MISSING_SAMPLE_SIZE)
+    assert resolve_df(rec(), {**defaults("conversion"), "df_images": {"101": bad}}) == (
+        None,
+        None,
+        MISSING_SAMPLE_SIZE,
+    )
 
 
 def test_missing_sample_size():
-    assert resolve_df(rec(), {}) == (None, None, MISSING_SAMPLE_SIZE)
-    assert resolve_df({}, {}) == (None, None, MISSING_SAMPLE_SIZE)
-    assert resolve_df(rec(number_of_subjects=None, statistic_parameters=None), {"df": "n-1"}) == (
+    assert resolve_df(rec(), defaults("conversion")) == (None, None, MISSING_SAMPLE_SIZE)
+    assert resolve_df({}, defaults("conversion")) == (None, None, MISSING_SAMPLE_SIZE)
+    assert resolve_df(
+        rec(number_of_subjects=None, statistic_parameters=None), {**defaults("conversion"), "df": "n-1"}
+    ) == (
         None,
         None,
         MISSING_SAMPLE_SIZE,
@@ -468,30 +550,38 @@ def test_selection_row_style_record():
         "statistic_parameters": float("nan"),
         "number_of_subjects": float("nan"),
     }
-    assert resolve_df(row, {"df_images": {"101": 8}}) == (8.0, "override_image", None)
+    assert resolve_df(row, {**defaults("conversion"), "df_images": {"101": 8}}) == (
+        8.0,
+        "override_image",
+        None,
+    )
     row["number_of_subjects"] = 30.0
-    assert resolve_df(row, {}) == (28.0, "n-2", None)
+    assert resolve_df(row, defaults("conversion")) == (28.0, "n-2", None)
 
 
 def test_bad_rule_raises():
     with pytest.raises(ValueError, match="n-2"):
-        resolve_df(rec(number_of_subjects=10), {"df": "n-3"})
+        resolve_df(rec(number_of_subjects=10), {**defaults("conversion"), "df": "n-3"})
 
 
 def test_non_integral_or_huge_n_is_not_silently_used():
     from nvmeta.images.stats import resolve_sample_size
 
     # 20.5 used to give df = 18.5 while qc.json said n = 20
-    df, src, reason = resolve_df(rec(number_of_subjects=20.5), {})
+    df, src, reason = resolve_df(rec(number_of_subjects=20.5), defaults("conversion"))
     assert (df, src) == (None, None) and reason.startswith(
         "implausible sample size: number_of_subjects = 20.5"
     )
-    s = resolve_sample_size(rec(number_of_subjects=1e9), {}, max_n=100_000)
+    s = resolve_sample_size(rec(number_of_subjects=1e9), defaults("conversion"), max_n=100_000)
     assert s.n is None and s.df is None and "1e+09 > qc.max_n = 100000" in s.reason
-    s = resolve_sample_size(rec(number_of_subjects="30.0"), {"df": "n-1"}, max_n=100_000)
+    s = resolve_sample_size(
+        rec(number_of_subjects="30.0"), {**defaults("conversion"), "df": "n-1"}, max_n=100_000
+    )
     assert (s.n, s.n_source, s.df, s.df_source, s.reason) == (30, "number_of_subjects", 29.0, "n-1", None)
     # a Z map (need_df=False) gets its df too when it can be had (its effect sizes need it)
-    s = resolve_sample_size(rec(number_of_subjects=0), {"n_collections": {"7": 12}}, need_df=False)
+    s = resolve_sample_size(
+        rec(number_of_subjects=0), {**defaults("conversion"), "n_collections": {"7": 12}}, need_df=False
+    )
     assert (s.n, s.n_source, s.df, s.reason) == (12, "n_collections", 10.0, None)
-    s = resolve_sample_size(rec(number_of_subjects=0), {}, need_df=False)
+    s = resolve_sample_size(rec(number_of_subjects=0), defaults("conversion"), need_df=False)
     assert (s.n, s.df, s.reason) == (None, None, None)

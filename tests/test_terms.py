@@ -241,7 +241,7 @@ def ns_server(tmp_path):
 def client_for(srv):
     from nvmeta.neurovault import make_client
 
-    return make_client({"url": srv.url, "retries": 1, "backoff": 0.0, "timeout": 5})
+    return make_client({**defaults("neurovault"), "url": srv.url, "retries": 1, "backoff": 0.0, "timeout": 5})
 
 
 def decode_requests(srv):

@@ -13,6 +13,7 @@ import pytest
 
 from nvmeta.images.stats import t_to_z
 from nvmeta.images.zmap import make_zmap
+from nvmeta.workflow.config import defaults
 
 # real maps from the bundled demo snapshot (the repository's own copy; no file outside it)
 MEDIA = Path(__file__).parent / "data" / "snapshot" / "media" / "images"
@@ -79,9 +80,10 @@ def run(tmp_path: Path, rec: dict, img=None, map_file: Path | None = None, mask=
         d / "metadata.json",
         map_path,
         mask,
-        conversion if conversion is not None else {"df": "n-2"},
+        {**defaults("conversion"), **(conversion or {})},
         d / "zmap.nii.gz",
         d / "qc.json",
+        defaults("qc"),
     )
     # outputs always complete, qc.json == returned dict, zmap on the template grid as float32
     assert json.loads((d / "qc.json").read_text()) == qc
@@ -394,7 +396,7 @@ def test_cli(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# C3: one resolved sample size per image, in qc.json
+# One resolved sample size per image, in qc.json
 # ---------------------------------------------------------------------------------------
 
 
@@ -433,7 +435,7 @@ def test_n_override_resolved_once_into_qc_json(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Plausibility rules (issue 10 item 4): implausible statistics are excluded with a specific reason
+# Plausibility rules: implausible statistics are excluded with a specific reason
 # ---------------------------------------------------------------------------------------
 
 SNAPSHOT = Path(__file__).parent / "data" / "snapshot"
@@ -507,7 +509,13 @@ def test_limits_are_config_keys(tmp_path):
     (d / "metadata.json").write_text(json.dumps(record(n=1e9)))
     nib.save(nib.Nifti1Image(t_data(12) * 1000, T_AFF), d / "map.nii.gz")
     qc = make_zmap(
-        d / "metadata.json", d / "map.nii.gz", MASK, {"df": "n-2"}, d / "z.nii.gz", d / "qc.json", limits
+        d / "metadata.json",
+        d / "map.nii.gz",
+        MASK,
+        {**defaults("conversion"), "df": "n-2"},
+        d / "z.nii.gz",
+        d / "qc.json",
+        limits,
     )
     assert qc["status"] == "included" and qc["n"] == 10**9
 
@@ -526,7 +534,15 @@ def test_every_demo_map_passes_the_plausibility_rules(tmp_path):
         (d / "metadata.json").write_text(json.dumps(rec))
         src = maps[rec["id"]]
         conv = {"df": "n-2", "n_images": {"10426": 20}}
-        qc = make_zmap(d / "metadata.json", src, MASK, conv, d / "zmap.nii.gz", d / "qc.json")
+        qc = make_zmap(
+            d / "metadata.json",
+            src,
+            MASK,
+            {**defaults("conversion"), **conv},
+            d / "zmap.nii.gz",
+            d / "qc.json",
+            defaults("qc"),
+        )
         if qc["status"] == "included":
             included.add(rec["id"])
         else:
@@ -535,7 +551,7 @@ def test_every_demo_map_passes_the_plausibility_rules(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Memory (issue 10 item 7): a bound from the header, one float32 read, peak within mem_mb
+# Memory: a bound from the header, one float32 read, peak within mem_mb
 # ---------------------------------------------------------------------------------------
 
 
@@ -569,7 +585,7 @@ def test_oversized_map_excluded_from_its_header_before_reading(tmp_path):
         d / "metadata.json",
         f,
         MASK,
-        {"df": "n-2"},
+        {**defaults("conversion"), "df": "n-2"},
         d / "zmap.nii.gz",
         d / "qc.json",
         {**defaults("qc"), "max_map_mb": 1e4},
@@ -591,8 +607,10 @@ def hwm():  # peak RSS of this process (VmHWM; getrusage's maxrss would include 
 d = sys.argv[1]
 mask = nib.load(d + "/mask.nii.gz")
 mask = nib.Nifti1Image(np.asarray(mask.dataobj), mask.affine)
+from nvmeta.workflow.config import defaults
+conversion, limits = {**defaults("conversion"), "df": "n-2"}, defaults("qc")
 base = hwm()
-qc = make_zmap(d + "/metadata.json", d + "/map.nii.gz", mask, {"df": "n-2"}, d + "/z.nii.gz", d + "/qc.json")
+qc = make_zmap(d + "/metadata.json", d + "/map.nii.gz", mask, conversion, d + "/z.nii.gz", d + "/qc.json", limits)
 print(json.dumps({"base": base, "peak": hwm(), "status": qc["status"], "reason": qc["reason"]}))
 """
 
@@ -723,9 +741,10 @@ def _with_effects(tmp_path: Path, rec: dict, t: np.ndarray, conversion: dict) ->
         d / "metadata.json",
         d / "map.nii.gz",
         MASK,
-        conversion,
+        {**defaults("conversion"), **conversion},
         d / "zmap.nii.gz",
         d / "qc.json",
+        defaults("qc"),
         out_effects=(d / "g.nii.gz", d / "varg.nii.gz"),
     )
     return qc, np.asarray(nib.load(d / "g.nii.gz").dataobj, dtype=np.float64)

@@ -8,7 +8,7 @@ Layout of the studyset (NiMARE 0.22's NIMADS format: studies -> analyses -> imag
   peaks, and, when it has negative peaks, one analysis ``{image_id}_neg`` holding those
   (negative peaks are their own contrast; that analysis has no image, so an image-based
   estimator counts each map once). Analysis metadata: ``sample_sizes`` (``[n]`` from qc.json,
-  contract C3), ``neurovault_image_id``, ``neurovault_collection_id``, ``contrast``,
+  the image's one resolved sample size), ``neurovault_image_id``, ``neurovault_collection_id``, ``contrast``,
   ``cognitive_atlas_task`` (+ ``_id``), ``cognitive_contrast``, ``doi``, ``map_type``, ``df``,
   ``sign``, ``neurovault_url``;
 - **images** (paths relative to the results folder, which is the studyset's base path):

@@ -271,7 +271,7 @@ def peaks_table(
         The analysis' ``qc.tsv`` (rows with status ``included`` are used, in file order).
     zmap_path_for, qc_json_for : callable
         ``image_id -> Path`` of the image's template-grid ``zmap.nii.gz`` / its ``qc.json``
-        (whose ``n`` is the sample size, contract C3).
+        (whose ``n`` is the image's one resolved sample size).
     cfg : dict
         The analysis' ``cbma`` block.
     out_tsv : path-like

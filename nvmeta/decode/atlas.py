@@ -37,22 +37,25 @@ ATLAS_COLUMNS = [
 
 
 def selection_cfg(atlas: Mapping[str, Any]) -> dict[str, Any]:
-    """The atlas block as a selection config for :mod:`nvmeta.select.query`.
+    """The atlas block as a selection config for :mod:`nvmeta.select.query` (its ``SELECTION_KEYS``).
 
-    The atlas' ``image_terms`` / ``collection_terms`` / ``default_terms``, the hygiene terms under them
-    (``atlas.hygiene``, :mod:`nvmeta.select.hygiene`), a ``{group_by: {not_null: true}}`` image term
-    (a map without a term cannot enter any reference) unless the user wrote a term on that field,
-    and ``max_images`` (null: no limit).
+    A selection by terms: the atlas' ``image_terms`` / ``collection_terms`` / ``default_terms``, the
+    hygiene terms under them (``atlas.hygiene``, :mod:`nvmeta.select.hygiene`), a
+    ``{group_by: {not_null: true}}`` image term (a map without a term cannot enter any reference)
+    unless the user wrote a term on that field, and ``max_images`` (null: no limit).
     """
     from nvmeta.select.hygiene import with_hygiene
 
-    image_terms = dict(atlas.get("image_terms") or {})
-    image_terms.setdefault(atlas["group_by"], {"not_null": True})
+    image_terms = dict(atlas["image_terms"])
+    if atlas["group_by"] not in image_terms:
+        image_terms[atlas["group_by"]] = {"not_null": True}
     cfg: dict[str, Any] = {
+        "image_ids": [],
+        "collection_ids": [],
         "image_terms": image_terms,
-        "collection_terms": dict(atlas.get("collection_terms") or {}),
+        "collection_terms": dict(atlas["collection_terms"]),
         "default_terms": atlas["default_terms"],
-        "max_images": "all" if atlas.get("max_images") is None else atlas["max_images"],
+        "max_images": atlas["max_images"],
     }
     return with_hygiene(cfg) if atlas["hygiene"] else cfg
 

@@ -108,7 +108,7 @@ def correlate(
     from nvmeta.meta import frozen_gc
 
     out = {}
-    # nilearn's masker runs gc.collect() for every image it reads (0.5 s each over NiMARE's heap)
+    # nilearn's masker runs gc.collect() for every image it reads, each a full walk of NiMARE's heap
     with frozen_gc():
         _decode_groups(groups, commons, refs, mask_img, mask, out)
     return out

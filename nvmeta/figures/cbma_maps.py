@@ -70,7 +70,7 @@ def plot_overlap(ibma_dir, ibma_name, cbma_dirs, table, mask_img, alpha, sgn, ou
     """The IBMA FDR z map (sequential colours, one sign) with each CBMA method's cluster-FWE clusters outlined."""
     import matplotlib.pyplot as plt
 
-    from nvmeta.cbma import LEVEL_MAPS, significant_mask
+    from nvmeta.cbma.estimate import LEVEL_MAPS, significant_mask
     from nvmeta.figures import maps
 
     z = np.nan_to_num(

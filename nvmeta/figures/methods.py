@@ -57,7 +57,7 @@ def _selection(spec: dict, nv: dict) -> str:
         terms = {**(spec.get("image_terms") or {}), **(spec.get("collection_terms") or {})}
         text = "; ".join(f"{k} {v}" for k, v in terms.items()) or "no filter term"
         how.append(f"the images whose metadata matched the terms ({text})")
-        if spec.get("default_terms", True):
+        if spec["default_terms"]:
             how[-1] += " and nilearn's default NeuroVault terms"
     if spec.get("max_images"):
         how.append(f"at most {spec['max_images']} images")
@@ -109,7 +109,7 @@ def _qc(qc_cfg: dict, qc_tsv, funnel_tsv) -> str:
 
 def _meta(methods: Sequence[str], summaries: Sequence[dict], meta_cfg: dict) -> str:
     first = summaries[0]
-    k_min = first.get("min_maps_effective", meta_cfg.get("min_maps"))
+    k_min = first.get("min_maps_effective", meta_cfg["min_maps"])
     described = "; ".join(
         f"{IBMA_METHODS[m].sentence} {cite(*IBMA_METHODS[m].cites)}" if m in IBMA_METHODS else m
         for m in methods
@@ -118,7 +118,7 @@ def _meta(methods: Sequence[str], summaries: Sequence[dict], meta_cfg: dict) -> 
         f"The {facts.plural(first.get('k_maps', 0), 'included map')} were combined voxel by voxel wherever at "
         f"least {k_min} had data, with {described}."
     )
-    if meta_cfg.get("combine_within") == "collection":
+    if meta_cfg["combine_within"] == "collection":
         text += " The maps of each collection were first combined into one unit."
     from nvmeta.meta.estimators import get_estimator
 
@@ -133,7 +133,7 @@ def _meta(methods: Sequence[str], summaries: Sequence[dict], meta_cfg: dict) -> 
             )
             + "."
         )
-    sided = "two-sided" if meta_cfg.get("two_sided", True) else "one-sided"
+    sided = "two-sided" if meta_cfg["two_sided"] else "one-sided"
     text += (
         f" p-values ({sided}) were thresholded at a false discovery rate of q < {meta_cfg['alpha']:g} "
         f"{cite(REFS['fdr'])} and with Bonferroni correction {cite(REFS['bonferroni'])}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,7 @@ def z_to_t(z: Any, df: float) -> np.ndarray:
     return np.where(np.isnan(z), np.nan, np.sign(z) * t)
 
 
-def image_design(conversion: dict | None, image_id: Any, collection_id: Any) -> dict:
+def image_design(conversion: Mapping[str, Any], image_id: Any, collection_id: Any) -> dict:
     """The design of an image: ``conversion.design_images[id]``, else ``design_collections[cid]``,
     else ``{"design": "one_sample"}`` (:func:`nvmeta.images.stats.image_design`, the one lookup)."""
     from nvmeta.images.stats import image_design as lookup
@@ -143,7 +144,7 @@ def effect_sizes(z: np.ndarray, df: float, n: float | None, design: dict) -> tup
         Missing or too small sample size for the design, or a two_sample design whose ``n1 + n2`` is
         not ``n``.
     """
-    if design.get("design", "one_sample") == "two_sample":
+    if design["design"] == "two_sample":
         n1, n2 = design["n1"], design["n2"]
         if n is not None and n1 + n2 != n:
             # the image's n is resolved once (nvmeta.images.stats): weights and g must not disagree
@@ -160,7 +161,7 @@ def write_effect_maps(
     zmap: np.ndarray | None,
     qc: dict,
     record: dict,
-    conversion: dict | None,
+    conversion: Mapping[str, Any],
     mask_img: Any,
     out_g: str | os.PathLike,
     out_varg: str | os.PathLike,
@@ -181,7 +182,7 @@ def write_effect_maps(
 
     remove_stale_temps(out_g, out_varg)
     design = image_design(conversion, qc.get("image_id"), qc.get("collection_id"))
-    qc["design"] = design.get("design", "one_sample")
+    qc["design"] = design["design"]
     shape = mask_img.shape[:3]
     g = var_g = None
     if zmap is None:

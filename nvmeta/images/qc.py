@@ -198,7 +198,7 @@ def _image_row(rec: dict, d: Path, cfg: Mapping[str, Any], log: logging.Logger) 
     meta = _read_json(d / "metadata.json")
     nv = (meta or {}).get("nvmeta") or {}
     qc = _read_json(d / "qc.json")
-    if qc is not None:  # the one resolved sample size (contract C3), not the record's
+    if qc is not None:  # the image's one resolved sample size, which every consumer reads, not the record's
         row.update(n=_int(qc.get("n")), n_source=qc.get("n_source"))
     if meta is None or nv.get("status") != "ok":
         if meta is None:
@@ -236,7 +236,7 @@ def _image_row(rec: dict, d: Path, cfg: Mapping[str, Any], log: logging.Logger) 
 def build_qc(
     selection_tsv: str | os.PathLike,
     image_dir_for: Callable[[int], Path],
-    qc_cfg: Mapping[str, Any] | None = None,
+    qc_cfg: Mapping[str, Any],
     logger: logging.Logger | None = None,
     mask_img: Any = None,
     memory_bytes: int = DUPLICATE_SEARCH_BYTES,
@@ -251,9 +251,8 @@ def build_qc(
     image_dir_for : callable
         ``image_dir_for(image_id) -> Path`` of ``results/images/{image_id}/`` (holding metadata.json, qc.json,
         zmap.nii.gz).
-    qc_cfg : mapping, optional
-        ``config["qc"]`` (every key; build one as ``{**nvmeta.workflow.config.defaults("qc"), ...}``); None: the
-        schema defaults.
+    qc_cfg : mapping
+        ``config["qc"]`` (every key; build one as ``{**nvmeta.workflow.config.defaults("qc"), ...}``).
     logger : logging.Logger, optional
         Progress and warnings (default: this module's logger).
     mask_img : nibabel.Nifti1Image, optional
@@ -276,10 +275,6 @@ def build_qc(
     import pandas as pd
 
     log = logger if logger is not None else logging.getLogger(__name__)
-    if qc_cfg is None:
-        from nvmeta.workflow.config import defaults
-
-        qc_cfg = defaults("qc")
     cfg = qc_cfg
     sel = pd.read_csv(selection_tsv, sep="\t", dtype=str, keep_default_na=False)
     rows: list[dict] = []
@@ -488,7 +483,7 @@ def _load_vector(path: Path, vox: np.ndarray) -> np.ndarray:
 def write_qc(
     selection_tsv: str | os.PathLike,
     image_dir_for: Callable[[int], Path],
-    qc_cfg: Mapping[str, Any] | None,
+    qc_cfg: Mapping[str, Any],
     qc_tsv: str | os.PathLike,
     funnel_tsv: str | os.PathLike,
     logger: logging.Logger | None = None,

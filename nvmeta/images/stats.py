@@ -349,17 +349,14 @@ class SampleSize:
     reason: str | None
 
 
-def image_design(
-    conversion: Mapping[str, Any] | None, image_id: Any, collection_id: Any
-) -> tuple[dict, str | None]:
+def image_design(conversion: Mapping[str, Any], image_id: Any, collection_id: Any) -> tuple[dict, str | None]:
     """The declared design of an image and the table it comes from.
 
     ``conversion.design_images[id]``, else ``design_collections[collection_id]``, else
     ``({"design": "one_sample"}, None)``.
     """
-    conversion = conversion or {}
     for table, key in (("design_images", image_id), ("design_collections", collection_id)):
-        value = _lookup(conversion.get(table), key) if key is not None else None
+        value = _lookup(conversion[table], key) if key is not None else None
         if value:
             return dict(value), table
     return {"design": "one_sample"}, None
@@ -368,9 +365,9 @@ def image_design(
 def _n_candidates(record: Mapping[str, Any], conversion: Mapping[str, Any], design: dict, table: str | None):
     image_id = record.get("id", record.get("image_id"))
     yield "number_of_subjects", record.get("number_of_subjects")
-    yield "n_images", _lookup(conversion.get("n_images"), image_id)
-    yield "n_collections", _lookup(conversion.get("n_collections"), record.get("collection_id"))
-    if design.get("design") == "two_sample":
+    yield "n_images", _lookup(conversion["n_images"], image_id)
+    yield "n_collections", _lookup(conversion["n_collections"], record.get("collection_id"))
+    if design["design"] == "two_sample":
         # the user's own statement of the two group sizes: the image's n when nothing else gives one
         yield table, design["n1"] + design["n2"]
 
@@ -403,7 +400,7 @@ def _resolve_n(
             break
     if n is None:
         return None, None, None if problem is None else problem + " (set conversion.n_images to override)"
-    if table is not None and design.get("design") == "two_sample" and n_source != table:
+    if table is not None and design["design"] == "two_sample" and n_source != table:
         n1, n2 = design["n1"], design["n2"]
         if n1 + n2 != n:
             key = (
@@ -424,7 +421,7 @@ def _resolve_n(
 
 def resolve_sample_size(
     record: Mapping[str, Any],
-    conversion: Mapping[str, Any] | None,
+    conversion: Mapping[str, Any],
     max_n: float | None = None,
     need_df: bool = True,
 ) -> SampleSize:
@@ -474,8 +471,7 @@ def resolve_sample_size(
     ValueError
         If ``conversion["df"]`` is not ``"n-2"`` or ``"n-1"``.
     """
-    conversion = conversion or {}
-    rule = conversion.get("df") or "n-2"
+    rule = conversion["df"]
     if rule not in _DF_OFFSETS:
         raise ValueError(f"conversion.df must be 'n-2' or 'n-1', got {rule!r}")
     n, n_source, problem = _resolve_n(record, conversion, max_n)
@@ -509,7 +505,7 @@ def _resolve_df(
     design = image_design(conversion, record.get("id", record.get("image_id")), record.get("collection_id"))[
         0
     ]
-    rule, offset = ("two_sample", 2) if design.get("design") == "two_sample" else (rule, _DF_OFFSETS[rule])
+    rule, offset = ("two_sample", 2) if design["design"] == "two_sample" else (rule, _DF_OFFSETS[rule])
     if n is not None and n > offset:
         return float(n - offset), rule, None
 
@@ -518,7 +514,7 @@ def _resolve_df(
         ("df_images", "override_image", record.get("id", record.get("image_id"))),
         ("df_collections", "override_collection", record.get("collection_id")),
     ):
-        value = _as_float(_lookup(conversion.get(mapping_key), key))
+        value = _as_float(_lookup(conversion[mapping_key], key))
         if value is not None and value > 0:
             return value, source, None
 
@@ -535,7 +531,7 @@ def _resolve_df(
 
 
 def unused_df_override(
-    record: Mapping[str, Any], conversion: Mapping[str, Any] | None, size: SampleSize
+    record: Mapping[str, Any], conversion: Mapping[str, Any], size: SampleSize
 ) -> str | None:
     """Why a ``conversion.df_images`` / ``df_collections`` value set for this image was not used, or None.
 
@@ -543,13 +539,13 @@ def unused_df_override(
     ``statistic_parameters`` or sample size gives a df ignores them. That is by design, but a config
     value that has no effect must be said (the z-map job logs it as a warning and qc.json keeps it).
     """
-    if conversion is None or size.df is None or size.df_source in ("override_image", "override_collection"):
+    if size.df is None or size.df_source in ("override_image", "override_collection"):
         return None
     for mapping_key, key in (
         ("df_images", record.get("id", record.get("image_id"))),
         ("df_collections", record.get("collection_id")),
     ):
-        value = _lookup(conversion.get(mapping_key), key)
+        value = _lookup(conversion[mapping_key], key)
         if value is not None:
             return (
                 f"conversion.{mapping_key}[{key}] = {value} not used: df = {size.df:g} from {size.df_source} "
@@ -559,7 +555,7 @@ def unused_df_override(
 
 
 def resolve_df(
-    record: Mapping[str, Any], conversion: Mapping[str, Any] | None
+    record: Mapping[str, Any], conversion: Mapping[str, Any]
 ) -> tuple[float | None, str | None, str | None]:
     """Degrees of freedom of a t map: ``(df, df_source, exclusion_reason)``.
 

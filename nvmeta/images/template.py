@@ -3,8 +3,8 @@
 ``load_mask("mni152_2mm")`` is nilearn's MNI152 2 mm brain mask (``load_mni152_brain_mask(resolution=2)``,
 the mask of nilearn's NeuroVault ICA example); any other spec is the path of a mask NIfTI.
 
-Importing nilearn and building its MNI mask costs about 2 s, which would dominate a per-image job. The mask
-is therefore cached twice: in process (``functools.lru_cache``) and on disk, as a plain NIfTI keyed by the
+Importing nilearn and building its MNI mask costs more than a per-image job's own work (BENCHMARKS.md,
+"Where the time went"). The mask is therefore cached twice: in process (``functools.lru_cache``) and on disk, as a plain NIfTI keyed by the
 nilearn version, in ``$NVMETA_CACHE_DIR`` (default ``$XDG_CACHE_HOME/nvmeta`` or ``~/.cache/nvmeta``; set
 ``NVMETA_CACHE_DIR=""`` to switch the disk cache off). The disk copy is written atomically and is only a
 copy of nilearn's packaged data, so deleting it is always safe.

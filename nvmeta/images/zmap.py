@@ -24,7 +24,6 @@ the ``qc.max_map_mb`` default keeps a job well inside the rule's ``mem_mb``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -67,17 +66,6 @@ R_EFFECT = (
     "implausible effect size: max |{stat}| / sqrt({n_label}) = {value:.3g} > qc.max_t_per_sqrt_n = {limit:g} "
     "(max |{stat}| = {max_abs:.4g}; map stored scaled?)"
 )
-
-
-@functools.lru_cache(maxsize=1)
-def _default_limits() -> Mapping[str, Any]:
-    """The schema defaults of :data:`LIMIT_KEYS` (read once per process; the schema is the only source)."""
-    from types import MappingProxyType
-
-    from nvmeta.workflow.config import defaults
-
-    qc = defaults("qc")
-    return MappingProxyType({k: qc[k] for k in LIMIT_KEYS})
 
 
 class Excluded(Exception):
@@ -327,10 +315,10 @@ def make_zmap(
     metadata_path: str | os.PathLike,
     map_path: str | os.PathLike,
     mask_img: nib.Nifti1Image,
-    conversion: Mapping[str, Any] | None,
+    conversion: Mapping[str, Any],
     out_zmap: str | os.PathLike,
     out_qc: str | os.PathLike,
-    limits: Mapping[str, Any] | None = None,
+    limits: Mapping[str, Any],
     out_effects: tuple[str | os.PathLike, str | os.PathLike] | None = None,
 ) -> dict:
     """Turn one downloaded image into a z-map on the template grid and write its qc.json.
@@ -347,8 +335,8 @@ def make_zmap(
         ``config["conversion"]`` (df rule and overrides), see :func:`nvmeta.images.stats.resolve_sample_size`.
     out_zmap, out_qc : path-like
         Outputs, written atomically. An excluded image gets an all-NaN z-map.
-    limits : mapping, optional
-        The per-image plausibility keys of ``config["qc"]`` (:data:`LIMIT_KEYS`); None: the schema defaults.
+    limits : mapping
+        The per-image plausibility keys of ``config["qc"]`` (:data:`LIMIT_KEYS`).
     out_effects : (path-like, path-like), optional
         ``g.nii.gz`` and ``varg.nii.gz``: Hedges' g and its variance on the template grid, from the
         z-map and the resolved n / df (:func:`nvmeta.images.effectsize.write_effect_maps`).
@@ -364,9 +352,6 @@ def make_zmap(
     from nvmeta.images.download import remove_stale_temps
 
     remove_stale_temps(out_zmap, out_qc)  # temporaries of a killed earlier attempt
-    conversion = conversion or {}
-    if limits is None:
-        limits = _default_limits()
     qc: dict[str, Any] = dict.fromkeys(QC_FIELDS)
     qc["status"] = "excluded"
     zmap = None
@@ -433,20 +418,35 @@ def make_zmap(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m nvmeta.images.zmap METADATA MAP ZMAP QC [--mask SPEC] [--df n-2|n-1]``."""
+    """Command line: ``python -m nvmeta.images.zmap METADATA MAP ZMAP QC [--mask SPEC] [--df RULE]``.
+
+    ``--mask`` and ``--df`` are ``template.mask`` and ``conversion.df``; the other settings are the
+    schema's defaults.
+    """
     import argparse
 
+    from nvmeta.images.template import load_mask
+    from nvmeta.workflow.config import defaults, schema_node
+
+    conversion, qc_cfg = defaults("conversion"), defaults("qc")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metadata")
     parser.add_argument("map")
     parser.add_argument("zmap")
     parser.add_argument("qc")
-    parser.add_argument("--mask", default="mni152_2mm")
-    parser.add_argument("--df", default="n-2", choices=["n-2", "n-1"])
+    parser.add_argument("--mask", default=defaults("template")["mask"])
+    parser.add_argument("--df", default=conversion["df"], choices=schema_node("conversion.df")["enum"])
     args = parser.parse_args(argv)
-    from nvmeta.images.template import load_mask
-
-    qc = make_zmap(args.metadata, args.map, load_mask(args.mask), {"df": args.df}, args.zmap, args.qc)
+    limits = {k: qc_cfg[k] for k in LIMIT_KEYS}
+    qc = make_zmap(
+        args.metadata,
+        args.map,
+        load_mask(args.mask),
+        {**conversion, "df": args.df},
+        args.zmap,
+        args.qc,
+        limits,
+    )
     print(qc["status"], qc["reason"] or "")
     return 0
 

@@ -19,7 +19,6 @@ safety), :mod:`~nvmeta.neurovault.verify` (file checks and conversion),
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,25 +75,11 @@ __all__ = [
 ]
 
 
-_NV_KEYS = frozenset(
-    ("url", "mode", "timeout", "retries", "backoff", "max_connections", "max_file_bytes", "max_json_bytes")
-    + ("user_agent", "download_attempts", "dump")
-)
-
-
-@functools.lru_cache(maxsize=1)
-def _nv_defaults() -> dict[str, Any]:
-    from nvmeta.workflow.config import defaults
-
-    return defaults("neurovault")
-
-
 def make_client(nv_cfg: Mapping[str, Any], log: logging.Logger | None = None) -> HTTPClient | SnapshotClient:
     """Client for a ``config["neurovault"]`` block.
 
-    After :func:`nvmeta.workflow.config.check_config` the block holds every key; a partial block (tests,
-    notebooks) is completed from the schema's defaults (:func:`nvmeta.workflow.config.defaults`), the one
-    place they live.
+    ``nv_cfg`` is the validated block, holding every key (tests and notebooks build one as
+    ``{**nvmeta.workflow.config.defaults("neurovault"), "url": ...}``).
 
     ``url`` that is an existing directory -> :class:`SnapshotClient`; an http(s) URL ->
     :class:`HTTPClient` (refusing all network access when ``mode`` is ``offline``). With
@@ -106,13 +91,13 @@ def make_client(nv_cfg: Mapping[str, Any], log: logging.Logger | None = None) ->
     nvmeta.errors.ConfigError
         Unknown mode, or a url that is neither http(s) nor an existing directory.
     """
-    cfg = nv_cfg if _NV_KEYS <= nv_cfg.keys() else {**_nv_defaults(), **nv_cfg}
+    cfg = nv_cfg
     mode = cfg["mode"]
     if mode not in MODES:
         raise ConfigError(f"neurovault.mode must be one of {MODES}, got {mode!r}")
     url = str(cfg["url"])
     client = _make(cfg, mode, url, log)
-    client.dump = cfg.get("dump") or None
+    client.dump = cfg["dump"] or None
     return client
 
 

@@ -71,7 +71,7 @@ def query_client(nv_cfg: dict, results_dir: str | os.PathLike, log=None, analysi
             image_fields,
             collection_fields,
             log=log,
-            max_field_bytes=nv_cfg.get("max_dump_field_bytes"),
+            max_field_bytes=nv_cfg["max_dump_field_bytes"],
         )
     if nv_cfg["mode"] == "offline" and nv_cfg["url"].startswith(("http://", "https://")):
         if analysis_cfg is not None and not (

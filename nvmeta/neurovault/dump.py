@@ -122,12 +122,6 @@ _PRIVATE = "private collection (private = true)"
 _PRIVACY_UNKNOWN = "collection of unknown privacy (private empty: not selected)"
 
 
-def _default_max_field_bytes() -> int:
-    from nvmeta.workflow.config import defaults
-
-    return int(defaults("neurovault")["max_dump_field_bytes"])
-
-
 def _postgres_bools(col: Any) -> bool:
     """Whether a column the API fields do not name holds PostgreSQL's booleans only (``t``/``f``)."""
     import pandas as pd
@@ -150,8 +144,8 @@ class DumpSource:
         Extra API fields (e.g. the analysis' term fields) to read when the tables have them (a
         column holding only PostgreSQL's ``t``/``f`` becomes a boolean, as the API serves it).
     log : logging.Logger, optional
-    max_field_bytes : int, optional
-        Largest CSV field accepted (``neurovault.max_dump_field_bytes``; default: the schema's).
+    max_field_bytes : int
+        Largest CSV field accepted (``neurovault.max_dump_field_bytes``).
 
     Raises
     ------
@@ -178,14 +172,15 @@ class DumpSource:
         image_fields: Iterable[str] = (),
         collection_fields: Iterable[str] = (),
         log: logging.Logger | None = None,
-        max_field_bytes: int | None = None,
+        *,
+        max_field_bytes: int,
     ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.media_base = media_base if media_base.endswith("/") else media_base + "/"
         self.log = log or logger
         self.n_requests = 0
         self.last_listing: dict | None = None
-        self.max_field_bytes = max_field_bytes or _default_max_field_bytes()
+        self.max_field_bytes = max_field_bytes
         self._extra_image = set(image_fields) - set(_IMAGE_FIELDS)
         self._extra_collection = set(collection_fields) - set(_COLLECTION_FIELDS)
         self.excluded: Counter = Counter()

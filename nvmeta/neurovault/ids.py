@@ -1,4 +1,4 @@
-"""Record ids: validated once, where records enter nvmeta (contract C5)."""
+"""Record ids: validated once, where records enter nvmeta, so that no later stage checks them again."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ MAX_ID = 10**12 - 1
 
 
 def record_id(value: Any, what: str = "id") -> int:
-    """A record id as the server sent it, validated once at the boundary (contract C5).
+    """A record id as the server sent it, validated once at the boundary.
 
     An int, or a float with an integral value (``5021.0``, as some JSON encoders write it), is
     returned as an int; anything else (``5021.5``, ``"5021"``, ``"abc"``, a bool, ``0``, a

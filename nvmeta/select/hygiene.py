@@ -51,8 +51,8 @@ def with_hygiene(selection_cfg: Mapping[str, Any]) -> dict[str, Any]:
     ignored anyway (as in nilearn).
     """
     out = dict(selection_cfg)
-    if out.get("image_ids") or out.get("collection_ids"):
+    if out["image_ids"] or out["collection_ids"]:
         return out
-    out["image_terms"] = {**IMAGE_TERMS, **dict(out.get("image_terms") or {})}
-    out["collection_terms"] = {**COLLECTION_TERMS, **dict(out.get("collection_terms") or {})}
+    out["image_terms"] = {**IMAGE_TERMS, **out["image_terms"]}
+    out["collection_terms"] = {**COLLECTION_TERMS, **out["collection_terms"]}
     return out

@@ -17,12 +17,16 @@ Two modes, with the semantics of nilearn's ``fetch_neurovault_ids`` / ``fetch_ne
   collections (as nilearn does for an ``id`` term); the full filters are still applied.
 
 ``max_images``: an int >= 1 caps the selection (in both modes: explicit ids are truncated with
-a warning); ``null`` or absent means the mode's default: 100 in terms mode (nilearn's default),
-no limit in explicit mode; the string ``all`` means no limit in either mode.
+a warning); None means no limit. An analysis' null ``max_images`` is resolved before the query
+(:func:`~nvmeta.select.spec.analysis_selection`): no limit in explicit mode, nilearn's default cap in
+terms mode.
 
-Record ids are validated once, here, where records enter (contract C5): an integral float id
-(``5021.0``) becomes an int, any other id that is not a positive integer excludes its record with
-a warning (:func:`nvmeta.neurovault.ids.record_id`). Images listed under a collection whose
+The selection config the query reads (:data:`~nvmeta.select.spec.SELECTION_KEYS`) comes from the
+validated config: the query checks none of it again.
+
+Record ids are validated once, here, where records enter, so that every later stage can trust them:
+an integral float id (``5021.0``) becomes an int, any other id that is not a positive integer
+excludes its record with a warning (:func:`nvmeta.neurovault.ids.record_id`). Images listed under a collection whose
 ``collection_id`` differs from that collection are skipped with a log line.
 
 Every query accounts for itself (:class:`Funnel`, ``query_funnel.json``): records examined,
@@ -57,34 +61,30 @@ from nvmeta.select.listing import (
 )
 from nvmeta.select.selection import SELECTION_COLUMNS, read_selection_ids, write_selection
 from nvmeta.select.spec import (
-    DEFAULT_MAX_IMAGES,
     QUERY_SPEC_VERSION,
-    _ids,
-    _is_pos_int,
+    SELECTION_KEYS,
     analysis_query_spec,
+    analysis_selection,
     is_explicit,
-    resolve_max_images,
-    validate_query,
 )
 
 __all__ = [
-    "DEFAULT_MAX_IMAGES",
     "QUERY_SPEC_VERSION",
     "SELECTION_COLUMNS",
+    "SELECTION_KEYS",
     "EmptySelection",
     "Funnel",
     "IncompleteListing",
     "analysis_query_spec",
+    "analysis_selection",
     "describe_funnel",
     "is_explicit",
     "query_job",
     "read_selection_ids",
-    "resolve_max_images",
     "failed_funnel_path",
     "query_rule",
     "run_query",
     "select",
-    "validate_query",
     "write_selection",
 ]
 
@@ -108,14 +108,11 @@ def _record_errors() -> tuple[type[BaseException], ...]:
     return (*_missing_errors(), TooLarge, UnsafeInput)
 
 
-def _pinned_collection_ids(analysis_cfg: Mapping[str, Any]) -> list[int] | None:
+def _pinned_collection_ids(selection_cfg: Mapping[str, Any]) -> list[int] | None:
     """Collection ids fixed by a plain/eq/in term on collection ``id`` or image ``collection_id``."""
     from nvmeta.select.filters import parse_term
 
-    candidates = [
-        ((analysis_cfg.get("collection_terms") or {}), "id"),
-        ((analysis_cfg.get("image_terms") or {}), "collection_id"),
-    ]
+    candidates = [(selection_cfg["collection_terms"], "id"), (selection_cfg["image_terms"], "collection_id")]
     for terms, field in candidates:
         if field not in terms:
             continue
@@ -126,14 +123,14 @@ def _pinned_collection_ids(analysis_cfg: Mapping[str, Any]) -> list[int] | None:
             ids = list(args)
         else:
             continue
-        if ids and all(_is_pos_int(i) for i in ids):
+        if ids and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
             return list(dict.fromkeys(ids))
     return None
 
 
 def _run_explicit(
     client: Any,
-    analysis_cfg: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any],
     key_prefix: str,
     sel: Selection,
     log: logging.Logger,
@@ -141,9 +138,8 @@ def _run_explicit(
 ) -> None:
     from nvmeta.neurovault import UnsafeInput, normalize_record
 
-    image_ids = _ids(analysis_cfg, "image_ids", key_prefix)
-    collection_ids = _ids(analysis_cfg, "collection_ids", key_prefix)
-    if analysis_cfg.get("image_terms") or analysis_cfg.get("collection_terms"):
+    image_ids, collection_ids = selection_cfg["image_ids"], selection_cfg["collection_ids"]
+    if selection_cfg["image_terms"] or selection_cfg["collection_terms"]:
         log.warning(
             "%s: explicit image_ids/collection_ids given, so image_terms and collection_terms are ignored "
             "(as in nilearn's fetch_neurovault_ids)",
@@ -231,7 +227,7 @@ def _run_explicit(
 
 def _run_terms(
     client: Any,
-    analysis_cfg: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any],
     key_prefix: str,
     sel: Selection,
     log: logging.Logger,
@@ -241,9 +237,9 @@ def _run_terms(
     from nvmeta.select.filters import describe_terms
 
     log.info(
-        "selection by terms (max_images=%s): %s", sel.max_images, describe_terms(analysis_cfg, key_prefix)
+        "selection by terms (max_images=%s): %s", sel.max_images, describe_terms(selection_cfg, key_prefix)
     )
-    pinned = _pinned_collection_ids(analysis_cfg)
+    pinned = _pinned_collection_ids(selection_cfg)
     if pinned is not None:
         log.info("collections pinned by an id term: %s (fetched directly)", pinned)
         collections: Iterable[Any] = fetch_collections(client, pinned, log, sel, _missing_errors())
@@ -311,7 +307,7 @@ def _run_terms(
 
 def select(
     client: Any,
-    analysis_cfg: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any],
     log: logging.Logger,
     key_prefix: str = "analysis",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -322,8 +318,10 @@ def select(
     client : object
         A NeuroVault source (``nvmeta.neurovault``) or anything with ``image(id)``,
         ``collection(cid)`` and ``iter_results(path, limit=..., log=None)``.
-    analysis_cfg : mapping
-        One ``config["analyses"][name]`` block.
+    selection_cfg : mapping
+        What to select (:data:`~nvmeta.select.spec.SELECTION_KEYS`): an analysis'
+        :func:`~nvmeta.select.spec.analysis_selection`, or the atlas'
+        :func:`nvmeta.decode.atlas.selection_cfg`.
     log : logging.Logger
         Progress goes here (collections scanned, images listed/matched, skips).
     key_prefix : str
@@ -339,16 +337,15 @@ def select(
     Raises
     ------
     ConfigError
-        Invalid ids, terms or ``max_images``; a term on a field no examined record carries.
+        A term on a field no examined record carries.
     """
-    validate_query(analysis_cfg, key_prefix)
-    sel = Selection(resolve_max_images(analysis_cfg, key_prefix), log)
-    explicit = is_explicit(analysis_cfg, key_prefix)
-    funnel = Funnel(analysis_cfg, key_prefix, "explicit" if explicit else "terms")
+    sel = Selection(selection_cfg["max_images"], log)
+    explicit = is_explicit(selection_cfg)
+    funnel = Funnel(selection_cfg, key_prefix, "explicit" if explicit else "terms")
     if explicit:
-        _run_explicit(client, analysis_cfg, key_prefix, sel, log, funnel)
+        _run_explicit(client, selection_cfg, key_prefix, sel, log, funnel)
     else:
-        _run_terms(client, analysis_cfg, key_prefix, sel, log, funnel)
+        _run_terms(client, selection_cfg, key_prefix, sel, log, funnel)
     log.info("%s: %d image(s) selected", key_prefix, len(sel.records))
     describe = getattr(client, "describe_source", None)
     funnel.source = describe() if callable(describe) else None
@@ -362,17 +359,17 @@ def select(
 
 def run_query(
     client: Any,
-    analysis_cfg: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any],
     log: logging.Logger,
     key_prefix: str = "analysis",
 ) -> list[dict[str, Any]]:
     """The records :func:`select` selects (without the funnel)."""
-    return select(client, analysis_cfg, log, key_prefix)[0]
+    return select(client, selection_cfg, log, key_prefix)[0]
 
 
 def query_job(
     client: Any,
-    analysis_cfg: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any],
     selection_path: str | os.PathLike,
     funnel_path: str | os.PathLike,
     log: logging.Logger,
@@ -403,7 +400,7 @@ def query_job(
 
     from nvmeta.io import write_json
 
-    records, funnel = select(client, analysis_cfg, log, key_prefix)
+    records, funnel = select(client, selection_cfg, log, key_prefix)
     collections = funnel.pop("_collections", {})
     missing = funnel.pop("_missing", {})
     failed = failed_funnel_path(funnel_path)
@@ -524,20 +521,16 @@ def query_rule(
     # results/analyses/{a}/selection.tsv, results/atlas/selection.tsv
     results = Path(selection_path).parents[1 if analysis is None else 2]
     if analysis is None:
-        analysis_cfg, key_prefix = selection_cfg, "atlas"
+        key_prefix = "atlas"
     else:
-        analysis_cfg, key_prefix = config["analyses"][analysis], f"analyses.{analysis}"
-    if analysis_cfg.get("hygiene"):  # the atlas' hygiene terms under the analysis' own
-        from nvmeta.select.hygiene import with_hygiene
-
-        analysis_cfg = with_hygiene(analysis_cfg)
+        selection_cfg, key_prefix = analysis_selection(config["analyses"][analysis]), f"analyses.{analysis}"
     try:
         # The dump when neurovault.dump is set; in offline mode with a server URL, the records of
         # earlier downloads; else the API (or a snapshot directory).
-        client = query_client(config["neurovault"], results, log, analysis_cfg)
+        client = query_client(config["neurovault"], results, log, selection_cfg)
         records = query_job(
             client,
-            analysis_cfg,
+            selection_cfg,
             selection_path,
             funnel_path,
             log,

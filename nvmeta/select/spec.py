@@ -1,4 +1,7 @@
-"""The part of an analysis' config that selects its images: ids, ``max_images``, the query rule's params.
+"""The part of an analysis' config that selects its images: the selection the query reads, the query rule's params.
+
+The config check (:func:`nvmeta.workflow.config.check_config`) is the one validator: what arrives
+here is a validated block, whose keys are indexed, not checked again.
 
 Pure Python (no pandas, no nilearn at import time): the Snakefile imports it to build the query rule's
 ``params`` (:func:`analysis_query_spec`).
@@ -7,97 +10,65 @@ Pure Python (no pandas, no nilearn at import time): the Snakefile imports it to 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from nvmeta.errors import ConfigError
-
 __all__ = [
-    "DEFAULT_MAX_IMAGES",
     "QUERY_SPEC_VERSION",
+    "SELECTION_KEYS",
     "analysis_query_spec",
+    "analysis_selection",
     "is_explicit",
-    "resolve_max_images",
-    "validate_query",
+    "terms_max_images",
 ]
-
-#: nilearn's default ``max_images`` for filtered queries.
-DEFAULT_MAX_IMAGES = 100
 
 #: Bumped when the selection semantics change, so that existing selections are re-queried.
 QUERY_SPEC_VERSION = 1
 
-
-def _is_pos_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _ids(analysis_cfg: Mapping[str, Any], key: str, key_prefix: str) -> list[int]:
-    raw = analysis_cfg.get(key)
-    if raw is None:
-        return []
-    if _is_pos_int(raw):
-        raw = [raw]
-    if not isinstance(raw, list | tuple):
-        raise ConfigError(f"{key_prefix}.{key}: must be a list of positive integer ids, got {raw!r}.")
-    out: list[int] = []
-    for i, value in enumerate(raw):
-        if not _is_pos_int(value):
-            raise ConfigError(
-                f"{key_prefix}.{key}[{i}]: ids must be positive integers (e.g. `{key}: [151, 3041]`), "
-                f"got {value!r}."
-            )
-        if value not in out:
-            out.append(value)
-    return out
+#: The keys of a selection config, which the query reads: the analysis' keys of the same names, or the
+#: atlas' (:func:`nvmeta.decode.atlas.selection_cfg`); ``max_images`` is the cap itself (None: no limit).
+SELECTION_KEYS = (
+    "image_ids",
+    "collection_ids",
+    "image_terms",
+    "collection_terms",
+    "default_terms",
+    "max_images",
+)
 
 
-def is_explicit(analysis_cfg: Mapping[str, Any], key_prefix: str = "analysis") -> bool:
-    """True when the analysis names images or collections by id (filters are then ignored)."""
-    return bool(
-        _ids(analysis_cfg, "image_ids", key_prefix) or _ids(analysis_cfg, "collection_ids", key_prefix)
-    )
+def is_explicit(selection_cfg: Mapping[str, Any]) -> bool:
+    """True when the selection names images or collections by id (filters are then ignored)."""
+    return bool(selection_cfg["image_ids"] or selection_cfg["collection_ids"])
 
 
-def resolve_max_images(analysis_cfg: Mapping[str, Any], key_prefix: str = "analysis") -> int | None:
-    """Effective ``max_images`` (None = no limit).
+@functools.lru_cache(maxsize=1)
+def terms_max_images() -> int:
+    """The cap of a selection by terms whose ``max_images`` is null: the schema's ``terms_default`` of
+    ``analyses.<name>.max_images`` (nilearn's ``fetch_neurovault`` default)."""
+    from nvmeta.workflow.config import schema_node
 
-    Parameters
-    ----------
-    analysis_cfg : mapping
-        One ``config["analyses"][name]`` block.
-    key_prefix : str
-        Its key path, for error messages.
+    return int(schema_node("analyses.<name>.max_images")["terms_default"])
 
-    Returns
-    -------
-    int or None
-        The int given; for ``null``/absent 100 in terms mode and None in explicit mode;
-        None for ``"all"``.
+
+def analysis_selection(analysis_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What the query reads of one validated analysis block (:data:`SELECTION_KEYS`).
+
+    Ids keep their first position when repeated; a null ``max_images`` becomes the cap it stands for
+    (none with explicit ids, :func:`terms_max_images` with terms); with ``hygiene`` the atlas' hygiene
+    terms go under the analysis' own (:func:`nvmeta.select.hygiene.with_hygiene`).
     """
-    value = analysis_cfg.get("max_images")
-    if value is None:
-        return None if is_explicit(analysis_cfg, key_prefix) else DEFAULT_MAX_IMAGES
-    if isinstance(value, str) and value.strip().lower() == "all":
-        return None
-    if not _is_pos_int(value):
-        raise ConfigError(
-            f"{key_prefix}.max_images: must be a positive integer, null (default: {DEFAULT_MAX_IMAGES} when "
-            f"selecting by terms, no limit with explicit ids) or `all` (no limit), got {value!r}."
-        )
-    return value
+    from nvmeta.select.hygiene import with_hygiene
 
-
-def validate_query(analysis_cfg: Mapping[str, Any], key_prefix: str) -> None:
-    """Check the query part of an analysis (ids, max_images, terms); raise ConfigError."""
-    from nvmeta.select.filters import validate_terms
-
-    _ids(analysis_cfg, "image_ids", key_prefix)
-    _ids(analysis_cfg, "collection_ids", key_prefix)
-    resolve_max_images(analysis_cfg, key_prefix)
-    validate_terms(analysis_cfg, key_prefix)
+    sel = {key: analysis_cfg[key] for key in SELECTION_KEYS}
+    sel["image_ids"] = list(dict.fromkeys(sel["image_ids"]))
+    sel["collection_ids"] = list(dict.fromkeys(sel["collection_ids"]))
+    if sel["max_images"] is None and not is_explicit(sel):
+        sel["max_images"] = terms_max_images()
+    return with_hygiene(sel) if analysis_cfg["hygiene"] else sel
 
 
 def _canonical(value: Any) -> Any:
@@ -112,9 +83,8 @@ def _canonical(value: Any) -> Any:
 
 
 def analysis_query_spec(
-    analysis_cfg: Mapping[str, Any],
+    selection_cfg: Mapping[str, Any],
     nv_url: str | os.PathLike,
-    key_prefix: str = "analysis",
     dump: str | os.PathLike | None = None,
     dump_sha256: str | None = None,
 ) -> dict[str, Any]:
@@ -126,12 +96,11 @@ def analysis_query_spec(
 
     Parameters
     ----------
-    analysis_cfg : mapping
-        One ``config["analyses"][name]`` block.
+    selection_cfg : mapping
+        What the query reads (:func:`analysis_selection` of an analysis, or the atlas'
+        :func:`nvmeta.decode.atlas.selection_cfg`).
     nv_url : str or path-like
         ``config["neurovault"]["url"]``.
-    key_prefix : str
-        Key path of the analysis, for error messages.
     dump : str or path-like, optional
         ``config["neurovault"]["dump"]`` (selecting from another dump re-queries; left out of the
         spec when unset, so specs of API selections are unchanged).
@@ -149,22 +118,21 @@ def analysis_query_spec(
         url = url.rstrip("/") + "/"
     elif len(url) > 1:
         url = url.rstrip("/")
-    explicit = is_explicit(analysis_cfg, key_prefix)
+    explicit = is_explicit(selection_cfg)
     spec: dict[str, Any] = {
         "version": QUERY_SPEC_VERSION,
         "url": url,
         "selection_mode": "explicit" if explicit else "terms",
-        "max_images": resolve_max_images(analysis_cfg, key_prefix),
+        "max_images": selection_cfg["max_images"],
     }
     if dump:
         spec["dump"] = os.fspath(dump)
         spec["dump_sha256"] = dump_sha256
     if explicit:
-        spec["image_ids"] = _ids(analysis_cfg, "image_ids", key_prefix)
-        spec["collection_ids"] = _ids(analysis_cfg, "collection_ids", key_prefix)
+        spec["image_ids"] = selection_cfg["image_ids"]
+        spec["collection_ids"] = selection_cfg["collection_ids"]
     else:
-        default_terms = analysis_cfg.get("default_terms", True)
-        spec["default_terms"] = True if default_terms is None else default_terms
-        spec["image_terms"] = analysis_cfg.get("image_terms") or {}
-        spec["collection_terms"] = analysis_cfg.get("collection_terms") or {}
+        spec["default_terms"] = selection_cfg["default_terms"]
+        spec["image_terms"] = selection_cfg["image_terms"]
+        spec["collection_terms"] = selection_cfg["collection_terms"]
     return _canonical(spec)

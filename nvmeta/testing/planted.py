@@ -105,7 +105,7 @@ def write_planted(
             "collection_id": cid,
             "name": f"planted map {image_id}",
             "map_type": "Z map",
-            "number_of_subjects": 999,  # not the sample size: qc.json's n is (contract C3)
+            "number_of_subjects": 999,  # not the sample size: consumers read qc.json's resolved n
             "contrast_definition": "painful heat vs warm",
             "cognitive_paradigm_cogatlas": "pain monitor/discrimination task",
             "cognitive_paradigm_cogatlas_id": "trm_4da890594742a",

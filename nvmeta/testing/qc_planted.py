@@ -30,6 +30,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from nvmeta.workflow.config import defaults
+
 #: The bad kinds, with how many of each :func:`write_qc_selection` plants by default.
 BAD_KINDS = {
     "name": 4,
@@ -202,7 +204,13 @@ def _write_image(root: Path, image_id: int, z: np.ndarray, mask_img, rec: dict, 
     (d / "metadata.json").write_text(json.dumps(meta))
     nib.save(nib.Nifti1Image(z, mask_img.affine), d / "map.nii.gz")
     make_zmap(
-        d / "metadata.json", d / "map.nii.gz", mask_img, {"df": "n-1"}, d / "zmap.nii.gz", d / "qc.json"
+        d / "metadata.json",
+        d / "map.nii.gz",
+        mask_img,
+        {**defaults("conversion"), "df": "n-1"},
+        d / "zmap.nii.gz",
+        d / "qc.json",
+        defaults("qc"),
     )
     return {
         "image_id": image_id,

@@ -8,6 +8,7 @@ config key and says how to fix it.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -127,10 +128,26 @@ def _allowed(node: dict) -> str | None:
 
 
 def load_schema(schema_path: str | os.PathLike) -> dict:
-    """Load the YAML schema safely."""
+    """Load the YAML schema safely, with the method lists of the registries as its enums.
+
+    The schema file names no method: each node of :data:`nvmeta.workflow.methods.SCHEMA_ENUMS` gets
+    its ``enum`` here, and the key it belongs to a last sentence naming them (README's config
+    reference and the "Fix:" of a config error show it), so a method is named in its registry only.
+    """
     import yaml
 
-    return yaml.safe_load(Path(schema_path).read_text())
+    from nvmeta.workflow.methods import SCHEMA_ENUMS
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    for path, names in SCHEMA_ENUMS.items():
+        key = node = schema
+        for part in path:
+            node = node[part]
+            if part != "items":
+                key = node
+        node["enum"] = names()
+        key["description"] = f"{key['description'].rstrip()} One of: {', '.join(node['enum'])}."
+    return schema
 
 
 #: Upper bound on the values a config may hold once YAML aliases are expanded. A 1 KB file of
@@ -404,13 +421,13 @@ def _check_analysis(name: str, analysis: dict) -> list[str]:
 def _check_decoding(config: dict) -> list[str]:
     """The atlas' selection terms, and what every ``decode`` block needs (an atlas, something to decode)."""
     from nvmeta.decode.atlas import selection_cfg
-    from nvmeta.select.query import validate_query
+    from nvmeta.select.filters import validate_terms
 
     problems: list[str] = []
-    atlas = config.get("atlas")
+    atlas = config["atlas"]
     if atlas is not None:
         try:
-            validate_query(selection_cfg(atlas), "atlas")
+            validate_terms(selection_cfg(atlas), "atlas")
         except ConfigError as exc:
             problems.append(f"config key {exc}")
     for name, analysis in config["analyses"].items():
@@ -510,6 +527,42 @@ def _node_defaults(node: dict, defs: dict, top: bool = True) -> Any:
     return json.loads(json.dumps(node.get("default")))
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict:
+    """The schema of :data:`SCHEMA_PATH`, loaded once per process (callers copy what they hand out)."""
+    return load_schema(SCHEMA_PATH)
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_file() -> dict:
+    """:data:`SCHEMA_PATH` as written, without the method lists (no registry is imported)."""
+    import yaml
+
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema_node(key: str) -> dict[str, Any]:
+    """A copy of the schema node of a config key as the file writes it (no method list, so no registry
+    is imported: the query rule's params read it), for what a node says besides its default.
+
+    Parameters
+    ----------
+    key : str
+        The key as README's config reference names it: ``"conversion.df"``,
+        ``"analyses.<name>.max_images"`` (``<name>``: any analysis), ``"analyses.<name>.meta.alpha"``.
+    """
+    schema = _schema_file()
+    defs = schema.get("$defs", {})
+    node = schema
+    for part in key.split("."):
+        if "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        node = node["additionalProperties"] if part == "<name>" else node["properties"][part]
+    if "$ref" in node:
+        node = defs[node["$ref"].rsplit("/", 1)[-1]]
+    return copy.deepcopy(node)
+
+
 def defaults(block: str) -> dict[str, Any]:
     """The schema's defaults for one config block, as a fresh dict.
 
@@ -522,7 +575,7 @@ def defaults(block: str) -> dict[str, Any]:
         A top-level key (``"neurovault"``, ``"conversion"``, ``"qc"``, ``"template"``) or a
         per-analysis block (``"meta"``, ``"ica"``, ...), or ``"analysis"`` for one analysis.
     """
-    schema = load_schema(SCHEMA_PATH)
+    schema = _schema()
     defs = schema.get("$defs", {})
     if block in defs and block in _ANALYSIS_BLOCKS:
         return _node_defaults(defs[block], defs)

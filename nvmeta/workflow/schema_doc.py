@@ -23,7 +23,9 @@ def _rows(node: dict, prefix: str, defs: dict) -> list[tuple[str, str, str]]:
         node = {**ref, **{k: v for k, v in node.items() if k != "$ref"}}
     rows = []
     if prefix:
-        default = json.dumps(node["default"]) if "default" in node else "(required)"
+        default = f"`{json.dumps(node['default'])}`" if "default" in node else "`(required)`"
+        if "terms_default" in node:  # what null stands for in a selection by terms
+            default += f" (`{json.dumps(node['terms_default'])}` with terms)"
         rows.append((prefix, default, " ".join(node.get("description", "").split())))
     for key, sub in node.get("properties", {}).items():
         rows += _rows(sub, f"{prefix}.{key}" if prefix else key, defs)
@@ -34,13 +36,13 @@ def _rows(node: dict, prefix: str, defs: dict) -> list[tuple[str, str, str]]:
 
 
 def render(schema_path: Path = SCHEMA) -> str:
-    """Markdown table of every config key with its default and description."""
-    import yaml
+    """Markdown table of every config key with its default and description (method lists included)."""
+    from nvmeta.workflow.config import load_schema
 
-    schema = yaml.safe_load(schema_path.read_text())
+    schema = load_schema(schema_path)
     lines = ["| key | default | description |", "|---|---|---|"]
     for key, default, desc in _rows(schema, "", schema.get("$defs", {})):
-        lines.append(f"| `{key}` | `{default}` | {desc.replace('|', chr(92) + '|')} |")
+        lines.append(f"| `{key}` | {default} | {desc.replace('|', chr(92) + '|')} |")
     return "\n".join(lines)
 
 

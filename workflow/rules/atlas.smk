@@ -37,7 +37,6 @@ checkpoint atlas_query:
         spec=lambda wildcards: analysis_query_spec(
             atlas_selection_cfg(config["atlas"]),
             config["neurovault"]["url"],
-            key_prefix="atlas",
             dump=config["neurovault"].get("dump"),
             dump_sha256=DUMP_SHA256,
         ),

@@ -2,7 +2,10 @@
 # compared with the image-based one, and the analysis exported as a NiMARE studyset/Dataset.
 # Outputs: results/analyses/{a}/cbma/peaks.tsv, cbma/{cbma_method}/, overlap.tsv, nimare/.
 
-CBMA_METHODS = ["ale", "mkda", "kda"]
+from nvmeta.cbma.estimate import BASE_MAPS, FWE_MAPS
+from nvmeta.workflow.methods import cbma_methods
+
+CBMA_METHODS = cbma_methods()
 # Keys of the cbma block the peak extraction depends on (changing n_iters keeps the peaks).
 CBMA_PEAK_KEYS = [
     "peaks_from",
@@ -13,18 +16,8 @@ CBMA_PEAK_KEYS = [
     "max_peaks_per_cluster",
     "min_cluster_voxels",
 ]
-# NiMARE's FWE map names (nvmeta.cbma.FWE_MAPS) and the uncorrected maps written next to them.
-CBMA_MAPS = [
-    "z",
-    "stat",
-    "p",
-    "z_desc-size_level-cluster_corr-FWE_method-montecarlo",
-    "logp_desc-size_level-cluster_corr-FWE_method-montecarlo",
-    "z_desc-mass_level-cluster_corr-FWE_method-montecarlo",
-    "logp_desc-mass_level-cluster_corr-FWE_method-montecarlo",
-    "z_level-voxel_corr-FWE_method-montecarlo",
-    "logp_level-voxel_corr-FWE_method-montecarlo",
-]
+# The uncorrected maps of a CBMA method and NiMARE's FWE maps written next to them.
+CBMA_MAPS = BASE_MAPS + FWE_MAPS
 
 
 wildcard_constraints:
@@ -51,8 +44,8 @@ rule cbma_peaks:
         "../../envs/nvmeta.yaml"
     threads: 1
     resources:
-        # one map at a time (~0.2 GB measured); 0.2-6 s per map (real maps vs smooth noise)
-        # plus nilearn's per-map inference
+        # one map at a time, whatever the number of maps; time per map: BENCHMARKS.md, "CBMA
+        # beside IBMA" (plus nilearn's per-map inference)
         mem_mb=1500,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 10,
     params:
@@ -90,10 +83,11 @@ rule cbma:
         "../../envs/nvmeta.yaml"
     threads: 2
     resources:
-        # Measured (BENCHMARKS.md, n_cores=1): ~0.6 GB at 21 experiments, 4.9 GB at 1,000
-        # (NiMARE's own footprint, ~4.4 MB per experiment), x2 for the Monte-Carlo workers.
+        # NiMARE's own footprint grows with the experiments (BENCHMARKS.md, "CBMA beside IBMA"),
+        # twice over for the Monte-Carlo workers.
         mem_mb=lambda wildcards, input: 1500 + 10 * len(input.qcjson),
-        # measured ~0.4 s per Monte-Carlo iteration at 21 experiments, 2.7 s at 1,000
+        # the Monte-Carlo iterations dominate, their cost growing with the experiments
+        # (BENCHMARKS.md, "CBMA beside IBMA")
         runtime=lambda wildcards, input: 10
         + int(cbma_config(wildcards)["n_iters"] * (1 + len(input.qcjson) / 100) / 200),
     params:

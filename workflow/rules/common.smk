@@ -13,9 +13,10 @@ from snakemake.logging import logger
 from nvmeta.decode.atlas import selection_cfg as atlas_selection_cfg
 from nvmeta.decode.references import leave_out_sets
 from nvmeta.decode.terms import read_members
-from nvmeta.select.query import analysis_query_spec
+from nvmeta.select.query import analysis_query_spec, analysis_selection
 from nvmeta.snakemake_groups import batches_requested, install as install_stable_groups
 from nvmeta.snakemake_timers import cancel_scheduler_timers
+from nvmeta.workflow.methods import effect_methods, z_methods
 
 # Snakemake keeps its whole DAG in this process: two jobs per image with their files, and fan-ins
 # listing every image; 3.3 million objects tracked by the garbage collector at 20,000 images, 8
@@ -50,17 +51,11 @@ IMAGES = f"{RESULTS}/images/{{image_id}}"
 ANALYSIS = f"{RESULTS}/analyses/{{analysis}}"
 LOGS = f"{RESULTS}/logs"
 TEMPLATE_MASK = f"{RESULTS}/template/mask.nii.gz"
-METHODS = ["stouffer", "weighted_stouffer", "fisher", "ttest", "permutation"]
-Z_METHODS = list(METHODS)
-# Methods pooling per-image effect sizes (nvmeta.meta.effects): they read g / var(g) maps.
-EFFECT_METHODS = [
-    "dersimonian_laird",
-    "hedges",
-    "fixed_effects_hedges",
-    "median",
-    "trimmed_mean",
-]
-METHODS += EFFECT_METHODS
+# The image-based methods, from their registry: those reading z-maps, and those pooling per-image
+# effect sizes (nvmeta.meta.effects), which read g / var(g) maps.
+Z_METHODS = z_methods()
+EFFECT_METHODS = effect_methods()
+METHODS = Z_METHODS + EFFECT_METHODS
 # The z-map job writes g / var(g) only when some analysis pools effect sizes (they cost a z -> t
 # inversion per image); adding such a method therefore reruns the z-map jobs once.
 EFFECT_OUTPUTS = (
@@ -379,8 +374,8 @@ def meta_mem_mb(wildcards, input):
     """``mem_mb`` of a z-method meta job. Streaming methods: 2 GB whatever the number of maps.
     Permutation: 2 GB plus the peak that :func:`nvmeta.meta.estimators.permutation_memory_bytes`
     estimates for these maps on this mask with the analysis' ``n_perm``, the same estimate with
-    which the job refuses to start on a machine that has less (about 1.2 GB on the 2 mm mask
-    whatever the number of maps; measured: BENCHMARKS.md, issue 12).
+    which the job refuses to start on a machine that has less (flat in the number of maps:
+    BENCHMARKS.md, "Fan-ins at 2,000 / 5,000 / 20,000 maps").
     """
     if wildcards.method != "permutation":
         return 2000
@@ -393,8 +388,8 @@ def meta_mem_mb(wildcards, input):
 
 def meta_runtime(wildcards, input, attempt):
     """``runtime`` (minutes) of a z-method meta job, times ``attempt`` (a retry asks more).
-    Streaming methods: 10 minutes plus one per 200 maps (110 at 20,000 maps, which took 4 to 11
-    minutes; BENCHMARKS.md, issue 12). Permutation: what
+    Streaming methods: 10 minutes plus one per 200 maps, several times what they take
+    (BENCHMARKS.md, "Fan-ins at 2,000 / 5,000 / 20,000 maps"). Permutation: what
     :func:`nvmeta.meta.estimators.permutation_runtime_minutes` declares for these maps, this mask
     and the analysis' ``n_perm`` (its time grows with all three). The SLURM profiles leave it to
     this function (a profile's expression cannot see the mask or the config)."""
@@ -463,13 +458,6 @@ def overview_inputs(wildcards):
 
 # --- task atlas and decoding (workflow/rules/atlas.smk, decode.smk) ---
 ATLAS = f"{RESULTS}/atlas"
-
-
-def query_selection_cfg(analysis):
-    """An analysis' selection config, with the hygiene terms under its own when it asks for them."""
-    from nvmeta.select.hygiene import with_hygiene
-
-    return with_hygiene(analysis) if analysis.get("hygiene") else analysis
 
 
 def _sweep_incomplete_atlas_query():

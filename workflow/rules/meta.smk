@@ -119,10 +119,10 @@ rule meta_effect:
         # what pass 2 reads (g, and var(g) for random effects and the jackknife; nothing for
         # fixed effects without the jackknife) goes to a float32 stack on disk through a 128 MB
         # buffer; pooling works in voxel chunks of ~192 MB (nvmeta.meta.effects.CHUNK_BYTES);
-        # the jackknife (at most 300 units) holds the cluster voxels of every unit. Measured peak
-        # 398 MB at 5,000 maps, 407 at 20,000 (BENCHMARKS.md, issue 12); it was 2500 + maps / 2
-        # (12.5 GB at 20,000 maps). The chunk arrays grow with the maps above ~6,000 (256 voxels
-        # at least per chunk): ~1 GB at 50,000.
+        # the jackknife (at most 300 units) holds the cluster voxels of every unit, so the peak is
+        # flat in the maps (BENCHMARKS.md, "Fan-ins at 2,000 / 5,000 / 20,000 maps"). The maps / 20
+        # term is for the chunk arrays, which grow with the maps above ~6,000 (256 voxels at least
+        # per chunk): ~1 GB at 50,000.
         mem_mb=lambda wildcards, input: 2500 + len(input.zmaps) // 20,
         runtime=lambda wildcards, input: 10 + len(input.zmaps) // 100,
     params:

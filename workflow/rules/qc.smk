@@ -34,8 +34,8 @@ rule qc:
         "../../envs/nvmeta.yaml"
     resources:
         # the maps themselves up to the duplicate search's budget (about 2,000 maps), then a
-        # subsample (measured, BENCHMARKS.md issue 12: 2,000 maps 2.0 GB, 5,000 maps 0.36 GB),
-        # plus the consensus subsample (about 1 MB per map up to its budget)
+        # subsample, plus the consensus subsample (about 1 MB per map up to its budget); peaks
+        # measured in BENCHMARKS.md, "Fan-ins at 2,000 / 5,000 / 20,000 maps"
         mem_mb=lambda wildcards, input: 1000
         + min(2 * len(input.zmaps), DUPLICATE_SEARCH_BYTES // 2**20 + 600)
         + min(len(input.zmaps), CONSENSUS_BYTES // 2**20)

@@ -31,7 +31,7 @@ checkpoint query:
         nv_connections=1,
     params:
         spec=lambda wildcards: analysis_query_spec(
-            query_selection_cfg(config["analyses"][wildcards.analysis]),
+            analysis_selection(config["analyses"][wildcards.analysis]),
             config["neurovault"]["url"],
             dump=config["neurovault"].get("dump"),
             dump_sha256=DUMP_SHA256,
