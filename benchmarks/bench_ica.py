@@ -11,7 +11,7 @@ Measurements
                   no NIfTI files), then :func:`nvmeta.ica.decompose` with the default config
                   (randomised PCA above 500 maps to 3 x 8 dimensions, then FastICA).
 ``nifti 1000``    nvmeta end to end, :func:`nvmeta.ica.run_ica` reading 1,000 ``.nii.gz`` z-maps (2 reader
-                  threads) and writing every output except the PNGs (``plots=False``).
+                  threads) and writing every output of the ICA job (the PNGs are jobs of their own).
 ``unreduced 1000`` nvmeta without the PCA step (``reduce_above`` above N): FastICA on the memmap-built
                   voxels x maps matrix, as the example but float32 and without a list of arrays.
 ``example 1000``  the nilearn example's approach on the same NIfTIs: a Python list of masked maps (read with
@@ -25,7 +25,7 @@ Usage::
     python benchmarks/bench_ica.py                 # 1k (all four) and 10k (arrays) maps
     python benchmarks/bench_ica.py --sizes 1000    # only the 1k runs
     python benchmarks/bench_ica.py --workdir /big/tmp
-    python benchmarks/bench_ica.py --pain           # convergence on the demo's 21 pain maps (issue 10)
+    python benchmarks/bench_ica.py --pain           # convergence on the demo's 21 pain maps
 
 ``--pain`` builds the demo's pain analysis from the bundled snapshot (tests/data/snapshot, z-maps by the
 z-map job's own function, df = n - 1) and runs, for seeds 0, 1, 2 with 1 and 2 BLAS threads, scikit-learn's
@@ -137,20 +137,17 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
         try:
             with threadpool_limits(limits=threads):
                 matrix = ica.build_matrix(
-                    iter_synthetic_maps(n_maps, mask, patterns), n_maps, patterns.shape[1], tmp / "data.f32"
+                    iter_synthetic_maps(n_maps, mask, patterns),
+                    n_maps,
+                    patterns.shape[1],
+                    tmp / "data.f32",
+                    standardize=cfg["standardize"],
                 )
                 t1 = time.perf_counter()
-                columns = ica.select_voxels(matrix.count, n_maps, "zero", 0.5)
+                columns = ica.select_voxels(matrix.count, n_maps, cfg["nodata"], cfg["min_fraction"])
                 reduce_above = cfg["reduce_above"] if mode == "arrays" else n_maps + 1
                 dec = ica.decompose(
-                    matrix,
-                    columns,
-                    N_COMPONENTS,
-                    0,
-                    reduce_above,
-                    cfg["reduce_factor"],
-                    max_iter=cfg["max_iter"],
-                    tol=cfg["tol"],
+                    matrix, columns, {**cfg, "n_components": N_COMPONENTS, "reduce_above": reduce_above}
                 )
                 t2 = time.perf_counter()
         finally:
@@ -176,7 +173,6 @@ def work(mode: str, n_maps: int, workdir: Path, threads: int) -> dict:
                 {**cfg, "n_components": N_COMPONENTS},
                 outdir,
                 threads=threads,
-                plots=False,
             )
             import nibabel as nib
 
@@ -237,6 +233,7 @@ def pain_convergence(threads: int = 2) -> None:
     from threadpoolctl import threadpool_limits
 
     from nvmeta import ica
+    from nvmeta.ica.fastica import spatial_fastica
     from nvmeta.images.template import load_mask
     from nvmeta.images.zmap import make_zmap
     from nvmeta.workflow.config import defaults
@@ -265,11 +262,15 @@ def pain_convergence(threads: int = 2) -> None:
                 defaults("qc"),
             )
             paths.append(d / "z.nii.gz")
-        mask, affine = ica._mask_image(mask_img)
+        mask, affine = ica.mask_and_affine(mask_img)
         m = ica.build_matrix(
-            ica.iter_masked_maps(paths, mask, 1, affine), len(ids), int(mask.sum()), root / "m"
+            ica.iter_masked_maps(paths, mask, 1, affine),
+            len(ids),
+            int(mask.sum()),
+            root / "m",
+            standardize=cfg["standardize"],
         )
-        x = m.load(ica.select_voxels(m.count, len(ids), "zero", 0.5)).T
+        x = m.load(ica.select_voxels(m.count, len(ids), cfg["nodata"], cfg["min_fraction"])).T
     rows = []
     for seed in (0, 1, 2):
         for name in ("scikit-learn FastICA (baseline)", "nvmeta"):
@@ -285,7 +286,7 @@ def pain_convergence(threads: int = 2) -> None:
                         n_iter = int(est.n_iter_)
                         conv = not any(issubclass(c.category, ConvergenceWarning) for c in caught)
                     else:
-                        sources, _, n_iter, conv, _ = ica._fastica(x, 4, seed, cfg["max_iter"], cfg["tol"])
+                        sources, _, n_iter, conv, _ = spatial_fastica(x, 4, seed, cfg["max_iter"], cfg["tol"])
                     got[limit] = (sources, n_iter, conv, time.perf_counter() - t0)
             r = ica.match_components(got[1][0], got[threads][0])[1]
             for limit, (_, n_iter, conv, secs) in got.items():

@@ -1,11 +1,12 @@
-"""Rule ica_<analysis>: spatial ICA across the included z-maps with term labels."""
+"""Rule ica: spatial ICA across an analysis' included z-maps with term labels."""
 
 from pathlib import Path
 
-from nvmeta.ica import path_lookup, run_ica
+from nvmeta.ica import run_ica
 from nvmeta.images.template import load_mask
 from nvmeta.neurovault import make_client
 from nvmeta.workflow.logs import job_logger
+from nvmeta.workflow.rule_inputs import path_lookup
 
 log = job_logger("nvmeta.ica", snakemake.log[0])
 labeler = None
@@ -23,7 +24,7 @@ run_ica(
     path_lookup(snakemake.input.metadata, "metadata"),
     load_mask(snakemake.input.mask),
     snakemake.params.ica,
-    Path(snakemake.output[0]).parent,
+    Path(snakemake.output.components).parent,
     log,
     client_factory=lambda: make_client(snakemake.config["neurovault"]),
     threads=snakemake.threads,

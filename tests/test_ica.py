@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 
 from nvmeta import ica
+from nvmeta.figures.ica_maps import component_figure
+from nvmeta.ica.fastica import spatial_fastica
 from nvmeta.workflow.config import defaults
 
 SHAPE = (24, 24, 24)
@@ -105,13 +107,21 @@ def planted(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("planted"))
 
 
+def draw_figures(outdir: Path, n_components: int) -> None:
+    """What the workflow's ica_component jobs do after the ICA job: one figure per component."""
+    for k in range(n_components):
+        component_figure(
+            outdir / "components.nii.gz", outdir / "summary.json", k, outdir / f"component_{k}.png"
+        )
+
+
 def run(ds: dict, outdir: Path, log=None, **cfg):
     root = ds["root"]
     base = {**defaults("ica"), "n_components": N_COMP}
     base.update(cfg)
     plots = base.pop("plots", False)
     client_factory = base.pop("client_factory", None)
-    return ica.run_ica(
+    summary = ica.run_ica(
         root / "qc.tsv",
         lambda i: root / "images" / str(i) / "zmap.nii.gz",
         lambda i: root / "images" / str(i) / "metadata.json",
@@ -120,8 +130,10 @@ def run(ds: dict, outdir: Path, log=None, **cfg):
         outdir,
         logger=log,
         client_factory=client_factory,
-        plots=plots,
     )
+    if plots:
+        draw_figures(outdir, summary["n_components"])
+    return summary
 
 
 def read_components(outdir: Path) -> np.ndarray:
@@ -217,6 +229,45 @@ def test_pngs_written(default_run):
     assert not list(out.glob(".ica_tmp_*")) and not list(out.glob("*.part*"))  # memmap dir removed
 
 
+def test_component_figure_is_drawn_from_the_recorded_title_and_threshold(default_run, tmp_path, monkeypatch):
+    """A figure job reads only components.nii.gz and summary.json: component k's volume, its title and
+    the 90th percentile of its |values| over the voxels used (computed here independently)."""
+    from nvmeta.figures import ica_maps
+
+    out, summary = default_run
+    drawn = {}
+    monkeypatch.setattr(ica_maps, "plot_component", lambda *args: drawn.update(args=args))
+    volume = np.asarray(nib.load(out / "components.nii.gz").dataobj)
+    for k in range(N_COMP):
+        component_figure(out / "components.nii.gz", out / "summary.json", k, tmp_path / "c.png")
+        vol, affine, threshold, text, dest = drawn["args"]
+        np.testing.assert_array_equal(vol, volume[..., k])
+        np.testing.assert_allclose(affine, AFFINE)
+        values = volume[..., k][np.isfinite(volume[..., k])]
+        assert values.size == summary["n_voxels_used"]
+        assert threshold == pytest.approx(np.percentile(np.abs(values.astype(np.float64)), 90), rel=1e-6)
+        assert text.startswith(summary["titles"][k] + "  |  ") and f"|value| > {threshold:.2f}" in text
+        assert "(top 10 % of voxels)" in text and "NOT CONVERGED" not in text
+    with pytest.raises(ValueError, match="has 4 components .*no component 4"):
+        component_figure(out / "components.nii.gz", out / "summary.json", N_COMP, tmp_path / "c.png")
+
+
+def test_one_ica_rule_over_the_analyses(tmp_path):
+    """Rule ica and rule ica_component serve every analysis with an ica block (no rule per analysis)."""
+    from helpers import make_workdir, run_snakemake
+
+    cfg = {
+        "analyses": {
+            "a": {"image_ids": [1, 2], "ica": {"n_components": 2}},
+            "b": {"image_ids": [3, 4], "ica": {}},
+        }
+    }
+    wf = make_workdir(tmp_path, cfg)
+    rules = run_snakemake(wf, "--list-rules").stdout.split()
+    assert "ica" in rules and "ica_component" in rules
+    assert not [r for r in rules if r.startswith("ica_") and r != "ica_component"], rules
+
+
 def test_stability(default_run):
     out, summary = default_run
     stab = pd.read_csv(out / "stability.tsv", sep="\t")
@@ -232,15 +283,22 @@ def test_stability(default_run):
     assert summary_json["n_voxels_used"] == summary["n_voxels_used"]
 
 
-def test_no_stability_file_for_one_run(planted, tmp_path):
-    run(planted, tmp_path, n_runs=1)
-    assert not (tmp_path / "stability.tsv").exists()
+def test_one_run_writes_a_stability_table_that_says_so(planted, tmp_path):
+    """The ICA job's outputs do not depend on the config: with one run stability.tsv has its rows with
+    n_runs 1 and no correlation (there is no other run), and summary.json no stability."""
+    summary = run(planted, tmp_path, n_runs=1)
     assert {p.name for p in tmp_path.iterdir()} == {
         "components.nii.gz",
         "mixing.tsv",
         "terms.tsv",
         "summary.json",
+        "stability.tsv",
     }
+    stab = pd.read_csv(tmp_path / "stability.tsv", sep="\t")
+    assert list(stab.columns) == ["component", "mean_abs_corr", "min_abs_corr", "n_runs"]
+    assert stab["component"].tolist() == list(range(N_COMP)) and (stab["n_runs"] == 1).all()
+    assert stab["mean_abs_corr"].isna().all() and stab["min_abs_corr"].isna().all()
+    assert "stability_mean_abs_corr" not in summary and summary["n_runs"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +334,7 @@ def test_same_solution_as_direct_sklearn_and_nilearn_masking(planted, tmp_path):
     np.testing.assert_allclose(mixing, direct.mixing_[:, index] * signs[None, :], rtol=1e-4, atol=1e-5)
 
     # the example's own masking (smooth_img(fwhm=None) cleaning + NiftiMasker) builds the same X (checked on
-    # the first 24 maps, which hold the NaN slab, the NaN corner and the inf; nilearn takes ~0.3 s a map)
+    # the first 24 maps, which hold the NaN slab, the NaN corner and the inf; nilearn masks slowly)
     masker = NiftiMasker(mask_img=planted["root"] / "mask.nii.gz").fit()
     x_nl = np.vstack([masker.transform(smooth_img(str(p), fwhm=None)) for p in paths[:24]])
     assert x_nl.dtype == x.dtype
@@ -290,7 +348,7 @@ from nvmeta.ica import run_ica
 from nvmeta.workflow.config import defaults
 root, out, cfg = Path(sys.argv[1]), Path(sys.argv[2]), {**defaults("ica"), **json.loads(sys.argv[3])}
 run_ica(root / "qc.tsv", lambda i: root / "images" / str(i) / "zmap.nii.gz",
-        lambda i: root / "images" / str(i) / "metadata.json", root / "mask.nii.gz", cfg, out, plots=False)
+        lambda i: root / "images" / str(i) / "metadata.json", root / "mask.nii.gz", cfg, out)
 """
 
 
@@ -413,9 +471,9 @@ def test_build_matrix_standardises_over_finite_voxels(tmp_path):
     raw = ica.build_matrix(iter(maps), 9, 500, tmp_path / "r.f32", standardize=False)
     np.testing.assert_array_equal(raw.load(), np.where(np.isfinite(maps), maps, 0))
     with pytest.raises(ValueError, match="expected 9 maps"):
-        ica.build_matrix(iter(maps[:5]), 9, 500, tmp_path / "x.f32")
+        ica.build_matrix(iter(maps[:5]), 9, 500, tmp_path / "x.f32", standardize=True)
     with pytest.raises(ValueError, match="more than 4"):
-        ica.build_matrix(iter(maps), 4, 500, tmp_path / "x.f32")
+        ica.build_matrix(iter(maps), 4, 500, tmp_path / "x.f32", standardize=True)
 
 
 def test_select_voxels():
@@ -425,7 +483,7 @@ def test_select_voxels():
     np.testing.assert_array_equal(ica.select_voxels(count, 4, "zero", 1.0), [0, 0, 0, 0, 1])
     np.testing.assert_array_equal(ica.select_voxels(count, 4, "drop", 0.0), [0, 0, 0, 0, 1])
     with pytest.raises(ValueError):
-        ica.select_voxels(count, 4, "mean")
+        ica.select_voxels(count, 4, "mean", 0.5)
 
 
 def test_drop_mode_keeps_voxels_with_data_everywhere(planted, tmp_path):
@@ -525,7 +583,6 @@ def test_neurosynth_terms_and_fallback_when_down(planted, tmp_path, caplog):
                 logger=log,
                 client_factory=kw["client_factory"],
                 neurosynth_cache_for=lambda i: cache / f"{i}.json",
-                plots=False,
             )
 
         # 1. Neurosynth up: its words label the components
@@ -570,7 +627,7 @@ def test_neurosynth_terms_and_fallback_when_down(planted, tmp_path, caplog):
 
 
 # --------------------------------------------------------------------------------------------------
-# convergence (issue 10 item 1): the demo's 21 pain maps with 4 components
+# convergence: the demo's 21 pain maps with 4 components
 # --------------------------------------------------------------------------------------------------
 SNAPSHOT = Path(__file__).parent / "data" / "snapshot"
 PAIN_IDS = list(range(990001, 990022))
@@ -606,12 +663,13 @@ def pain_matrix(tmp_path_factory):
         assert qc["status"] == "included"
         paths.append(d / "zmap.nii.gz")
     pd.DataFrame({"image_id": PAIN_IDS, "status": "included"}).to_csv(root / "qc.tsv", sep="\t", index=False)
-    mask, affine = ica._mask_image(mask_img)
+    mask, affine = ica.mask_and_affine(mask_img)
     matrix = ica.build_matrix(
         ica.iter_masked_maps(paths, mask, 1, affine),
         len(paths),
         int(mask.sum()),
         root / "m.f32",
+        standardize=True,
         labels=PAIN_IDS,
     )
     columns = ica.select_voxels(matrix.count, len(paths), "zero", 0.5)
@@ -631,21 +689,11 @@ def test_scikit_learn_fastica_does_not_converge_on_the_demo(pain_matrix):
 def test_defaults_converge_on_the_demo_whatever_the_thread_count(pain_matrix):
     from threadpoolctl import threadpool_limits
 
-    cfg = defaults("ica")
+    cfg = {**defaults("ica"), "n_components": 4, "random_state": 0, "n_runs": 3}
     out = {}
     for limit in (1, 2):
         with threadpool_limits(limits=limit):
-            out[limit] = ica.decompose(
-                pain_matrix["matrix"],
-                pain_matrix["columns"],
-                4,
-                0,
-                cfg["reduce_above"],
-                cfg["reduce_factor"],
-                n_runs=3,
-                max_iter=cfg["max_iter"],
-                tol=cfg["tol"],
-            )
+            out[limit] = ica.decompose(pain_matrix["matrix"], pain_matrix["columns"], cfg)
     for dec in out.values():
         assert dec.info["converged"] == [True, True, True]
         # margin: every run converges in under a fifth of the default max_iter
@@ -657,8 +705,8 @@ def test_defaults_converge_on_the_demo_whatever_the_thread_count(pain_matrix):
     x = pain_matrix["matrix"].load(pain_matrix["columns"]).T
     y = x.copy()
     y[::1000, 3] = np.nextafter(y[::1000, 3], np.float32(np.inf))
-    a = ica._fastica(x, 4, 0, cfg["max_iter"], cfg["tol"])
-    b = ica._fastica(y, 4, 0, cfg["max_iter"], cfg["tol"])
+    a = spatial_fastica(x, 4, 0, cfg["max_iter"], cfg["tol"])
+    b = spatial_fastica(y, 4, 0, cfg["max_iter"], cfg["tol"])
     assert a[3] and b[3]
     np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-5)
 
@@ -675,7 +723,7 @@ def test_unconverged_run_fails_naming_the_keys(planted, tmp_path, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_allow_unconverged_warns_in_log_summary_and_figure(planted, tmp_path, caplog):
+def test_allow_unconverged_warns_in_log_summary_and_figure(planted, tmp_path, caplog, monkeypatch):
     log = logging.getLogger("test.ica.allow")
     with caplog.at_level(logging.WARNING, logger="test.ica.allow"):
         summary = run(planted, tmp_path, log=log, max_iter=2, allow_unconverged=True, plots=True)
@@ -685,6 +733,14 @@ def test_allow_unconverged_warns_in_log_summary_and_figure(planted, tmp_path, ca
     assert "did not converge" in caplog.text
     assert summary["converged"] == [False]
     assert (tmp_path / "component_0.png").is_file()
+    from nvmeta.figures import ica_maps
+
+    drawn = {}
+    monkeypatch.setattr(ica_maps, "plot_component", lambda *args: drawn.update(args=args))
+    component_figure(tmp_path / "components.nii.gz", tmp_path / "summary.json", 0, tmp_path / "c.png")
+    assert drawn["args"][3].endswith(
+        "\nNOT CONVERGED: FastICA stopped at ica.max_iter (ica.allow_unconverged is true)"
+    )
 
 
 def test_stale_temporaries_are_swept_and_only_ours(planted, tmp_path):
@@ -705,27 +761,31 @@ def test_stale_temporaries_are_swept_and_only_ours(planted, tmp_path):
 
 
 def test_failed_run_removes_its_temporary(planted, tmp_path, monkeypatch):
+    from nvmeta.ica import run as ica_run
+
     def boom(*args, **kwargs):
         assert list(tmp_path.glob(".ica_tmp_*/data.f32"))  # the matrix exists while decomposing
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(ica, "decompose", boom)
+    monkeypatch.setattr(ica_run, "decompose", boom)
     with pytest.raises(RuntimeError, match="killed"):
         run(planted, tmp_path)
     assert not list(tmp_path.glob(".ica_tmp_*"))
 
 
 def test_path_lookup_uses_the_declared_inputs(tmp_path):
+    from nvmeta.workflow.rule_inputs import path_lookup
+
     paths = [tmp_path / "results" / "images" / str(i) / "zmap.nii.gz" for i in (7, 12)]
-    lookup = ica.path_lookup([str(p) for p in paths], "zmaps")
+    lookup = path_lookup([str(p) for p in paths], "zmaps")
     assert lookup(12) == paths[1] and lookup(7) == paths[0]
     with pytest.raises(ValueError, match="image 99 is included in qc.tsv but is not among the rule's zmaps"):
         lookup(99)
 
 
 def test_demo_pain_labels_have_no_author_or_collection_words(pain_matrix, tmp_path):
-    """The demo's components used to read "discrimination, maumet, monitor": the author from the collection
-    text, and the least used terms of components whose loadings are negative."""
+    """Labels come from the images' own texts and positive loadings only: never the author in the
+    collection text ("maumet"), nor the least used terms of a component whose loadings are negative."""
     root = pain_matrix["root"]
     collection = json.loads((SNAPSHOT / "api" / "collections" / "1425.json").read_text())
     for i in PAIN_IDS:  # as the download job writes it: the collection record inside metadata.json
@@ -740,8 +800,8 @@ def test_demo_pain_labels_have_no_author_or_collection_words(pain_matrix, tmp_pa
         pain_matrix["mask_img"],
         {**defaults("ica"), "n_components": 4},
         tmp_path,
-        plots=True,
     )
+    draw_figures(tmp_path, 4)
     assert summary["converged"] == [True]
     terms = pd.read_csv(tmp_path / "terms.tsv", sep="\t")
     assert not set(terms.term) & {"maumet", "nidm", "results", "studies", "dataset", "derived"}

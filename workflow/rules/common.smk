@@ -289,9 +289,28 @@ def ica_outputs(analysis):
     d = f"{RESULTS}/analyses/{analysis}/ica"
     out = [f"{d}/components.nii.gz", f"{d}/mixing.tsv", f"{d}/terms.tsv"]
     out += [f"{d}/component_{k}.png" for k in range(ica["n_components"])]
-    if ica["n_runs"] > 1:
-        out.append(f"{d}/stability.tsv")
+    out.append(f"{d}/stability.tsv")
     return out
+
+
+def ica_config(wildcards):
+    return config["analyses"][wildcards.analysis]["ica"]
+
+
+def ica_component_label(terms_tsv, k):
+    """Report label of ICA component ``k``: "ICk: its top terms" (read from terms.tsv at report time)."""
+    try:
+        with open(terms_tsv, newline="") as fh:
+            rows = [
+                r
+                for r in csv.DictReader(fh, delimiter="\t")
+                if r["component"] == str(k)
+            ]
+    except (OSError, KeyError):
+        rows = []
+    rows.sort(key=lambda r: int(r.get("rank") or 0))
+    terms = ", ".join(r["term"] for r in rows).replace("{", "").replace("}", "")
+    return f"IC{k}: {terms}" if terms else f"IC{k}"
 
 
 def all_outputs(wildcards):

@@ -1,86 +1,91 @@
-# Fan-in 2: cross-study spatial ICA with term labels. One rule per ICA analysis, because the
-# number of component figures (and whether stability.tsv exists) comes from that analysis' config.
+# Fan-in 2: cross-study spatial ICA with term labels (rule ica), then one figure per component (rule
+# ica_component), so that no output list depends on an analysis' config.
+# Outputs: results/analyses/{a}/ica/components.nii.gz, mixing.tsv, terms.tsv, stability.tsv,
+# summary.json, component_{k}.png.
 
 
-def _ica_component_label(terms_tsv, k):
-    """Report label of component ``k``: "ICk: its top terms" (read from terms.tsv at report time)."""
-    try:
-        with open(terms_tsv, newline="") as fh:
-            rows = [
-                r
-                for r in csv.DictReader(fh, delimiter="\t")
-                if r["component"] == str(k)
-            ]
-    except (OSError, KeyError):
-        rows = []
-    rows.sort(key=lambda r: int(r.get("rank") or 0))
-    terms = ", ".join(r["term"] for r in rows).replace("{", "").replace("}", "")
-    return f"IC{k}: {terms}" if terms else f"IC{k}"
+# Only the analyses with an ica block; "(?!)" matches nothing when there is none.
+ICA_ANALYSES = "|".join(analyses_with("ica")) or "(?!)"
 
 
-for _analysis in analyses_with("ica"):
-
-    rule:
-        name:
-            f"ica_{_analysis}"
+rule ica:
+    input:
         # with a decode block and an atlas, the labels come from decoding (decode.smk)
-        input:
-            **ica_decode_inputs(_analysis),
-            qc=f"{RESULTS}/analyses/{_analysis}/qc.tsv",
-            zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz", _analysis),
-            metadata=per_image(
-                f"{RESULTS}/images/{{image_id}}/metadata.json", _analysis
-            ),
-            mask=TEMPLATE_MASK,
-        output:
-            [
-                f"{RESULTS}/analyses/{_analysis}/ica/{name}"
-                for name in ("components.nii.gz", "mixing.tsv", "summary.json")
-            ],
-            terms=report(
-                f"{RESULTS}/analyses/{_analysis}/ica/terms.tsv",
-                caption="../report/ica_terms.rst",
-                category=_analysis,
-                subcategory="ICA",
-                labels={"result": "term table", "component": "all"},
-            ),
-            figures=[
-                report(
-                    f"{RESULTS}/analyses/{_analysis}/ica/component_{k}.png",
-                    caption="../report/ica_component.rst",
-                    category=_analysis,
-                    subcategory="ICA",
-                    labels=lambda wildcards, output, k=k: {
-                        "result": "component map",
-                        "component": _ica_component_label(output.terms, k),
-                    },
-                )
-                for k in range(config["analyses"][_analysis]["ica"]["n_components"])
-            ],
-            stability=(
-                [
-                    report(
-                        f"{RESULTS}/analyses/{_analysis}/ica/stability.tsv",
-                        caption="../report/ica_stability.rst",
-                        category=_analysis,
-                        subcategory="ICA",
-                        labels={"result": "stability", "component": "all"},
-                    )
-                ]
-                if config["analyses"][_analysis]["ica"]["n_runs"] > 1
-                else []
-            ),
-        log:
-            f"{LOGS}/ica/{_analysis}.log",
-        conda:
-            "../../envs/nvmeta.yaml"
-        threads: 2
-        resources:
-            # the maps x voxels float32 matrix is memory-mapped; FastICA works on a reduced copy.
-            mem_mb=lambda wildcards, input: 2000 + len(input.zmaps),
-            runtime=lambda wildcards, input: 10 + len(input.zmaps) // 50,
-        params:
-            ica=config["analyses"][_analysis]["ica"],
-            analysis=_analysis,
-        script:
-            "../../scripts/ica.py"
+        unpack(lambda wildcards: ica_decode_inputs(wildcards.analysis)),
+        qc=f"{ANALYSIS}/qc.tsv",
+        zmaps=per_image(f"{RESULTS}/images/{{image_id}}/zmap.nii.gz"),
+        metadata=per_image(f"{RESULTS}/images/{{image_id}}/metadata.json"),
+        mask=TEMPLATE_MASK,
+    output:
+        components=f"{ANALYSIS}/ica/components.nii.gz",
+        mixing=f"{ANALYSIS}/ica/mixing.tsv",
+        summary=f"{ANALYSIS}/ica/summary.json",
+        terms=report(
+            f"{ANALYSIS}/ica/terms.tsv",
+            caption="../report/ica_terms.rst",
+            category="{analysis}",
+            subcategory="ICA",
+            labels={"result": "term table", "component": "all"},
+        ),
+        # always written (the correlations are empty with n_runs: 1), so that the outputs of the
+        # rule do not depend on the config
+        stability=report(
+            f"{ANALYSIS}/ica/stability.tsv",
+            caption="../report/ica_stability.rst",
+            category="{analysis}",
+            subcategory="ICA",
+            labels={"result": "stability", "component": "all"},
+        ),
+    log:
+        f"{LOGS}/ica/{{analysis}}.log",
+    wildcard_constraints:
+        analysis=ICA_ANALYSES,
+    conda:
+        "../../envs/nvmeta.yaml"
+    threads: 2
+    resources:
+        # the maps x voxels float32 matrix is memory-mapped; FastICA works on a reduced copy.
+        mem_mb=lambda wildcards, input: 2000 + len(input.zmaps),
+        runtime=lambda wildcards, input: 10 + len(input.zmaps) // 50,
+    params:
+        ica=ica_config,
+        analysis="{analysis}",
+    script:
+        "../../scripts/ica.py"
+
+
+rule ica_component:
+    input:
+        components=f"{ANALYSIS}/ica/components.nii.gz",
+        # the figure's title and threshold, as the ICA job recorded them
+        summary=f"{ANALYSIS}/ica/summary.json",
+        # not read by the job: the report label comes from it
+        terms=f"{ANALYSIS}/ica/terms.tsv",
+    output:
+        png=report(
+            f"{ANALYSIS}/ica/component_{{k}}.png",
+            caption="../report/ica_component.rst",
+            category="{analysis}",
+            subcategory="ICA",
+            labels=lambda wildcards, input: {
+                "result": "component map",
+                "component": ica_component_label(input.terms, wildcards.k),
+            },
+        ),
+    log:
+        f"{LOGS}/ica/{{analysis}}_component_{{k}}.log",
+    wildcard_constraints:
+        analysis=ICA_ANALYSES,
+        k=r"0|[1-9][0-9]*",
+    conda:
+        "../../envs/nvmeta.yaml"
+    threads: 1
+    resources:
+        # one component volume and a matplotlib figure
+        mem_mb=1000,
+        runtime=10,
+    params:
+        ica=ica_config,
+        analysis="{analysis}",
+    script:
+        "../../scripts/ica_component.py"
