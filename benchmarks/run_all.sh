@@ -24,5 +24,6 @@ run downloads benchmarks/bench_downloads.py --n-images 200 --latency 0.1
 run dag benchmarks/bench_dag.py --sizes 1000 10000 --profile
 run fanin_memory benchmarks/bench_dag.py --sizes --fanin 1000 10000
 run permutation benchmarks/bench_permutation.py --synthetic 200 --exact
+run dependence benchmarks/bench_dependence.py
 echo "== done; summary lines:"
 grep -h -E "ratio|faster" "$OUT"/*.txt | grep -v "^ " || true

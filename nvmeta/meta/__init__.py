@@ -76,7 +76,9 @@ voxel over the maps with data (``Σ z / √k_c``), so each collection counts onc
 ``weighted_stouffer``: √ of the mean sample size of its maps). Note that this within-
 collection step assumes the maps are independent. With ``none`` (the default, as the seed
 example) a collection contributing several maps is logged and reported as a warning in
-``summary.json``.
+``summary.json``. ``meta.dependence: cluster_robust`` instead keeps every map and clusters the
+inference by collection: CR2 sandwich standard errors with Satterthwaite df for the weighted-mean
+methods, whole-collection sign flips for ``permutation`` (:mod:`~nvmeta.meta.dependence`).
 
 Memory
 ------

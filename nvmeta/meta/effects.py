@@ -38,6 +38,11 @@ the random-effects methods need one more pass, over g and var(g), for their ``1 
 weights; the robust methods over g alone (their variance floor needs only sums of the v, taken in
 pass 1); they and the jackknife read the stack in voxel chunks
 whose size follows the number of maps (about :data:`CHUNK_BYTES` of arrays in memory).
+
+With ``meta.dependence: cluster_robust`` the inverse-variance and random-effects methods keep
+their estimate and weights, and take ``se`` from the CR2 sandwich over collections with p from
+Student's t on Satterthwaite df (:mod:`nvmeta.meta.dependence`), in pass 2 (``fixed_effects_hedges``
+then keeps g and var(g) too).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from nvmeta.meta import dependence
 from nvmeta.meta.estimators import ESTIMATORS, Estimator, Fit, logp_from_z
 from nvmeta.meta.robust import ROBUST_METHODS, pool_robust, variance_sums
 from nvmeta.meta.units import Source
@@ -321,12 +327,13 @@ class _EffectEstimator(Estimator):
         n_units, n_vox = source.n_units, source.n_vox
         step = _chunk_size(n_units)
         jackknife = will_jackknife(self.cfg, n_units)
+        robust_se = dependence.is_cluster_robust(self.cfg)  # the sandwich needs g and var(g) in pass 2
         # what pass 2 and the jackknife read: fixed effects nothing (unless the jackknife runs),
         # the robust estimators g only (their floor needs pass 1's sums of v, 1/v and v^-1/2),
         # the random-effects methods and the jackknife g and var(g)
         stack = None
-        if self.name != "fixed_effects_hedges" or jackknife:
-            fields = 2 if (self.random_effects or jackknife) else 1
+        if self.name != "fixed_effects_hedges" or jackknife or robust_se:
+            fields = 2 if (self.random_effects or jackknife or robust_se) else 1
             workdir = Path(self.workdir or tempfile.gettempdir())
             stack = _Stack(workdir, n_units, n_vox, fields, step)
         self._stack, self._source = stack, source
@@ -364,7 +371,7 @@ class _EffectEstimator(Estimator):
         res = {"est": est_fe, "se": None, "z": None, "tau2": tau2_he if self.name == "hedges" else tau2_dl,
                "Q": q, "I2": i2}  # fmt: skip
         extra = {}
-        if self.name == "fixed_effects_hedges":
+        if self.name == "fixed_effects_hedges" and not robust_se:
             with np.errstate(divide="ignore", invalid="ignore"):
                 res["se"] = 1.0 / np.sqrt(sums["w"])
                 res["z"] = np.where(res["se"] > 0, res["est"] / res["se"], np.nan)
@@ -376,6 +383,12 @@ class _EffectEstimator(Estimator):
         logp = logp_from_z(z, self.two_sided)
         reported = (k >= k_min) & np.isfinite(z)
         summary = {"effect_size": "Hedges' g", "estimator_family": self.family}
+        notes = []
+        if robust_se:
+            notes, more = dependence.report(self.name, {**extra, "k": k}, reported, self._clusters, k_min)
+            summary.update(more)
+            for msg in notes:
+                self.log.warning(msg)
         if self.name == "trimmed_mean":
             summary["trim"] = float(self.cfg["trim"])
         with np.errstate(invalid="ignore"):
@@ -386,7 +399,7 @@ class _EffectEstimator(Estimator):
                 summary["I2_median"] = float(np.nanmedian(res["I2"][reported]))
                 if robust:
                     summary.update(_robust_summary(self.name, extra, reported))
-        return Fit(z=z, logp=logp, k=k, reported=reported, maps=res, summary=summary)
+        return Fit(z=z, logp=logp, k=k, reported=reported, maps=res, summary=summary, notes=notes)
 
     def _pass2(self, stack: _Stack, res: dict, sums: dict, step: int, n_vox: int) -> dict:
         """Pass 2 (the stack, in voxel chunks): random-effects weights, or the robust estimates
@@ -398,10 +411,23 @@ class _EffectEstimator(Estimator):
         n = len(res["Q"])
         res["est"], res["se"], res["z"] = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
         robust = {} if self.random_effects else {"df": np.full(n, np.nan), "floored": np.zeros(n, bool)}
+        if dependence.is_cluster_robust(self.cfg):
+            self._clusters = dependence.clusters_of(self._source.plan)
+            robust = {
+                "df": np.full(n, np.nan),
+                "n_clusters": np.zeros(n, np.int64),
+                "degenerate": np.zeros(n, bool),
+            }
         for a in range(0, n_vox, step):
             b = min(n_vox, a + step)
             y, v = stack.take(slice(a, b))
-            if self.random_effects:
+            if "n_clusters" in robust:  # the method's weights, the CR2 sandwich over collections
+                r = dependence.effect_z(
+                    y, v, res["tau2"][a:b] if self.random_effects else 0.0, self._clusters
+                )
+                for name in ("est", "se", "z", "df", "n_clusters", "degenerate"):
+                    (res if name in res else robust)[name][a:b] = r[name]
+            elif self.random_effects:
                 ok = np.isfinite(y) & np.isfinite(v) & (v > 0)
                 est, se = _random(y, v, ok, res["tau2"][a:b])
                 res["est"][a:b], res["se"][a:b] = est, se
@@ -457,7 +483,11 @@ class _EffectEstimator(Estimator):
             for i in range(len(plan.units)):
                 keep = y[i].copy()
                 y[i] = np.nan
-                zw_all[i, a : a + step] = pool(self.name, y, v, trim)["z"]
+                if dependence.is_cluster_robust(self.cfg):
+                    tau2 = pool(self.name, y, v, trim)["tau2"] if self.random_effects else 0.0
+                    zw_all[i, a : a + step] = dependence.effect_z(y, v, tau2, self._clusters)["z"]
+                else:
+                    zw_all[i, a : a + step] = pool(self.name, y, v, trim)["z"]
                 y[i] = keep
 
         def units():

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy import special
 
+from nvmeta.meta import dependence
 from nvmeta.meta.units import Source
 
 logger = logging.getLogger(__name__)
@@ -289,12 +290,15 @@ class _TTestSums(_Accumulator):
 
 
 class _StreamingZ(Estimator):
-    """A z-based estimator that streams over the units with an accumulator."""
+    """A z-based estimator that streams over the units with an accumulator (with
+    ``meta.dependence: cluster_robust``, the sandwich of :func:`nvmeta.meta.dependence.fit_z`)."""
 
     def accumulator(self, n_vox: int) -> _Accumulator:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def fit(self, source: Source, k_min: int) -> Fit:
+        if dependence.is_cluster_robust(self.cfg):
+            return dependence.fit_z(self, source, k_min)
         acc = self.accumulator(source.n_vox)
         self._acc, self._source = acc, source
         for i, (unit, zvec) in enumerate(source.iter_z()):
@@ -310,6 +314,8 @@ class _StreamingZ(Estimator):
         contribution removed (NiMARE's Jackknife; rows as :meth:`nvmeta.meta.effects`'s)."""
         from nvmeta.meta.effects import jackknife_rows
 
+        if dependence.is_cluster_robust(self.cfg):
+            return dependence.jackknife_z(self, labels, z_full, plan, collections)
         ids = np.flatnonzero(labels > 0)
 
         def z_without(i, unit, zvec):
@@ -317,6 +323,9 @@ class _StreamingZ(Estimator):
 
         return jackknife_rows(labels, ids, z_full, plan, collections,
                               ((i, u, z) for i, (u, z) in enumerate(self._source.iter_z())), z_without)  # fmt: skip
+
+    def close(self) -> None:
+        dependence.close(self)
 
 
 class Stouffer(_StreamingZ):
@@ -526,7 +535,9 @@ class Permutation(Estimator):
     voxel's maxima. ``z``/``p`` are the parametric conversion of the same t statistic
     (``t_to_z`` with ``df = k − 1``, i.e. ``ttest`` on those voxels); ``p_fwe`` is the
     permutation FWE p-value ``(1 + #{perm: max_w T_w ≥ T_v}) / (1 + n_perm)`` with ``T = |t|``
-    (two-sided) or ``t`` (one-sided).
+    (two-sided) or ``t`` (one-sided). With ``meta.dependence: cluster_robust`` the flips are drawn
+    for the collections and every map of a collection takes its collection's sign, and ``z`` is
+    ``ttest``'s cluster-robust z (:mod:`nvmeta.meta.dependence`).
     """
 
     name = "permutation"
@@ -553,6 +564,12 @@ class Permutation(Estimator):
 
         with threadpool_limits(limits=max(1, self.n_jobs), user_api="blas"):
             z, k, full, p_fwe, notes = self._permute(source)
+        if dependence.is_cluster_robust(self.cfg):  # the parametric z from the sandwich, as ttest's
+            self._ttest = TTest(self.cfg, self.n_jobs, self.log, self.workdir)
+            robust = dependence.fit_z(self._ttest, source, k_min, label=self.name)
+            z = np.where(np.isfinite(z), robust.z, np.nan)
+            notes += robust.notes
+            summary.update(robust.summary, **self._blocks)
         summary["passes_over_maps"] = self._passes
         summary["maps_in_memory"] = maps_in_memory(n_units, n_vox)
         logp = np.full(n_vox, np.nan)
@@ -583,14 +600,10 @@ class Permutation(Estimator):
                 f"voxels, but only {have / 2**30:.1f} GiB is available. Use a machine with more memory, or "
                 "drop 'permutation' from meta.methods (the other methods need O(voxels) memory)."
             )
-        notes = []
-        if 2**n_units < n_perm:
-            notes.append(
-                f"permutation: only 2^{n_units} = {2**n_units} distinct sign flips for n_perm={n_perm}"
-            )
+        notes: list[str] = []
         cache = maps_in_memory(n_units, n_vox)
         per_pass = permutations_per_pass(n_units, n_vox)
-        flips = _nilearn_sign_flips(cfg["random_state"], n_units, n_perm)
+        flips = self._sign_flips(source, n_perm, two_sided, notes)
         h0 = np.empty(n_perm)
         sums = _TTestSums(n_vox, two_sided)  # the unflipped t (ttest's), and k
         total = np.zeros(n_vox)
@@ -701,6 +714,24 @@ class Permutation(Estimator):
         z[np.flatnonzero(full)[degenerate]] = np.nan
         return z, k, full, p_fwe, notes
 
+    def _sign_flips(
+        self, source: Source, n_perm: int, two_sided: bool, notes: list[str]
+    ) -> Iterator[np.ndarray]:
+        """nilearn's flips of the maps or, with ``meta.dependence: cluster_robust``, of whole collections."""
+        n_units, seed = source.n_units, self.cfg["random_state"]
+        if not dependence.is_cluster_robust(self.cfg):
+            if 2**n_units < n_perm:
+                notes.append(
+                    f"permutation: only 2^{n_units} = {2**n_units} distinct sign flips for n_perm={n_perm}"
+                )
+            return _nilearn_sign_flips(seed, n_units, n_perm)
+        blocks = dependence.clusters_of(source.plan)
+        more, self._blocks = dependence.permutation_notes(blocks, n_perm, float(self.cfg["alpha"]), two_sided)
+        for msg in more:
+            self.log.warning(msg)
+        notes += more
+        return dependence.block_sign_flips(seed, blocks, n_perm)
+
     def jackknife(self, labels: np.ndarray, z_full: np.ndarray, plan, collections: dict) -> list[dict]:
         """Leave-one-out per cluster of the parametric z (no permutations needed).
 
@@ -709,10 +740,16 @@ class Permutation(Estimator):
         without it, done from the running sums as :meth:`_StreamingZ.jackknife` does. The FWE
         p-values are not refitted (that would need ``n_perm`` permutations per map).
         """
-        ttest = TTest(self.cfg, self.n_jobs, self.log, self.workdir)
-        # clusters can only lie where permutation reports, i.e. on complete-data voxels
-        ttest.fit(self._source, 2)
+        ttest = getattr(self, "_ttest", None)  # the cluster-robust fit of the parametric z
+        if ttest is None:
+            ttest = TTest(self.cfg, self.n_jobs, self.log, self.workdir)
+            # clusters can only lie where permutation reports, i.e. on complete-data voxels
+            ttest.fit(self._source, 2)
         return ttest.jackknife(labels, z_full, plan, collections)
+
+    def close(self) -> None:
+        if getattr(self, "_ttest", None) is not None:
+            self._ttest.close()
 
 
 #: Method name -> estimator class (``meta.methods``). Effect-size estimators register in

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from nvmeta.io import write_json, write_tsv
-from nvmeta.meta import outputs, plausibility
+from nvmeta.meta import dependence, outputs, plausibility
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
 from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS, will_jackknife
 from nvmeta.meta.estimators import get_estimator
@@ -100,6 +100,7 @@ def run_method(
     log = log or logger
     est_cls = get_estimator(method)
     cfg = _complete(cfg)
+    dependence.check(method, cfg)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     outputs.sweep(outdir)
@@ -137,6 +138,7 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
         method=method,
         combine_label=est_cls.combine_label,
         log=log,
+        dependence=str(cfg["dependence"]),
     )
     n_units = len(plan.units)
     notes = list(plan.warnings)

@@ -139,6 +139,7 @@ def plan_units(
     method: str = "",
     combine_label: str = "Stouffer-combined",
     log: logging.Logger | None = None,
+    dependence: str = "none",
 ) -> Plan:
     """Group the included rows into combination units and collect dependence warnings.
 
@@ -164,6 +165,10 @@ def plan_units(
         How the maps of one collection are combined (messages).
     log : logging.Logger, optional
         Defaults to the module logger.
+    dependence : {"none", "cluster_robust"}
+        ``meta.dependence``: with ``cluster_robust`` the maps of one collection are not treated as
+        independent (:mod:`nvmeta.meta.dependence`), so a collection of several maps is logged,
+        not warned about.
     """
     log = log or logger
     notes: list[str] = []
@@ -216,16 +221,28 @@ def plan_units(
             Unit(f"image {int(r.image_id)}", [int(r.image_id)], sizes_by_id.get(int(r.image_id)))
             for r in rows.itertuples(index=False)
         ]
-        for key, ids in multi.items():
-            msg = (
-                f"{key} contributes {len(ids)} maps, treated as independent "
-                "(meta.combine_within: none; set it to 'collection' to count each collection once)"
-            )
-            notes.append(msg)
-            log.warning(msg)
+        notes += _independence_notes(multi, dependence, log)
     else:
         raise ValueError(f"meta.combine_within must be 'none' or 'collection', got {combine_within!r}")
     return Plan(units=units, warnings=notes, n_maps=int(len(rows)), collections=collections)
+
+
+def _independence_notes(multi: dict[str, list[int]], dependence: str, log: logging.Logger) -> list[str]:
+    """A warning per collection of several maps counted as independent units; with
+    ``meta.dependence: cluster_robust`` (they are not) one log line instead."""
+    if multi and dependence == "cluster_robust":
+        log.info(f"{len(multi)} collection(s) contribute several maps: inference clustered by collection "
+                 "(meta.dependence: cluster_robust)")  # fmt: skip
+        return []
+    notes = []
+    for key, ids in multi.items():
+        msg = (
+            f"{key} contributes {len(ids)} maps, treated as independent "
+            "(meta.combine_within: none; set it to 'collection' to count each collection once)"
+        )
+        notes.append(msg)
+        log.warning(msg)
+    return notes
 
 
 @dataclass

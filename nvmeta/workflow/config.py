@@ -407,6 +407,10 @@ def _check_analysis(name: str, analysis: dict) -> list[str]:
         validate_terms(analysis, key)
     except ConfigError as exc:
         problems.append(f"config key {exc}")
+    if analysis["meta"] is not None:
+        from nvmeta.meta.dependence import problems as dependence_problems
+
+        problems.extend(dependence_problems(analysis["meta"], f"{key}.meta"))
     explicit = analysis["image_ids"] or analysis["collection_ids"]
     terms = analysis["image_terms"] or analysis["collection_terms"]
     if not explicit and not terms and analysis["max_images"] is None:

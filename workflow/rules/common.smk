@@ -73,6 +73,7 @@ META_COMMON_KEYS = [
     "alpha",
     "two_sided",
     "combine_within",
+    "dependence",
     "threshold",
     "cut_coords",
     "vmax",
