@@ -83,10 +83,10 @@ if "nv_connections" not in workflow.global_resources:
     workflow.register_resource(
         "nv_connections", config["neurovault"]["max_connections"]
     )
-# One z-map at a time within a batch (profiles/slurm: each z-map takes one `batch_slots`, scope
-# local, and the profile provides one per submission). Snakemake does not pass a profile's
-# `resources` on to the jobs it spawns, where the batch is formed again: without this, the job
-# inside the allocation would plan its z-maps side by side and ask SLURM for one CPU per z-map.
+# One z-map at a time within a batch: in profiles/slurm each z-map takes one `batch_slots` (scope
+# local: per submission), and here is the one per submission. Not in the profile: Snakemake does
+# not pass a profile's `resources` on to the jobs it spawns, and the job inside the allocation,
+# which forms the batch again, would run its z-maps side by side and ask for one CPU each.
 if "batch_slots" not in workflow.global_resources:
     workflow.register_resource("batch_slots", 1)
 
