@@ -4,7 +4,7 @@ import sys
 
 from snakemake.utils import min_version
 
-min_version("9.6")
+min_version("9.16.3")
 
 sys.path.insert(0, workflow.basedir)
 from nvmeta.workflow.config import check_config_or_exit  # noqa: E402
