@@ -4,15 +4,16 @@ import sys
 
 from snakemake.utils import min_version
 
-min_version("9.0")
+min_version("9.16.3")
 
 sys.path.insert(0, workflow.basedir)
 from nvmeta.workflow.config import check_config_or_exit  # noqa: E402
-from nvmeta.workflow.logs import quiet_interrupt  # noqa: E402
 
-# A --configfile given on the command line replaces the default config instead of being
-# merged into it (otherwise the demo would inherit the default analyses).
-if not workflow.overwrite_configfiles:
+# A config given on the command line (--configfile, --config) replaces this one instead of being
+# merged into it (otherwise the demo would inherit the default analyses): `config` holds it already
+# when the Snakefile starts. Not --replace-workflow-config: Snakemake 9 does not pass that flag on
+# to the jobs it spawns (cluster jobs), which would then read both files and plan other batches.
+if not config:
 
     configfile: "config/config.yaml"
 
@@ -26,9 +27,6 @@ check_config_or_exit(
     configfiles=workflow.configfiles,
 )
 
-# Ctrl-C prints one line saying how to resume (Snakemake still stops its jobs and unlocks).
-quiet_interrupt()
-
 
 report: "workflow/report/workflow.rst"
 
@@ -38,6 +36,7 @@ include: "workflow/rules/query.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/template.smk"
 include: "workflow/rules/zmap.smk"
+include: "workflow/rules/batches.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/atlas.smk"
 include: "workflow/rules/decode.smk"
@@ -51,3 +50,4 @@ rule all:
     default_target: True
     input:
         all_outputs,
+        batch_outputs,

@@ -14,7 +14,7 @@ Part 1, DAG (``--sizes 1000 10000``; BENCHMARKS.md row 4 also has 20000 and 5000
    and stops there, without listing and dry-"running" every job: the cost of the DAG alone);
 5. baseline, side by side: a bare Snakefile with the same DAG shape (N download, N zmap jobs, the same
    fan-ins with N-file inputs, ids listed directly, no checkpoint, no config validation, CPython's
-   default garbage collector settings, which nvmeta changes: ``workflow/rules/common.smk``): what
+   default garbage collector settings, as nvmeta's): what
    Snakemake itself costs for this many jobs;
 6. ``--profile``: the nvmeta dry run again under ``cProfile``; the top functions by cumulative and own time.
 

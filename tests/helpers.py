@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +46,40 @@ def selection(cfg: dict | None = None, **replace) -> dict:
     from nvmeta.workflow.config import defaults
 
     return {**analysis_selection({**defaults("analysis"), **(cfg or {})}), **replace}
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _without_timings(obj):
+    """A JSON value without run-time measurements (keys naming seconds, times, dates)."""
+    if isinstance(obj, dict):
+        return {
+            k: _without_timings(v)
+            for k, v in obj.items()
+            if not any(word in k.lower() for word in ("seconds", "elapsed", "time", "_at", "date"))
+        }
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def compared_files(wf: Path) -> dict[str, str]:
+    """md5 of every deterministic result file: tables, downloaded and z-maps, per-image QC,
+    meta-analysis maps and figures.
+
+    JSON files are compared without their timing keys (a job's run time differs between runs);
+    left out: logs and metadata.json (the server's record plus the download time)."""
+    results = wf / "results"
+    out = {}
+    for path in sorted(results.rglob("*")):
+        rel = path.relative_to(results).as_posix()
+        if not path.is_file() or rel.startswith("logs/") or path.name == "metadata.json":
+            continue
+        if path.suffix == ".json":
+            obj = _without_timings(json.loads(path.read_text()))
+            out[rel] = hashlib.md5(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        elif path.suffix in (".tsv", ".png") or path.name.endswith(".nii.gz"):
+            out[rel] = md5(path)
+    return out

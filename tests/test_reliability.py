@@ -136,6 +136,7 @@ ALLOWED = [
     r"results/images/[1-9][0-9]*/(metadata\.json|metadata\.cache\.json|map\.nii\.gz|zmap\.nii\.gz|qc\.json)",
     r"results/collections/[1-9][0-9]*\.json",
     r"results/template/mask\.nii\.gz",
+    r"results/batches/(plan|zmaps_[0-9]+)\.tsv",
     r"results/logs/[a-z]+/[A-Za-z0-9_-]+\.log",
     r"results/logs/template\.log",
 ]

@@ -89,6 +89,8 @@ def test_a_add_image_reruns_that_image_and_that_analysis(setup):
     assert ran(out, "query") == [{"analysis": "A"}]
     assert ran(out, "download") == [{"image_id": str(NEW_ID)}]
     assert ran(out, "zmap") == [{"image_id": str(NEW_ID)}]
+    # and the table of the batch it joins (all 8 images fit in batch 0)
+    assert ran(out, "zmap_batch") == [{"batch": "0"}]
     assert ran(out, "qc") == [{"analysis": "A"}]
     assert {wc["analysis"] for r, wc in jobs(out) if "analysis" in wc} == {"A"}
     assert ran(out, "meta") == [{"analysis": "A", "method": "stouffer"}]
@@ -156,23 +158,35 @@ def _without_source(selection_tsv: str) -> list[list[str]]:
     return [row[:col] + row[col + 1 :] for row in rows]
 
 
-def test_e_unreadable_selection_never_blocks_its_query(setup):
-    """A selection.tsv with an id written as a float (an older version's output) used to make
-    every DAG fail with ``invalid literal for int()``; now the query simply runs again."""
+def test_e_unreadable_selection_stops_with_the_fix_and_is_never_deleted(setup):
+    """A selection.tsv with an id written as a float (an older version's output, or edited by hand)
+    stops every run, dry runs included, before any job, with one message naming the file and the
+    fix; the file is left as it is (reading the workflow deletes nothing). The fix given, a forced
+    query, rewrites it."""
     srv, wf, cfg = setup
+    (wf / "test.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     sel = wf / "results/analyses/A/selection.tsv"
     good = sel.read_text()
     sel.write_text(good.replace(f"\n{A_IDS[0]}\t", f"\n{A_IDS[0]}.0\t", 1))
-    assert f"{A_IDS[0]}.0\t" in sel.read_text()
-    proc, _, media = rerun(srv, wf, cfg)
-    assert "invalid literal" not in proc.stdout and "Traceback" not in proc.stdout
-    assert "selection.tsv is unreadable" in proc.stdout
+    broken = sel.read_bytes()
+    assert f"{A_IDS[0]}.0\t".encode() in broken
+    fix = f"--forcerun {sel.relative_to(wf)}"
+    for args in (["-n"], []):
+        before = len(srv.requests)
+        proc = run_snakemake(wf, *args, check=False)
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        assert f"{sel.relative_to(wf)} is unreadable (line 2: image_id '{A_IDS[0]}.0'" in proc.stdout
+        assert f"Fix: run the same command with {fix} " in proc.stdout, proc.stdout[-3000:]
+        assert "invalid literal" not in proc.stdout and jobs(proc.stdout) == []
+        assert sel.read_bytes() == broken and len(srv.requests) == before
+    proc, _, media = rerun(srv, wf, cfg, *fix.split())
     assert ran(proc.stdout, "query") == [{"analysis": "A"}]
     # the same selection (record_source names where the records came from: the previous query
     # may have run offline, from results/, this one asked the server)
     assert _without_source(sel.read_text()) == _without_source(good) and media == 0
-    # Unreadable and edited out of the config at the same time: the new query wins.
-    sel.write_text(good.replace(f"\n{A_IDS[0]}\t", f"\n{A_IDS[0]}.0\t", 1))
+    # Unreadable and edited out of the config at the same time: its query has to run anyway
+    # (its params changed), so the file is never read and the new query wins.
+    sel.write_bytes(broken)
     cfg = copy.deepcopy(cfg)
     cfg["analyses"]["A"]["image_ids"] = A_IDS[1:]
     proc, _, media = rerun(srv, wf, cfg)
@@ -184,7 +198,8 @@ def test_e_unreadable_selection_never_blocks_its_query(setup):
 def test_f_selection_without_its_funnel_is_queried_again(setup):
     """A selection.tsv without the query_funnel.json beside it (an older nvmeta's results, or the
     funnel deleted) left the query checkpoint incomplete but not rerun: the QC job then started
-    with unresolved inputs and failed (``invalid literal for int()``). Now the query runs again."""
+    with unresolved inputs and failed (``invalid literal for int()``). The funnel is a target of
+    the run, so its query runs again; nothing is deleted to get there."""
     srv, wf, cfg = setup
     rerun(srv, wf, cfg)  # the module's config again (test_e edited it)
     analysis = wf / "results/analyses/A"
@@ -194,7 +209,6 @@ def test_f_selection_without_its_funnel_is_queried_again(setup):
         (analysis / name).unlink()
     proc, _, media = rerun(srv, wf, cfg)
     assert "invalid literal" not in proc.stdout and "Traceback" not in proc.stdout
-    assert "has no query_funnel.json beside it" in proc.stdout
     assert ran(proc.stdout, "query") == [{"analysis": "A"}]
     assert ran(proc.stdout, "qc") == [{"analysis": "A"}]
     assert (analysis / "query_funnel.json").is_file() and (analysis / "qc.tsv").is_file()

@@ -1,9 +1,10 @@
 """SLURM, for real: a small demo run through snakemake-executor-plugin-slurm on a single-node
 cluster started by the test (Debian's slurm-wlm + munge, installed when missing; see
 tests/slurm_cluster.py), checked job by job against SLURM's own records, and output by output
-against a local run of the same config. The z-map jobs go in batches (Snakemake job groups, the
-default of profiles/slurm): N of them must reach SLURM as exactly ceil(N / size) submissions, each
-z-map run once, in a fresh run and in a rerun.
+against a local run of the same config. The z-map jobs go in batches (a Snakemake group per batch,
+joined by the batch's table job, rule zmap_batch): N of them must reach SLURM as exactly
+ceil(N / size) submissions, each z-map run once, in a fresh run; in a rerun, one submission per
+batch with z-maps to redo, holding only those.
 
 Needs root (to install the packages and start the daemons); skipped, with the reason, only where
 the packages cannot be installed.
@@ -12,9 +13,6 @@ the packages cannot be installed.
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
-import math
 import os
 import re
 import signal
@@ -24,15 +22,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, SNAKEMAKE, SNAPSHOT, make_workdir
+from helpers import REPO, SNAKEMAKE, SNAPSHOT, compared_files, make_workdir
 from slurm_cluster import DAEMONS, DEFAULT_CONF, SlurmCluster, ensure_installed
 
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+# The z-map jobs go in batches of BATCH (config key cluster.zmap_batch_size).
+BATCH = 4
 # The demo, reduced so that the cluster run takes a minute or two: the `edge` analysis (failed
 # downloads, an Analyze pair, a 5-D file, duplicates) and four of the pain maps with two methods
 # (so that meta_sensitivity runs too).
 CONFIG = {
     **{key: value for key, value in DEMO.items() if key != "analyses"},
+    "cluster": {"zmap_batch_size": BATCH},
     "analyses": {
         "edge": DEMO["analyses"]["edge"],
         "pain": {
@@ -50,9 +51,9 @@ CLUSTER_RULES = {"zmap", "qc", "meta", "meta_sensitivity", "input_figures"}
 EXPECTED_CLUSTER_JOBS = collections.Counter(
     {"zmap": 10, "qc": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2}
 )
-# The z-map jobs go in batches: Snakemake group "zmaps" of at most BATCH z-maps (profiles/slurm-test).
 TEST_PROFILE = yaml.safe_load((REPO / "profiles/slurm-test/config.yaml").read_text())
-BATCH = int(dict(item.split("=", 1) for item in TEST_PROFILE["group-components"])["zmaps"])
+# The batches, by hand: the selected ids in ascending order, BATCH at a time (the last one the rest).
+BATCHES = [sorted(IMAGE_IDS)[start : start + BATCH] for start in range(0, len(IMAGE_IDS), BATCH)]
 # Minutes of wall time per z-map (set-resources); a batch asks the sum.
 ZMAP_MINUTES = 3
 # profiles/slurm-test differs from profiles/slurm only in these keys.
@@ -63,48 +64,10 @@ TEST_ONLY_KEYS = {
     "slurm-status-command",
     "slurm-keep-successful-logs",
     "default-resources",
-    "group-components",
 }
 RUN_TIMEOUT = 600
 # Extra snakemake arguments for both runs (debugging aid, e.g. ["--omit-from", "input_figures"]).
 EXTRA_ARGS: list[str] = []
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _without_timings(obj):
-    """A JSON value without run-time measurements (keys naming seconds, times, dates)."""
-    if isinstance(obj, dict):
-        return {
-            k: _without_timings(v)
-            for k, v in obj.items()
-            if not any(word in k.lower() for word in ("seconds", "elapsed", "time", "_at", "date"))
-        }
-    if isinstance(obj, list):
-        return [_without_timings(v) for v in obj]
-    return obj
-
-
-def compared_files(wf: Path) -> dict[str, str]:
-    """md5 of every deterministic result file: tables, downloaded and z-maps, per-image QC,
-    meta-analysis maps and figures.
-
-    JSON files are compared without their timing keys (a job's run time differs between runs);
-    left out: logs and metadata.json (the server's record plus the download time)."""
-    results = wf / "results"
-    out = {}
-    for path in sorted(results.rglob("*")):
-        rel = path.relative_to(results).as_posix()
-        if not path.is_file() or rel.startswith("logs/") or path.name == "metadata.json":
-            continue
-        if path.suffix == ".json":
-            obj = _without_timings(json.loads(path.read_text()))
-            out[rel] = hashlib.md5(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-        elif path.suffix in (".tsv", ".png") or path.name.endswith(".nii.gz"):
-            out[rel] = md5(path)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -321,44 +284,53 @@ def executed_in(job_log: str) -> list[tuple[str, str]]:
     return found
 
 
-def batch_sizes(n: int) -> list[int]:
-    """Sizes of the batches of n z-map jobs: full ones of BATCH, then the rest (sorted)."""
-    return sorted([BATCH] * (n // BATCH) + ([n % BATCH] if n % BATCH else []))
+def expected_batches(zmap_ids: list[int]) -> dict[str, list[str]]:
+    """Group id -> the jobs of the group jobs a run submits when the z-maps of ``zmap_ids`` have to
+    run: per batch of BATCHES holding any of them, those z-maps and the batch's table job."""
+    out = {}
+    for k, batch in enumerate(BATCHES):
+        redo = [i for i in batch if i in zmap_ids]
+        if redo:
+            out[f"zmaps_{k}"] = sorted([*(f"zmap image_id={i}" for i in redo), f"zmap_batch batch={k}"])
+    return out
 
 
 def check_submissions(run: dict, expected: collections.Counter, zmap_ids: list[int]) -> dict:
-    """Every non-local job of ``run`` went through sbatch, the z-maps in batches: ceil(N / BATCH)
-    submissions for N z-map jobs, each z-map run exactly once. Checked in Snakemake's log, SLURM's
-    records (squeue, slurmctld's log, the job-completion log) and each SLURM job's own log.
+    """Every non-local job of ``run`` went through sbatch, the z-maps in batches: one submission
+    per batch holding z-maps to run (ceil(N / BATCH) for all N), each z-map run exactly once.
+    Checked in Snakemake's log, SLURM's records (squeue, slurmctld's log, the job-completion log)
+    and each SLURM job's own log.
 
     Returns SLURM job id -> the (rule, wildcards) that ran in it."""
     log = run["log"]
     remote, local = snakemake_jobs(log)
     assert not set(local) & CLUSTER_RULES, local
     assert not set(remote) & LOCAL_RULES, remote
-    # Snakemake: the z-map jobs only inside group jobs "zmaps", in batches of at most BATCH
-    groups = group_jobs(log)
-    assert "zmap" not in remote, remote
-    assert {name for name, _ in groups} == {"zmaps"}, groups
-    members = [wc for _, jobs in groups for rule, wc in jobs]
-    assert all(rule == "zmap" for _, jobs in groups for rule, _ in jobs), groups
-    assert sorted(members) == sorted(f"image_id={i}" for i in zmap_ids), members
-    n_batches = math.ceil(len(zmap_ids) / BATCH)
-    assert sorted(len(jobs) for _, jobs in groups) == batch_sizes(len(zmap_ids)), groups
+    # Snakemake: the z-map jobs only inside group jobs zmaps_<k>, each with its batch's table job
+    batches = expected_batches(zmap_ids)
+    groups = {name: sorted(f"{rule} {wc}" for rule, wc in jobs) for name, jobs in group_jobs(log)}
+    assert len(groups) == len(group_jobs(log)), "a group job was started twice"
+    assert groups == batches, groups
+    assert not {"zmap", "zmap_batch"} & set(remote), remote
     assert remote + collections.Counter(zmap=len(zmap_ids)) == expected, remote
 
     run_id = re.search(r"^SLURM run ID: (\S+)$", log, flags=re.M).group(1)
     submitted = plugin_submissions(log)
     # the plugin: one submission per non-local job, one per batch
-    assert len(submitted) == sum(remote.values()) + n_batches, submitted
+    assert len(submitted) == sum(remote.values()) + len(batches), submitted
 
     # squeue (the controller's record): one job per submission, named with the run id, its comment
-    # naming the rule (rule_zmaps_zmap: group zmaps of rule zmap), all COMPLETED, in the test partition
+    # naming the rule (rule_zmaps_<k>_...: a batch, the group's id), all COMPLETED, in the test partition
     ours = [job for job in run["squeue"] if job["name"] == run_id]
     assert {job["jobid"] for job in ours} == set(submitted)
     assert all(job["state"] == "COMPLETED" and job["partition"] == "debug" for job in ours), ours
-    rules = {job["jobid"]: re.match(r"rule_(.+?)(_wildcards_.*)?$", job["comment"]).group(1) for job in ours}
-    assert collections.Counter(rules.values()) == remote + collections.Counter(zmaps_zmap=n_batches)
+    rules = {}
+    for job in ours:
+        group = re.match(r"rule_(zmaps_\d+)_", job["comment"])
+        rules[job["jobid"]] = (
+            group.group(1) if group else re.match(r"rule_(.+?)(_wildcards_.*)?$", job["comment"]).group(1)
+        )
+    assert collections.Counter(rules.values()) == remote + collections.Counter(batches.keys())
     # slurmctld's log: each arrived as an sbatch submission (_slurm_rpc_submit_batch_job); that the
     # run made no other one is the squeue check above (every job named with the run id is one of these)
     assert set(submitted) <= set(run["submitted"])
@@ -375,8 +347,8 @@ def check_submissions(run: dict, expected: collections.Counter, zmap_ids: list[i
     }
     for slurm_id, jobs in ran.items():
         assert "--executor slurm-jobstep" in Path(submitted[slurm_id][1]).read_text(errors="replace")
-        if rules[slurm_id] == "zmaps_zmap":
-            assert 1 <= len(jobs) <= BATCH and {rule for rule, _ in jobs} == {"zmap"}, jobs
+        if rules[slurm_id] in batches:
+            assert sorted(f"{rule} {wc}" for rule, wc in jobs) == batches[rules[slurm_id]], jobs
         else:
             assert len(jobs) == 1 and jobs[0][0] == rules[slurm_id], jobs
     # no job ran twice: every z-map in exactly one batch, once
@@ -387,14 +359,17 @@ def check_submissions(run: dict, expected: collections.Counter, zmap_ids: list[i
 
     # resources that reached sbatch (--mem, --time, --cpus-per-task) at attempt 1: the profile's
     # set-resources; a batch asks one z-map's memory and CPU (its z-maps run one at a time) and the
-    # sum of their wall times
-    memory = {"zmaps_zmap": "1500M", "meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M"}
+    # sum of their wall times plus the table job's minute
+    memory = {"meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M"}
     qc_memory = {"edge": "1012M", "pain": "1008M"}  # the rule's own: 1000 + 2 per map (few maps)
     for job in ours:
         rule = rules[job["jobid"]]
-        expected_mem = qc_memory[job["comment"].rsplit("_", 1)[1]] if rule == "qc" else memory[rule]
+        if rule in batches:
+            expected_mem, minutes = "1500M", ZMAP_MINUTES * (len(ran[job["jobid"]]) - 1) + 1
+        else:
+            expected_mem = qc_memory[job["comment"].rsplit("_", 1)[1]] if rule == "qc" else memory[rule]
+            minutes = 10
         assert job["memory"] == expected_mem, job
-        minutes = ZMAP_MINUTES * len(ran[job["jobid"]]) if rule == "zmaps_zmap" else 10
         assert job["time_limit"] == f"{minutes}:00", job
         assert job["cpus"] == "1", job
     return ran
@@ -415,10 +390,11 @@ def test_slurm_test_profile_is_the_users_profile():
     # meta: mem_mb and runtime are the rule's own (they depend on the mask and n_perm)
     assert {"zmap", "qc", "meta_sensitivity", "input_figures"} <= set(users["set-resources"])
     assert "meta" not in users["set-resources"]
-    # batches of z-map jobs by default: group "zmaps" of the documented size, one z-map at a time
-    assert users["groups"] == ["zmap=zmaps"]
-    assert users["group-components"] == ["zmaps=50"]
-    assert users["resources"] == ["batch_slots=1"] and users["set-resource-scopes"] == ["batch_slots=local"]
+    # batches of z-map jobs come from the workflow (rule zmap_batch), not from Snakemake's
+    # group-components; one z-map at a time within a batch
+    assert "groups" not in users and "group-components" not in users
+    # (the one batch_slot per submission is the workflow's, also in the jobs Snakemake spawns)
+    assert "resources" not in users and users["set-resource-scopes"] == ["batch_slots=local"]
     assert users["set-resources"]["zmap"]["batch_slots"] == 1
     assert users["set-resources"]["zmap"]["runtime"] == f"{ZMAP_MINUTES} * attempt"
     for key in set(users) | set(test):
@@ -437,14 +413,14 @@ def test_slurm_test_profile_is_the_users_profile():
 
 @pytest.mark.e2e
 def test_batches_in_a_dry_run(tmp_path):
-    """Without a cluster: once the queries have run, a dry run with the SLURM test profile plans the
-    10 z-map jobs as ceil(10 / BATCH) group jobs, each z-map in one of them.
-
-    Snakemake 9.27.1 on its own plans z-maps in two groups each and groups above the size (seen:
-    groups of 2, 4 and 10 for the 10 z-maps): it forms its groups twice when checkpoint outputs
-    exist at start (nvmeta/snakemake_groups.py)."""
+    """Without a cluster: once the queries and the plan have run, a dry run with the SLURM test profile plans the
+    10 z-map jobs as ceil(10 / BATCH) group jobs, each z-map in one of them with its batch's table
+    job (Snakemake forms its groups twice when checkpoint outputs exist at start: Snakemake's own
+    group-components then planned groups of 2, 4 and 10 for these 10 z-maps)."""
     wf = make_workdir(tmp_path, CONFIG, snapshot=SNAPSHOT)
+    # the queries and the plan of batches (checkpoints: a dry run plans only what follows them)
     targets = [f"results/analyses/{a}/selection.tsv" for a in CONFIG["analyses"]]
+    targets.append("results/batches/plan.tsv")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     subprocess.run(
         [*SNAKEMAKE, *targets, "--cores", "1", "--configfile", "test.yaml"],
@@ -464,11 +440,10 @@ def test_batches_in_a_dry_run(tmp_path):
         timeout=RUN_TIMEOUT,
     )
     assert dry.returncode == 0, dry.stdout[-6000:]
-    groups = group_jobs(dry.stdout)
-    assert sorted(len(jobs) for _, jobs in groups) == batch_sizes(len(IMAGE_IDS)), groups
-    members = sorted(wc for _, jobs in groups for _, wc in jobs)
-    assert members == sorted(f"image_id={i}" for i in IMAGE_IDS), members
-    assert "zmap" not in snakemake_jobs(dry.stdout)[0]
+    groups = [(name, sorted(f"{rule} {wc}" for rule, wc in jobs)) for name, jobs in group_jobs(dry.stdout)]
+    assert dict(groups) == expected_batches(IMAGE_IDS) and len(groups) == len(BATCHES) == 3, groups
+    assert [len(jobs) - 1 for _, jobs in sorted(groups)] == [4, 4, 2]
+    assert not {"zmap", "zmap_batch"} & set(snakemake_jobs(dry.stdout)[0])
 
 
 @pytest.mark.slurm
@@ -500,9 +475,10 @@ def test_cluster_outputs_equal_local_outputs(slurm_run, local_run):
 
 @pytest.mark.slurm
 def test_rerun_on_cluster_batches_what_is_missing(slurm_run, local_run, cluster):
-    """A rerun (the queries' outputs there at start, where Snakemake alone re-forms its groups
-    wrongly): six z-maps forced again are redone in ceil(6 / BATCH) batches, each once, the other
-    four not at all, and the outputs are still those of the local run."""
+    """A rerun (the queries' outputs there at start, where Snakemake forms its groups twice): six
+    z-maps forced again are redone in the batches that hold them, one submission each with only
+    those z-maps (two of batch 0, four of batch 1), each once; the other four z-maps and batch 2
+    not at all; and the outputs are still those of the local run."""
     wf = slurm_run["wf"]
     redone = [*CONFIG["analyses"]["pain"]["image_ids"], 990031, 990032]
     forced = [f"results/images/{image_id}/zmap.nii.gz" for image_id in redone]
@@ -523,6 +499,7 @@ def test_rerun_on_cluster_batches_what_is_missing(slurm_run, local_run, cluster)
     expected = collections.Counter(
         {"zmap": len(redone), "qc": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2}
     )
+    assert sorted(map(len, expected_batches(redone).values())) == [3, 5]  # 2 and 4 z-maps + tables
     check_submissions(rerun, expected, sorted(redone))
     local = compared_files(finish_local_run(local_run))
     on_cluster = compared_files(wf)

@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 
-__all__ = ["job_log", "job_logger", "quiet_interrupt"]
+__all__ = ["job_log", "job_logger"]
 
 ROOT = "nvmeta"
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
@@ -82,7 +82,9 @@ def job_logger(name: str, path: str | os.PathLike | None = None) -> logging.Logg
     logger = logging.getLogger(name)
 
     def excepthook(exc_type, exc, tb) -> None:
-        if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: the Snakemake process says it once
+        if issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C reaches every job at once: one line in this job's log, none on the terminal,
+            # where Snakemake reports the interrupted jobs itself.
             root = logging.getLogger(ROOT)
             for handler in list(root.handlers):
                 if not isinstance(handler, logging.FileHandler):  # log file only, not the terminal
@@ -136,37 +138,3 @@ class job_log:  # noqa: N801 - used as a context manager, reads like a function
             handler.close()
         self.handlers = []
         logging.Logger.manager.loggerDict.pop(self.name, None)
-
-
-#: What Ctrl-C prints: one line, and how to resume.
-INTERRUPTED = (
-    "nvmeta: interrupted (Ctrl-C). Finished outputs are kept; to resume, run the same command "
-    "again (incomplete jobs are redone)."
-)
-
-
-def quiet_interrupt(message: str = INTERRUPTED) -> None:
-    """Make Ctrl-C print one line instead of Snakemake's per-job errors and tracebacks.
-
-    Installs a SIGINT handler (main thread) that prints ``message`` once, silences Snakemake's
-    logger for the rest of the run, and then raises :class:`KeyboardInterrupt` as Python's default
-    handler would, so that Snakemake still stops its jobs, marks them incomplete and releases its
-    lock. Script jobs stop quietly too: :func:`job_logger` logs their interruption to the job log
-    only; a script job started after the interruption exits at ``import nvmeta``.
-    """
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    state = {"done": False}
-
-    def handler(signum, frame):
-        if not state["done"]:
-            state["done"] = True
-            print(message, file=sys.stderr, flush=True)
-            # Jobs Snakemake starts from now on inherit this and stop at once (see nvmeta/__init__.py).
-            os.environ["NVMETA_INTERRUPTED"] = "1"
-            logging.getLogger("snakemake.logging").addFilter(lambda record: False)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)

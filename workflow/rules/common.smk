@@ -1,49 +1,33 @@
 # Helpers shared by the rules: paths, selections read from the query checkpoint, per-image params.
-import atexit
+# Reading this file changes nothing on disk and no process-wide state (-n, --lint and --report
+# read it too).
 import csv
 import functools
 import gc
-import json
 import os
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.logging import logger
 
 from nvmeta.decode.atlas import selection_cfg as atlas_selection_cfg
 from nvmeta.decode.references import leave_out_sets
 from nvmeta.decode.terms import read_members
 from nvmeta.select.query import analysis_query_spec, analysis_selection
-from nvmeta.snakemake_groups import batches_requested, install as install_stable_groups
-from nvmeta.snakemake_timers import cancel_scheduler_timers
+from nvmeta.workflow.batches import read_plan
 from nvmeta.workflow.methods import effect_methods, z_methods
 
-# Snakemake keeps its whole DAG in this process: two jobs per image with their files, and fan-ins
-# listing every image; 3.3 million objects tracked by the garbage collector at 20,000 images, 8
-# million at 50,000. Two hand-written settings (Snakemake has none for this) keep the collector
-# from scanning that heap over and over (BENCHMARKS.md, row 4):
-# - while the DAG grows, CPython's default thresholds (700, 10, 10) ran full collections over it
-#   for 6 s of a 40 s `snakemake -n` at 20,000 images, 14 s of 100 s at 50,000. With a first
-#   threshold of 100,000 every generation runs ~140 times less often (1.7 s, 5.4 s). Cycles are
-#   still collected, later: a z-map job leaves ~60 objects in reference cycles and no array
-#   (measured over 40 jobs with the collector off): a 300-image run peaked at 376 MB either way.
-gc.set_threshold(100_000, 10, 10)
-# - at exit CPython collects once more over everything still alive, i.e. the whole DAG, for a
-#   process that is ending: 3 s at 10,000 images, 5.6 s at 20,000, 14 s at 50,000. Freezing the
-#   heap first (gc.freeze: out of the collector's generations) leaves it nothing to scan (0.1-0.3
-#   s); the exit handlers registered before this one (Snakemake's, logging's flush and close)
-#   still run after it.
-atexit.register(gc.freeze)
 
-
-# When the run is over, Snakemake's scheduler still has a one-second rate-limit timer pending that
-# the interpreter would wait for (nvmeta/snakemake_timers.py): every run ended 1 s late.
+# Snakemake keeps its whole DAG alive until the process ends: at 20,000 images 3.3 million
+# objects tracked by the garbage collector, which CPython's collection at exit scans once more
+# for a process that is ending (5.6 s at 20,000 images, 14 s at 50,000; BENCHMARKS.md, row 4).
+# Once the run is over, freezing the heap (gc.freeze: out of the collector's generations) leaves
+# it nothing to scan. Snakemake calls these hooks only at the end of a real run, never for -n.
 onsuccess:
-    cancel_scheduler_timers()
+    gc.freeze()
 
 
 onerror:
-    cancel_scheduler_timers()
+    gc.freeze()
 
 
 RESULTS = "results"
@@ -51,6 +35,7 @@ IMAGES = f"{RESULTS}/images/{{image_id}}"
 ANALYSIS = f"{RESULTS}/analyses/{{analysis}}"
 LOGS = f"{RESULTS}/logs"
 TEMPLATE_MASK = f"{RESULTS}/template/mask.nii.gz"
+BATCH_PLAN = f"{RESULTS}/batches/plan.tsv"
 # The image-based methods, from their registry: those reading z-maps, and those pooling per-image
 # effect sizes (nvmeta.meta.effects), which read g / var(g) maps.
 Z_METHODS = z_methods()
@@ -97,6 +82,12 @@ if "nv_connections" not in workflow.global_resources:
     workflow.register_resource(
         "nv_connections", config["neurovault"]["max_connections"]
     )
+# One z-map at a time within a batch: in profiles/slurm each z-map takes one `batch_slots` (scope
+# local: per submission), and here is the one per submission. Not in the profile: Snakemake does
+# not pass a profile's `resources` on to the jobs it spawns, and the job inside the allocation,
+# which forms the batch again, would run its z-maps side by side and ask for one CPU each.
+if "batch_slots" not in workflow.global_resources:
+    workflow.register_resource("batch_slots", 1)
 
 
 def analyses_with(block):
@@ -126,65 +117,64 @@ def _read_selection(path, mtime_ns):
     return tuple(out)
 
 
-def _sweep_unreadable_selections():
-    """Remove every selection.tsv of this config that cannot be read (written by an older
-    version, edited by hand, truncated), so that its query simply runs again: a stale or
-    unreadable selection never blocks the DAG (input functions read selections first).
-    """
-    for analysis in config["analyses"]:
-        path = Path(RESULTS) / "analyses" / analysis / "selection.tsv"
-        try:
-            _read_selection(str(path), path.stat().st_mtime_ns)
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, csv.Error) as exc:
-            logger.warning(
-                f"{path} is unreadable ({exc}); removed, the query of analysis "
-                f"{analysis!r} runs again."
-            )
-            path.unlink()
-            continue
-        # A checkpoint with one of its outputs missing is neither rerun nor complete for
-        # Snakemake: the jobs after it would start with unresolved inputs. A selection
-        # without its funnel (an older nvmeta's, or the funnel deleted) is queried anew.
-        if not path.with_name("query_funnel.json").is_file():
-            logger.warning(
-                f"{path} has no query_funnel.json beside it; removed, the query of "
-                f"analysis {analysis!r} runs again."
-            )
-            path.unlink()
-
-
-_sweep_unreadable_selections()
-
-# Per-image jobs batched into group jobs (groups + group-components, profiles/slurm): Snakemake 9
-# re-forms the batches wrongly around checkpoints; nvmeta/snakemake_groups.py says why and
-# replaces that one step (a no-op without group-components, i.e. in local runs).
-install_stable_groups()
-
-
 def selection(analysis):
-    """(image_id, collection_id) pairs of an analysis, once its query checkpoint has run.
-
-    With batches (group-components, profiles/slurm), once *every* analysis' query has run: no
-    per-image job then enters the DAG before all of them are known, so the z-map jobs are cut
-    into batches once, over all images (N jobs, ceil(N / size) submissions), and no batch is
-    already running when a later query adds images. Only the order changes (the downloads wait
-    for the last query); no job's input does, so switching profiles reruns nothing.
-    """
-    if batches_requested(workflow):
-        for other in config["analyses"]:
-            checkpoints.query.get(analysis=other)
-        if config.get("atlas") is not None:
-            checkpoints.atlas_query.get()
-    path = checkpoints.query.get(analysis=analysis).output[0]
+    """(image_id, collection_id) pairs of an analysis, once its query checkpoint has run."""
+    path = checkpoints.query.get(analysis=analysis).output.selection
     try:
         return _read_selection(path, os.stat(path).st_mtime_ns)
-    except (OSError, ValueError, csv.Error) as exc:  # changed during the run
+    except (OSError, ValueError, csv.Error) as exc:
+        # Never removed here: this file is read by dry runs, --lint and --report as well.
         raise WorkflowError(
-            f"{path} is unreadable ({exc}). Fix: run the same command again (the "
-            "query of that analysis then runs anew)."
+            f"{path} is unreadable ({exc}): edited by hand, truncated or written by an "
+            f"older nvmeta. Fix: run the same command with --forcerun {path} (its query "
+            "runs again and rewrites it)."
         )
+
+
+@functools.lru_cache(maxsize=4)
+def _read_plan(path, mtime_ns):
+    return read_plan(path)
+
+
+def batch_plan_selections():
+    """Every selection whose images get z-map jobs: the analyses' and the atlas' (rule batch_plan)."""
+    paths = [f"{RESULTS}/analyses/{a}/selection.tsv" for a in config["analyses"]]
+    if config.get("atlas") is not None:
+        paths.append(f"{RESULTS}/atlas/selection.tsv")
+    return paths
+
+
+def batch_plan():
+    """The batches of z-map jobs (rule batch_plan, a checkpoint after every query)."""
+    path = checkpoints.batch_plan.get().output[0]
+    return _read_plan(path, os.stat(path).st_mtime_ns)
+
+
+def zmap_batch_group(wildcards):
+    """``group`` of a z-map job: ``zmaps_<k>``, its batch (Snakemake uses groups in cluster runs
+    and dry runs only). None (no group) while the plan is being made, which the z-map job waits
+    for anyway, and for an image no analysis selected (a z-map asked for by path).
+    """
+    k = batch_plan().batch_of.get(int(wildcards.image_id))
+    return None if k is None else f"zmaps_{k}"
+
+
+def zmap_batch_inputs(wildcards):
+    """qc.json of every image of batch ``wildcards.batch`` (rule zmap_batch)."""
+    members = batch_plan().members
+    k = int(wildcards.batch)
+    if k >= len(members):
+        raise WorkflowError(
+            f"batch {k} does not exist: {BATCH_PLAN} has {len(members)} batches "
+            f"(0 to {len(members) - 1})."
+        )
+    return [f"{RESULTS}/images/{i}/qc.json" for i in members[k]]
+
+
+def batch_outputs(wildcards=None):
+    """Input function: the table of every batch (rule zmap_batch), once the plan is made
+    (apart from all_outputs, whose other targets are known before any query has run)."""
+    return [f"{RESULTS}/batches/zmaps_{k}.tsv" for k in range(len(batch_plan()))]
 
 
 def selected_ids(analysis):
@@ -214,7 +204,7 @@ def _collection_of():
         try:
             pairs = _read_selection(str(path), path.stat().st_mtime_ns)
         except (OSError, ValueError, csv.Error):
-            continue  # missing or unreadable: selection() reruns that query
+            continue  # missing or unreadable: selection() says how to rerun its query
         out.update(pairs)
     return out
 
@@ -318,7 +308,10 @@ def all_outputs(wildcards):
     out = []
     for analysis, spec in config["analyses"].items():
         d = f"{RESULTS}/analyses/{analysis}"
-        out += [f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"]
+        # query_funnel.json too: a checkpoint with an output missing (deleted, or an older
+        # nvmeta's) then runs again instead of leaving its dependents unresolved
+        out += [f"{d}/selection.tsv", f"{d}/query_funnel.json"]
+        out += [f"{d}/qc.tsv", f"{d}/funnel.tsv"]
         out.append(f"{d}/figures/qc_consensus.png")
         out += [f"{d}/overview.html", f"{d}/methods.html", f"{d}/references.bib"]
         if spec["meta"] is not None:
@@ -480,30 +473,8 @@ def overview_inputs(wildcards):
 ATLAS = f"{RESULTS}/atlas"
 
 
-def _sweep_incomplete_atlas_query():
-    """A selection without its funnel or groups (killed, or an older nvmeta's) is queried anew: a
-    checkpoint with an output missing is neither rerun nor complete for Snakemake."""
-    path = Path(ATLAS) / "selection.tsv"
-    if path.is_file() and not all(
-        (path.with_name(n)).is_file() for n in ("query_funnel.json", "groups.tsv")
-    ):
-        logger.warning(
-            f"{path} has no query_funnel.json or groups.tsv beside it; removed, "
-            "the atlas query runs again."
-        )
-        path.unlink()
-
-
-if config.get("atlas") is not None:
-    _sweep_incomplete_atlas_query()
-
-
 def atlas_ids():
-    """Image ids of the atlas' selection, once its query checkpoint has run (batches: once every
-    query has, as selection() in common.smk)."""
-    if batches_requested(workflow):
-        for other in config["analyses"]:
-            checkpoints.query.get(analysis=other)
+    """Image ids of the atlas' selection, once its query checkpoint has run."""
     path = checkpoints.atlas_query.get().output.selection
     try:
         return [i for i, _ in _read_selection(path, os.stat(path).st_mtime_ns)]
@@ -541,10 +512,10 @@ def atlas_outputs():
     """What the atlas block produces (for all_outputs)."""
     if config.get("atlas") is None:
         return []
-    return [
-        f"{ATLAS}/{name}"
-        for name in ("selection.tsv", "qc.tsv", "funnel.tsv", "atlas.tsv", "atlas.png")
-    ]
+    # query_funnel.json and groups.tsv too: a checkpoint with an output missing then runs again
+    # instead of leaving its dependents unresolved
+    names = ("selection.tsv", "query_funnel.json", "groups.tsv", "qc.tsv", "funnel.tsv")
+    return [f"{ATLAS}/{name}" for name in (*names, "atlas.tsv", "atlas.png")]
 
 
 def atlas_term_files(name):

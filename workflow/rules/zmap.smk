@@ -9,12 +9,17 @@ rule zmap:
     input:
         metadata=f"{IMAGES}/metadata.json",
         mask=TEMPLATE_MASK,
+        # after the plan of batches only (its group), never rerun by a new plan (ancient)
+        plan=ancient(BATCH_PLAN),
     output:
         **EFFECT_OUTPUTS,
         zmap=f"{IMAGES}/zmap.nii.gz",
         qc=f"{IMAGES}/qc.json",
     log:
         f"{LOGS}/zmap/{{image_id}}.log",
+    # zmaps_<k>, its batch: one cluster submission per batch (workflow/rules/batches.smk)
+    group:
+        zmap_batch_group
     conda:
         "../../envs/nvmeta.yaml"
     threads: 1
