@@ -41,23 +41,65 @@ def download_job(image_id: str, output: Any, log: Any, nv_cfg: dict) -> dict:
 
 
 def zmap_job(  # noqa: A002
-    image_id: str, input: Any, output: Any, log: Any, conversion: dict, limits: dict | None = None
+    image_id: str,
+    input: Any,
+    output: Any,
+    log: Any,
+    conversion: dict,
+    limits: dict | None = None,
+    workers: int = 1,
 ) -> dict:
-    """Rule ``zmap``: t -> z, resample and mask one image onto the template grid; qc.json."""
+    """Rule ``zmap``: t -> z, resample and mask one image onto the template grid; qc.json.
+
+    Runs in a worker process of :mod:`nvmeta.workflow.pool` when ``workers`` (the cores Snakemake
+    was given, ``workflow.cores``) is above 1, in this thread otherwise. Snakemake's IO objects are
+    sent as plain strings, with this process's working directory they are relative to.
+    """
+    from nvmeta.workflow.pool import run_in_worker
+
+    effect = (str(output.g), str(output.varg)) if "g" in output.keys() else None
+    return run_in_worker(
+        zmap_task,
+        os.getcwd(),
+        str(image_id),
+        str(input.metadata),
+        str(input.mask),
+        conversion,
+        (str(output.zmap), str(output.qc)),
+        str(log[0]),
+        limits,
+        effect,
+        workers=workers,
+    )
+
+
+def zmap_task(
+    cwd: str,
+    image_id: str,
+    metadata: str,
+    mask: str,
+    conversion: dict,
+    outputs: tuple[str, str],
+    log: str,
+    limits: dict | None,
+    effect: tuple[str, str] | None,
+) -> dict:
+    """The z-map job's work (:func:`nvmeta.images.zmap.make_zmap`) on plain paths, in a worker or inline."""
     from nvmeta.images.template import load_mask
     from nvmeta.images.zmap import make_zmap
 
-    meta_path = Path(input.metadata)
-    with job_log(f"nvmeta.images.zmap.{image_id}", log[0]) as logger:
+    if os.getcwd() != cwd:  # a worker: the paths are relative to the Snakemake process's directory
+        os.chdir(cwd)
+    meta_path = Path(metadata)
+    with job_log(f"nvmeta.images.zmap.{image_id}", log) as logger:
         qc = make_zmap(
             meta_path,
             meta_path.with_name("map.nii.gz"),
-            load_mask(os.fspath(input.mask)),
+            load_mask(mask),
             conversion,
-            output.zmap,
-            output.qc,
+            *outputs,
             limits,
-            (output.g, output.varg) if "g" in output.keys() else None,
+            effect,
         )
         logger.info("image %s: %s %s", image_id, qc["status"], qc.get("reason") or "")
     return qc
