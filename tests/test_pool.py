@@ -169,6 +169,33 @@ def test_workers_are_replaced_after_max_tasks():
         pool.close()
 
 
+def _signal_masks(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigBlk", "SigIgn"):
+            fields[key] = int(value.strip(), 16)
+    return fields
+
+
+def test_workers_ignore_ctrl_c_quietly(capfd):
+    """SIGINT is Snakemake's to handle: a worker ignores it (and never had it pending from its
+    start-up), keeps serving and prints nothing."""
+    pool = WorkerPool(1)
+    try:
+        pid = pool.run(os.getpid)
+        masks = _signal_masks(pid)
+        bit = 1 << (signal.SIGINT - 1)
+        assert masks["SigIgn"] & bit and not masks["SigBlk"] & bit, masks
+        os.kill(pid, signal.SIGINT)
+        assert pool.run(os.getpid) == pid
+    finally:
+        pool.close()
+    _wait_for(lambda: not _alive(pid), "the worker to stop")
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
 def test_one_core_runs_inline():
     assert run_in_worker(os.getpid, workers=1) == os.getpid()
 

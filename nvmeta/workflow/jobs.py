@@ -2,9 +2,16 @@
 
 Per-image jobs run thousands of times. Started as ``script:`` jobs, each would pay for a Python
 start-up, Snakemake's script preamble and numpy/scipy/nibabel imports (about 1 s) on top of
-about 0.1-0.3 s of real work. The default and SLURM profiles set ``force-use-threads``, so
-``run:`` jobs execute in a thread of the Snakemake process where those modules are already
-imported; on a cluster they run inside the submitted job as usual.
+about 0.1-0.3 s of real work. The default profile sets ``force-use-threads``, so ``run:`` jobs
+execute in a thread of the Snakemake process, where nothing needs importing again.
+
+Threads of one process share one interpreter lock, with each other and with Snakemake's
+scheduler, so the z-map job's thread does not compute: :func:`zmap_job` hands the image to a warm
+worker process (:mod:`nvmeta.workflow.pool`; one per core Snakemake was given, ``workflow.cores``)
+and waits for its qc record, which costs the lock nothing. One Snakemake job per image all the
+same: per-image outputs, logs and reruns. With one core (``--cores 1``, or a cluster job that
+asked for one CPU) the work runs in the job's own thread. A download (:func:`download_job`) waits on the network, not a core: it
+stays in its thread and its rule takes no core (``threads: 0``), only a connection.
 
 The per-analysis QC table and overview page are on every run's critical path (between the last
 z-map and the meta-analysis, and after the last figure) and need nothing beyond numpy and

@@ -15,11 +15,13 @@ for the reply, which releases the lock; the work runs on a core of its own.
   lives on); a worker that dies (killed, out of memory, a crash in C code) fails only the job it
   was running, with a message naming how it ended, and a new worker takes its place.
 * **Bounded memory.** A worker is replaced after :data:`MAX_TASKS` tasks.
-* **Ctrl-C and exits.** Workers run in a session of their own, so the SIGINT a terminal sends to
-  its foreground process group reaches Snakemake and not them: Snakemake stops its jobs, waiting
-  for the images in progress (one per worker), and the workers are stopped when the Snakemake
-  process exits. A worker whose parent died unexpectedly exits when it next reads its pipe.
-  Workers print nothing of their own.
+* **Ctrl-C and exits.** Workers ignore SIGINT, from the moment they start (it is blocked while
+  they are spawned): the terminal sends it to its whole foreground process group, workers
+  included, and it is Snakemake's to handle. Snakemake stops its jobs, waiting for the images in
+  progress (one per worker), and the workers are stopped when the Snakemake process exits. They
+  stay in Snakemake's process group, so a signal to the group (kill, Ctrl-Z, a job scheduler's
+  SIGTERM) reaches them too; a worker whose parent alone was killed exits when it next reads its
+  pipe. Workers print nothing of their own.
 
 Why not :class:`concurrent.futures.ProcessPoolExecutor` or :mod:`multiprocessing`: with
 ``max_tasks_per_child`` that executor can stop replacing workers and hang (CPython issue
@@ -77,6 +79,7 @@ def serve(task_fd: str | int, reply_fd: str | int) -> None:
     """A worker's loop: run pickled ``(fn, args, kwargs)`` tasks from ``task_fd`` until ``None`` or EOF,
     writing ``(True, result)`` or ``(False, exception)`` to ``reply_fd``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is Snakemake's to handle, not a worker's
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
     for name in PRELOAD:
         importlib.import_module(name)
     with os.fdopen(int(task_fd), "rb") as tasks, os.fdopen(int(reply_fd), "wb") as replies:
@@ -124,18 +127,21 @@ class _Worker:
     def __init__(self) -> None:
         task_r, task_w = os.pipe()
         reply_r, reply_w = os.pipe()
+        # A Ctrl-C while the new interpreter starts would end it with a traceback: SIGINT stays
+        # blocked in it (the mask of this thread is inherited) until serve() ignores it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, str(task_r), str(reply_w), *sys.path],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(task_r, reply_w),
-                start_new_session=True,
             )
         except BaseException:
             for fd in (task_w, reply_r):
                 os.close(fd)
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(task_r)
             os.close(reply_w)
         self.tasks: BinaryIO = os.fdopen(task_w, "wb")
