@@ -19,7 +19,9 @@ after one untimed run that downloads everything:
   niceness + 10 (at most 19; the niceness of both is printed), for the duration of each run.
 
 The figure is the ratio of the medians, ``--cores 1`` over ``--cores 2``: 2.0 means both cores did
-the work. ``--checkout DIR`` measures another tree's workflow and ``nvmeta`` (an export of an older
+the work. Each run also reports the CPU seconds of the Snakemake process itself (all its threads:
+the scheduler, the job threads, the jobs that run in it) and of its children (the z-map workers,
+the script jobs), from ``getrusage`` at its exit. ``--checkout DIR`` measures another tree's workflow and ``nvmeta`` (an export of an older
 commit: ``git archive COMMIT | tar -x -C DIR``), for a before/after table from one machine.
 
 Usage::
@@ -31,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -44,6 +47,20 @@ from bench_vs_recipe import cached_snapshot, clean_outputs, per_rule_times, synt
 from synth_snapshot import load_note, make_workdir, use_checkout  # noqa: E402
 
 BURN = "while True:\n    pass\n"
+
+# `python -m snakemake`, plus the CPU seconds of the Snakemake process itself (all its threads: the
+# scheduler, the job threads, in-process jobs) and of its children (workers, script jobs), at exit.
+SNAKEMAKE_WITH_RUSAGE = (
+    "import atexit, json, resource, sys\n"
+    "def _report(path=sys.argv.pop(1)):\n"
+    "    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "    json.dump({'snakemake': own.ru_utime + own.ru_stime, 'children': kids.ru_utime + kids.ru_stime},\n"
+    "              open(path, 'w'))\n"
+    "atexit.register(_report)\n"
+    "from snakemake.cli import main\n"
+    "sys.argv[0] = 'snakemake'\n"
+    "main()\n"
+)
 
 
 class Burners:
@@ -71,8 +88,9 @@ class Burners:
             p.wait()
 
 
-def timed_run(wf: Path, cores: int, what: str) -> tuple[float, str]:
-    """One timed snakemake run (``what="first"``: the untimed one that downloads); (wall s, output)."""
+def timed_run(wf: Path, cores: int, what: str) -> tuple[float, str, dict]:
+    """One timed snakemake run (``what="first"``: the untimed one that downloads); (wall s, output,
+    CPU seconds of the Snakemake process and of its children)."""
     extra: list[str] = []
     if what == "after-downloads":
         clean_outputs(wf)
@@ -81,14 +99,16 @@ def timed_run(wf: Path, cores: int, what: str) -> tuple[float, str]:
     else:
         extra = ["--forcerun", "zmap", "--until", "zmap"]
     # the config file last: --configfile takes several values and would swallow other arguments
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), *extra, "--configfile", "bench.yaml"]
+    usage = wf / "rusage.json"
+    cmd = [sys.executable, "-c", SNAKEMAKE_WITH_RUSAGE, str(usage), "--cores", str(cores), *extra]
+    cmd += ["--configfile", "bench.yaml"]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=wf, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     secs = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-5000:]}")
-    return secs, proc.stdout
+    return secs, proc.stdout, json.loads(usage.read_text())
 
 
 def main() -> None:
@@ -119,7 +139,7 @@ def main() -> None:
     snap, cids = cached_snapshot(args.cache, args.n_images)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         wf = make_workdir(Path(tmp) / "wf", synth_config(str(snap), cids))
-        t_first, _ = timed_run(wf, 2, "first")
+        t_first, _, _ = timed_run(wf, 2, "first")
         print(f"first run (downloads included): {t_first:.1f} s; {load_note()}", flush=True)
         times: dict[tuple[str, str, int], list[float]] = {}
         for load in args.load:
@@ -132,7 +152,7 @@ def main() -> None:
                             burners.__enter__()
                         try:
                             before = load_note()
-                            secs, out = timed_run(wf, cores, what)
+                            secs, out, cpu = timed_run(wf, cores, what)
                             extra = f", burners at niceness {burners.niceness()}" if burners else ""
                         finally:
                             if burners is not None:
@@ -144,7 +164,8 @@ def main() -> None:
                             for rule, (n, s) in sorted(rules.items(), key=lambda kv: -kv[1][1])
                         )
                         print(
-                            f"  {load:4s} {what:15s} --cores {cores}: {secs:6.1f} s  (run {r + 1}; before: {before}; "
+                            f"  {load:4s} {what:15s} --cores {cores}: {secs:6.1f} s, CPU s: Snakemake process "
+                            f"{cpu['snakemake']:.1f}, its children {cpu['children']:.1f}  (run {r + 1}; before: {before}; "
                             f"after: {load_note()}{extra}) [{top}]",
                             flush=True,
                         )
