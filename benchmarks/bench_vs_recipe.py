@@ -4,9 +4,15 @@ The baseline is what a user would otherwise run: nilearn's NeuroVault stop-go me
 as one Python process over files already on disk (``RECIPE`` below, written for this benchmark from
 the example's description): load each map with ``nilearn.image.load_img``, naive t -> z
 (``norm.isf(t.sf(t, df))``, df = n - 1 as the demo's ``conversion.df``; Z maps used as they are),
-``new_img_like`` + ``resample_to_img`` onto nilearn's MNI152 2 mm brain mask, ``math_img``
-``np.sum(z_imgs, axis=3) / np.sqrt(z_imgs.shape[3])`` and one ``plot_stat_map`` axial mosaic saved as
-PNG. Imports and interpreter start-up are included. It runs over exactly the maps nvmeta included.
+``new_img_like`` + ``resample_to_img(..., interpolation="linear")`` onto nilearn's MNI152 2 mm brain
+mask, ``math_img`` ``np.sum(z_imgs, axis=3) / np.sqrt(z_imgs.shape[3])`` and one ``plot_stat_map``
+axial mosaic saved as PNG. Imports and interpreter start-up are included. It runs over exactly the
+maps nvmeta included.
+
+**Same work.** The recipe resamples **linearly, as nvmeta does**. nilearn's default,
+``interpolation="continuous"`` (a third-order spline), is more work than nvmeta does, and a baseline
+that does more work than the thing measured flatters it (BENCHMARKS.md has both). Same maps, same
+interpolation, same outputs (z-maps on the template grid, a Stouffer map, a figure).
 
 Two comparisons, both with downloads cached:
 
@@ -32,6 +38,10 @@ twice the wall time when both cores are busy.
 Usage::
 
     python benchmarks/bench_vs_recipe.py [--part pain synth] [--n-images 400] [--repeat 1] [--cache DIR]
+        [--checkout DIR]
+
+``--checkout DIR``: the workflow and ``nvmeta`` of another tree (an export of an older commit) are
+measured instead of this checkout's, against the same recipe.
 
 Run from the repository root with ``PYTHONPATH=.`` (or an editable install); the machine's load is
 printed with every figure.
@@ -55,14 +65,14 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_snapshot import load_note, make_snapshot, make_workdir  # noqa: E402
+from synth_snapshot import load_note, make_snapshot, make_workdir, use_checkout  # noqa: E402
 
 from nvmeta.testing.workdir import REPO  # noqa: E402
 
 CUTS = [-15, -8, 6, 30, 46, 62]  # the schema default of meta.cut_coords (the example's)
 
 RECIPE = '''
-"""Stop-go recipe as one process: load, naive t->z, resample_to_img onto the MNI 2 mm mask, math_img, mosaic."""
+"""Stop-go recipe as one process: load, naive t->z, linear resample_to_img onto the MNI 2 mm mask, math_img, mosaic."""
 import json
 import sys
 
@@ -90,7 +100,9 @@ for item in items:
     if item["df"] is not None:
         data = t_to_z(data, deg_of_freedom=item["df"])
     z_img = image.new_img_like(img, data)
-    z_imgs.append(image.resample_to_img(z_img, mask_img, force_resample=True, copy_header=True))
+    # linear, as nvmeta resamples (nilearn's default, a cubic spline, is more work than nvmeta does)
+    z_imgs.append(image.resample_to_img(z_img, mask_img, interpolation="linear", force_resample=True,
+                                        copy_header=True))
 
 meta_img = image.math_img("np.sum(z_imgs, axis=3) / np.sqrt(z_imgs.shape[3])", z_imgs=z_imgs)
 display = plotting.plot_stat_map(meta_img, display_mode="z", cut_coords=%(cuts)r, threshold=3.0,
@@ -163,17 +175,17 @@ def run_measured(cmd: list[str], cwd: Path) -> tuple[float, int, int, str]:
 _STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
 
 
-def per_rule_times(log: str) -> dict[str, tuple[int, float]]:
-    """rule -> (jobs, summed job seconds) from Snakemake's console output (see the module docstring)."""
+def job_spans(log: str) -> list[tuple[str, datetime, datetime]]:
+    """(rule, start, end) of every finished job, from Snakemake's console output (1 s resolution)."""
     started: dict[str, tuple[str, datetime]] = {}
-    totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    spans = []
     stamp, rule = None, None
     for line in log.splitlines():
-        m = _STAMP.match(line.strip())
+        s = line.strip()
+        m = _STAMP.match(s)
         if m:
             stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
             continue
-        s = line.strip()
         m = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):$", s)
         if m:
             rule = m.group(1)
@@ -186,8 +198,16 @@ def per_rule_times(log: str) -> dict[str, tuple[int, float]]:
         m = re.match(r"^Finished jobid: (\d+) \(Rule: (\w+)\)$", s)
         if m and m.group(1) in started and stamp is not None:
             r, t0 = started.pop(m.group(1))
-            totals[r][0] += 1
-            totals[r][1] += (stamp - t0).total_seconds()
+            spans.append((r, t0, stamp))
+    return spans
+
+
+def per_rule_times(log: str) -> dict[str, tuple[int, float]]:
+    """rule -> (jobs, summed job seconds) from Snakemake's console output (see the module docstring)."""
+    totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for r, t0, t1 in job_spans(log):
+        totals[r][0] += 1
+        totals[r][1] += (t1 - t0).total_seconds()
     return {r: (n, s) for r, (n, s) in totals.items() if r != "all"}
 
 
@@ -277,7 +297,8 @@ def compare(label: str, wf: Path, analysis: str, tmp: Path, repeat: int, cores: 
     med = {w: tuple(statistics.median(x[i] for x in v) for i in range(3)) for w, v in runs.items()}
     (a, pa, _), (b, pb, _) = med["nvmeta"], med["recipe"]
     print(
-        f"[{label}] nvmeta snakemake --cores {cores} {a:.1f} s vs recipe {b:.1f} s: wall ratio nvmeta/recipe "
+        f"[{label}] nvmeta snakemake --cores {cores} {a:.1f} s vs recipe (linear resampling, as nvmeta) "
+        f"{b:.1f} s: wall ratio nvmeta/recipe "
         f"**{a / b:.2f}×**; peak memory {pa / 2**20:.0f} MB vs {pb / 2**20:.0f} MB: ratio **{pa / pb:.2f}×**; {load_note()}"
     )
     if breakdown:
@@ -303,25 +324,33 @@ def pain(tmp: Path, repeat: int, cores: int) -> dict:
     return compare("pain-21", wf, "pain", tmp, repeat, cores)
 
 
-def synth(tmp: Path, cache: Path, n_images: int, repeat: int, cores: int) -> dict:
+def cached_snapshot(cache: Path, n_images: int) -> tuple[Path, list[int]]:
+    """``synth_snapshot.py --n-images N --pool N`` under ``cache`` (written once): (root, collection ids)."""
     snap = cache / f"synth_{n_images}_pool{n_images}"
     marker = snap / "collection_ids.json"  # written last: the snapshot is complete
     if not marker.exists():
         shutil.rmtree(snap, ignore_errors=True)
+        cache.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         made = make_snapshot(snap, n_images, pool=n_images, seed=0, log=lambda *a: None)
         marker.write_text(json.dumps(sorted(made["collection_ids"])))
         print(f"[synth] snapshot of {n_images} maps written to {snap} in {time.perf_counter() - t0:.0f} s")
-    cids = json.loads(marker.read_text())
-    wf = make_workdir(
-        tmp / "synth",
-        {
-            "neurovault": {"url": str(snap), "mode": "download_new"},
-            "template": {"mask": "mni152_2mm"},
-            "conversion": {"df": "n-1"},
-            "analyses": {"synth": {"collection_ids": cids, "meta": {"methods": ["stouffer"]}}},
-        },
-    )
+    return snap, json.loads(marker.read_text())
+
+
+def synth_config(url: str, cids: list[int], methods: tuple[str, ...] = ("stouffer",)) -> dict:
+    """One analysis over every collection of a synthetic snapshot (as :func:`synth` runs it)."""
+    return {
+        "neurovault": {"url": url, "mode": "download_new"},
+        "template": {"mask": "mni152_2mm"},
+        "conversion": {"df": "n-1"},
+        "analyses": {"synth": {"collection_ids": cids, "meta": {"methods": list(methods)}}},
+    }
+
+
+def synth(tmp: Path, cache: Path, n_images: int, repeat: int, cores: int) -> dict:
+    snap, cids = cached_snapshot(cache, n_images)
+    wf = make_workdir(tmp / "synth", synth_config(str(snap), cids))
     return compare(f"synth-{n_images}", wf, "synth", tmp, repeat, cores)
 
 
@@ -338,7 +367,11 @@ def main() -> None:
         help="where the synthetic snapshot is generated once and reused",
     )
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temporary workflow copies")
+    p.add_argument(
+        "--checkout", type=Path, default=None, help="benchmark the workflow and nvmeta of this tree instead"
+    )
     args = p.parse_args()
+    use_checkout(args.checkout)
     print(f"bench_vs_recipe: {' '.join(sys.argv[1:]) or '(defaults)'}; {load_note()}")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)

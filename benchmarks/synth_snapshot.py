@@ -360,12 +360,41 @@ def copy_records(images: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # helpers shared by the benchmark scripts: a throw-away copy of the workflow and a timed snakemake run
 # ------------------------------------------------------------------------------------------------
-from nvmeta.testing.workdir import copy_workflow  # noqa: E402
+from nvmeta.testing.workdir import WORKFLOW_PARTS, copy_workflow  # noqa: E402
+
+#: Where the workflow and the ``nvmeta`` package under test come from (None: this checkout).
+CHECKOUT: Path | None = None
+
+
+def use_checkout(path: str | os.PathLike | None) -> None:
+    """Benchmark another tree (e.g. ``git archive COMMIT | tar -x -C DIR``): workflow copies come from
+    ``path`` and every ``snakemake`` this process starts imports ``nvmeta`` from there
+    (``PYTHONPATH``); the benchmark's own helpers still run this checkout's code."""
+    global CHECKOUT
+    if path is None:
+        return
+    CHECKOUT = Path(path).resolve()
+    if not (CHECKOUT / "Snakefile").is_file() or not (CHECKOUT / "nvmeta").is_dir():
+        sys.exit(f"--checkout {path}: no Snakefile and nvmeta/ there")
+    os.environ["PYTHONPATH"] = str(CHECKOUT)
 
 
 def make_workdir(wf: str | os.PathLike, config: dict) -> Path:
     """Copy the workflow into ``wf`` with ``config`` as ``bench.yaml`` (default profile included)."""
-    return copy_workflow(wf, config, "bench.yaml")
+    if CHECKOUT is None:
+        return copy_workflow(wf, config, "bench.yaml")
+    import yaml
+
+    wf = Path(wf)
+    wf.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_PARTS:
+        src = CHECKOUT / name
+        if src.is_dir():
+            shutil.copytree(src, wf / name, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy2(src, wf / name)
+    (wf / "bench.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return wf
 
 
 def snakemake(wf: Path, *args: str, cores: int = 2, check: bool = True, prefix: tuple[str, ...] = ()):

@@ -2,9 +2,16 @@
 
 Per-image jobs run thousands of times. Started as ``script:`` jobs, each would pay for a Python
 start-up, Snakemake's script preamble and numpy/scipy/nibabel imports (about 1 s) on top of
-about 0.1-0.3 s of real work. The default and SLURM profiles set ``force-use-threads``, so
-``run:`` jobs execute in a thread of the Snakemake process where those modules are already
-imported; on a cluster they run inside the submitted job as usual.
+about 0.1-0.3 s of real work. The default profile sets ``force-use-threads``, so ``run:`` jobs
+execute in a thread of the Snakemake process, where nothing needs importing again.
+
+Threads of one process share one interpreter lock, with each other and with Snakemake's
+scheduler, so the z-map job's thread does not compute: :func:`zmap_job` hands the image to a warm
+worker process (:mod:`nvmeta.workflow.pool`; one per core Snakemake was given, ``workflow.cores``)
+and waits for its qc record, which costs the lock nothing. One Snakemake job per image all the
+same: per-image outputs, logs and reruns. With one core (``--cores 1``, or a cluster job that
+asked for one CPU) the work runs in the job's own thread. A download (:func:`download_job`) waits on the network, not a core: it
+stays in its thread and its rule takes no core (``threads: 0``), only a connection.
 
 The per-analysis QC table and overview page are on every run's critical path (between the last
 z-map and the meta-analysis, and after the last figure) and need nothing beyond numpy and
@@ -41,23 +48,65 @@ def download_job(image_id: str, output: Any, log: Any, nv_cfg: dict) -> dict:
 
 
 def zmap_job(  # noqa: A002
-    image_id: str, input: Any, output: Any, log: Any, conversion: dict, limits: dict | None = None
+    image_id: str,
+    input: Any,
+    output: Any,
+    log: Any,
+    conversion: dict,
+    limits: dict | None = None,
+    workers: int = 1,
 ) -> dict:
-    """Rule ``zmap``: t -> z, resample and mask one image onto the template grid; qc.json."""
+    """Rule ``zmap``: t -> z, resample and mask one image onto the template grid; qc.json.
+
+    Runs in a worker process of :mod:`nvmeta.workflow.pool` when ``workers`` (the cores Snakemake
+    was given, ``workflow.cores``) is above 1, in this thread otherwise. Snakemake's IO objects are
+    sent as plain strings, with this process's working directory they are relative to.
+    """
+    from nvmeta.workflow.pool import run_in_worker
+
+    effect = (str(output.g), str(output.varg)) if "g" in output.keys() else None
+    return run_in_worker(
+        zmap_task,
+        os.getcwd(),
+        str(image_id),
+        str(input.metadata),
+        str(input.mask),
+        conversion,
+        (str(output.zmap), str(output.qc)),
+        str(log[0]),
+        limits,
+        effect,
+        workers=workers,
+    )
+
+
+def zmap_task(
+    cwd: str,
+    image_id: str,
+    metadata: str,
+    mask: str,
+    conversion: dict,
+    outputs: tuple[str, str],
+    log: str,
+    limits: dict | None,
+    effect: tuple[str, str] | None,
+) -> dict:
+    """The z-map job's work (:func:`nvmeta.images.zmap.make_zmap`) on plain paths, in a worker or inline."""
     from nvmeta.images.template import load_mask
     from nvmeta.images.zmap import make_zmap
 
-    meta_path = Path(input.metadata)
-    with job_log(f"nvmeta.images.zmap.{image_id}", log[0]) as logger:
+    if os.getcwd() != cwd:  # a worker: the paths are relative to the Snakemake process's directory
+        os.chdir(cwd)
+    meta_path = Path(metadata)
+    with job_log(f"nvmeta.images.zmap.{image_id}", log) as logger:
         qc = make_zmap(
             meta_path,
             meta_path.with_name("map.nii.gz"),
-            load_mask(os.fspath(input.mask)),
+            load_mask(mask),
             conversion,
-            output.zmap,
-            output.qc,
+            *outputs,
             limits,
-            (output.g, output.varg) if "g" in output.keys() else None,
+            effect,
         )
         logger.info("image %s: %s %s", image_id, qc["status"], qc.get("reason") or "")
     return qc

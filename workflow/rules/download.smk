@@ -24,6 +24,9 @@ rule download:
         f"{LOGS}/download/{{image_id}}.log",
     conda:
         "../../envs/nvmeta.yaml"
+    # Waiting on the network is not computing: a download holds a connection, not a core, so
+    # z-maps run on every core while the next images download.
+    threads: 0
     resources:
         nv_connections=1,
     run:

@@ -31,9 +31,16 @@ rule zmap:
         # the per-image plausibility rules of the qc block (max_n, max_t_per_sqrt_n, max_map_mb)
         limits={k: config["qc"][k] for k in ZMAP_LIMIT_KEYS},
     run:
-        # In-process (see nvmeta/workflow/jobs.py): no interpreter start-up per image.
+        # In a warm worker process of this Snakemake process (nvmeta/workflow/pool.py), one per
+        # core it was given: no interpreter start-up per image, no lock shared with the scheduler.
         from nvmeta.workflow.jobs import zmap_job
 
         zmap_job(
-            wildcards.image_id, input, output, log, params.conversion, params.limits
+            wildcards.image_id,
+            input,
+            output,
+            log,
+            params.conversion,
+            params.limits,
+            workers=workflow.cores,
         )
