@@ -24,7 +24,7 @@ Usage::
 
     python benchmarks/bench_meta.py [--n-synthetic 1000] [--workdir DIR] [--keep]
 
-Effect-size fan-in (issue 11), ``--effect N``: N synthetic one-sample t maps (cycled from a pool
+Effect-size fan-in, ``--effect N``: N synthetic one-sample t maps (cycled from a pool
 of ``--pool`` distinct maps, so that writing the inputs stays cheap; every map is still read and
 decoded from its own file path), each with its z-map, g and var(g) files as the z-map job writes
 them. Side by side, each in a fresh subprocess: nvmeta ``dersimonian_laird`` (all outputs incl.
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-synthetic", type=int, default=1000)
     ap.add_argument("--workdir", type=Path, default=None, help="where the maps go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--effect", type=int, default=0, help="effect-size fan-in benchmark on N maps (issue 11)")
+    ap.add_argument("--effect", type=int, default=0, help="effect-size fan-in benchmark on N maps")
     ap.add_argument("--pool", type=int, default=50, help="distinct synthetic maps behind --effect")
     ap.add_argument("--no-nimare", action="store_true", help="--effect: skip NiMARE FixedEffectsHedges")
     ap.add_argument(

@@ -96,7 +96,9 @@ def test_plateaus_and_tied_peaks_as_nilearn():
     img = nib.Nifti1Image(z, AFFINE)
 
     ref = _nilearn(img, float(np.nextafter(np.float32(3.1), np.float32(0))), 0, True)
-    ours = cbma.extract_peaks(img, {**defaults("cbma"), "min_cluster_voxels": 1})
+    cfg = {**defaults("cbma"), "peaks_from": "unthresholded", "min_cluster_voxels": 1}
+    cfg.update(max_peaks_per_cluster=4, peak_distance=8)  # nilearn get_clusters_table's defaults
+    ours = cbma.extract_peaks(img, cfg)
     np.testing.assert_array_equal(ours[["x", "y", "z", "z_value"]].to_numpy(), ref[PEAK].to_numpy())
     assert ours["peak"].tolist() == _contiguous(ref["Cluster ID"])
 

@@ -513,7 +513,7 @@ def test_a_map_whose_g_was_not_computed_is_not_counted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# the g / var(g) stack of pass 2 (issue 12: effect methods at 20,000 maps)
+# the g / var(g) stack of pass 2 (effect methods at 20,000 maps)
 # ---------------------------------------------------------------------------------------
 
 

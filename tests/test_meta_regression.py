@@ -1,11 +1,11 @@
-"""The estimator-registry split (issue 11) left the existing methods' outputs unchanged.
+"""The estimator registry left the existing methods' outputs unchanged.
 
 ``EXPECTED`` holds digests of every output array and table of the five z methods, computed on a
 fixed synthetic study (partial coverage, two collections, varied n, a negative and a null region)
 with the code before the split (commit 6d83cfc, ``nvmeta/meta.py``), by running
 ``python tests/test_meta_regression.py`` there. The test recomputes them with today's code.
-Cluster tables are compared on their pre-issue-14 columns except the (renumbered) cluster id.
-``p.nii.gz`` is float64 since issue 10 item 9: it is compared after the same float32 cast the old
+Cluster tables are compared on their original columns except the (renumbered) cluster id.
+``p.nii.gz`` is float64: it is compared after the same float32 cast the old
 file had, so the values are unchanged where float32 could hold them.
 """
 
@@ -65,7 +65,7 @@ def digest(out: Path) -> dict:
                 arr = arr.astype(np.float32)
             d[f.name] = hashlib.sha256(arr.tobytes()).hexdigest()[:20] + ":" + str(arr.dtype)
         elif f.suffix == ".tsv":
-            # the columns the tables had before issue 14 (which renumbered clusters without gaps and
+            # the columns the older tables had (later versions renumbered clusters without gaps and
             # added the cluster-forming threshold and connectivity columns)
             t = pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)
             t = t[[c for c in OLD_CLUSTER_COLUMNS if c in t.columns]]

@@ -33,6 +33,8 @@ BATCH = 4
 # (so that meta_sensitivity runs too).
 CONFIG = {
     **{key: value for key, value in DEMO.items() if key != "analyses"},
+    # no task atlas: its selection would add its own images to every stage
+    "atlas": None,
     "cluster": {"zmap_batch_size": BATCH},
     "analyses": {
         "edge": DEMO["analyses"]["edge"],
@@ -46,10 +48,10 @@ IMAGE_IDS = sorted({*CONFIG["analyses"]["pain"]["image_ids"], *DEMO["analyses"][
 # Rules the workflow runs on the submit host (downloads and the query), never through sbatch.
 LOCAL_RULES = {"download", "query"}
 # The rules that do the work; each of their jobs must go through sbatch.
-CLUSTER_RULES = {"zmap", "qc", "meta", "meta_sensitivity", "input_figures"}
+CLUSTER_RULES = {"zmap", "qc", "qc_figure", "meta", "meta_sensitivity", "input_figures", "methods"}
 # Their jobs for CONFIG: 10 images, 2 analyses, 3 (analysis, method) pairs, 1 analysis with 2 methods.
 EXPECTED_CLUSTER_JOBS = collections.Counter(
-    {"zmap": 10, "qc": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2}
+    {"zmap": 10, "qc": 2, "qc_figure": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2, "methods": 2}
 )
 TEST_PROFILE = yaml.safe_load((REPO / "profiles/slurm-test/config.yaml").read_text())
 # The batches, by hand: the selected ids in ascending order, BATCH at a time (the last one the rest).
@@ -360,7 +362,8 @@ def check_submissions(run: dict, expected: collections.Counter, zmap_ids: list[i
     # resources that reached sbatch (--mem, --time, --cpus-per-task) at attempt 1: the profile's
     # set-resources; a batch asks one z-map's memory and CPU (its z-maps run one at a time) and the
     # sum of their wall times plus the table job's minute
-    memory = {"meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M"}
+    memory = {"meta": "2000M", "meta_sensitivity": "1000M", "input_figures": "2000M", "qc_figure": "1000M"}
+    memory["methods"] = "1000M"  # the profile's default-resources
     qc_memory = {"edge": "1012M", "pain": "1008M"}  # the rule's own: 1000 + 2 per map (few maps)
     for job in ours:
         rule = rules[job["jobid"]]
@@ -368,7 +371,8 @@ def check_submissions(run: dict, expected: collections.Counter, zmap_ids: list[i
             expected_mem, minutes = "1500M", ZMAP_MINUTES * (len(ran[job["jobid"]]) - 1) + 1
         else:
             expected_mem = qc_memory[job["comment"].rsplit("_", 1)[1]] if rule == "qc" else memory[rule]
-            minutes = 10
+            # the profile's set-resources, or its default-resources' runtime=15
+            minutes = 10 if rule in TEST_PROFILE["set-resources"] or rule == "meta" else 15
         assert job["memory"] == expected_mem, job
         assert job["time_limit"] == f"{minutes}:00", job
         assert job["cpus"] == "1", job
@@ -494,11 +498,11 @@ def test_rerun_on_cluster_batches_what_is_missing(slurm_run, local_run, cluster)
     }
     _, local = snakemake_jobs(text)
     assert not set(local) & LOCAL_RULES, local  # nothing downloaded or queried again
-    # and the fan-ins that read them: both QC tables, the three meta-analyses, the sensitivity
-    # table and both input figures
+    # and the fan-ins that read them: both QC tables and figures, the three meta-analyses, the
+    # sensitivity table, both input figures and both methods paragraphs
     expected = collections.Counter(
-        {"zmap": len(redone), "qc": 2, "meta": 3, "meta_sensitivity": 1, "input_figures": 2}
-    )
+        {"zmap": len(redone), "qc": 2, "qc_figure": 2, "meta": 3, "meta_sensitivity": 1}
+    ) + collections.Counter({"input_figures": 2, "methods": 2})
     assert sorted(map(len, expected_batches(redone).values())) == [3, 5]  # 2 and 4 z-maps + tables
     check_submissions(rerun, expected, sorted(redone))
     local = compared_files(finish_local_run(local_run))

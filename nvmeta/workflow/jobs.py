@@ -16,7 +16,7 @@ stays in its thread and its rule takes no core (``threads: 0``), only a connecti
 The per-analysis QC table and overview page are on every run's critical path (between the last
 z-map and the meta-analysis, and after the last figure) and need nothing beyond numpy and
 pandas: as script jobs they spent 0.4-0.5 s of their 0.4-0.7 s starting Python (pain-21,
-BENCHMARKS.md, issue 14). They run in-process too, and echo their records to the terminal as a
+BENCHMARKS.md). They run in-process too, and echo their records to the terminal as a
 script job does (``job_log(..., echo=True)``). Their cost: Ctrl-C stops them only when they
 finish (they take seconds; the heavy fan-ins, meta, figures and ICA, stay script jobs).
 """

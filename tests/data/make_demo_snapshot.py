@@ -1,7 +1,7 @@
-"""Build the bundled offline demo snapshot ``tests/data/snapshot`` from ``../shared/neurovault-sample``.
+"""Build the bundled offline demo snapshot ``tests/data/snapshot`` from a NeuroVault sample folder
+(the pain maps, NeuroVault's test maps and recorded API replies; not part of the repository).
 
-Run once by a maintainer (a fresh clone already has the result committed and does not need
-``../shared``)::
+Run once by a maintainer (a fresh clone already has the result committed and needs no sample)::
 
     python tests/data/make_demo_snapshot.py /path/to/shared/neurovault-sample
 
@@ -245,4 +245,6 @@ def main(sample: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else HERE.parents[2] / "shared/neurovault-sample"))
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/data/make_demo_snapshot.py SAMPLE_DIR")
+    main(Path(sys.argv[1]))
