@@ -132,6 +132,7 @@ def metadata(wf: Path, iid: int) -> dict:
 ALLOWED = [
     r"results/analyses/[A-Za-z0-9_-]+/(selection|qc|funnel)\.tsv",
     r"results/analyses/[A-Za-z0-9_-]+/query_funnel\.json",
+    r"results/analyses/[A-Za-z0-9_-]+/qc_consensus\.json",
     r"results/records/[1-9][0-9]*\.json",
     r"results/images/[1-9][0-9]*/(metadata\.json|metadata\.cache\.json|map\.nii\.gz|zmap\.nii\.gz|qc\.json)",
     r"results/collections/[1-9][0-9]*\.json",

@@ -54,7 +54,9 @@ def expected_results() -> dict[str, dict[str, set[str]]]:
     for name, spec in CONFIG["analyses"].items():
         d = f"results/analyses/{name}"
         subs = {
-            "Selection and QC": {f"{d}/selection.tsv", f"{d}/qc.tsv", f"{d}/funnel.tsv"},
+            "Selection and QC": {
+                f"{d}/{f}" for f in ("selection.tsv", "qc.tsv", "funnel.tsv", "figures/qc_consensus.png")
+            },
             "Analysis overview": {f"{d}/overview.html"},
             "Methods": {f"{d}/methods.html", f"{d}/references.bib"},
             "Inputs": {

@@ -105,9 +105,11 @@ def test_b_meta_parameter_reruns_only_that_fan_in(setup):
     cfg["analyses"]["A"]["meta"]["alpha"] = 0.01
     proc, requests, _ = rerun(srv, wf, cfg)
     names = [r for r, _ in jobs(proc.stdout) if r != "all"]
-    # the analysis' overview page reads the meta summary, so it is redone with it
-    assert sorted(names) == ["meta", "overview"], names
+    # the analysis' overview page and methods paragraph read the meta summary and settings, so
+    # they are redone with it
+    assert sorted(names) == ["meta", "methods", "overview"], names
     assert ran(proc.stdout, "overview") == [{"analysis": "A"}]
+    assert ran(proc.stdout, "methods") == [{"analysis": "A"}]
     assert ran(proc.stdout, "meta") == [{"analysis": "A", "method": "stouffer"}]
     assert requests == 0, "nothing may be downloaded"
     setup[2]["analyses"]["A"]["meta"]["alpha"] = 0.01
