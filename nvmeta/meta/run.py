@@ -17,7 +17,7 @@ from nvmeta.io import write_json, write_tsv
 from nvmeta.meta import dependence, outputs, plausibility
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
 from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS, will_jackknife
-from nvmeta.meta.estimators import get_estimator
+from nvmeta.meta.registry import get_estimator
 from nvmeta.meta.units import Source, effect_size_problem, mask_data, plan_units, read_included, resolved_n
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def run_method(
     Parameters
     ----------
     method : str
-        A registered estimator (:data:`nvmeta.meta.estimators.ESTIMATORS`).
+        A registered estimator (:data:`nvmeta.meta.registry.ESTIMATORS`).
     qc_tsv : path-like
         The analysis' ``qc.tsv``; rows with ``status == "included"`` are used, in file order.
     zmap_path_for : callable
@@ -93,7 +93,7 @@ def run_method(
     ValueError
         Unknown method / bad config, or a map off the template grid.
     MemoryError
-        ``permutation`` when its accumulator (:func:`~nvmeta.meta.estimators.permutation_memory_bytes`)
+        ``permutation`` when its accumulator (:func:`~nvmeta.meta.budget.permutation_memory_bytes`)
         would not fit in memory.
     """
     t0 = time.perf_counter()
