@@ -1,4 +1,4 @@
-"""Every output of the five z methods against an independent computation, on one fixed study.
+"""Every output of the z methods against an independent computation, on one fixed study.
 
 The study has partial coverage, four collections, varied n, a positive, a negative and a null
 region. For each method, ``combine_within`` and sidedness, the units are rebuilt from the maps as
@@ -22,18 +22,14 @@ import pytest
 from scipy import ndimage, stats
 
 from nvmeta.meta import run_method
+from nvmeta.workflow import methods
 
 AFFINE = np.array([[3.0, 0, 0, -24], [0, 3.0, 0, -30], [0, 0, 3.0, -18], [0, 0, 0, 1]])
 SHAPE = (14, 16, 12)
 N_MAPS = 9
 ALPHA = 0.05
 N_PERM = 50
-CASES = [
-    (m, cw, ts)
-    for m in ("stouffer", "weighted_stouffer", "fisher", "ttest", "permutation")
-    for cw in ("none", "collection")
-    for ts in (True, False)
-]
+CASES = [(m, cw, ts) for m in methods.z_methods() for cw in ("none", "collection") for ts in (True, False)]
 
 
 def _n(i: int) -> int:

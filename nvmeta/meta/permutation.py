@@ -55,9 +55,10 @@ class Permutation(Estimator):
     permutations). For a sign flip ``s`` of the maps ``Y``, the normalised one-sample statistic
     ``s·y / (‖y‖ √n)`` of every voxel is one row of the matrix product ``S Y``, computed for a
     pass of permutations at a time: from the maps in memory when they fit
-    :data:`~nvmeta.meta.budget.PERMUTATION_CACHE_BYTES`, else accumulated block by block of maps, in as many passes
-    over the maps as :data:`~nvmeta.meta.budget.PERMUTATION_ACC_BYTES` requires, so memory does not grow with the
-    number of maps (:func:`~nvmeta.meta.budget.permutation_memory_bytes`). The method is restricted to the voxels
+    :data:`~nvmeta.meta.budget.PERMUTATION_CACHE_BYTES`, else accumulated block by block of maps,
+    in as many passes over the maps as :data:`~nvmeta.meta.budget.PERMUTATION_ACC_BYTES` requires,
+    so memory does not grow with the number of maps
+    (:func:`~nvmeta.meta.budget.permutation_memory_bytes`). The method is restricted to the voxels
     where *every* unit has data (as ``permuted_ols``, which cannot take NaN), and leaves out the
     voxels where every map has the same |z| (all zeros included): some flips give them an
     infinite t (NaN in nilearn when rounding takes ``|b|`` past 1), which would set every other
