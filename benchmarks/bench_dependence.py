@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from nvmeta.meta import frozen_gc  # noqa: E402
-from nvmeta.meta.estimators import get_estimator  # noqa: E402
+from nvmeta.meta.registry import get_estimator  # noqa: E402
 from nvmeta.meta.run import _complete  # noqa: E402
 from nvmeta.testing.dependent_maps import ArraySource, DependentMaps, simulate  # noqa: E402
 

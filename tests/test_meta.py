@@ -348,7 +348,7 @@ def test_permutation_memory_guard(study, monkeypatch):
     for i, z in enumerate(random_maps(rng, 4, study.n_vox)):
         study.add(i + 1, z)
     need = meta.permutation_memory_bytes(4, study.n_vox, 10)
-    monkeypatch.setattr(meta.estimators, "available_memory_bytes", lambda: need // 2)
+    monkeypatch.setattr(meta.budget, "available_memory_bytes", lambda: need // 2)
     with pytest.raises(MemoryError, match=r"'permutation' needs about [\d.]+ GiB for 4 maps x \d+ voxels"):
         study.run("permutation", {"n_perm": 10})
     assert not (study.root / "out" / "permutation" / "z.nii.gz").exists()
@@ -360,7 +360,7 @@ def test_permutation_memory_does_not_grow_with_the_maps():
     and permutation of a pass (int8 and float64): 20,000 maps on the 2 mm mask fit a laptop, where holding the maps x
     voxels matrix (as ``permuted_ols`` does, with a float64 copy per job) would take 18 GB and more."""
     vox = 235375
-    est = meta.estimators
+    est = meta.budget
     assert est.permutations_per_pass(20000, vox) == (1 << 30) // (8 * vox) == 570
     assert (
         not est.maps_in_memory(2000, vox)
@@ -411,12 +411,12 @@ def test_permutation_peak_memory_stays_within_its_estimate(tmp_path, monkeypatch
     n_units = 30
     for i, z in enumerate(random_maps(rng, n_units, study.n_vox)):
         study.add(i + 1, z)
-    monkeypatch.setattr(meta.estimators, "PERMUTATION_ACC_BYTES", 8 * study.n_vox * 40)  # 40 per pass
-    monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHED_ACC_BYTES", 8 * study.n_vox * 40)
-    monkeypatch.setattr(meta.estimators, "PERMUTATION_BLOCK_UNITS", 8)
+    monkeypatch.setattr(meta.budget, "PERMUTATION_ACC_BYTES", 8 * study.n_vox * 40)  # 40 per pass
+    monkeypatch.setattr(meta.budget, "PERMUTATION_CACHED_ACC_BYTES", 8 * study.n_vox * 40)
+    monkeypatch.setattr(meta.budget, "PERMUTATION_BLOCK_UNITS", 8)
     if not cache:
-        monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHE_BYTES", 0)
-    real = meta.estimators.Permutation._permute
+        monkeypatch.setattr(meta.budget, "PERMUTATION_CACHE_BYTES", 0)
+    real = meta.permutation.Permutation._permute
     seen = {}
 
     def measured(self, source):
@@ -428,7 +428,7 @@ def test_permutation_peak_memory_stays_within_its_estimate(tmp_path, monkeypatch
             tracemalloc.stop()
 
     study.run("permutation", {"n_perm": 10, "random_state": 3}, outname="warm-up")  # imports, caches
-    monkeypatch.setattr(meta.estimators.Permutation, "_permute", measured)
+    monkeypatch.setattr(meta.permutation.Permutation, "_permute", measured)
     summary, _out = study.run("permutation", {"n_perm": 150, "random_state": 3})
     peak = seen["peak"]
     # 150 permutations, 40 per pass: 4 passes, each reading the maps unless they are in memory
@@ -451,11 +451,11 @@ def test_permutation_in_passes_and_blocks_equals_permuted_ols(study, monkeypatch
     zs[:, 25:35] -= 2.0
     for i, z in enumerate(zs):
         study.add(i + 1, z)
-    monkeypatch.setattr(meta.estimators, "PERMUTATION_ACC_BYTES", 8 * study.n_vox * 37)
-    monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHED_ACC_BYTES", 8 * study.n_vox * 37)
-    monkeypatch.setattr(meta.estimators, "PERMUTATION_BLOCK_UNITS", 4)
+    monkeypatch.setattr(meta.budget, "PERMUTATION_ACC_BYTES", 8 * study.n_vox * 37)
+    monkeypatch.setattr(meta.budget, "PERMUTATION_CACHED_ACC_BYTES", 8 * study.n_vox * 37)
+    monkeypatch.setattr(meta.budget, "PERMUTATION_BLOCK_UNITS", 4)
     if not cache:
-        monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHE_BYTES", 0)
+        monkeypatch.setattr(meta.budget, "PERMUTATION_CACHE_BYTES", 0)
     summary, out = study.run("permutation", {"n_perm": 300, "random_state": 12, "two_sided": two_sided})
     assert summary["passes_over_maps"] == (1 if cache else 9) and summary["maps_in_memory"] is cache
     stored = np.stack([np.asarray(nib.load(study.path(i + 1)).dataobj)[study.mask] for i in range(11)])
@@ -489,8 +489,8 @@ def test_permutation_ties_with_the_observed_statistic_count_as_nilearn_counts_th
     permuted statistics are summed in different orders): the tie is not counted as below, as in
     nilearn. Several draws, since whether the last bit differs depends on the values."""
     if not cache:
-        monkeypatch.setattr(meta.estimators, "PERMUTATION_CACHE_BYTES", 0)
-        monkeypatch.setattr(meta.estimators, "PERMUTATION_BLOCK_UNITS", 3)
+        monkeypatch.setattr(meta.budget, "PERMUTATION_CACHE_BYTES", 0)
+        monkeypatch.setattr(meta.budget, "PERMUTATION_BLOCK_UNITS", 3)
     rng = np.random.default_rng(3)
     n_vox = int(np.asarray(make_mask().dataobj).sum())
     for trial in range(17):  # (the draws of trials 9 and 16 tie to within the last bits: run those)

@@ -26,7 +26,8 @@ from nvmeta.errors import ConfigError
 from nvmeta.images.effectsize import write_effect_maps
 from nvmeta.images.stats import t_to_z
 from nvmeta.meta import dependence, frozen_gc, run_method
-from nvmeta.meta.estimators import _nilearn_sign_flips, get_estimator
+from nvmeta.meta.permutation import _nilearn_sign_flips
+from nvmeta.meta.registry import get_estimator
 from nvmeta.meta.run import _complete
 from nvmeta.testing.dependent_maps import ArraySource, simulate
 from nvmeta.workflow.config import check_config

@@ -101,20 +101,20 @@ def test_permutation_records_the_rule_threads_and_does_not_depend_on_them(tmp_pa
     threads give the same p_fwe (with ``permuted_ols(n_jobs=2)`` they did not: its seeds are per job)."""
     import threadpoolctl
 
-    from nvmeta.meta import estimators
+    from nvmeta.meta import permutation
 
     rng = np.random.default_rng(1)
     mask_img, m, path_for = _study(
         tmp_path, [rng.normal(size=int(_mask().dataobj[:].sum())) + 0.3 for _ in range(6)]
     )
     seen = []
-    real = estimators.Permutation._permute
+    real = permutation.Permutation._permute
 
     def spy(self, source):
         seen.append([i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"])
         return real(self, source)
 
-    monkeypatch.setattr(estimators.Permutation, "_permute", spy)
+    monkeypatch.setattr(permutation.Permutation, "_permute", spy)
     p_fwe = {}
     for n_jobs in (1, 2):
         out = tmp_path / f"out{n_jobs}"

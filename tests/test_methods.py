@@ -48,8 +48,7 @@ def test_the_schema_file_names_no_method():
 
 def test_meta_names_are_the_registered_estimators():
     """The light list and the classes agree: same names, same per-map input ("z" or "effect")."""
-    import nvmeta.meta.effects  # noqa: F401  (registers the effect-size estimators)
-    from nvmeta.meta.estimators import ESTIMATORS
+    from nvmeta.meta.registry import ESTIMATORS
 
     assert {name: cls.needs for name, cls in ESTIMATORS.items()} == methods.meta_methods()
     assert methods.z_methods() + methods.effect_methods() == sorted(

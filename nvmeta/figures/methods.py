@@ -120,7 +120,7 @@ def _meta(methods: Sequence[str], summaries: Sequence[dict], meta_cfg: dict) -> 
     )
     if meta_cfg["combine_within"] == "collection":
         text += " The maps of each collection were first combined into one unit."
-    from nvmeta.meta.estimators import get_estimator
+    from nvmeta.meta.registry import get_estimator
 
     if any(get_estimator(m).needs == "effect" for m in methods):
         text += (

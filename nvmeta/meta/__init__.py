@@ -1,7 +1,9 @@
 """Image-based meta-analysis of template-grid maps (fan-in of an analysis).
 
 The package is split as NiMARE's ``ibma``: :mod:`~nvmeta.meta.units` (what is read: the included
-maps grouped into units), :mod:`~nvmeta.meta.estimators` (one class per method, a registry;
+maps grouped into units), :mod:`~nvmeta.meta.registry` (method name -> estimator class: one
+class per method, the z-combination methods in :mod:`~nvmeta.meta.estimators`, the permutation test
+in :mod:`~nvmeta.meta.permutation`, its memory and time in :mod:`~nvmeta.meta.budget`, the
 effect-size methods in :mod:`~nvmeta.meta.effects`), :mod:`~nvmeta.meta.correction` (FDR,
 Bonferroni, FWE), :mod:`~nvmeta.meta.outputs` (maps, cluster tables, figure) and
 :mod:`~nvmeta.meta.run` (one job). Entry points used by the Snakemake scripts:
@@ -86,19 +88,11 @@ All z estimators except ``permutation`` stream over the maps with running sums (
 vectors over the mask voxels): memory is O(voxels) whatever the number of maps.
 """
 
+from nvmeta.meta.budget import available_memory_bytes, permutation_memory_bytes, permutation_runtime_minutes
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
-from nvmeta.meta.estimators import (
-    ESTIMATORS,
-    Estimator,
-    Fit,
-    available_memory_bytes,
-    combine,
-    get_estimator,
-    log_chi2_sf_even,
-    permutation_memory_bytes,
-    permutation_runtime_minutes,
-)
+from nvmeta.meta.estimators import Estimator, Fit, combine, log_chi2_sf_even
 from nvmeta.meta.outputs import clusters_table, frozen_gc
+from nvmeta.meta.registry import ESTIMATORS, get_estimator
 from nvmeta.meta.run import run_method
 from nvmeta.meta.sensitivity import sensitivity
 from nvmeta.meta.units import read_included

@@ -214,8 +214,8 @@ def cr2_intercept(y: np.ndarray, w: np.ndarray, clusters: Clusters) -> dict[str,
 
 def block_sign_flips(random_state: int, clusters: Clusters, n_perm: int) -> Iterator[np.ndarray]:
     """Whole-collection sign flips: nilearn's ``permuted_ols(n_jobs=1)`` flips drawn for the
-    collections (:func:`nvmeta.meta.estimators._nilearn_sign_flips`), given to every unit of each."""
-    from nvmeta.meta.estimators import _nilearn_sign_flips
+    collections (:func:`nvmeta.meta.permutation._nilearn_sign_flips`), given to every unit of each."""
+    from nvmeta.meta.permutation import _nilearn_sign_flips
 
     for signs in _nilearn_sign_flips(random_state, clusters.n, n_perm):
         yield signs[clusters.codes]
@@ -355,7 +355,8 @@ def jackknife_z(
 ) -> list[dict]:
     """Leave-one-unit-out rows of ``jackknife.tsv`` for a cluster-robust z method, from its stack
     (the z refitted without each unit, chunk by chunk of the clusters' voxels)."""
-    from nvmeta.meta.effects import _chunk_size, jackknife_rows
+    from nvmeta.meta.effects import _chunk_size
+    from nvmeta.meta.estimators import jackknife_rows
 
     stack, clusters, w = est._cr
     ids = np.flatnonzero(labels > 0)

@@ -56,7 +56,7 @@ from typing import ClassVar
 import numpy as np
 
 from nvmeta.meta import dependence
-from nvmeta.meta.estimators import ESTIMATORS, Estimator, Fit, logp_from_z
+from nvmeta.meta.estimators import Estimator, Fit, jackknife_rows, logp_from_z
 from nvmeta.meta.robust import ROBUST_METHODS, pool_robust, variance_sums
 from nvmeta.meta.units import Source
 
@@ -163,42 +163,6 @@ def warnings_off():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
-
-
-def jackknife_rows(labels, ids, z_full, plan, collections, units, z_without) -> list[dict]:
-    """Rows of ``jackknife.tsv`` from ``z_without(i, unit, data) -> z over ids`` for each unit.
-
-    Per cluster and unit: the cluster's mean z with the unit left out and the unit's share, the
-    mean over the cluster's voxels of ``1 − z_without / z_full`` (NaN ratios count as 0), as
-    NiMARE's ``Jackknife``.
-    """
-    rows: list[dict] = []
-    if ids.size == 0:
-        return rows
-    lab = labels[ids]
-    n_cl = int(lab.max())
-    size = np.bincount(lab, minlength=n_cl + 1).astype(float)
-    zf = z_full[ids]
-    for i, unit, data in units:
-        zw = z_without(i, unit, data)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            prop = np.nan_to_num(zw / zf)
-        fin = np.isfinite(zw)
-        sum_z = np.bincount(lab[fin], weights=zw[fin], minlength=n_cl + 1)
-        n_z = np.bincount(lab[fin], minlength=n_cl + 1)
-        share = np.bincount(lab, weights=1.0 - prop, minlength=n_cl + 1)
-        cid = {collections.get(j) for j in unit.image_ids}
-        cid_s = ";".join(str(int(c)) for c in sorted(c for c in cid if c is not None and np.isfinite(c)))
-        for c in range(1, n_cl + 1):
-            if size[c]:
-                rows.append({
-                    "cluster": c, "unit": unit.label, "image_ids": ";".join(str(j) for j in unit.image_ids),
-                    "collection_id": cid_s,
-                    "z_mean_without": float(sum_z[c] / n_z[c]) if n_z[c] else float("nan"),
-                    "share": float(share[c] / size[c]),
-                })  # fmt: skip
-    rows.sort(key=lambda r: r["cluster"])
-    return rows
 
 
 class _Stack:
@@ -550,5 +514,5 @@ def _robust_summary(method: str, robust: dict, reported: np.ndarray) -> dict:
     }
 
 
+#: The effect-size estimators, in the order :data:`nvmeta.meta.registry.ESTIMATORS` lists them.
 EFFECT_ESTIMATORS = (FixedEffectsHedges, DerSimonianLaird, Hedges, Median, TrimmedMean)
-ESTIMATORS.update({cls.name: cls for cls in EFFECT_ESTIMATORS})

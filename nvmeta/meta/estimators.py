@@ -1,14 +1,15 @@
-"""Meta-analysis estimators: one class per method, in a registry (NiMARE's ``ibma`` is the model).
+"""Meta-analysis estimators: the base classes and the z-combination methods (NiMARE's ``ibma``).
 
 An estimator says what it needs per map (:attr:`Estimator.needs`: ``"z"`` or ``"effect"``,
 :attr:`Estimator.needs_n`) and the fewest units a voxel needs (:attr:`Estimator.min_k`);
 :meth:`Estimator.fit` reads the units from a :class:`~nvmeta.meta.units.Source` and returns a
 :class:`Fit`: the named maps (``z``, ``logp``, ``k``, which voxels are reported, and any extra map
 such as ``p_fwe``, ``est``, ``se``, ``tau2``). Corrections (:mod:`nvmeta.meta.correction`) and
-outputs (:mod:`nvmeta.meta.outputs`) are separate, so a new estimator is one class plus its
-:data:`ESTIMATORS` entry.
+outputs (:mod:`nvmeta.meta.outputs`) are separate, so a new estimator is one class plus its entry
+in :mod:`nvmeta.meta.registry`, which lists these, :mod:`nvmeta.meta.permutation`'s and
+:mod:`nvmeta.meta.effects`' estimators.
 
-Every z-based estimator streams over the maps with running sums (float64
+Every z-based estimator here streams over the maps with running sums (float64
 vectors over the mask voxels): memory O(voxels) whatever the number of maps.
 """
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +25,9 @@ import numpy as np
 from scipy import special
 
 from nvmeta.meta import dependence
+
+# the permutation job's budget, which workflow/rules/common.smk imports from here
+from nvmeta.meta.budget import permutation_memory_bytes, permutation_runtime_minutes  # noqa: F401
 from nvmeta.meta.units import Source
 
 logger = logging.getLogger(__name__)
@@ -289,6 +291,42 @@ class _TTestSums(_Accumulator):
         return out
 
 
+def jackknife_rows(labels, ids, z_full, plan, collections, units, z_without) -> list[dict]:
+    """Rows of ``jackknife.tsv`` from ``z_without(i, unit, data) -> z over ids`` for each unit.
+
+    Per cluster and unit: the cluster's mean z with the unit left out and the unit's share, the
+    mean over the cluster's voxels of ``1 − z_without / z_full`` (NaN ratios count as 0), as
+    NiMARE's ``Jackknife``.
+    """
+    rows: list[dict] = []
+    if ids.size == 0:
+        return rows
+    lab = labels[ids]
+    n_cl = int(lab.max())
+    size = np.bincount(lab, minlength=n_cl + 1).astype(float)
+    zf = z_full[ids]
+    for i, unit, data in units:
+        zw = z_without(i, unit, data)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prop = np.nan_to_num(zw / zf)
+        fin = np.isfinite(zw)
+        sum_z = np.bincount(lab[fin], weights=zw[fin], minlength=n_cl + 1)
+        n_z = np.bincount(lab[fin], minlength=n_cl + 1)
+        share = np.bincount(lab, weights=1.0 - prop, minlength=n_cl + 1)
+        cid = {collections.get(j) for j in unit.image_ids}
+        cid_s = ";".join(str(int(c)) for c in sorted(c for c in cid if c is not None and np.isfinite(c)))
+        for c in range(1, n_cl + 1):
+            if size[c]:
+                rows.append({
+                    "cluster": c, "unit": unit.label, "image_ids": ";".join(str(j) for j in unit.image_ids),
+                    "collection_id": cid_s,
+                    "z_mean_without": float(sum_z[c] / n_z[c]) if n_z[c] else float("nan"),
+                    "share": float(share[c] / size[c]),
+                })  # fmt: skip
+    rows.sort(key=lambda r: r["cluster"])
+    return rows
+
+
 class _StreamingZ(Estimator):
     """A z-based estimator that streams over the units with an accumulator (with
     ``meta.dependence: cluster_robust``, the sandwich of :func:`nvmeta.meta.dependence.fit_z`)."""
@@ -311,9 +349,7 @@ class _StreamingZ(Estimator):
 
     def jackknife(self, labels: np.ndarray, z_full: np.ndarray, plan, collections: dict) -> list[dict]:
         """Leave-one-out per cluster from the running sums: each unit is read once more and its
-        contribution removed (NiMARE's Jackknife; rows as :meth:`nvmeta.meta.effects`'s)."""
-        from nvmeta.meta.effects import jackknife_rows
-
+        contribution removed (NiMARE's Jackknife; rows of :func:`jackknife_rows`)."""
         if dependence.is_cluster_robust(self.cfg):
             return dependence.jackknife_z(self, labels, z_full, plan, collections)
         ids = np.flatnonzero(labels > 0)
@@ -384,389 +420,8 @@ class TTest(_StreamingZ):
         return _TTestSums(n_vox, self.two_sided)
 
 
-# ----------------------------------------------------------------------------------------
-# permutation
-# ----------------------------------------------------------------------------------------
-
-#: Maps (float64, no-data voxels as 0) are held in memory when they take at most this (285 maps
-#: on the MNI152 2 mm mask); more maps are read again for every pass of permutations.
-PERMUTATION_CACHE_BYTES = 512 << 20
-#: Memory (bytes) of the permutations x voxels accumulator of the sign-flip test (float64) when
-#: the maps are read again per pass (570 permutations per pass on the 2 mm mask) ...
-PERMUTATION_ACC_BYTES = 1 << 30
-#: ... and when they are in memory, where a pass costs no reading (35 permutations on 2 mm; a
-#: larger accumulator would only cost page faults: about 5 s per fresh GiB on this project's VMs).
-PERMUTATION_CACHED_ACC_BYTES = 64 << 20
-#: Maps read per block (one float64 copy each) before they enter the accumulator.
-PERMUTATION_BLOCK_UNITS = 64
-#: Permutations whose maxima are taken at once (one float64 row per voxel each).
-PERMUTATION_ROWS = 16
-#: Seconds per map, permutation and voxel of the sign-flip test on 2 threads, reading included
-#: (measured: 2,000 and 5,000 maps x 1,000 permutations on the 2 mm mask, 139 s and 335 s, i.e.
-#: 2.95e-10 and 2.85e-10, rounded up; BENCHMARKS.md, "Permutation"). Maps held in
-#: memory (at most 285 on 2 mm) cost about twice as much per map, which the 10 minutes every job
-#: declares cover. :func:`permutation_runtime_minutes` declares 4 times it.
-PERMUTATION_SECONDS_PER_UNIT_PERM_VOXEL = 3e-10
-
-
-def available_memory_bytes() -> int:
-    """Memory available to this process, in bytes.
-
-    ``MemAvailable`` from ``/proc/meminfo`` (Linux), else physical pages × page size, capped
-    by a cgroup v2 ``memory.max`` limit when one is set.
-    """
-    avail = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 2**63 - 1
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if limit != "max":
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return int(avail)
-
-
-def maps_in_memory(n_units: int, n_vox: int) -> bool:
-    """Whether the permutation method holds the maps in memory (:data:`PERMUTATION_CACHE_BYTES`)."""
-    return 8 * int(n_units) * int(n_vox) <= PERMUTATION_CACHE_BYTES
-
-
-def permutations_per_pass(n_units: int, n_vox: int) -> int:
-    """How many permutations one pass accumulates (:data:`PERMUTATION_ACC_BYTES`, or
-    :data:`PERMUTATION_CACHED_ACC_BYTES` when the maps are in memory)."""
-    acc = PERMUTATION_CACHED_ACC_BYTES if maps_in_memory(n_units, n_vox) else PERMUTATION_ACC_BYTES
-    return max(1, acc // (8 * max(1, int(n_vox))))
-
-
-def permutation_memory_bytes(n_units: int, n_vox: int, n_perm: int | None = None) -> int:
-    """Estimated peak memory (bytes) of the permutation method, beyond the interpreter's own.
-
-    The permutations × voxels accumulator (float64, :func:`permutations_per_pass` rows;
-    ``n_perm=None`` assumes it full), the working copy of :data:`PERMUTATION_ROWS` of its rows, the
-    signs of one pass (int8 and float64), the running sums and a map being read; and either the
-    maps in memory, twice while they are restricted to the complete voxels (at most
-    :data:`PERMUTATION_CACHE_BYTES`), or one block of :data:`PERMUTATION_BLOCK_UNITS` maps.
-    ``tests/test_meta.py`` checks it against tracemalloc's peak. Beyond the cache, it does not
-    grow with the number of maps but for the signs (9 bytes per map and permutation of a pass).
-    """
-    n_units, n_vox = int(n_units), int(n_vox)
-    per_pass = permutations_per_pass(n_units, n_vox)
-    p = per_pass if n_perm is None else min(int(n_perm), per_pass)
-    rows = min(PERMUTATION_ROWS, p)
-    if maps_in_memory(n_units, n_vox):
-        maps = 2 * 8 * n_units * n_vox
-    else:
-        maps = 8 * min(PERMUTATION_BLOCK_UNITS, max(1, n_units)) * (n_vox + p)
-    # running sums (5 vectors) and a map being read (its template-grid volume, ~4x the mask, decoded)
-    return 8 * (p + rows) * n_vox + maps + 9 * p * n_units + 24 * 8 * n_vox
-
-
-def permutation_runtime_minutes(n_units: int, n_vox: int, n_perm: int) -> int:
-    """Wall time (minutes) the permutation job declares: 10 minutes plus 4 times the measured
-    :data:`PERMUTATION_SECONDS_PER_UNIT_PERM_VOXEL` rate.
-
-    The test reads every map once per pass and multiplies ``n_perm`` sign vectors by the maps at
-    every voxel, so its time is proportional to maps x permutations x voxels (2,000 and 5,000 maps
-    cost the same per map). The factor 4 leaves room for a slower or shared node; a job that
-    declared too little would be killed by SLURM at its limit.
-    """
-    work = int(n_units) * int(n_perm) * int(n_vox)
-    return 10 + math.ceil(4 * PERMUTATION_SECONDS_PER_UNIT_PERM_VOXEL * work / 60)
-
-
-def _nilearn_sign_flips(random_state: int, n_units: int, n_perm: int) -> Iterator[np.ndarray]:
-    """The sign vectors nilearn's ``permuted_ols(..., n_jobs=1)`` applies, one permutation at a time.
-
-    nilearn 0.13 seeds its one job with ``randint(1, 2**31 - 2)`` from ``check_random_state
-    (random_state)`` (for an integer, ``numpy.random.RandomState(random_state)``; the config's seed
-    is an integer) and, per permutation, multiplies the maps it already flipped by a new
-    ``randint(2, size=(n, 1)) * 2 - 1``; the product is yielded (int8, ±1). ``tests/test_meta.py``
-    checks the resulting p-values against ``permuted_ols`` itself, so a change in nilearn's
-    scheme fails there.
-    """
-    seed = np.random.RandomState(int(random_state)).randint(1, np.iinfo(np.int32).max - 1)
-    rng = np.random.RandomState(seed)
-    signs = np.ones(n_units, dtype=np.int8)
-    for _ in range(n_perm):
-        signs = signs * (rng.randint(2, size=(n_units, 1)) * 2 - 1).astype(np.int8).ravel()
-        yield signs
-
-
-def _normalised_t(b: np.ndarray, n: int) -> np.ndarray:
-    """t of the normalised one-sample regression, ``b √((n − 1) / (1 − b²))`` (nilearn's formula)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return b * np.sqrt((n - 1.0) / (1.0 - b * b))
-
-
-class Permutation(Estimator):
-    """Sign-flipping permutation test of the mean z with max-statistic FWE correction.
-
-    The test of nilearn's :func:`~nilearn.mass_univariate.permuted_ols` (intercept only,
-    ``model_intercept=False``, ``two_sided_test``) with the sign flips it draws with ``n_jobs=1``
-    for ``random_state``, whatever the job's threads (which only set the BLAS threads). ``p_fwe``
-    is then ``permuted_ols(..., n_jobs=1)``'s up to one permutation count at near-ties (nilearn
-    computes in float32 when given float32 maps, this class in float64: 7 of 190,850 voxels on
-    the pain-21 maps, BENCHMARKS.md), except where every map has the same |z| (see below).
-    ``permuted_ols`` itself is not called because it needs the maps × voxels matrix in memory,
-    copied per job (about 48 bytes per map and voxel with 2 jobs: 21 GiB for 2,000 maps), and
-    loops over permutations with element-wise passes (about 30 s for 21 maps and 1,000
-    permutations). For a sign flip ``s`` of the maps ``Y``, the normalised one-sample statistic
-    ``s·y / (‖y‖ √n)`` of every voxel is one row of the matrix product ``S Y``, computed for a
-    pass of permutations at a time: from the maps in memory when they fit
-    :data:`PERMUTATION_CACHE_BYTES`, else accumulated block by block of maps, in as many passes
-    over the maps as :data:`PERMUTATION_ACC_BYTES` requires, so memory does not grow with the
-    number of maps (:func:`permutation_memory_bytes`). The method is restricted to the voxels
-    where *every* unit has data (as ``permuted_ols``, which cannot take NaN), and leaves out the
-    voxels where every map has the same |z| (all zeros included): some flips give them an
-    infinite t (NaN in nilearn when rounding takes ``|b|`` past 1), which would set every other
-    voxel's maxima. ``z``/``p`` are the parametric conversion of the same t statistic
-    (``t_to_z`` with ``df = k − 1``, i.e. ``ttest`` on those voxels); ``p_fwe`` is the
-    permutation FWE p-value ``(1 + #{perm: max_w T_w ≥ T_v}) / (1 + n_perm)`` with ``T = |t|``
-    (two-sided) or ``t`` (one-sided). With ``meta.dependence: cluster_robust`` the flips are drawn
-    for the collections and every map of a collection takes its collection's sign, and ``z`` is
-    ``ttest``'s cluster-robust z (:mod:`nvmeta.meta.dependence`).
-    """
-
-    name = "permutation"
-    min_k = 2
-
-    def fit(self, source: Source, k_min: int) -> Fit:
-        self._source = source  # for jackknife
-        n_units, n_vox = source.n_units, source.n_vox
-        summary = {
-            "n_perm": int(self.cfg["n_perm"]),
-            "random_state": self.cfg["random_state"],
-            "n_jobs": self.n_jobs,
-        }
-        if n_units < k_min:
-            acc0 = _StoufferSums(n_vox, self.two_sided)
-            for unit, zvec in source.iter_z():
-                acc0.add(zvec, unit.n)
-            nan = np.full(n_vox, np.nan)
-            return Fit(
-                z=nan, logp=nan.copy(), k=acc0.k, reported=np.zeros(n_vox, dtype=bool),
-                p_fwe=nan.copy(), summary=summary,
-            )  # fmt: skip
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=max(1, self.n_jobs), user_api="blas"):
-            z, k, full, p_fwe, notes = self._permute(source)
-        if dependence.is_cluster_robust(self.cfg):  # the parametric z from the sandwich, as ttest's
-            self._ttest = TTest(self.cfg, self.n_jobs, self.log, self.workdir)
-            robust = dependence.fit_z(self._ttest, source, k_min, label=self.name)
-            z = np.where(np.isfinite(z), robust.z, np.nan)
-            notes += robust.notes
-            summary.update(robust.summary, **self._blocks)
-        summary["passes_over_maps"] = self._passes
-        summary["maps_in_memory"] = maps_in_memory(n_units, n_vox)
-        logp = np.full(n_vox, np.nan)
-        logp[full] = logp_from_z(z[full], self.two_sided)
-        # (zero variance across the maps, e.g. 2 identical units, gives no t)
-        reported = full & (n_units >= k_min) & np.isfinite(z)
-        n_partial = int(np.sum((k >= k_min) & ~full))
-        if n_partial:
-            msg = (
-                f"permutation: {n_partial} voxel(s) with data in only some maps left out "
-                "(the sign-flip test needs complete data)"
-            )
-            notes.append(msg)
-            self.log.warning(msg)
-        return Fit(z=z, logp=logp, k=k, reported=reported, p_fwe=p_fwe, notes=notes, summary=summary)
-
-    def _permute(self, source: Source):
-        from scipy.linalg.blas import dgemm
-
-        cfg = self.cfg
-        n_units, n_vox = source.n_units, source.n_vox
-        n_perm, two_sided = int(cfg["n_perm"]), bool(cfg["two_sided"])
-        need = permutation_memory_bytes(n_units, n_vox, n_perm)
-        have = available_memory_bytes()
-        if need > 0.9 * have:
-            raise MemoryError(
-                f"meta method 'permutation' needs about {need / 2**30:.1f} GiB for {n_units} maps x {n_vox} "
-                f"voxels, but only {have / 2**30:.1f} GiB is available. Use a machine with more memory, or "
-                "drop 'permutation' from meta.methods (the other methods need O(voxels) memory)."
-            )
-        notes: list[str] = []
-        cache = maps_in_memory(n_units, n_vox)
-        per_pass = permutations_per_pass(n_units, n_vox)
-        flips = self._sign_flips(source, n_perm, two_sided, notes)
-        h0 = np.empty(n_perm)
-        sums = _TTestSums(n_vox, two_sided)  # the unflipped t (ttest's), and k
-        total = np.zeros(n_vox)
-        sumsq = np.zeros(n_vox)
-        amax = np.zeros(n_vox)  # largest and smallest |z| (NaN ignored)
-        amin = np.full(n_vox, np.inf)
-        maps = np.empty((n_units, n_vox)) if cache else None
-        block = None if cache else np.empty((min(PERMUTATION_BLOCK_UNITS, n_units), n_vox))
-        acc_buf = cols = None
-        done = self._passes = 0
-        while done < n_perm:
-            p = min(per_pass, n_perm - done)
-            signs = np.stack([next(flips) for _ in range(p)])  # p x n_units, int8
-            first = done == 0
-            if not cache:
-                if acc_buf is None:  # once: fresh pages cost more than refilling them
-                    acc_buf = np.empty((min(per_pass, n_perm), n_vox))
-                acc = acc_buf[:p]
-                acc.fill(0.0)
-            if first or not cache:
-                self._passes += 1
-                i = 0
-                for j, (unit, zvec) in enumerate(source.iter_z()):
-                    if first:
-                        sums.add(zvec, unit.n)
-                        ok = ~np.isnan(zvec)
-                        total[ok] += zvec[ok]
-                        sumsq[ok] += zvec[ok] ** 2
-                        az = np.abs(zvec)
-                        np.fmax(amax, az, out=amax)
-                        np.fmin(amin, az, out=amin)
-                    if cache:
-                        maps[j] = np.nan_to_num(zvec, nan=0.0)
-                        continue
-                    block[i] = np.nan_to_num(zvec, nan=0.0)
-                    i += 1
-                    if i == len(block) or j == n_units - 1:
-                        # acc += S[:, maps] @ block, in place (acc.T is Fortran-ordered; a
-                        # numpy product would allocate a second accumulator)
-                        flip = np.asfortranarray(signs[:, j + 1 - i : j + 1].T, dtype=np.float64)
-                        dgemm(1.0, block[:i].T, flip, beta=1.0, c=acc.T, overwrite_c=1)
-                        i = 0
-            if first:
-                k = sums.k
-                full = k == n_units
-                if not full.any():
-                    raise ValueError("permutation: no voxel has data in every map")
-                self.log.info(
-                    f"permutation: sign flips of {n_units} maps x {int(full.sum())} voxels, n_perm={n_perm}, "
-                    + ("maps in memory" if cache else f"{-(-n_perm // per_pass)} pass(es) over the maps")
-                    + f", {self.n_jobs} BLAS thread(s)"
-                )
-                scale = np.sqrt(sumsq[full] * n_units)  # ‖y‖ √n
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    t0 = _normalised_t(total[full] / scale, n_units)
-                # Where every map has the same |z| (all zero included), the flips that line the
-                # signs up give |b| = 1, an infinite t (or, rounded past 1, NaN in nilearn, which
-                # then skips the voxel): such voxels have no permutation distribution worth the
-                # name and would set the maxima of every other voxel. They are left out.
-                degenerate = (amax - amin)[full] <= 1e-6 * amax[full]
-                t0[degenerate] = np.nan
-                live = np.flatnonzero(full)[~degenerate]  # the voxels with a statistic
-                inv_scale = 1.0 / scale[~degenerate]
-                if degenerate.any():
-                    msg = (
-                        f"permutation: {int(degenerate.sum())} voxel(s) where every map has the same |z| "
-                        "(or z = 0) left unreported (their sign flips have no variance)"
-                    )
-                    notes.append(msg)
-                    self.log.warning(msg)
-                if cache:  # keep those voxels only, normalised once: b = S @ maps
-                    if len(live) < n_vox:
-                        maps = np.ascontiguousarray(maps[:, live])
-                    maps *= inv_scale
-                    acc_buf = np.empty((min(per_pass, n_perm), len(live)))
-                elif len(live) < n_vox:
-                    cols = live
-            if cache:
-                acc = acc_buf[:p]
-                np.matmul(signs.astype(np.float64), maps, out=acc)
-            # t is increasing in the normalised statistic b, so a permutation's max |t| is the t
-            # of its max |b| over the voxels that have a statistic (non-zero data)
-            for r in range(0, p, PERMUTATION_ROWS):
-                rows = acc[r : r + PERMUTATION_ROWS]
-                b = rows[:, cols] if cols is not None else rows  # a copy, or acc itself
-                if not cache:
-                    b *= inv_scale
-                bmax = (np.abs(b, out=b) if two_sided else b).max(axis=1) if b.shape[1] else np.nan
-                h0[done + r : done + r + len(rows)] = _normalised_t(bmax, n_units)
-            # a flip of every map or of none is the data itself, up to the sign: its maximum *is*
-            # the largest voxel statistic, a tie that a summation in another order would break
-            for r in np.flatnonzero((signs == signs[:, :1]).all(axis=1)):
-                h0[done + r] = np.fmax.reduce(
-                    np.fabs(t0) if two_sided else t0 * float(signs[r, 0]), initial=-np.inf
-                )
-            done += p
-        del acc_buf, acc, rows, b, maps, block
-        stat = np.fabs(t0) if two_sided else t0
-        # nilearn's rank: how many permutations' maxima lie strictly below the voxel's statistic.
-        # A maximum equal to it (a flip that changes only maps with z = 0 there, say) is a tie that
-        # nilearn's one formula keeps exact; here the observed statistic and the permuted ones are
-        # summed in different orders, so a tie is taken within 1e-10 (relative) of it.
-        below = np.searchsorted(np.sort(h0[~np.isnan(h0)]), stat - 1e-10 * np.abs(stat), side="left")
-        p_fwe = np.full(n_vox, np.nan)
-        p_fwe[full] = np.where(np.isnan(stat), np.nan, (n_perm + 1 - below) / float(n_perm + 1))
-        z, _logp = sums.finish()
-        z[~full] = np.nan
-        z[np.flatnonzero(full)[degenerate]] = np.nan
-        return z, k, full, p_fwe, notes
-
-    def _sign_flips(
-        self, source: Source, n_perm: int, two_sided: bool, notes: list[str]
-    ) -> Iterator[np.ndarray]:
-        """nilearn's flips of the maps or, with ``meta.dependence: cluster_robust``, of whole collections."""
-        n_units, seed = source.n_units, self.cfg["random_state"]
-        if not dependence.is_cluster_robust(self.cfg):
-            if 2**n_units < n_perm:
-                notes.append(
-                    f"permutation: only 2^{n_units} = {2**n_units} distinct sign flips for n_perm={n_perm}"
-                )
-            return _nilearn_sign_flips(seed, n_units, n_perm)
-        blocks = dependence.clusters_of(source.plan)
-        more, self._blocks = dependence.permutation_notes(blocks, n_perm, float(self.cfg["alpha"]), two_sided)
-        for msg in more:
-            self.log.warning(msg)
-        notes += more
-        return dependence.block_sign_flips(seed, blocks, n_perm)
-
-    def jackknife(self, labels: np.ndarray, z_full: np.ndarray, plan, collections: dict) -> list[dict]:
-        """Leave-one-out per cluster of the parametric z (no permutations needed).
-
-        ``z`` of this method is ``t_to_z`` of the one-sample t on the voxels where every unit has
-        data, i.e. the ``ttest`` estimator there; so leaving a map out is exactly a ``ttest`` refit
-        without it, done from the running sums as :meth:`_StreamingZ.jackknife` does. The FWE
-        p-values are not refitted (that would need ``n_perm`` permutations per map).
-        """
-        ttest = getattr(self, "_ttest", None)  # the cluster-robust fit of the parametric z
-        if ttest is None:
-            ttest = TTest(self.cfg, self.n_jobs, self.log, self.workdir)
-            # clusters can only lie where permutation reports, i.e. on complete-data voxels
-            ttest.fit(self._source, 2)
-        return ttest.jackknife(labels, z_full, plan, collections)
-
-    def close(self) -> None:
-        if getattr(self, "_ttest", None) is not None:
-            self._ttest.close()
-
-
-#: Method name -> estimator class (``meta.methods``). Effect-size estimators register in
-#: :mod:`nvmeta.meta.effects`.
-ESTIMATORS: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (Stouffer, WeightedStouffer, Fisher, TTest, Permutation)
-}
-
-
-def get_estimator(name: str) -> type[Estimator]:
-    """The estimator class registered as ``name`` (``ValueError`` naming the known ones)."""
-    from nvmeta.meta import effects  # noqa: F401  (registers the effect-size estimators)
-
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown meta method {name!r}; expected one of {', '.join(ESTIMATORS)}") from None
+#: The z-combination estimators, in the order :data:`nvmeta.meta.registry.ESTIMATORS` lists them.
+Z_ESTIMATORS = (Stouffer, WeightedStouffer, Fisher, TTest)
 
 
 def combine(method: str, z: np.ndarray, *, n: np.ndarray | None = None, two_sided: bool = True):

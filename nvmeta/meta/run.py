@@ -17,7 +17,7 @@ from nvmeta.io import write_json, write_tsv
 from nvmeta.meta import dependence, outputs, plausibility
 from nvmeta.meta.correction import BonferroniCorrector, FDRCorrector, FWECorrector
 from nvmeta.meta.effects import JACKKNIFE_MAX_UNITS, will_jackknife
-from nvmeta.meta.estimators import get_estimator
+from nvmeta.meta.registry import get_estimator
 from nvmeta.meta.units import Source, effect_size_problem, mask_data, plan_units, read_included, resolved_n
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def run_method(
     Parameters
     ----------
     method : str
-        A registered estimator (:data:`nvmeta.meta.estimators.ESTIMATORS`).
+        A registered estimator (:data:`nvmeta.meta.registry.ESTIMATORS`).
     qc_tsv : path-like
         The analysis' ``qc.tsv``; rows with ``status == "included"`` are used, in file order.
     zmap_path_for : callable
@@ -93,7 +93,7 @@ def run_method(
     ValueError
         Unknown method / bad config, or a map off the template grid.
     MemoryError
-        ``permutation`` when its accumulator (:func:`~nvmeta.meta.estimators.permutation_memory_bytes`)
+        ``permutation`` when its accumulator (:func:`~nvmeta.meta.budget.permutation_memory_bytes`)
         would not fit in memory.
     """
     t0 = time.perf_counter()
@@ -128,45 +128,16 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
     n_vox = int(mask.sum())
     alpha = float(cfg["alpha"])
     two_sided = bool(cfg["two_sided"])
-    plan = plan_units(
-        read_included(qc_tsv),
-        str(cfg["combine_within"]),
-        lambda i: resolved_n(qc_json_for(i)),
-        needs_n=est_cls.needs_n,
-        # an image whose g was not computed (n < 4, no df) has all-NaN effect maps: not a unit
-        problem_for=(lambda i: effect_size_problem(qc_json_for(i))) if est_cls.needs == "effect" else None,
-        method=method,
-        combine_label=est_cls.combine_label,
-        log=log,
-        dependence=str(cfg["dependence"]),
-    )
+    plan, k_min, notes = _plan(est_cls, method, qc_tsv, qc_json_for, cfg, n_vox, log)
     n_units = len(plan.units)
-    notes = list(plan.warnings)
-    k_min = max(int(cfg["min_maps"]), int(math.ceil(float(cfg["min_fraction"]) * n_units - 1e-9)), 1)
-    k_min = max(k_min, est_cls.min_k)
-    log.info(f"{method}: {plan.n_maps} maps in {n_units} units, {n_vox} mask voxels, k_min={k_min}")
-
-    if n_units < k_min:
-        # Not an error: every image of an analysis can be excluded by QC. The outputs exist and
-        # say "nothing reported" (NaN maps, empty tables), and the reason is in summary.json.
-        msg = f"{method}: only {n_units} usable map(s), fewer than the {k_min} required: nothing reported"
-        notes.append(msg)
-        log.warning(msg)
     source = Source(plan, zmap_path_for, mask_img, mask, effect_paths_for)
     fit = estimator.fit(source, k_min)
     notes += fit.notes
     reported, k = fit.reported, fit.k
 
     t_est = time.perf_counter() - t0
-    z = np.where(reported, fit.z, np.nan)
-    logp = np.where(reported, fit.logp, np.nan)
-    p = np.exp(logp)
+    z, logp, p, q, (sig_fdr, sig_bonf), (z_fdr, z_bonf) = _corrected(fit, alpha, two_sided)
     n_rep = int(reported.sum())
-    fdr = FDRCorrector(alpha, two_sided).transform(z, p, reported)
-    bonf = BonferroniCorrector(alpha, two_sided).transform(z, p, reported)
-    sig_fdr, sig_bonf, q = fdr.significant, bonf.significant, fdr.q
-    z_fdr = np.where(reported, np.where(sig_fdr, z, 0.0), np.nan)
-    z_bonf = np.where(reported, np.where(sig_bonf, z, 0.0), np.nan)
     if n_rep == 0:
         msg = f"{method}: no voxel has data in at least {k_min} maps"
         notes.append(msg)
@@ -204,15 +175,7 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
     # The mosaic shows what survives the method's correction (FDR; permutation: its FWE map)
     shown, corr = z_fdr, f"FDR {q_txt}"
     if fit.p_fwe is not None:
-        p_fwe = np.where(reported, fit.p_fwe, np.nan)
-        sig_fwe = FWECorrector(alpha, two_sided).transform(z, p_fwe, reported).significant
-        z_fwe = np.where(reported, np.where(sig_fwe, z, 0.0), np.nan)
-        save(p_fwe, "p_fwe")
-        save(z_fwe, "z_fwe")
-        table_fwe, _ = tabulate(z_fwe, f"FWE p < {alpha:g} (permutation)", "clusters_fwe.tsv")
-        summary["n_significant_fwe"] = int(sig_fwe.sum())
-        summary["n_clusters_fwe"] = outputs.n_clusters(table_fwe)
-        shown, corr = z_fwe, f"FWE p < {alpha:g}"
+        shown, corr = _fwe(fit, z, alpha, two_sided, save, tabulate, summary)
 
     _jackknife(estimator, z, z_fdr_clusters, plan, mask, affine, cfg, outdir, summary, log)
     _figures(
@@ -224,6 +187,65 @@ def _run(estimator, method, qc_tsv, zmap_path_for, qc_json_for, effect_paths_for
     log.info(f"{method}: {n_rep} voxels reported, {int(sig_fdr.sum())} FDR-significant, "
              f"{int(sig_bonf.sum())} Bonferroni-significant")  # fmt: skip
     return summary
+
+
+def _plan(est_cls, method, qc_tsv, qc_json_for, cfg, n_vox, log):
+    """``(plan, k_min, notes)``: the units the estimator reads, the fewest units a voxel needs and
+    the warnings so far (which ``summary.json`` lists)."""
+    plan = plan_units(
+        read_included(qc_tsv),
+        str(cfg["combine_within"]),
+        lambda i: resolved_n(qc_json_for(i)),
+        needs_n=est_cls.needs_n,
+        # an image whose g was not computed (n < 4, no df) has all-NaN effect maps: not a unit
+        problem_for=(lambda i: effect_size_problem(qc_json_for(i))) if est_cls.needs == "effect" else None,
+        method=method,
+        combine_label=est_cls.combine_label,
+        log=log,
+        dependence=str(cfg["dependence"]),
+    )
+    n_units = len(plan.units)
+    notes = list(plan.warnings)
+    k_min = max(int(cfg["min_maps"]), int(math.ceil(float(cfg["min_fraction"]) * n_units - 1e-9)), 1)
+    k_min = max(k_min, est_cls.min_k)
+    log.info(f"{method}: {plan.n_maps} maps in {n_units} units, {n_vox} mask voxels, k_min={k_min}")
+    if n_units < k_min:
+        # Not an error: every image of an analysis can be excluded by QC. The outputs exist and
+        # say "nothing reported" (NaN maps, empty tables), and the reason is in summary.json.
+        msg = f"{method}: only {n_units} usable map(s), fewer than the {k_min} required: nothing reported"
+        notes.append(msg)
+        log.warning(msg)
+    return plan, k_min, notes
+
+
+def _corrected(fit, alpha: float, two_sided: bool):
+    """The reported z, log p and p, FDR's q, the FDR and Bonferroni significance and their
+    thresholded z maps (0 where not significant, NaN where not reported)."""
+    reported = fit.reported
+    z = np.where(reported, fit.z, np.nan)
+    logp = np.where(reported, fit.logp, np.nan)
+    p = np.exp(logp)
+    fdr = FDRCorrector(alpha, two_sided).transform(z, p, reported)
+    bonf = BonferroniCorrector(alpha, two_sided).transform(z, p, reported)
+    sig_fdr, sig_bonf = fdr.significant, bonf.significant
+    z_fdr = np.where(reported, np.where(sig_fdr, z, 0.0), np.nan)
+    z_bonf = np.where(reported, np.where(sig_bonf, z, 0.0), np.nan)
+    return z, logp, p, fdr.q, (sig_fdr, sig_bonf), (z_fdr, z_bonf)
+
+
+def _fwe(fit, z, alpha: float, two_sided: bool, save, tabulate, summary: dict) -> tuple[np.ndarray, str]:
+    """p_fwe, z_fwe and clusters_fwe.tsv of a method with FWE p-values (permutation), their counts
+    in ``summary``; returns the FWE map and its label for the mosaic."""
+    reported = fit.reported
+    p_fwe = np.where(reported, fit.p_fwe, np.nan)
+    sig_fwe = FWECorrector(alpha, two_sided).transform(z, p_fwe, reported).significant
+    z_fwe = np.where(reported, np.where(sig_fwe, z, 0.0), np.nan)
+    save(p_fwe, "p_fwe")
+    save(z_fwe, "z_fwe")
+    table_fwe, _ = tabulate(z_fwe, f"FWE p < {alpha:g} (permutation)", "clusters_fwe.tsv")
+    summary["n_significant_fwe"] = int(sig_fwe.sum())
+    summary["n_clusters_fwe"] = outputs.n_clusters(table_fwe)
+    return z_fwe, f"FWE p < {alpha:g}"
 
 
 def _summary(method, plan, cfg, k_min, n_vox, z, significant, tables, notes, n_jobs):

@@ -7,7 +7,7 @@ constraints (``workflow/rules/common.smk``, ``cbma.smk``) join the same lists.
 
 - :func:`meta_methods`: the image-based estimators, each with what it pools per map (``"z"``: z-maps;
   ``"effect"``: Hedges' g and its variance). The estimator classes register under these names in
-  :data:`nvmeta.meta.estimators.ESTIMATORS`, whose import brings scipy into every parse of the
+  :data:`nvmeta.meta.registry.ESTIMATORS`, whose import brings scipy into every parse of the
   workflow, so their names and ``needs`` are listed here and ``tests/test_methods.py`` checks that the
   two agree.
 - :func:`cbma_methods`: the keys of :data:`nvmeta.cbma.estimate.ESTIMATORS` (NiMARE's estimators).

@@ -40,8 +40,7 @@ def remove_stale_meta_outputs(
     list of Path
         What was removed.
     """
-    from nvmeta.meta import effects  # noqa: F401  (registers the effect-size estimators)
-    from nvmeta.meta.estimators import ESTIMATORS
+    from nvmeta.meta.registry import ESTIMATORS
 
     meta_dir = Path(analysis_dir) / "meta"
     keep = list(methods)
