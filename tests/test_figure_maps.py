@@ -114,7 +114,7 @@ def test_i2_of_zero_is_coloured_not_blank(tmp_path):
 
 def test_ibma_vs_cbma_uses_one_sign_colours_and_a_legend(tmp_path):
     """Positive-only z in a diverging map showed low z in blue; the sequential map has no blue."""
-    from nvmeta import cbma
+    from nvmeta.cbma import estimate
     from nvmeta.figures import cbma_maps
 
     z = _brain_block(0.0)
@@ -128,7 +128,7 @@ def test_ibma_vs_cbma_uses_one_sign_colours_and_a_legend(tmp_path):
         d.mkdir(parents=True)
         logp = np.zeros(SHAPE, np.float32)
         logp[box] = 3.0  # p = 0.001: significant
-        nib.save(nib.Nifti1Image(logp, AFFINE), d / f"{cbma.LEVEL_MAPS['cluster']}.nii.gz")
+        nib.save(nib.Nifti1Image(logp, AFFINE), d / f"{estimate.LEVEL_MAPS['cluster']}.nii.gz")
         cdirs[m] = d
     table = pd.DataFrame({"ibma_method": "stouffer", "cbma_method": ["ale", "mkda"], "cbma_level": "cluster",
                           "dice": [0.06, 0.09]})  # fmt: skip
@@ -191,12 +191,12 @@ def test_not_computed_is_said_on_the_z_figure(tmp_path, monkeypatch):
 
 
 def test_method_texts_cover_both_registries_and_every_reference_resolves():
-    from nvmeta import cbma
+    from nvmeta.cbma import estimate
     from nvmeta.figures import citations
     from nvmeta.meta.registry import ESTIMATORS
 
     assert set(citations.IBMA_METHODS) == set(ESTIMATORS)
-    assert set(citations.CBMA_METHODS) == set(cbma.ESTIMATORS)
+    assert set(citations.CBMA_METHODS) == set(estimate.ESTIMATORS)
     keys = {k for t in [*citations.IBMA_METHODS.values(), *citations.CBMA_METHODS.values()] for k in t.cites}
     keys |= set(citations.REFS.values()) | {"hedges1985statistical", "eickhoff2012activation"}
     bib, missing = citations.bibtex(citations.cite(*sorted(keys)))

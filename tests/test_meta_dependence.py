@@ -30,7 +30,7 @@ from nvmeta.meta.permutation import _nilearn_sign_flips
 from nvmeta.meta.registry import get_estimator
 from nvmeta.meta.run import _complete
 from nvmeta.testing.dependent_maps import ArraySource, simulate
-from nvmeta.workflow.config import check_config
+from nvmeta.workflow.config import check_config, defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -65,7 +65,7 @@ class DepStudy:
         tv[self.mask] = t
         nib.save(nib.Nifti1Image(tv, AFFINE), d / "t.nii.gz")
         qc = {"image_id": image_id, "collection_id": collection_id, "n": n, "df": n - 1.0}
-        write_effect_maps(z, qc, {}, {}, self.mask_img, d / "g.nii.gz", d / "varg.nii.gz")
+        write_effect_maps(z, qc, {}, defaults("conversion"), self.mask_img, d / "g.nii.gz", d / "varg.nii.gz")
         (d / "qc.json").write_text(json.dumps(qc))
         self.rows.append({"image_id": image_id, "collection_id": collection_id, "number_of_subjects": n,
                           "status": "included"})  # fmt: skip

@@ -67,12 +67,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The methods ``meta.dependence: cluster_robust`` refuses, and why.
-UNSUPPORTED = {
-    "fisher": "Fisher's chi-squared combines p-values and is no weighted mean, so it has no sandwich form",
-    "median": "the median of the g is not a weighted mean, so it has no sandwich form",
-    "trimmed_mean": "the trimmed mean of the g is not a weighted mean of all of them, so it has no sandwich form",
-}
+
+def unsupported() -> dict[str, str]:
+    """The methods ``meta.dependence: cluster_robust`` refuses, and why (from the registry)."""
+    # imported here: the registry imports the estimator modules, which import this one
+    from nvmeta.meta.registry import ESTIMATORS
+
+    return {name: cls.no_sandwich for name, cls in ESTIMATORS.items() if cls.no_sandwich}
+
+
 #: At or below this many collections the sandwich is known to be anticonservative (Hedges, Tipton
 #: & Johnson 2010), the threshold at which PyMARE warns too.
 FEW_CLUSTERS = 10
@@ -101,21 +104,25 @@ def problems(meta: dict, key: str) -> list[str]:
     """
     if not is_cluster_robust(meta):
         return []
-    bad = [m for m in meta["methods"] if m in UNSUPPORTED]
+    from nvmeta.meta.registry import ESTIMATORS
+
+    refused = unsupported()
+    supported = ", ".join(name for name in ESTIMATORS if name not in refused)
     return [
-        f"config key {key}.dependence: 'cluster_robust' cannot be applied to method {m!r} ({UNSUPPORTED[m]}). "
-        f"Fix: drop {m!r} from {key}.methods (stouffer, weighted_stouffer, ttest, permutation, "
-        "fixed_effects_hedges, dersimonian_laird and hedges support it), or set dependence: none."
-        for m in bad
+        f"config key {key}.dependence: 'cluster_robust' cannot be applied to method {m!r} ({refused[m]}). "
+        f"Fix: drop {m!r} from {key}.methods ({supported} support it), or set dependence: none."
+        for m in meta["methods"]
+        if m in refused
     ]
 
 
 def check(method: str, cfg: dict) -> None:
     """``ValueError`` when ``method`` cannot run with the block's ``dependence`` (direct callers;
     the workflow refuses such a config before any job: :func:`problems`)."""
-    if is_cluster_robust(cfg) and method in UNSUPPORTED:
+    refused = unsupported() if is_cluster_robust(cfg) else {}
+    if method in refused:
         raise ValueError(
-            f"meta.dependence: cluster_robust cannot be applied to {method!r}: {UNSUPPORTED[method]}"
+            f"meta.dependence: cluster_robust cannot be applied to {method!r}: {refused[method]}"
         )
 
 

@@ -490,6 +490,7 @@ class Median(_EffectEstimator):
     __doc__ = "Median of Hedges' g, its variance floored by the maps' var(g) (robust; nvmeta.meta.robust)."
     name = "median"
     family = "robust"
+    no_sandwich = "the median of the g is not a weighted mean, so it has no sandwich form"
     min_k = ROBUST_MIN_K
 
 
@@ -497,6 +498,9 @@ class TrimmedMean(_EffectEstimator):
     __doc__ = "γ-trimmed mean of Hedges' g, Yuen's variance floored by the maps' var(g) (nvmeta.meta.robust)."
     name = "trimmed_mean"
     family = "robust"
+    no_sandwich = (
+        "the trimmed mean of the g is not a weighted mean of all of them, so it has no sandwich form"
+    )
     min_k = ROBUST_MIN_K
 
 

@@ -133,6 +133,8 @@ class Estimator:
     name: ClassVar[str] = ""
     #: ``"z"`` (z-maps) or ``"effect"`` (g and var(g) maps).
     needs: ClassVar[str] = "z"
+    #: Why ``meta.dependence: cluster_robust`` cannot apply to this method (None: it can).
+    no_sandwich: ClassVar[str | None] = None
     #: Needs a sample size per map (maps without one are left out, with a warning).
     needs_n: ClassVar[bool] = False
     #: Fewest units a voxel needs (raises the configured ``min_maps`` when larger).
@@ -401,6 +403,7 @@ class Fisher(_StreamingZ):
     """
 
     name = "fisher"
+    no_sandwich = "Fisher's chi-squared combines p-values and is no weighted mean, so it has no sandwich form"
 
     def accumulator(self, n_vox):
         return _FisherSums(n_vox, self.two_sided)
