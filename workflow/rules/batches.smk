@@ -6,6 +6,9 @@
 # short jobs.
 
 
+include: "helpers/batches.smk"
+
+
 localrules:
     batch_plan,
 

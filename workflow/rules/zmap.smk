@@ -1,8 +1,11 @@
 # Per image: t -> z with recorded degrees of freedom, resampled and masked onto the template
 # grid (NaN = no data), plus qc.json; and Hedges' g / var(g) maps (nvmeta.images.effectsize) when an
-# analysis pools effect sizes (EFFECT_OUTPUTS, common.smk). One lean job per image.
+# analysis pools effect sizes (EFFECT_OUTPUTS). One lean job per image.
 
 from nvmeta.images.zmap import LIMIT_KEYS as ZMAP_LIMIT_KEYS
+
+
+include: "helpers/zmap.smk"
 
 
 rule zmap:
