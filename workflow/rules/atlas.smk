@@ -73,8 +73,6 @@ rule atlas_qc:
         consensus=f"{ATLAS}/qc_consensus.json",
     log:
         f"{LOGS}/atlas/qc.log",
-    conda:
-        "../../envs/nvmeta.yaml"
     resources:
         # as rule qc (workflow/rules/qc.smk): the duplicate search's budget, then a subsample
         mem_mb=lambda wildcards, input: 1000

@@ -25,8 +25,6 @@ rule overview:
         card=f"{ANALYSIS}/overview_card.html",
     log:
         f"{LOGS}/report/{{analysis}}_overview.log",
-    conda:
-        "../../envs/nvmeta.yaml"
     params:
         methods=lambda wildcards: (
             config["analyses"][wildcards.analysis]["meta"] or {}

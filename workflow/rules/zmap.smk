@@ -23,8 +23,6 @@ rule zmap:
     # zmaps_<k>, its batch: one cluster submission per batch (workflow/rules/batches.smk)
     group:
         zmap_batch_group
-    conda:
-        "../../envs/nvmeta.yaml"
     threads: 1
     resources:
         mem_mb=1500,
