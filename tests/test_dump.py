@@ -371,9 +371,11 @@ def test_select_funnel_records_the_dump(dump):
     assert [r["id"] for r in records] == [10, 12, 30, 33]
 
 
+@pytest.mark.e2e
 def test_workflow_selects_from_the_dump_without_api_requests(tmp_path, dump):
     """End to end (snakemake on a copy of the workflow): neurovault.dump set, terms select from it;
-    the fixture server sees no API request at all, only one media request per selected map."""
+    the fixture server sees no API request at all, only one media request per selected map. What the
+    workflow adds to the test above: the config's dump reaches the query and the download jobs."""
     from helpers import make_workdir, run_snakemake
 
     served = {10: nifti_bytes(seed=10), 11: nifti_bytes(seed=11), 15: nifti_bytes(seed=15)}
@@ -708,12 +710,13 @@ def _tree(root):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_workflow_reruns_the_query_when_the_dump_content_changes_whatever_its_mtime(tmp_path):
-    """Snakemake's mtime trigger missed a replaced export: an archive copied over with an older mtime
-    (cp -p, rsync -a), a CSV edited in place, a directory re-extracted over from an archive (old
-    mtimes): "Nothing to be done", and selection.tsv kept the old sha256. The query rule's params
-    now carry the export's sha256; a touched export with the same content reruns nothing; a dry run
-    changes nothing under results/."""
+    """A replaced export reruns the query whatever its mtime, which Snakemake's mtime trigger alone
+    would miss: an archive copied over with an older mtime (cp -p, rsync -a), a CSV edited in place, a
+    directory re-extracted over from an archive (old mtimes). The query rule's params carry the
+    export's sha256; a touched export with the same content reruns nothing; a dry run changes nothing
+    under results/."""
     import os
     import shutil
 
@@ -784,10 +787,11 @@ def test_workflow_reruns_the_query_when_the_dump_content_changes_whatever_its_mt
     assert not queried(proc)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("broken", ["missing", "two exports"])
 def test_workflow_with_an_unusable_dump_stops_before_any_job(tmp_path, broken):
-    """A missing dump surfaced as Snakemake's MissingInputException, two exports in its directory
-    not at all; each is now one message before any job, naming the problem and the fix."""
+    """A missing dump, or two exports in its directory, stops ``snakemake -n`` before any job with one
+    message naming the problem and the fix (not Snakemake's MissingInputException, not silence)."""
     from helpers import make_workdir, run_snakemake
 
     path = tmp_path / "nope.tar.gz"

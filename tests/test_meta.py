@@ -380,7 +380,7 @@ def test_permutation_memory_does_not_grow_with_the_maps():
 
 
 def test_permutation_declared_runtime_covers_the_measured_rate_at_any_n_perm():
-    """The permutation job's runtime (meta_runtime, workflow/rules/common.smk) grows with maps x
+    """The permutation job's runtime (meta_runtime, workflow/rules/helpers/meta.smk) grows with maps x
     n_perm x voxels. Planted from BENCHMARKS.md (2 threads, 2 mm mask): 2,000 maps x
     1,000 permutations took 139 s, 5,000 maps 335 s. The old declaration, 10 + maps / 20 minutes
     whatever n_perm, gave 110 minutes to 2,000 maps x 100,000 permutations (about 4 h at that

@@ -422,13 +422,13 @@ def test_naive_run_still_warns_about_collections(tmp_path, caplog):
 
 def test_every_meta_key_reaches_the_meta_jobs():
     """run_method fills a key its rule does not pass from the schema's default, so a key missing from
-    common.smk's META_*_KEYS would be silently ignored (dependence: cluster_robust run as none)."""
+    helpers/meta.smk's META_*_KEYS would be silently ignored (dependence: cluster_robust run as none)."""
     import ast
     import re
 
     from nvmeta.workflow.config import defaults
 
-    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    text = (REPO / "workflow" / "rules" / "helpers" / "meta.smk").read_text()
     passed = set()
     for body in re.findall(r"^META_\w+_KEYS = (\[.*?\])", text, flags=re.M | re.S):
         passed |= set(ast.literal_eval(body))

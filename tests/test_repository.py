@@ -221,3 +221,73 @@ def test_defaults_scan_sees_a_completion(tmp_path):
         "def f(cfg):\n    return {**defaults('qc'), **cfg}\n\n\ndef main():\n    return defaults('qc')\n"
     )
     assert _defaults_calls(tmp_path) == ["nvmeta/images/x.py:2"]
+
+
+STAGES = {"select", "neurovault", "images", "meta", "cbma", "ica", "decode", "figures", "workflow"}
+RULE_DEF = re.compile(r"^(?:rule|checkpoint) (\w+):", re.M)
+
+
+def _architecture_rows(readme: str) -> list[list[str]]:
+    """Cells of the table in the README's "Architecture" section, one list per stage."""
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| stage ")
+    ]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in rows]
+
+
+def _architecture_problems(root) -> tuple[list[str], set[str]]:
+    """(names in the README's architecture table that do not exist under ``root``, rules it names).
+
+    A bare module is looked for in its row's package, a bare rule in the rule file before it."""
+    missing, named_rules = [], set()
+    for stage, rules, package, scripts, tests in _architecture_rows((root / "README.md").read_text()):
+        names = re.findall(r"`([^`]+)`", package)
+        pkg = next((n for n in names if n.startswith("nvmeta/") and n.endswith("/")), "")
+        for name in names:
+            if not (root / (name if "/" in name else pkg + name)).exists():
+                missing.append(f"{stage}: {name if '/' in name else pkg + name}")
+        for name in re.findall(r"`([^`]+)`", scripts + tests):
+            if not (root / name).is_file():
+                missing.append(f"{stage}: {name}")
+        for part in rules.split(";"):
+            files, sep, rule_names = part.partition("`:")
+            files = re.findall(r"`([^`]+)`", files + sep[:1])
+            for name in files:
+                if not (root / name).is_file():
+                    missing.append(f"{stage}: {name}")
+            if not sep:
+                continue
+            text = (root / files[-1]).read_text() if (root / files[-1]).is_file() else ""
+            for rule in re.findall(r"`(\w+)`", rule_names):
+                named_rules.add(rule)
+                if rule not in RULE_DEF.findall(text):
+                    missing.append(f"{stage}: rule {rule} in {files[-1]}")
+    return missing, named_rules
+
+
+def test_the_architecture_table_names_what_exists_and_every_rule():
+    """README, "Architecture": every stage has its row, every file, module and rule it names exists,
+    and every rule of the workflow is in the table."""
+    stages = {row[0] for row in _architecture_rows((REPO / "README.md").read_text())}
+    assert stages == STAGES
+    missing, named = _architecture_problems(REPO)
+    assert not missing, missing
+    defined = {
+        r for p in (REPO / "workflow" / "rules").glob("*.smk") for r in RULE_DEF.findall(p.read_text())
+    }
+    assert len(defined) > 20 and named == defined, (defined - named, named - defined)
+
+
+def test_the_architecture_check_sees_a_missing_module_and_rule(tmp_path):
+    (tmp_path / "nvmeta" / "select").mkdir(parents=True)
+    (tmp_path / "nvmeta" / "select" / "query.py").write_text("")
+    (tmp_path / "workflow" / "rules").mkdir(parents=True)
+    (tmp_path / "workflow" / "rules" / "query.smk").write_text("checkpoint query:\n")
+    row = "| select | `workflow/rules/query.smk`: `query`, `quer` | `nvmeta/select/`: `query.py`, `qery.py` | | |"
+    (tmp_path / "README.md").write_text(
+        f"# x\n\n## Architecture\n\n| stage | a | b | c | d |\n|---|\n{row}\n\n## Next\n"
+    )
+    missing, named = _architecture_problems(tmp_path)
+    assert missing == ["select: nvmeta/select/qery.py", "select: rule quer in workflow/rules/query.smk"]
+    assert named == {"query", "quer"}

@@ -19,7 +19,7 @@ each sign one-sided as its own contrast (SPM and FSL test A > B and B > A), at `
   voxels, through nilearn's public :func:`~nilearn.glm.threshold_stats_img`.
 
 The map's degrees of freedom entered when its t was converted to z (``qc.json`` ``df``), so the
-p values of its z are exact. Peaks are then taken, as before, from nilearn's
+p values of its z are exact. Peaks are then taken from nilearn's
 :func:`~nilearn.reporting.get_clusters_table` rows of each surviving cluster of at least
 ``cbma.min_cluster_voxels`` voxels (:func:`nvmeta.meta.clusters.peaks_table`): its maximum and
 sub-peaks at least ``cbma.peak_distance`` mm apart, at most ``cbma.max_peaks_per_cluster``

@@ -151,7 +151,7 @@ class ListingPrefetch:
     than the listing has pages, the collection is listed once and their records come from it.
     The collection record, asked for to count those pages, is kept for the downloads (which
     would ask for it otherwise). An id that the listing does not hold is asked for on its own,
-    as before, so the selection is the same; only the requests differ: 200 ids from 18
+    as without the prefetch, so the selection is the same; only the requests differ: 200 ids from 18
     collections cost 18 records + 18 listings + 18 collection records instead of 200 records +
     18 collection records. Local sources (snapshot directory, dump) answer records for free and
     are not prefetched.
@@ -190,7 +190,7 @@ class ListingPrefetch:
         if len(near) < 2:  # a listing has at least one page: it cannot save anything
             return
         self.tried.add(cid)
-        # (an optimisation: whatever fails here, the ids are asked for one by one as before)
+        # (an optimisation: whatever fails here, the ids are asked for one by one, as without it)
         try:
             col = self.client.collection(cid)
         except Exception as exc:  # noqa: BLE001

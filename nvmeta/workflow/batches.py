@@ -18,7 +18,7 @@ submissions, each job in exactly one. A rerun submits, per batch, only the jobs 
 
 Hand-written because Snakemake's own ``--group-components`` merges the group objects it keeps
 cached in place each time it re-forms groups, which a workflow with checkpoints does several times
-per run: batches grew beyond their size and z-map jobs were submitted twice. Groups made of
+per run: batches would grow beyond their size and z-map jobs be submitted twice. Groups made of
 connected jobs are formed afresh by Snakemake each time, the same way.
 
 Sorting by id keeps batches stable as NeuroVault grows (new images get higher ids and join the

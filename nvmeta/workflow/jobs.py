@@ -1,9 +1,10 @@
 """Job bodies called from the rules' ``run:`` blocks: the per-image jobs and two light fan-ins.
 
-Per-image jobs run thousands of times. Started as ``script:`` jobs, each would pay for a Python
-start-up, Snakemake's script preamble and numpy/scipy/nibabel imports (about 1 s) on top of
-about 0.1-0.3 s of real work. The default profile sets ``force-use-threads``, so ``run:`` jobs
-execute in a thread of the Snakemake process, where nothing needs importing again.
+Per-image jobs run thousands of times, and as ``script:`` jobs each would pay for a Python
+start-up, Snakemake's script preamble and the numpy/scipy/nibabel imports, several times an
+image's real work (BENCHMARKS.md, "Where the time went, and what was fixed", "Per-image jobs").
+The default profile sets ``force-use-threads``, so ``run:`` jobs execute in a thread of the
+Snakemake process, where nothing needs importing again.
 
 Threads of one process share one interpreter lock, with each other and with Snakemake's
 scheduler, so the z-map job's thread does not compute: :func:`zmap_job` hands the image to a warm
@@ -15,8 +16,8 @@ stays in its thread and its rule takes no core (``threads: 0``), only a connecti
 
 The per-analysis QC table and overview page are on every run's critical path (between the last
 z-map and the meta-analysis, and after the last figure) and need nothing beyond numpy and
-pandas: as script jobs they spent 0.4-0.5 s of their 0.4-0.7 s starting Python (pain-21,
-BENCHMARKS.md). They run in-process too, and echo their records to the terminal as a
+pandas: as script jobs, starting Python would be most of their time (BENCHMARKS.md, "nvmeta vs
+the stop-go recipe, side by side"). They run in-process too, and echo their records to the terminal as a
 script job does (``job_log(..., echo=True)``). Their cost: Ctrl-C stops them only when they
 finish (they take seconds; the heavy fan-ins, meta, figures and ICA, stay script jobs).
 """

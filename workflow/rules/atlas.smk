@@ -2,9 +2,13 @@
 # default the Cognitive Atlas task) with the analyses' own query, convert them with the shared
 # per-image jobs, QC them, then one job per term builds its reference map. A term's job depends on
 # its own maps only, so a new map of one task reruns that task's job (and the fan-in) only.
-# Helpers (atlas_ids, atlas_members, ...) are in common.smk.
 
+from nvmeta.decode.atlas import selection_cfg as atlas_selection_cfg
 from nvmeta.decode.terms import SLUG as TERM_SLUG
+from nvmeta.select.query import analysis_query_spec
+
+
+include: "helpers/atlas.smk"
 
 
 wildcard_constraints:
@@ -69,8 +73,6 @@ rule atlas_qc:
         consensus=f"{ATLAS}/qc_consensus.json",
     log:
         f"{LOGS}/atlas/qc.log",
-    conda:
-        "../../envs/nvmeta.yaml"
     resources:
         # as rule qc (workflow/rules/qc.smk): the duplicate search's budget, then a subsample
         mem_mb=lambda wildcards, input: 1000

@@ -6,6 +6,9 @@
 # short jobs.
 
 
+include: "helpers/batches.smk"
+
+
 localrules:
     batch_plan,
 
@@ -22,8 +25,6 @@ checkpoint batch_plan:
         BATCH_PLAN,
     log:
         f"{LOGS}/batches/plan.log",
-    conda:
-        "../../envs/nvmeta.yaml"
     params:
         size=config["cluster"]["zmap_batch_size"],
     run:
@@ -42,8 +43,6 @@ rule zmap_batch:
         f"{LOGS}/batches/zmaps_{{batch}}.log",
     group:
         "zmaps_{batch}"
-    conda:
-        "../../envs/nvmeta.yaml"
     threads: 1
     resources:
         # read after the batch's z-maps, in the same submission: it adds a minute, no memory

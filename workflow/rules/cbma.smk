@@ -6,18 +6,11 @@ from nvmeta.cbma.estimate import BASE_MAPS, FWE_MAPS
 from nvmeta.workflow.methods import cbma_methods
 
 CBMA_METHODS = cbma_methods()
-# Keys of the cbma block the peak extraction depends on (changing n_iters keeps the peaks).
-CBMA_PEAK_KEYS = [
-    "peaks_from",
-    "peak_correction",
-    "peak_alpha",
-    "peak_threshold",
-    "peak_distance",
-    "max_peaks_per_cluster",
-    "min_cluster_voxels",
-]
 # The uncorrected maps of a CBMA method and NiMARE's FWE maps written next to them.
 CBMA_MAPS = BASE_MAPS + FWE_MAPS
+
+
+include: "helpers/cbma.smk"
 
 
 wildcard_constraints:

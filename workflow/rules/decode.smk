@@ -1,7 +1,9 @@
 # Decoding (analyses.<name>.decode): each result map of an analysis against the task atlas
 # (workflow/rules/atlas.smk). Two jobs per analysis: the leave-out references (the atlas without
 # the analysis' own maps; the ICA labels read them too), then the correlations and their null.
-# Helpers (decode_sources, decode_mem_mb, ...) are in common.smk.
+
+
+include: "helpers/decode.smk"
 
 
 rule decode_references:

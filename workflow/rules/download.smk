@@ -22,8 +22,6 @@ rule download:
         f"{IMAGES}/metadata.json",
     log:
         f"{LOGS}/download/{{image_id}}.log",
-    conda:
-        "../../envs/nvmeta.yaml"
     # Waiting on the network is not computing: a download holds a connection, not a core, so
     # z-maps run on every core while the next images download.
     threads: 0

@@ -4,6 +4,9 @@
 # summary.json, component_{k}.png.
 
 
+include: "helpers/ica.smk"
+
+
 # Only the analyses with an ica block; "(?!)" matches nothing when there is none.
 ICA_ANALYSES = "|".join(analyses_with("ica")) or "(?!)"
 

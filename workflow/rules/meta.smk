@@ -2,6 +2,9 @@
 # rule meta for the z methods, rule meta_effect for the effect-size methods (pooled Hedges' g).
 
 
+include: "helpers/meta.smk"
+
+
 rule meta:
     input:
         qc=f"{ANALYSIS}/qc.tsv",
@@ -48,9 +51,9 @@ rule meta:
     threads: lambda wildcards: 2 if wildcards.method == "permutation" else 1
     resources:
         # Streaming methods hold a few voxel-sized arrays; permutation up to 1 GiB of
-        # permutations x voxels whatever the number of maps (meta_mem_mb, common.smk).
+        # permutations x voxels whatever the number of maps (meta_mem_mb).
         mem_mb=meta_mem_mb,
-        # Permutation: proportional to maps x n_perm x voxels (meta_runtime, common.smk).
+        # Permutation: proportional to maps x n_perm x voxels (meta_runtime).
         runtime=meta_runtime,
     params:
         meta=meta_params,

@@ -30,8 +30,6 @@ rule qc:
         consensus=f"{ANALYSIS}/qc_consensus.json",
     log:
         f"{LOGS}/qc/{{analysis}}.log",
-    conda:
-        "../../envs/nvmeta.yaml"
     resources:
         # the maps themselves up to the duplicate search's budget (about 2,000 maps), then a
         # subsample, plus the consensus subsample (about 1 MB per map up to its budget); peaks

@@ -3,6 +3,7 @@
 # or the content of neurovault.dump does (whatever its mtime): the params carry its sha256.
 
 from nvmeta.neurovault.dump_files import dump_digest_or_exit
+from nvmeta.select.query import analysis_query_spec, analysis_selection
 
 # Hashed once per export and cached under .snakemake/ by size, mtime, ctime and inode (a replaced
 # file always has a new ctime); an unusable dump stops here, before any job.

@@ -1,6 +1,9 @@
 # Per analysis: its first page in the report (one line per result, the warnings grouped, the
 # funnel), the card of it that the report's landing page shows, and a methods paragraph for the
-# paper with its BibTeX. Their input functions (overview_inputs, methods_inputs) are in common.smk.
+# paper with its BibTeX.
+
+
+include: "helpers/report.smk"
 
 
 localrules:
@@ -22,8 +25,6 @@ rule overview:
         card=f"{ANALYSIS}/overview_card.html",
     log:
         f"{LOGS}/report/{{analysis}}_overview.log",
-    conda:
-        "../../envs/nvmeta.yaml"
     params:
         methods=lambda wildcards: (
             config["analyses"][wildcards.analysis]["meta"] or {}

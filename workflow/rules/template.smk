@@ -9,7 +9,12 @@ localrules:
 
 rule template:
     input:
-        mask_input,
+        # the template mask as a file input when it is a path, so that a changed mask file reruns
+        lambda wildcards: (
+            []
+            if config["template"]["mask"] == "mni152_2mm"
+            else [config["template"]["mask"]]
+        ),
     output:
         TEMPLATE_MASK,
     log:

@@ -1,8 +1,11 @@
 # Per image: t -> z with recorded degrees of freedom, resampled and masked onto the template
 # grid (NaN = no data), plus qc.json; and Hedges' g / var(g) maps (nvmeta.images.effectsize) when an
-# analysis pools effect sizes (EFFECT_OUTPUTS, common.smk). One lean job per image.
+# analysis pools effect sizes (EFFECT_OUTPUTS). One lean job per image.
 
 from nvmeta.images.zmap import LIMIT_KEYS as ZMAP_LIMIT_KEYS
+
+
+include: "helpers/zmap.smk"
 
 
 rule zmap:
@@ -20,8 +23,6 @@ rule zmap:
     # zmaps_<k>, its batch: one cluster submission per batch (workflow/rules/batches.smk)
     group:
         zmap_batch_group
-    conda:
-        "../../envs/nvmeta.yaml"
     threads: 1
     resources:
         mem_mb=1500,
