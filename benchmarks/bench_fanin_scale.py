@@ -75,7 +75,7 @@ def declared_mem_mb(fanin: str, n: int) -> int:
         text, rule = (rules / "meta.smk").read_text(), "meta_effect" if effect else "meta"
     start = text.index(f"rule {rule}:")
     if re.match(r".*?mem_mb=meta_mem_mb,", text[start:], re.S):  # the z methods (helpers/meta.smk)
-        from nvmeta.meta.estimators import permutation_memory_bytes
+        from nvmeta.meta.budget import permutation_memory_bytes
         from nvmeta.workflow.config import defaults
 
         if fanin != "permutation":

@@ -362,6 +362,7 @@ def test_json_config_duplicates(tmp_path):
     assert "config key analyses.pain: given twice" in msg and "(lines 1 and 1)" in msg
 
 
+@pytest.mark.e2e
 def test_duplicate_in_any_configfile_stops_the_dry_run(tmp_path):
     """A real `snakemake -n --configfiles a.yaml b.yaml`: the repeat in the second file is found (the
     files Snakemake loaded, workflow.configfiles), one message, no traceback, nothing run."""

@@ -252,6 +252,7 @@ def test_component_figure_is_drawn_from_the_recorded_title_and_threshold(default
         component_figure(out / "components.nii.gz", out / "summary.json", N_COMP, tmp_path / "c.png")
 
 
+@pytest.mark.e2e
 def test_one_ica_rule_over_the_analyses(tmp_path):
     """Rule ica and rule ica_component serve every analysis with an ica block (no rule per analysis)."""
     from helpers import make_workdir, run_snakemake

@@ -350,7 +350,7 @@ def test_permutation_job_declares_the_memory_and_time_its_estimator_needs(tmp_pa
     rate in tests/test_meta.py). n_perm 100,000 on 3 maps declares 12 minutes, the default 1,000
     would declare 11: the rule reads the analysis' n_perm."""
     from nvmeta.images.template import load_mask
-    from nvmeta.meta.estimators import permutation_memory_bytes, permutation_runtime_minutes
+    from nvmeta.meta.budget import permutation_memory_bytes, permutation_runtime_minutes
 
     cfg = {
         "neurovault": {"url": "tests/data/snapshot"},

@@ -27,7 +27,6 @@ from scipy import special
 from nvmeta.meta import dependence
 
 # the permutation job's budget, which workflow/rules/common.smk imports from here
-from nvmeta.meta.budget import permutation_memory_bytes, permutation_runtime_minutes  # noqa: F401
 from nvmeta.meta.units import Source
 
 logger = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ def meta_mem_mb(wildcards, input):
     """
     if wildcards.method != "permutation":
         return 2000
-    from nvmeta.meta.estimators import permutation_memory_bytes
+    from nvmeta.meta.budget import permutation_memory_bytes
 
     voxels = template_mask_voxels(input)
     n_perm = config["analyses"][wildcards.analysis]["meta"]["n_perm"]
@@ -86,7 +86,7 @@ def meta_runtime(wildcards, input, attempt):
     this function (a profile's expression cannot see the mask or the config)."""
     if wildcards.method != "permutation":
         return (10 + len(input.zmaps) // 200) * attempt
-    from nvmeta.meta.estimators import permutation_runtime_minutes
+    from nvmeta.meta.budget import permutation_runtime_minutes
 
     voxels = template_mask_voxels(input)
     n_perm = config["analyses"][wildcards.analysis]["meta"]["n_perm"]
