@@ -685,6 +685,7 @@ def test_dump_digest_is_the_recorded_sha256_and_follows_content_not_mtime(tmp_pa
     d = write_dump(tmp_path / "dir", dump_tables(), packed=False)
     first = dump_digest(d, cache)
     assert first == DumpSource(d, MEDIA, max_field_bytes=FIELD_BYTES).identity["sha256"]
+    caplog.clear()  # records of the calls above (kept when an earlier test left the level at INFO)
     with caplog.at_level(logging.INFO, logger="nvmeta.neurovault.dump_files"):
         assert dump_digest(d, cache) == first
     assert "hashing" not in caplog.text  # known files are not read again

@@ -237,11 +237,15 @@ def _image_dir(tmp: Path, image_id: int) -> Path:
 
 def test_a_z_map_from_a_worker_equals_one_made_inline(tmp_path, monkeypatch):
     from nvmeta.images.template import load_mask
+    from nvmeta.images.zmap import LIMIT_KEYS
+    from nvmeta.workflow.config import defaults
     from nvmeta.workflow.jobs import zmap_task
 
     monkeypatch.chdir(tmp_path)
     nib.save(load_mask("mni152_2mm"), tmp_path / "mask.nii.gz")
-    conversion = {"df": "n-1", "n_images": {"10426": 20}}  # 10426's record has no sample size
+    # 10426's record has no sample size
+    conversion = {**defaults("conversion"), "df": "n-1", "n_images": {"10426": 20}}
+    limits = {key: defaults("qc")[key] for key in LIMIT_KEYS}  # the rule's params
     out = {}
     for how, workers in (("inline", 1), ("worker", 2)):
         results = []
@@ -252,7 +256,7 @@ def test_a_z_map_from_a_worker_equals_one_made_inline(tmp_path, monkeypatch):
             outputs = (str(rel / "zmap.nii.gz"), str(rel / "qc.json"))
             qc = run_in_worker(
                 zmap_task, str(tmp_path), str(image_id), str(rel / "metadata.json"), "mask.nii.gz",
-                conversion, outputs, str(rel / "zmap.log"), None, None, workers=workers,
+                conversion, outputs, str(rel / "zmap.log"), limits, None, workers=workers,
             )  # fmt: skip
             assert qc["status"] == "included", qc
             assert json.loads(Path(outputs[1]).read_text()) == qc
