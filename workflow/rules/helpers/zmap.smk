@@ -3,7 +3,6 @@
 
 from pathlib import Path
 
-
 # The z-map job writes g / var(g) only when some analysis pools effect sizes (they cost a z -> t
 # inversion per image); adding such a method therefore reruns the z-map jobs once.
 EFFECT_OUTPUTS = (
