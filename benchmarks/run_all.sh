@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Run every nvmeta benchmark, one after the other (they compete for the same cores), each printing
-# nvmeta's figure, its baseline's and the ratio. Output: OUTDIR/<benchmark>.txt (default benchmark-results/).
+# nvmeta's figure, its baseline's and the ratio. Output: OUTDIR/<benchmark>.txt (default benchmarks/out/).
 # Usage: bash benchmarks/run_all.sh [OUTDIR]     (PYTHON=... to choose the interpreter)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
-OUT="${1:-benchmark-results}"
+OUT="${1:-benchmarks/out}"
 mkdir -p "$OUT"
 
 run() {

@@ -26,7 +26,7 @@ PERMUTATION_BLOCK_UNITS = 64
 PERMUTATION_ROWS = 16
 #: Seconds per map, permutation and voxel of the sign-flip test on 2 threads, reading included
 #: (measured: 2,000 and 5,000 maps x 1,000 permutations on the 2 mm mask, 139 s and 335 s, i.e.
-#: 2.95e-10 and 2.85e-10, rounded up; BENCHMARKS.md, "Permutation"). Maps held in
+#: 2.95e-10 and 2.85e-10, rounded up; BENCHMARKS.md, "Fan-ins at 2,000 / 5,000 / 20,000 maps"). Maps held in
 #: memory (at most 285 on 2 mm) cost about twice as much per map, which the 10 minutes every job
 #: declares cover. :func:`permutation_runtime_minutes` declares 4 times it.
 PERMUTATION_SECONDS_PER_UNIT_PERM_VOXEL = 3e-10

@@ -17,7 +17,7 @@ from nvmeta.workflow.methods import effect_methods, z_methods
 
 # Snakemake keeps its whole DAG alive until the process ends, and CPython's collection at exit
 # scans it once more for a process that is ending (BENCHMARKS.md, "Where the time went, and what
-# was fixed", "DAG at 20,000-50,000 images"). Freezing the heap (gc.freeze: out of the collector's
+# was fixed", "DAG at 20,000–50,000 images"). Freezing the heap (gc.freeze: out of the collector's
 # generations) once the run is over leaves it nothing to scan. Snakemake calls these hooks only at
 # the end of a real run, never for -n.
 onsuccess:

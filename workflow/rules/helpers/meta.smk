@@ -63,7 +63,7 @@ def meta_outputs(analysis):
 
 def meta_mem_mb(wildcards, input):
     """``mem_mb`` of a z-method meta job. Streaming methods: 2 GB whatever the number of maps.
-    Permutation: 2 GB plus the peak that :func:`nvmeta.meta.estimators.permutation_memory_bytes`
+    Permutation: 2 GB plus the peak that :func:`nvmeta.meta.budget.permutation_memory_bytes`
     estimates for these maps on this mask with the analysis' ``n_perm``, the same estimate with
     which the job refuses to start on a machine that has less (flat in the number of maps:
     BENCHMARKS.md, "Fan-ins at 2,000 / 5,000 / 20,000 maps").
@@ -81,7 +81,7 @@ def meta_runtime(wildcards, input, attempt):
     """``runtime`` (minutes) of a z-method meta job, times ``attempt`` (a retry asks more).
     Streaming methods: 10 minutes plus one per 200 maps, several times what they take
     (BENCHMARKS.md, "Fan-ins at 2,000 / 5,000 / 20,000 maps"). Permutation: what
-    :func:`nvmeta.meta.estimators.permutation_runtime_minutes` declares for these maps, this mask
+    :func:`nvmeta.meta.budget.permutation_runtime_minutes` declares for these maps, this mask
     and the analysis' ``n_perm`` (its time grows with all three). The SLURM profiles leave it to
     this function (a profile's expression cannot see the mask or the config)."""
     if wildcards.method != "permutation":
