@@ -24,6 +24,22 @@ def make_workdir(tmp: Path, config: dict, snapshot: Path | None = None) -> Path:
     return wf
 
 
+def once_per_log_block(out: str) -> str:
+    """Snakemake's output with each failed job's log block kept once: before 9.26 Snakemake prints
+    every such block twice (``Logfile <path>:`` between two ``=`` fences)."""
+    import re
+
+    seen = set()
+
+    def first(match: re.Match) -> str:
+        if match.group(0) in seen:
+            return ""
+        seen.add(match.group(0))
+        return match.group(0)
+
+    return re.sub(r"Logfile [^\n]*:\n=+\n.*?\n=+\n", first, out, flags=re.S)
+
+
 def run_snakemake(
     wf: Path, *args: str, configfile: str = "test.yaml", check: bool = True, timeout: float = 1500
 ):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import selection
+from helpers import once_per_log_block, selection
 from nilearn.datasets import neurovault as nv
 
 import nvmeta.select.query as query
@@ -724,7 +724,10 @@ def test_workflow_fails_on_misspelled_field_and_empty_selection(tmp_path):
     assert not (wf / "results/images").exists()
     # each error once and without a traceback, and the funnel is where the message says although
     # Snakemake removed the failed job's outputs
-    assert out.count("the query selected no image") == 1 and out.count("no examined record has a field") == 1
+    once = once_per_log_block(out)
+    assert (
+        once.count("the query selected no image") == 1 and once.count("no examined record has a field") == 1
+    )
     assert "Traceback" not in out and "EmptySelection" not in out
     failed = "results/analyses/none/query_funnel.failed.json"
     assert f"Funnel (kept in {failed})" in out
