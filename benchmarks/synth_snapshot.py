@@ -360,7 +360,7 @@ def copy_records(images: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # helpers shared by the benchmark scripts: a throw-away copy of the workflow and a timed snakemake run
 # ------------------------------------------------------------------------------------------------
-from nvmeta.testing.workdir import WORKFLOW_PARTS, copy_workflow  # noqa: E402
+from nvmeta.testing.workdir import copy_workflow  # noqa: E402
 
 #: Where the workflow and the ``nvmeta`` package under test come from (None: this checkout).
 CHECKOUT: Path | None = None
@@ -381,20 +381,7 @@ def use_checkout(path: str | os.PathLike | None) -> None:
 
 def make_workdir(wf: str | os.PathLike, config: dict) -> Path:
     """Copy the workflow into ``wf`` with ``config`` as ``bench.yaml`` (default profile included)."""
-    if CHECKOUT is None:
-        return copy_workflow(wf, config, "bench.yaml")
-    import yaml
-
-    wf = Path(wf)
-    wf.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_PARTS:
-        src = CHECKOUT / name
-        if src.is_dir():
-            shutil.copytree(src, wf / name, dirs_exist_ok=True)
-        elif src.exists():
-            shutil.copy2(src, wf / name)
-    (wf / "bench.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return wf
+    return copy_workflow(wf, config, "bench.yaml", source=CHECKOUT)
 
 
 def snakemake(wf: Path, *args: str, cores: int = 2, check: bool = True, prefix: tuple[str, ...] = ()):
